@@ -1,0 +1,50 @@
+# Every target sets up what it needs: Debian packages (when root and missing) and .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEBS := mosquitto mosquitto-clients nats-server
+N ?= 20000
+
+.PHONY: demo test lint typecheck protos check-protos bench clean debs venv
+
+demo: $(STAMP)
+	$(BIN)/bridge demo --readings $(N)
+
+test: $(STAMP)
+	$(BIN)/ruff check bridge tests tools
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check bridge tests tools
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+venv: $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "error: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+	@# The packaged mosquitto/nats services are not needed by the bridge's own demo and tests,
+	@# which start private brokers on free ports.
+
+$(STAMP): pyproject.toml | debs
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

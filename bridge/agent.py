@@ -1,0 +1,235 @@
+"""The edge agent: sources -> intake (decode, spool commit, broker ack) -> sender -> ingest.
+
+Ownership hand-offs (DESIGN.md "Data flows one way"): a broker message is acked only after the
+spool transaction holding its envelope or its dead letter committed; a spool row is released
+only after an ingest node acknowledged it. Shutdown runs in the reverse order of the flow:
+stop taking from the brokers (after acking everything committed), let in-flight batches finish
+within the grace period, then close the uplink and the spool. Whatever was not acknowledged
+stays in the spool or in the broker's session for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import time
+from functools import partial
+from typing import Any
+
+from bridge.codecs import DECODERS, Decoded, DecodeError, Decoder
+from bridge.config import AgentConfig
+from bridge.envelope import ClockSync, SourceInfo, build_envelope
+from bridge.sources.base import Message, Source
+from bridge.sources.mqtt import MqttSource
+from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull
+from bridge.telemetry import AgentMetrics, HttpEndpoint, event
+from bridge.uplink.backoff import Backoff
+from bridge.uplink.pool import Endpoint, EndpointPool
+from bridge.uplink.sender import Sender
+from bridge.uplink.transport import GrpcTransport
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+def digest(topic: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+class Intake:
+    """One source's path into the spool: group commit, then ack in receive order."""
+
+    def __init__(self, *, source: Source, spool: AsyncSpool, site_id: str, codec: str,
+                 commit_max: int, metrics: AgentMetrics, clock: ClockSync) -> None:
+        self.source, self.spool, self.site_id = source, spool, site_id
+        self.codec = codec
+        self.decode: Decoder = DECODERS[codec]
+        self.commit_max = commit_max
+        self.metrics = metrics
+        self.clock = clock
+        self._stopping = asyncio.Event()
+        self.committed_messages = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        name = self.source.info.name
+        backoff = Backoff(base_s=0.05, cap_s=2.0)
+        while not self._stopping.is_set():
+            take = asyncio.ensure_future(self.source.take(self.commit_max))
+            stop = asyncio.ensure_future(self._stopping.wait())
+            done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if take not in done:
+                take.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await take
+                # The source may have handed us messages as we stopped: commit and ack them.
+                if take.cancelled() or take.exception() is not None:
+                    break
+            stop.cancel()
+            messages = take.result()
+            pending, dead, skipped = self._prepare(messages)
+            while True:
+                try:
+                    await self.spool.run(self.spool.spool.commit, pending, dead)
+                    backoff.reset()
+                    break
+                except SpoolFull as exc:
+                    # Backpressure: nothing acked, so the broker holds the rest.
+                    if self._stopping.is_set():
+                        return
+                    self.metrics.spool_full.inc()
+                    if backoff.attempt == 0:
+                        event("spool.full", level=logging.WARNING, source=name,
+                              reason=str(exc), waiting=len(messages))
+                    await backoff.sleep()
+            self.source.ack(messages)
+            self.committed_messages += len(pending)
+            self.metrics.source_messages.labels(name).inc(len(messages))
+            self.metrics.spool_commits.inc()
+            if skipped:
+                self.metrics.source_redelivered_skipped.labels(name).inc(skipped)
+                event("source.redelivery_skipped", source=name, messages=skipped,
+                      reason="already in spool")
+            for d in dead:
+                self.metrics.dead_letters.labels(d.reason).inc()
+            if dead:
+                event("intake.dead_lettered", level=logging.WARNING, source=name,
+                      messages=len(dead), reason=dead[0].reason, detail=dead[0].detail,
+                      topic=dead[0].topic)
+            self.spool.appended.set()
+
+    def _prepare(self, messages: list[Message]) -> tuple[list[Pending], list[DeadLetter], int]:
+        info = self.source.info
+        now = time.time_ns()
+        synced = self.clock.synced()
+        pending: list[Pending] = []
+        dead: list[DeadLetter] = []
+        skipped = 0
+        spool = self.spool.spool
+        for m in messages:
+            d = digest(m.topic, m.payload)
+            if m.redelivered and spool.claim_redelivery(info.name, d):
+                skipped += 1
+                continue
+            try:
+                decoded = self.decode(m.topic, m.payload)
+            except DecodeError as exc:
+                dead.append(DeadLetter(info.name, m.topic, m.payload, exc.reason, exc.detail))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stall the queue
+                dead.append(DeadLetter(info.name, m.topic, m.payload, "codec_bug",
+                                       f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            pending.append(Pending(source=info.name, digest=d,
+                                   build=partial(self._build, info, m.topic, decoded, now,
+                                                 synced)))
+        return pending, dead, skipped
+
+    def _build(self, info: SourceInfo, topic: str, decoded: Decoded, now: int, synced: bool,
+               seq: int) -> bytes:
+        spool = self.spool.spool
+        return build_envelope(site_id=self.site_id, epoch=spool.epoch, seq=seq, source=info,
+                              topic=topic, decoded=decoded, codec=self.codec,
+                              gateway_time_ns=now, clock_synced=synced)
+
+
+class Agent:
+    def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or AgentMetrics()
+        ring_sizes = {s.name: 2 * s.receive_maximum for s in config.sources}
+        self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
+                                      max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes))
+        up = config.uplink
+        self.pool = EndpointPool(
+            endpoints=[Endpoint(name=e.name, target=e.target,
+                                transport=GrpcTransport(target=e.target, tls=config.tls,
+                                                        backoff_max_s=up.backoff_max_s),
+                                backoff_max_s=up.backoff_max_s) for e in up.endpoints],
+            metrics=self.metrics, health_interval_s=up.health_interval_s,
+            health_timeout_s=min(up.deadline_s, 2.0))
+        self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
+        clock = ClockSync()
+        self.sources = [MqttSource(config=s, metrics=self.metrics) for s in config.sources]
+        self.intakes = [Intake(source=src, spool=self.spool, site_id=config.site_id,
+                               codec=s.codec, commit_max=config.spool.commit_max_messages,
+                               metrics=self.metrics, clock=clock)
+                        for src, s in zip(self.sources, config.sources, strict=True)]
+        self.started_ns = time.time_ns()
+
+    def status(self) -> dict[str, Any]:
+        sp = self.spool.spool
+        return {
+            "site_id": self.config.site_id,
+            "epoch": f"{sp.epoch:016x}",
+            "spool": {"readings": sp.readings, "bytes": sp.bytes, "next_seq": sp.next_seq,
+                      "max_bytes": sp.max_bytes},
+            "sources": [{"name": s.config.name, "broker": s.info.broker,
+                         "subscribed": s.subscribed.is_set()} for s in self.sources],
+            "uplink": {"endpoints": self.pool.snapshot(), "failovers": self.pool.failovers,
+                       "last_failover_ns": self.pool.last_failover_ns or None,
+                       "failover_first_ack_ns": self.pool.failover_first_ack_ns or None,
+                       "in_flight": self.sender.in_flight,
+                       "acked_readings": self.sender.acked_readings},
+            "committed_messages": sum(i.committed_messages for i in self.intakes),
+            "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sp = self.spool.spool
+        event("agent.started", site_id=self.config.site_id, epoch=f"{sp.epoch:016x}",
+              spooled=sp.readings, spool=str(sp.path),
+              endpoints=[e.name for e in self.config.uplink.endpoints])
+        self.metrics.spool_readings.set_function(lambda: sp.readings)
+        self.metrics.spool_bytes.set_function(lambda: sp.bytes)
+        async with asyncio.TaskGroup() as tg:
+            pool_task = tg.create_task(self.pool.run(), name="endpoint-pool")
+            sender_task = tg.create_task(self.sender.run(), name="sender")
+            intake_tasks = [tg.create_task(i.run(), name=f"intake-{i.source.info.name}")
+                            for i in self.intakes]
+            for src in self.sources:
+                await src.start()
+            await stop.wait()
+            t0 = time.monotonic()
+            event("agent.stopping", spooled=sp.readings, in_flight=self.sender.in_flight)
+            # 1. Stop taking from brokers; everything committed gets acked before disconnect.
+            for intake in self.intakes:
+                intake.stop()
+            await asyncio.gather(*intake_tasks)
+            for src in self.sources:
+                await src.stop()
+            # 2. Let batches in flight finish, within the grace period.
+            self.sender.stop()
+            remaining = max(0.5, SHUTDOWN_GRACE_S - (time.monotonic() - t0))
+            try:
+                await asyncio.wait_for(asyncio.shield(sender_task), remaining)
+            except TimeoutError:
+                sender_task.cancel()
+            pool_task.cancel()
+        await self.pool.close()
+        await self.spool.close()
+        event("agent.stopped", spooled=sp.readings,
+              shutdown_s=round(time.monotonic() - t0, 3))
+
+
+async def run(config: AgentConfig) -> None:
+    agent = Agent(config=config)
+    http = None
+    if config.metrics_listen:
+        http = HttpEndpoint(listen=config.metrics_listen, registry=agent.metrics.registry,
+                            status=agent.status)
+        http.start()
+        event("agent.http", listen=config.metrics_listen, port=http.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.run(stop)
+    finally:
+        if http:
+            http.stop()

@@ -1,0 +1,314 @@
+"""The ``bridge`` command. User mistakes end as one ``error:`` line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from bridge import __version__, pki
+from bridge.config import (
+    DEFAULT_INGEST_PORT,
+    ConfigError,
+    TlsConfig,
+    load_agent,
+    load_consumer,
+    load_ingest,
+    parse_hostport,
+)
+from bridge.consume import CursorError
+from bridge.spool import SpoolError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _print_issued(what: str, issued: pki.Issued) -> None:
+    print(f"{what}: {issued.subject}")
+    print(f"  certificate {issued.cert_path}")
+    print(f"  key         {issued.key_path} (mode 0600)")
+    print(f"  expires     {issued.not_after:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    ca_dir = Path(args.dir)
+    out = Path(args.out) if getattr(args, "out", None) else ca_dir
+    if args.pki_cmd == "ca":
+        _print_issued("CA", pki.create_ca(ca_dir, name=args.name, days=args.days,
+                                          force=args.force))
+    elif args.pki_cmd == "server":
+        _print_issued("server", pki.issue_server(ca_dir, out, name=args.name, dns=args.dns,
+                                                 ips=args.ip, days=args.days, force=args.force))
+    elif args.pki_cmd == "site":
+        _print_issued("site", pki.issue_site(ca_dir, out, site_id=args.site, days=args.days,
+                                             force=args.force))
+    else:
+        _print_issued("consumer", pki.issue_consumer(ca_dir, out, name=args.name,
+                                                     days=args.days, force=args.force))
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    config = load_agent(Path(args.config))
+    if args.check:
+        config.tls.read()
+        print(f"{args.config}: OK (site {config.site_id}, {len(config.sources)} source(s), "
+              f"{len(config.uplink.endpoints)} endpoint(s))")
+        return 0
+    from bridge import agent
+    from bridge.telemetry import setup_logging
+
+    setup_logging(config.log_level, component="agent")
+    config.tls.read()
+    asyncio.run(agent.run(config))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    config = load_ingest(Path(args.config))
+    config.tls.read()
+    if args.check:
+        print(f"{args.config}: OK (node {config.node}, listen {config.listen})")
+        return 0
+    from bridge.ingest import server
+    from bridge.telemetry import setup_logging
+
+    setup_logging(config.log_level, component="ingest")
+    try:
+        asyncio.run(server.run(config))
+    except OSError as exc:
+        raise UsageError(f"ingest cannot start: {exc}") from exc
+    return 0
+
+
+def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Path | None]:
+    targets: list[str] = []
+    cursor = Path(args.cursor) if args.cursor else None
+    tls = None
+    if args.config:
+        cfg = load_consumer(Path(args.config))
+        targets.extend(cfg.targets)
+        tls = cfg.tls
+        cursor = cursor or cfg.cursor
+    for t in args.sources or []:
+        try:
+            host, port = parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
+        except ValueError as exc:
+            raise ConfigError("command line", "--from", str(exc)) from exc
+        targets.append(f"{host}:{port}")
+    if any([args.ca, args.cert, args.key]):
+        if not all([args.ca, args.cert, args.key]):
+            raise ConfigError("command line", "--ca/--cert/--key", "give all three")
+        tls = TlsConfig(ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key),
+                        file="command line", section="--")
+    if not targets:
+        raise ConfigError("command line", "--from", "give at least one ingest HOST:PORT "
+                          "(or 'from' in --config)")
+    if tls is None:
+        raise ConfigError("command line", "--ca/--cert/--key",
+                          "a consumer certificate is required (flags or [tls] in --config)")
+    tls.read()
+    return targets, tls, cursor
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from bridge import consume
+
+    targets, tls, cursor_path = _consumer_setup(args)
+    if args.status:
+        doc = asyncio.run(consume.status(targets=targets, tls=tls))
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
+              else consume.format_status(doc))
+        return 0 if all("error" not in n for n in doc["nodes"]) else 1
+    merger = consume.Merger(cursors=consume.load_cursors(cursor_path))
+    out = sys.stdout.buffer
+
+    def emit(batch: list[Any]) -> None:
+        for c in batch:
+            out.write(orjson.dumps(consume.reading_json(c)) + b"\n")
+        out.flush()
+        if cursor_path is not None and batch:
+            consume.save_cursors(cursor_path, merger.cursors)
+
+    if args.follow:
+        async def go() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await consume.follow(targets=targets, tls=tls, merger=merger, emit=emit, stop=stop)
+
+        asyncio.run(go())
+        return 0
+    errors = asyncio.run(consume.read_all(targets=targets, tls=tls, merger=merger))
+    emit(merger.drain())
+    for target, err in errors.items():
+        print(f"warning: {target}: {err} (its readings are not in this output)",
+              file=sys.stderr)
+    held = merger.pending()
+    if held:
+        print(f"note: {held} reading(s) held back above a gap; they are emitted once the gap "
+              "fills (see --status)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from bridge import simulate
+
+    parts = urlsplit(args.broker)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ConfigError("command line", "--broker", f'expected "mqtt://HOST[:PORT]", got '
+                          f"{args.broker!r}")
+    prog = simulate.run(host=parts.hostname, port=parts.port or 1883, site=args.site,
+                        count=args.count, rate=args.rate, profile=args.profile)
+    print(f"published {prog.acked} (broker-acknowledged), failed {prog.failed}")
+    return 0 if prog.failed == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bridge import demo
+
+    summary = demo.run(readings=args.readings, rate=args.rate, keep=args.keep,
+                       workdir=Path(args.workdir) if args.workdir else None)
+    if args.json:
+        print(orjson.dumps(summary.as_dict()).decode())
+    else:
+        print(demo.format_summary(summary))
+    ok = summary.lost == 0 and summary.duplicates == 0 and summary.committed == summary.published
+    return 0 if ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.url
+    if args.config:
+        cfg = load_agent(Path(args.config))
+        if not cfg.metrics_listen:
+            raise ConfigError(str(cfg.file), "metrics.listen",
+                              "not set: the agent has no status endpoint")
+        host, port = parse_hostport(cfg.metrics_listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        url = f"http://{host}:{port}"
+    if not url:
+        raise ConfigError("command line", "--url", "give --url or --config")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:  # noqa: S310
+            doc = orjson.loads(resp.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise UsageError(f"no agent answering at {url}: {exc}") from exc
+    if args.json:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    sp = doc["spool"]
+    print(f"site {doc['site_id']}  epoch {doc['epoch']}  up {doc['uptime_s']:.0f} s")
+    print(f"spool   {sp['readings']} readings, {sp['bytes']} bytes (max {sp['max_bytes']}), "
+          f"next seq {sp['next_seq']}")
+    for s in doc["sources"]:
+        print(f"source  {s['name']:<10} {s['broker']:<28} "
+              f"{'subscribed' if s['subscribed'] else 'NOT SUBSCRIBED'}")
+    up = doc["uplink"]
+    for e in up["endpoints"]:
+        mark = "*" if e["active"] else " "
+        err = f"  last error: {e['last_error']}" if e["last_error"] else ""
+        print(f"uplink {mark}{e['name']:<10} {e['target']:<24} {e['state']}{err}")
+    print(f"failovers {up['failovers']}, batches in flight {up['in_flight']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bridge", description="Edge telemetry bridge: SCADA "
+                                "brokers to multi-cloud ingest, nothing lost, nothing doubled.")
+    p.add_argument("--version", action="version", version=f"bridge {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("agent", help="run the edge agent")
+    a.add_argument("--config", required=True, help="agent TOML config")
+    a.add_argument("--check", action="store_true", help="validate the config and exit")
+    a.set_defaults(fn=cmd_agent)
+
+    i = sub.add_parser("ingest", help="run an ingest node")
+    i.add_argument("--config", required=True, help="ingest TOML config")
+    i.add_argument("--check", action="store_true", help="validate the config and exit")
+    i.set_defaults(fn=cmd_ingest)
+
+    c = sub.add_parser("consume", help="read the merged stream of one or more ingest nodes")
+    c.add_argument("--from", dest="sources", action="append", metavar="HOST:PORT",
+                   help="an ingest node (repeat, one per cloud)")
+    c.add_argument("--config", help="consumer TOML config (from, cursor, [tls])")
+    c.add_argument("--ca")
+    c.add_argument("--cert")
+    c.add_argument("--key")
+    c.add_argument("--cursor", help="resume from and save to this cursor file")
+    c.add_argument("--follow", action="store_true", help="keep streaming new readings")
+    c.add_argument("--status", action="store_true",
+                   help="print per-site watermarks and gaps, per cloud and merged")
+    c.add_argument("--json", action="store_true", help="with --status: JSON output")
+    c.set_defaults(fn=cmd_consume)
+
+    k = sub.add_parser("pki", help="create a CA and issue certificates")
+    ksub = k.add_subparsers(dest="pki_cmd", required=True)
+    for name, hlp in (("ca", "create the CA"), ("server", "issue an ingest server certificate"),
+                      ("site", "issue a site (agent) certificate"),
+                      ("consumer", "issue a consumer certificate")):
+        kp = ksub.add_parser(name, help=hlp)
+        kp.add_argument("--dir", required=True, help="the CA directory (ca.pem, ca.key)")
+        kp.add_argument("--force", action="store_true", help="overwrite existing files")
+        kp.add_argument("--days", type=int, default=3650 if name == "ca" else 825)
+        if name != "ca":
+            kp.add_argument("--out", help="where to write (default: --dir)")
+        if name == "ca":
+            kp.add_argument("--name", default="bridge CA")
+        elif name == "server":
+            kp.add_argument("--name", required=True)
+            kp.add_argument("--dns", action="append", default=[])
+            kp.add_argument("--ip", action="append", default=[])
+        elif name == "site":
+            kp.add_argument("--site", required=True)
+        else:
+            kp.add_argument("--name", required=True)
+    k.set_defaults(fn=cmd_pki)
+
+    s = sub.add_parser("simulate", help="publish realistic SCADA readings over MQTT")
+    s.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    s.add_argument("--site", required=True)
+    s.add_argument("--rate", type=float, default=100.0, help="messages/s (0: unlimited)")
+    s.add_argument("--count", type=int, default=1000)
+    s.add_argument("--profile", choices=("grid", "water"), default="grid")
+    s.set_defaults(fn=cmd_simulate)
+
+    d = sub.add_parser("demo", help="the whole pipeline on this machine, primary killed halfway")
+    d.add_argument("--readings", type=int, default=20_000)
+    d.add_argument("--rate", type=float, default=0.0, help="publish rate (0: unlimited)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.add_argument("--keep", action="store_true", help="keep the working directory")
+    d.add_argument("--workdir", help="use this directory instead of a temporary one")
+    d.set_defaults(fn=cmd_demo)
+
+    st = sub.add_parser("status", help="a running agent's spool, sources and endpoints")
+    st.add_argument("--config", help="the agent's config (uses metrics.listen)")
+    st.add_argument("--url", help="the agent's HTTP endpoint, e.g. http://127.0.0.1:9464")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except (ConfigError, pki.PkiError, SpoolError, CursorError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,410 @@
+"""TOML configuration to frozen dataclasses.
+
+Every error names the file and the key path (``uplink.endpoints[1].target``) and the CLI turns it
+into one line and exit status 2. Unknown keys are errors too: a typo in a bound such as
+``max_bytes`` must not silently fall back to a default. Relative paths are resolved against the
+config file's directory, so a config works whatever the current directory of the service is.
+Every key is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridge.pki import valid_site_id
+
+_REQUIRED: Any = object()
+
+DEFAULT_INGEST_PORT = 6443
+DEFAULT_MQTT_PORT = 1883
+
+
+class ConfigError(Exception):
+    """A user mistake in a config file or flags: names where, says what."""
+
+    def __init__(self, file: str, key: str, message: str) -> None:
+        self.file, self.key, self.message = file, key, message
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {message}")
+
+
+class _Table:
+    """One TOML table being read; tracks consumed keys to report unknown ones."""
+
+    def __init__(self, data: dict[str, Any], *, file: str, path: str, base: Path) -> None:
+        self._data, self._file, self._path, self._base = data, file, path, base
+        self._seen: set[str] = set()
+
+    @property
+    def file(self) -> str:
+        return self._file
+
+    @property
+    def where(self) -> str:
+        return self._path
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self._file, self._key(key) if key else self._path, message)
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        self._seen.add(key)
+        if key not in self._data:
+            if default is _REQUIRED:
+                raise self.error(key, "required key is missing")
+            return default
+        value = self._data[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"expected {what}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"expected {what}, got {type(value).__name__} {value!r}")
+        return value
+
+    def string(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default, (str,), "a string")
+        if isinstance(value, str) and not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def integer(self, key: str, default: Any = _REQUIRED, *, minimum: int | None = None,
+            maximum: int | None = None) -> Any:
+        value = self._get(key, default, (int,), "an integer")
+        if isinstance(value, int):
+            if minimum is not None and value < minimum:
+                raise self.error(key, f"must be >= {minimum}, got {value}")
+            if maximum is not None and value > maximum:
+                raise self.error(key, f"must be <= {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, *, minimum: float | None = None) -> Any:
+        value = self._get(key, default, (int, float), "a number")
+        if value is not None:
+            value = float(value)
+            if minimum is not None and value < minimum:
+                raise self.error(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def boolean(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self._get(key, default, (bool,), "true or false")
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> Any:
+        value = self.string(key, default)
+        if value is not None and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def path(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.string(key, default)
+        if isinstance(value, str):
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (self._base / p)
+        return value
+
+    def str_list(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default, (list,), "a list of strings")
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, str) or not item:
+                    raise ConfigError(self._file, f"{self._key(key)}[{i}]",
+                                      f"expected a non-empty string, got {item!r}")
+            return tuple(value)
+        return value
+
+    def table(self, key: str, *, required: bool = False) -> _Table:
+        value = self._get(key, _REQUIRED if required else {}, (dict,), "a table")
+        return _Table(value, file=self._file, path=self._key(key), base=self._base)
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self._get(key, [], (list,), "an array of tables ([[...]])")
+        out = []
+        for i, item in enumerate(value):
+            path = f"{self._key(key)}[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(self._file, path, "expected a table")
+            out.append(_Table(item, file=self._file, path=path, base=self._base))
+        return out
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (see docs/configuration.md)")
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s/]+)(?::(\d+))?", value)
+    if not m:
+        raise ValueError(f'expected "host:port", got {value!r}')
+    host = m.group(1) or m.group(3)
+    port_s = m.group(2) or m.group(4)
+    if port_s is None:
+        if default_port is None:
+            raise ValueError(f'expected "host:port", got {value!r} (no port)')
+        return host, default_port
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range in {value!r}")
+    return host, port
+
+
+def _hostport(t: _Table, key: str, default: Any = _REQUIRED, *,
+              default_port: int | None = None) -> Any:
+    value = t.string(key, default)
+    if value is None:
+        return None
+    try:
+        parse_hostport(value, default_port=default_port)
+    except ValueError as exc:
+        raise t.error(key, str(exc)) from exc
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+    file: str = ""
+    section: str = "tls"
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert, key) PEM bytes; a missing or unreadable file is a ConfigError."""
+        out = []
+        for name in ("ca", "cert", "key"):
+            path: Path = getattr(self, name)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(self.file, f"{self.section}.{name}",
+                                  f"cannot read {path}: {exc.strerror}") from exc
+            if b"-----BEGIN" not in data:
+                raise ConfigError(self.file, f"{self.section}.{name}", f"{path} is not PEM")
+            out.append(data)
+        return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSourceConfig:
+    name: str
+    host: str
+    port: int
+    topics: tuple[str, ...]
+    client_id: str
+    session_expiry_s: int
+    receive_maximum: int
+    keepalive_s: int
+    codec: str
+    username: str | None
+    password: str | None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolConfig:
+    path: Path
+    max_bytes: int
+    commit_max_messages: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    name: str
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class UplinkConfig:
+    endpoints: tuple[EndpointConfig, ...]
+    batch_max_readings: int
+    batch_max_bytes: int
+    max_in_flight: int
+    deadline_s: float
+    health_interval_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    file: Path
+    site_id: str
+    tls: TlsConfig
+    spool: SpoolConfig
+    sources: tuple[MqttSourceConfig, ...]
+    uplink: UplinkConfig
+    metrics_listen: str | None
+    log_level: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    file: Path
+    node: str
+    listen: str
+    tls: TlsConfig
+    store_path: Path
+    metrics_listen: str | None
+    log_level: str
+
+
+def _read(path: Path) -> _Table:
+    file = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(file, "", "file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, "", f"cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"invalid TOML: {exc}") from exc
+    return _Table(data, file=file, path="", base=path.resolve().parent)
+
+
+def _tls(t: _Table) -> TlsConfig:
+    tls = TlsConfig(ca=t.path("ca"), cert=t.path("cert"), key=t.path("key"), file=t.file,
+                    section=t.where)
+    t.done()
+    return tls
+
+
+def _common(root: _Table) -> tuple[str | None, str]:
+    metrics = root.table("metrics")
+    listen = _hostport(metrics, "listen", None)
+    metrics.done()
+    log = root.table("log")
+    level = log.choice("level", ("debug", "info", "warning", "error"), "info")
+    log.done()
+    return listen, level
+
+
+def _mqtt_source(t: _Table, *, site_id: str, index: int) -> MqttSourceConfig:
+    name = t.string("name", f"mqtt{index}")
+    url = t.string("url", f"mqtt://127.0.0.1:{DEFAULT_MQTT_PORT}")
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise t.error("url", f'expected "mqtt://HOST[:PORT]", got {url!r}')
+    try:
+        port = parts.port or DEFAULT_MQTT_PORT
+    except ValueError as exc:
+        raise t.error("url", f"bad port in {url!r}") from exc
+    topics = t.str_list("topics")
+    if not topics:
+        raise t.error("topics", "needs at least one topic filter")
+    src = MqttSourceConfig(
+        name=name,
+        host=parts.hostname,
+        port=port,
+        topics=topics,
+        client_id=t.string("client_id", f"bridge-{site_id}-{name}"),
+        session_expiry_s=t.integer("session_expiry_s", 7 * 86400, minimum=0, maximum=2**32 - 1),
+        receive_maximum=t.integer("receive_maximum", 1000, minimum=1, maximum=65535),
+        keepalive_s=t.integer("keepalive_s", 30, minimum=5),
+        codec=t.choice("codec", ("json", "raw"), "json"),
+        username=t.string("username", None),
+        password=t.string("password", None),
+    )
+    t.done()
+    return src
+
+
+def load_agent(path: Path) -> AgentConfig:
+    root = _read(path)
+    site_id = root.string("site_id")
+    if not valid_site_id(site_id):
+        raise root.error("site_id", f"{site_id!r} must be a DNS-style name (a-z, 0-9, '-', '.')")
+    tls = _tls(root.table("tls", required=True))
+
+    spool_t = root.table("spool", required=True)
+    spool = SpoolConfig(
+        path=spool_t.path("path"),
+        max_bytes=spool_t.integer("max_bytes", 1 << 30, minimum=1 << 20),
+        commit_max_messages=spool_t.integer("commit_max_messages", 1000, minimum=1,
+                                            maximum=100_000),
+    )
+    spool_t.done()
+
+    sources = []
+    for i, st in enumerate(root.tables("sources")):
+        kind = st.choice("type", ("mqtt",), "mqtt")
+        assert kind == "mqtt"
+        sources.append(_mqtt_source(st, site_id=site_id, index=i))
+    if not sources:
+        raise root.error("sources", "needs at least one [[sources]] table")
+    names = [s.name for s in sources]
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            raise ConfigError(str(path), f"sources[{i}].name", f"duplicate source name {n!r}")
+
+    up = root.table("uplink", required=True)
+    endpoints = []
+    for et in up.tables("endpoints"):
+        endpoints.append(EndpointConfig(name=et.string("name"),
+                                        target=_hostport(et, "target",
+                                                         default_port=DEFAULT_INGEST_PORT)))
+        et.done()
+    if not endpoints:
+        raise up.error("endpoints", "needs at least one [[uplink.endpoints]] table")
+    seen: set[str] = set()
+    for i, ep in enumerate(endpoints):
+        if ep.name in seen:
+            raise ConfigError(str(path), f"uplink.endpoints[{i}].name",
+                              f"duplicate endpoint name {ep.name!r}")
+        seen.add(ep.name)
+    uplink = UplinkConfig(
+        endpoints=tuple(endpoints),
+        batch_max_readings=up.integer("batch_max_readings", 500, minimum=1, maximum=10_000),
+        batch_max_bytes=up.integer("batch_max_bytes", 200_000, minimum=1024, maximum=4_000_000),
+        max_in_flight=up.integer("max_in_flight", 4, minimum=1, maximum=64),
+        deadline_s=up.number("deadline_s", 5.0, minimum=0.05),
+        health_interval_s=up.number("health_interval_s", 1.0, minimum=0.05),
+        backoff_max_s=up.number("backoff_max_s", 10.0, minimum=0.05),
+    )
+    up.done()
+    metrics_listen, log_level = _common(root)
+    root.done()
+    return AgentConfig(file=path, site_id=site_id, tls=tls, spool=spool, sources=tuple(sources),
+                       uplink=uplink, metrics_listen=metrics_listen, log_level=log_level)
+
+
+def load_ingest(path: Path) -> IngestConfig:
+    root = _read(path)
+    node = root.string("node")
+    listen = _hostport(root, "listen", f"0.0.0.0:{DEFAULT_INGEST_PORT}")
+    tls = _tls(root.table("tls", required=True))
+    store = root.table("store", required=True)
+    store_path = store.path("path")
+    store.done()
+    metrics_listen, log_level = _common(root)
+    root.done()
+    return IngestConfig(file=path, node=node, listen=listen, tls=tls, store_path=store_path,
+                        metrics_listen=metrics_listen, log_level=log_level)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerConfig:
+    targets: tuple[str, ...]
+    tls: TlsConfig
+    cursor: Path | None
+
+
+def load_consumer(path: Path) -> ConsumerConfig:
+    root = _read(path)
+    targets = root.str_list("from", ())
+    for i, t in enumerate(targets):
+        try:
+            parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
+        except ValueError as exc:
+            raise ConfigError(str(path), f"from[{i}]", str(exc)) from exc
+    cursor = root.path("cursor", None)
+    tls = _tls(root.table("tls", required=True))
+    root.done()
+    return ConsumerConfig(targets=targets, tls=tls, cursor=cursor)

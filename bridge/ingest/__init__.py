@@ -1,0 +1,1 @@
+"""The ingest tier: authenticate the site, dedupe, commit, and only then acknowledge."""

@@ -1,0 +1,270 @@
+"""The ingest node: mTLS gRPC, site authentication, dedupe, commit, then acknowledge.
+
+A ``PushBatch`` is answered only after ``Store.commit`` returned, i.e. after an fsynced
+SQLite transaction holding the readings and the ledger change. The peer's identity comes from
+its verified client certificate (``bridge.pki.identity_from_pem``): a site certificate may push
+only envelopes whose ``site_id`` is its own; a consumer certificate may only read. Anything else
+is PERMISSION_DENIED, counted and logged, and nothing of the call is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bridge._pb import bridge_pb2 as pb
+from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.config import IngestConfig, TlsConfig, parse_hostport
+from bridge.ingest.store import Incoming, Reader, Store
+from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
+from bridge.telemetry import HttpEndpoint, IngestMetrics, event
+
+SERVICE = "bridge.v1.Ingest"
+_PAGE = 1000
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    # Pair with the agent's keepalive (bridge.uplink.channel): pings every 10 s are welcome.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # Connections roll over so rotated server certificates take effect.
+    ("grpc.max_connection_age_ms", 3_600_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+]
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """mTLS with a required client certificate, reloaded when the files change on disk."""
+    ca, cert, key = tls.read()
+    state = {"mtime": _mtimes(tls)}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        m = _mtimes(tls)
+        if m == state["mtime"]:
+            return None
+        try:
+            ca2, cert2, key2 = tls.read()
+        except Exception:  # noqa: BLE001 - keep serving with the old certificate
+            event("ingest.tls_reload_failed", level=logging.ERROR, reason="unreadable")
+            return None
+        state["mtime"] = m
+        event("ingest.tls_reloaded")
+        return grpc.ssl_server_certificate_configuration([(key2, cert2)], ca2)
+
+    initial = grpc.ssl_server_certificate_configuration([(key, cert)], ca)
+    fetcher: Any = fetch  # grpcio accepts None ("unchanged"); the stubs do not say so
+    return grpc.dynamic_ssl_server_credentials(initial, fetcher,
+                                               require_client_authentication=True)
+
+
+def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
+    out = []
+    for p in (tls.ca, tls.cert, tls.key):
+        try:
+            out.append(p.stat().st_mtime)
+        except OSError:
+            out.append(0.0)
+    return tuple(out)
+
+
+class IngestService(pb_grpc.IngestServicer):
+    def __init__(self, *, node: str, store: Store, metrics: IngestMetrics) -> None:
+        self.node = node
+        self.store = store
+        self.metrics = metrics
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
+        self._identities: dict[bytes, PeerIdentity] = {}
+        self._committed = asyncio.Event()
+
+    def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
+        if not pems:
+            return PeerIdentity(name="", role="")
+        pem = pems[0]
+        ident = self._identities.get(pem)
+        if ident is None:
+            if len(self._identities) > 10_000:
+                self._identities.clear()
+            ident = self._identities[pem] = identity_from_pem(pem)
+        return ident
+
+    async def _deny(self, context: grpc.aio.ServicerContext[Any, Any], reason: str,
+                    message: str, **fields: Any) -> None:
+        self.metrics.denied.labels(reason).inc()
+        event("ingest.denied", level=logging.WARNING, reason=reason, peer=context.peer(),
+              flag="UAEX", **fields)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    async def PushBatch(self, request: pb.Batch,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.Ack:
+        t0 = time.perf_counter()
+        ident = self._identity(context)
+        if ident.role != ROLE_SITE or not ident.name:
+            self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, "not_a_site_certificate",
+                             f"certificate {ident.name!r} (role {ident.role!r}) may not push",
+                             identity=ident.name, role=ident.role)
+        results: list[pb.EnvelopeAck] = []
+        incoming: list[Incoming] = []
+        positions: list[int] = []
+        for env in request.envelopes:
+            if env.site_id != ident.name:
+                self.metrics.batches.labels("PERMISSION_DENIED").inc()
+                await self._deny(context, "site_mismatch",
+                                 f"certificate is for site {ident.name!r}, batch carries "
+                                 f"{env.site_id!r}", identity=ident.name, claimed=env.site_id,
+                                 batch_id=request.batch_id)
+            ack = pb.EnvelopeAck(site_id=env.site_id, epoch=env.epoch, seq=env.seq)
+            if env.epoch == 0 or env.seq == 0:
+                ack.disposition = pb.DISPOSITION_REJECTED
+                ack.reason = "epoch and seq must be non-zero"
+                self.metrics.rejected.labels("bad_identity").inc()
+            else:
+                positions.append(len(results))
+                incoming.append(Incoming(env.site_id, env.epoch, env.seq,
+                                         env.SerializeToString()))
+            results.append(ack)
+        loop = asyncio.get_running_loop()
+        c0 = time.perf_counter()
+        fresh = await loop.run_in_executor(self._writer, self.store.commit, incoming)
+        self.metrics.commit_seconds.observe(time.perf_counter() - c0)
+        committed = 0
+        for pos, new in zip(positions, fresh, strict=True):
+            results[pos].disposition = pb.DISPOSITION_COMMITTED if new else \
+                pb.DISPOSITION_DUPLICATE
+            committed += new
+        duplicates = len(incoming) - committed
+        if committed:
+            self.metrics.committed.labels(ident.name).inc(committed)
+            ev, self._committed = self._committed, asyncio.Event()
+            ev.set()
+        if duplicates:
+            self.metrics.duplicates.labels(ident.name).inc(duplicates)
+        keys = {(i.site_id, i.epoch) for i in incoming}
+        marks = [pb.Watermark(site_id=s, epoch=e,
+                              committed_through=self.store.ledger.stream((s, e)).watermark)
+                 for s, e in sorted(keys)]
+        self.metrics.batches.labels("OK").inc()
+        event("ingest.batch", site=ident.name, batch_id=request.batch_id,
+              readings=len(request.envelopes), committed=committed, duplicates=duplicates,
+              rejected=len(results) - len(incoming), status="OK", flag="-",
+              duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+        return pb.Ack(batch_id=request.batch_id, results=results, watermarks=marks,
+                      node=self.node)
+
+    async def Subscribe(self, request: pb.SubscribeRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
+                            pb.Committed]:
+        ident = self._identity(context)
+        if ident.role != ROLE_CONSUMER:
+            await self._deny(context, "not_a_consumer_certificate",
+                             f"certificate {ident.name!r} (role {ident.role!r}) may not read",
+                             identity=ident.name, role=ident.role)
+        cursors = {(c.site_id, c.epoch): c.after_seq for c in request.cursors}
+        loop = asyncio.get_running_loop()
+        reader = Reader(self.store.path)
+        self.metrics.subscribers.inc()
+        offset = 0
+        try:
+            while True:
+                waiter = self._committed
+                rows = await loop.run_in_executor(self._readers, reader.page, offset, _PAGE)
+                for r in rows:
+                    offset = r.offset
+                    if r.seq > cursors.get((r.site_id, r.epoch), 0):
+                        yield pb.Committed(envelope=pb.Envelope.FromString(r.envelope),
+                                           commit_time_ns=r.commit_ns, node=self.node)
+                if len(rows) < _PAGE:
+                    if not request.follow:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter.wait(), timeout=1.0)
+        finally:
+            self.metrics.subscribers.dec()
+            await loop.run_in_executor(self._readers, reader.close)
+
+    async def Status(self, request: pb.StatusRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusReply:
+        ident = self._identity(context)
+        if ident.role != ROLE_CONSUMER:
+            await self._deny(context, "not_a_consumer_certificate",
+                             f"certificate {ident.name!r} (role {ident.role!r}) may not read",
+                             identity=ident.name, role=ident.role)
+        reply = pb.StatusReply(node=self.node)
+        for (site, epoch), s in sorted(list(self.store.ledger.streams.items())):
+            st = reply.streams.add(site_id=site, epoch=epoch, committed_through=s.watermark,
+                                   highest_seq=s.highest, committed=s.committed)
+            for first, last in s.gaps():
+                st.gaps.add(first_seq=first, last_seq=last)
+        return reply
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+
+class IngestNode:
+    """A running ingest node (server, health, store); used by the CLI and by tests."""
+
+    def __init__(self, *, node: str, listen: str, tls: TlsConfig, store_path: Path,
+                 metrics: IngestMetrics | None = None) -> None:
+        self.node = node
+        self.metrics = metrics or IngestMetrics()
+        self.store = Store(path=store_path)
+        self.service = IngestService(node=node, store=self.store, metrics=self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_IngestServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        host, port = parse_hostport(listen)
+        self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        event("ingest.listening", node=self.node, port=self.port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.service.close()
+        self.store.close()
+        event("ingest.stopped", node=self.node)
+
+
+async def run(config: IngestConfig) -> None:
+    node = IngestNode(node=config.node, listen=config.listen, tls=config.tls,
+                      store_path=config.store_path)
+    http = None
+    if config.metrics_listen:
+        http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,
+                            status=lambda: {"node": config.node, "port": node.port})
+        http.start()
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    event("ingest.stopping", node=config.node)
+    await node.stop()
+    if http:
+        http.stop()

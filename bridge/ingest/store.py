@@ -1,0 +1,142 @@
+"""The ingest node's SQLite store: committed readings plus the durable dedupe ledger.
+
+Format: ``readings(offset INTEGER PRIMARY KEY AUTOINCREMENT, site_id, epoch, seq, envelope,
+commit_ns)`` with ``UNIQUE(site_id, epoch, seq)``; ``ledger(site_id, epoch, watermark,
+committed)`` and ``ledger_above(site_id, epoch, seq)`` mirror ``bridge.ingest.ledger``. One
+transaction per batch (``synchronous=FULL``) holds the new rows and the ledger change together,
+so after a crash the ledger and the rows agree. ``offset`` is this node's commit order, used to
+follow new commits; epochs are unsigned 64-bit on the wire and stored as signed 64-bit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.ingest.ledger import Key, Ledger, StreamLedger
+
+
+def to_i64(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def to_u64(i: int) -> int:
+    return i + (1 << 64) if i < 0 else i
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    site_id: str
+    epoch: int
+    seq: int
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    offset: int
+    site_id: str
+    epoch: int
+    seq: int
+    envelope: bytes
+    commit_ns: int
+
+
+class Store:
+    """Single-writer; ``commit`` runs on one thread, readers use ``Reader`` connections."""
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS readings(offset INTEGER PRIMARY KEY AUTOINCREMENT,"
+                   " site_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,"
+                   " envelope BLOB NOT NULL, commit_ns INTEGER NOT NULL,"
+                   " UNIQUE(site_id, epoch, seq))")
+        db.execute("CREATE TABLE IF NOT EXISTS ledger(site_id TEXT, epoch INTEGER,"
+                   " watermark INTEGER, committed INTEGER, PRIMARY KEY(site_id, epoch))"
+                   " WITHOUT ROWID")
+        db.execute("CREATE TABLE IF NOT EXISTS ledger_above(site_id TEXT, epoch INTEGER,"
+                   " seq INTEGER, PRIMARY KEY(site_id, epoch, seq)) WITHOUT ROWID")
+        self.ledger = Ledger()
+        for site, epoch, wm, committed in db.execute("SELECT * FROM ledger"):
+            s = self.ledger.stream((site, to_u64(epoch)))
+            s.watermark, s.committed = wm, committed
+        for site, epoch, seq in db.execute("SELECT * FROM ledger_above"):
+            self.ledger.stream((site, to_u64(epoch))).above.add(seq)
+
+    def commit(self, batch: Sequence[Incoming]) -> list[bool]:
+        """Commit what is new; returns, per item, True if newly committed, False if duplicate."""
+        fresh: list[bool] = []
+        rows = []
+        touched: dict[Key, list[int]] = {}
+        seen_in_batch: set[tuple[str, int, int]] = set()
+        now = time.time_ns()
+        for item in batch:
+            key = (item.site_id, item.epoch)
+            ident = (item.site_id, item.epoch, item.seq)
+            stream = self.ledger.streams.get(key)
+            dup = ident in seen_in_batch or (stream is not None and stream.has(item.seq))
+            fresh.append(not dup)
+            if not dup:
+                seen_in_batch.add(ident)
+                rows.append((item.site_id, to_i64(item.epoch), item.seq, item.envelope, now))
+                touched.setdefault(key, []).append(item.seq)
+        if not rows:
+            return fresh
+        # Work out the ledger's new state before writing, apply it only after COMMIT.
+        updates = []
+        for key, seqs in touched.items():
+            cur = self.ledger.streams.get(key)
+            trial = StreamLedger() if cur is None else cur.copy()
+            for s in seqs:
+                trial.add(s)
+            updates.append((key, trial))
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO readings(site_id, epoch, seq, envelope, commit_ns)"
+                           " VALUES (?, ?, ?, ?, ?)", rows)
+            for (site, epoch), trial in updates:
+                e = to_i64(epoch)
+                db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
+                           (site, e, trial.watermark, trial.committed))
+                db.execute("DELETE FROM ledger_above WHERE site_id=? AND epoch=? AND seq<=?",
+                           (site, e, trial.watermark))
+                db.executemany("INSERT OR IGNORE INTO ledger_above VALUES (?, ?, ?)",
+                               [(site, e, s) for s in trial.above])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for key, trial in updates:
+            self.ledger.streams[key] = trial
+        return fresh
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Reader:
+    """A read-only connection for Subscribe streams (WAL readers never block the writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    def max_offset(self) -> int:
+        (n,) = self._db.execute("SELECT coalesce(max(offset), 0) FROM readings").fetchone()
+        return int(n)
+
+    def page(self, after_offset: int, limit: int = 1000) -> list[Row]:
+        rows = self._db.execute("SELECT offset, site_id, epoch, seq, envelope, commit_ns"
+                                " FROM readings WHERE offset > ? ORDER BY offset LIMIT ?",
+                                (after_offset, limit)).fetchall()
+        return [Row(o, s, to_u64(e), q, env, c) for o, s, e, q, env, c in rows]
+
+    def close(self) -> None:
+        self._db.close()

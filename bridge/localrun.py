@@ -1,0 +1,273 @@
+"""The whole pipeline as real processes on one machine: used by ``bridge demo`` and the tests.
+
+Everything is real: a private mosquitto on a free port, ingest nodes and the agent as
+``python -m bridge`` subprocesses with real certificates, configs written as an operator would.
+Processes can be killed (SIGKILL, SIGSTOP) to inject faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bridge import pki
+from bridge.config import TlsConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s") \
+                    from exc
+            time.sleep(0.02)
+
+
+@dataclass
+class Proc:
+    """A child process with its output in a log file."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> float:
+        """SIGTERM, wait; SIGKILL after ``timeout``. Returns the seconds it took."""
+        t0 = time.monotonic()
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.kill()
+        return time.monotonic() - t0
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Mosquitto:
+    workdir: Path
+    port: int = 0
+    proc: Proc | None = None
+
+    def start(self) -> Mosquitto:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = self.port or free_port()
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        # max_queued_messages 0: never drop QoS 1 messages queued for the agent's session
+        # (mosquitto's default of 1000 drops the rest silently; see docs/deployment.md).
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+                        "log_dest stderr\nlog_type error\nlog_type warning\n")
+        self.proc = Proc(name="mosquitto", argv=[exe, "-c", str(conf)],
+                         log=self.workdir / f"mosquitto-{self.port}.log").start()
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+
+@dataclass
+class Pki:
+    dir: Path
+    site_ids: list[str]
+    ca: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ca = self.dir / "ca.pem"
+        if not self.ca.exists():
+            pki.create_ca(self.dir)
+            pki.issue_server(self.dir, self.dir, name="ingest", dns=["localhost"],
+                             ips=["127.0.0.1"])
+            pki.issue_consumer(self.dir, self.dir, name="consumer")
+        for site in self.site_ids:
+            if not (self.dir / f"site-{site}.pem").exists():
+                pki.issue_site(self.dir, self.dir, site_id=site)
+
+    def server(self) -> TlsConfig:
+        return TlsConfig(ca=self.ca, cert=self.dir / "server-ingest.pem",
+                         key=self.dir / "server-ingest.key")
+
+    def site(self, site: str) -> TlsConfig:
+        return TlsConfig(ca=self.ca, cert=self.dir / f"site-{site}.pem",
+                         key=self.dir / f"site-{site}.key")
+
+    def consumer(self) -> TlsConfig:
+        return TlsConfig(ca=self.ca, cert=self.dir / "consumer-consumer.pem",
+                         key=self.dir / "consumer-consumer.key")
+
+
+def _tls_toml(tls: TlsConfig) -> str:
+    return f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+
+
+def bridge_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge", *args]
+
+
+@dataclass
+class IngestProc:
+    node: str
+    port: int
+    config: Path
+    proc: Proc
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> IngestProc:
+        self.proc.start()
+        return self
+
+
+def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0) -> IngestProc:
+    port = port or free_port()
+    cfg = workdir / f"ingest-{node}.toml"
+    cfg.write_text(f'node = "{node}"\nlisten = "127.0.0.1:{port}"\n'
+                   f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
+                   + _tls_toml(pkis.server()))
+    return IngestProc(node=node, port=port, config=cfg,
+                      proc=Proc(name=f"ingest-{node}", argv=bridge_argv("ingest", "--config",
+                                                                        str(cfg)),
+                                log=workdir / f"ingest-{node}.log"))
+
+
+def wait_healthy(target: str, tls: TlsConfig, timeout: float = 15.0) -> None:
+    ca, cert, key = tls.read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    deadline = time.monotonic() + timeout
+    with grpc.secure_channel(target, creds) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service="bridge.v1.Ingest"),
+                                  timeout=1.0, wait_for_ready=True)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest at {target} not serving after {timeout} s")
+            time.sleep(0.05)
+
+
+@dataclass
+class AgentProc:
+    site: str
+    config: Path
+    http_port: int
+    proc: Proc
+
+    def start(self) -> AgentProc:
+        self.proc.start()
+        return self
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.http_port}/status"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            doc: dict[str, Any] = orjson.loads(resp.read())
+            return doc
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return str(resp.read().decode())
+
+    def wait_subscribed(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.proc.alive():
+                raise RuntimeError(f"agent exited:\n{self.proc.tail()}")
+            with contextlib.suppress(OSError):
+                if all(s["subscribed"] for s in self.status()["sources"]):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent not subscribed after {timeout} s:\n{self.proc.tail()}")
+            time.sleep(0.05)
+
+
+def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: list[IngestProc],
+          topics: tuple[str, ...] = ("#",), extra: str = "", uplink_extra: str = "",
+          http_port: int = 0) -> AgentProc:
+    http_port = http_port or free_port()
+    cfg = workdir / f"agent-{site}.toml"
+    eps = "".join(f'[[uplink.endpoints]]\nname = "{e.node}"\ntarget = "{e.target}"\n'
+                  for e in endpoints)
+    topic_list = ", ".join(f'"{t}"' for t in topics)
+    cfg.write_text(
+        f'site_id = "{site}"\n{extra}'
+        f'[spool]\npath = "{workdir / f"spool-{site}.db"}"\n'
+        + _tls_toml(pkis.site(site))
+        + f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{mqtt_port}"\n'
+          f"topics = [{topic_list}]\n"
+        + f"[uplink]\n{uplink_extra}" + eps
+        + f'[metrics]\nlisten = "127.0.0.1:{http_port}"\n')
+    return AgentProc(site=site, config=cfg, http_port=http_port,
+                     proc=Proc(name=f"agent-{site}", argv=bridge_argv("agent", "--config",
+                                                                      str(cfg)),
+                               log=workdir / f"agent-{site}.log"))

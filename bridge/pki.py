@@ -1,0 +1,224 @@
+"""Certificates for the bridge: one CA, ingest server certificates, site and consumer certificates.
+
+Identity rules (what the ingest checks, see ``bridge.ingest.auth``):
+
+* a **site** certificate has CN = site id, a DNS SAN = site id and OU = ``bridge-site``; it may
+  push readings only for that site id;
+* a **consumer** certificate has CN = consumer name and OU = ``bridge-consumer``; it may read
+  (``Subscribe``, ``Status``) but never push;
+* a **server** certificate carries the DNS and IP SANs the agents dial, with serverAuth EKU.
+
+Keys are EC P-256, written with mode 0600; nothing is overwritten unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROLE_SITE = "bridge-site"
+ROLE_CONSUMER = "bridge-consumer"
+ROLE_SERVER = "bridge-server"
+
+#: Site ids double as DNS SANs, so they follow DNS label rules (lower case, digits, '-', '.').
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+class PkiError(Exception):
+    """A user-facing PKI problem (existing file, bad name, unreadable CA)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Issued:
+    """What was written, for the CLI to print."""
+
+    cert_path: Path
+    key_path: Path
+    subject: str
+    not_after: dt.datetime
+
+
+def valid_site_id(site_id: str) -> bool:
+    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check_free(paths: list[Path], *, force: bool) -> None:
+    if force:
+        return
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise PkiError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise PkiError(f"no CA in {ca_dir} ({exc.filename} missing): run 'bridge pki ca'") from exc
+    except ValueError as exc:
+        raise PkiError(f"cannot read the CA in {ca_dir}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{key_path}: expected an EC private key")
+    return cert, key
+
+
+def create_ca(ca_dir: Path, *, name: str = "bridge CA", days: int = 3650,
+              force: bool = False) -> Issued:
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    _check_free([cert_path, key_path], force=force)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return Issued(cert_path=cert_path, key_path=key_path, subject=subject.rfc4514_string(),
+                  not_after=cert.not_valid_after_utc)
+
+
+def _issue(ca_dir: Path, out_dir: Path, *, stem: str, common_name: str, role: str,
+           sans: list[x509.GeneralName], eku: x509.ObjectIdentifier, days: int,
+           force: bool) -> Issued:
+    ca_cert, ca_key = _load_ca(ca_dir)
+    cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+    _check_free([cert_path, key_path], force=force)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return Issued(cert_path=cert_path, key_path=key_path, subject=subject.rfc4514_string(),
+                  not_after=cert.not_valid_after_utc)
+
+
+def issue_server(ca_dir: Path, out_dir: Path, *, name: str, dns: list[str], ips: list[str],
+                 days: int = 825, force: bool = False) -> Issued:
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    for ip in ips:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError as exc:
+            raise PkiError(f"--ip {ip!r} is not an IP address") from exc
+    if not sans:
+        raise PkiError("a server certificate needs at least one --dns or --ip name")
+    return _issue(ca_dir, out_dir, stem=f"server-{name}", common_name=name, role=ROLE_SERVER,
+                  sans=sans, eku=ExtendedKeyUsageOID.SERVER_AUTH, days=days, force=force)
+
+
+def issue_site(ca_dir: Path, out_dir: Path, *, site_id: str, days: int = 825,
+               force: bool = False) -> Issued:
+    if not valid_site_id(site_id):
+        raise PkiError(f"site id {site_id!r} must be a DNS-style name: lower-case letters, "
+                       "digits, '-' and '.'")
+    return _issue(ca_dir, out_dir, stem=f"site-{site_id}", common_name=site_id, role=ROLE_SITE,
+                  sans=[x509.DNSName(site_id)], eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+                  days=days, force=force)
+
+
+def issue_consumer(ca_dir: Path, out_dir: Path, *, name: str, days: int = 825,
+                   force: bool = False) -> Issued:
+    if not valid_site_id(name):
+        raise PkiError(f"consumer name {name!r} must be a DNS-style name")
+    return _issue(ca_dir, out_dir, stem=f"consumer-{name}", common_name=name,
+                  role=ROLE_CONSUMER, sans=[x509.DNSName(name)],
+                  eku=ExtendedKeyUsageOID.CLIENT_AUTH, days=days, force=force)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerIdentity:
+    """Who is on the other end of an mTLS connection, as the ingest sees it."""
+
+    name: str
+    role: str
+
+
+def identity_from_pem(pem: bytes) -> PeerIdentity:
+    """Derive the identity from a verified peer certificate: CN and DNS SAN must agree."""
+    cert = x509.load_pem_x509_certificate(pem)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    cn = str(cns[0].value) if cns else ""
+    role = str(ous[0].value) if ous else ""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if dns and cn not in dns:
+        return PeerIdentity(name="", role=role)
+    return PeerIdentity(name=cn, role=role)

@@ -1,0 +1,1 @@
+"""Plant-side sources behind one ``Source`` protocol (see ``bridge.sources.base``)."""

@@ -1,0 +1,155 @@
+"""Structured events, Prometheus metrics and the loopback HTTP endpoint (/metrics, /status).
+
+Every drop, retry and failover is one named event (a JSON log line with a ``reason``) and a
+counter. Event and metric names are listed in docs/metrics.md. Each component (agent, ingest)
+owns its own ``CollectorRegistry`` so that several can live in one process (tests, the demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge.config import parse_hostport
+
+_log = logging.getLogger("bridge")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``event`` plus the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", record.getMessage()),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str = "info", *, component: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("bridge")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    logging.getLogger("bridge").info("", extra={"event": f"{component}.starting",
+                                               "fields": {}})
+
+
+def event(name: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """Emit a named structured event (never on the per-reading path)."""
+    if _log.isEnabledFor(level):
+        _log.log(level, name, extra={"event": name, "fields": fields})
+
+
+class AgentMetrics:
+    """The agent's metrics; names documented in docs/metrics.md."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.source_messages = Counter("bridge_source_messages", "Messages taken from a broker",
+                                       ["source"], registry=r)
+        self.source_redelivered_skipped = Counter(
+            "bridge_source_redeliveries_skipped",
+            "Redelivered messages acked without storing because the spool already held them",
+            ["source"], registry=r)
+        self.source_up = Gauge("bridge_source_up", "1 when the source is connected and subscribed",
+                               ["source"], registry=r)
+        self.source_connects = Counter("bridge_source_connects", "Broker (re)connections",
+                                       ["source", "session_present"], registry=r)
+        self.dead_letters = Counter("bridge_dead_letters", "Messages dead-lettered, by reason",
+                                    ["reason"], registry=r)
+        self.spool_readings = Gauge("bridge_spool_readings", "Readings held in the spool",
+                                    registry=r)
+        self.spool_bytes = Gauge("bridge_spool_bytes", "Envelope bytes held in the spool",
+                                 registry=r)
+        self.spool_commits = Counter("bridge_spool_commits", "Spool group commits", registry=r)
+        self.spool_full = Counter("bridge_spool_full", "Commits refused because the spool is full",
+                                  registry=r)
+        self.batches = Counter("bridge_uplink_batches", "Batches sent, by endpoint and outcome",
+                               ["endpoint", "code"], registry=r)
+        self.readings_acked = Counter("bridge_uplink_readings_acked",
+                                      "Readings acknowledged by the ingest, by disposition",
+                                      ["endpoint", "disposition"], registry=r)
+        self.batch_seconds = Histogram("bridge_uplink_batch_seconds", "PushBatch duration",
+                                       ["endpoint"], registry=r)
+        self.failovers = Counter("bridge_uplink_failovers", "Active endpoint changes on failure",
+                                 ["from_endpoint", "to_endpoint"], registry=r)
+        self.endpoint_healthy = Gauge("bridge_uplink_endpoint_healthy",
+                                      "1 when the endpoint is considered healthy",
+                                      ["endpoint"], registry=r)
+
+
+class IngestMetrics:
+    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.batches = Counter("bridge_ingest_batches", "PushBatch calls by outcome",
+                               ["code"], registry=r)
+        self.committed = Counter("bridge_ingest_readings_committed", "Readings newly committed",
+                                 ["site"], registry=r)
+        self.duplicates = Counter("bridge_ingest_duplicates", "Readings already committed",
+                                  ["site"], registry=r)
+        self.rejected = Counter("bridge_ingest_rejected", "Readings rejected, by reason",
+                                ["reason"], registry=r)
+        self.denied = Counter("bridge_ingest_denied", "Calls refused for identity reasons",
+                              ["reason"], registry=r)
+        self.commit_seconds = Histogram("bridge_ingest_commit_seconds", "Store commit duration",
+                                        registry=r)
+        self.subscribers = Gauge("bridge_ingest_subscribers", "Open Subscribe streams",
+                                 registry=r)
+
+
+class HttpEndpoint:
+    """Loopback HTTP: ``/metrics`` (Prometheus) and ``/status`` (JSON from a callback)."""
+
+    def __init__(self, *, listen: str, registry: CollectorRegistry,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        host, port = parse_hostport(listen)
+        registry_ = registry
+        status_ = status
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, ctype = generate_latest(registry_), CONTENT_TYPE_LATEST
+                elif self.path == "/status":
+                    body, ctype = orjson.dumps(status_()), "application/json"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="http-endpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

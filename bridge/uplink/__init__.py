@@ -1,0 +1,1 @@
+"""Spool -> ingest: mTLS gRPC transport, endpoint pool (health, failover), batch sender."""

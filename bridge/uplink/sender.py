@@ -1,0 +1,127 @@
+"""Spool -> batches -> endpoints, and spool rows released only on the ingest's ack.
+
+The sender reads the spool in seq order and keeps up to ``max_in_flight`` batches in flight.
+Each batch is retried until an ingest node acknowledges it: a call-level failure marks the
+endpoint unhealthy and the same bytes (same request ids) go to the next healthy endpoint;
+throttling waits for the server's hint without blaming the endpoint. Per-envelope results:
+COMMITTED and DUPLICATE release the row; REJECTED (permanent) moves it to the spool's dead
+letters. Nothing is dropped on a call-level error, whatever its code.
+
+Each attempt writes one ``uplink.batch`` access-log line with an Envoy-style response flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from bridge._pb import bridge_pb2 as pb
+from bridge.config import UplinkConfig
+from bridge.envelope import encode_batch
+from bridge.spool import AsyncSpool
+from bridge.telemetry import AgentMetrics, event
+from bridge.uplink.backoff import Backoff
+from bridge.uplink.pool import EndpointPool
+from bridge.uplink.transport import ErrorKind, TransportError
+
+_DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE: "duplicate",
+                 pb.DISPOSITION_REJECTED: "rejected"}
+
+
+class Sender:
+    def __init__(self, *, spool: AsyncSpool, pool: EndpointPool, config: UplinkConfig,
+                 metrics: AgentMetrics) -> None:
+        self.spool, self.pool, self.config, self.metrics = spool, pool, config, metrics
+        self._stopping = asyncio.Event()
+        self.in_flight = 0
+        self.acked_readings = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.spool.appended.set()
+
+    async def run(self) -> None:
+        """Dispatch batches until ``stop()``; then wait for the batches in flight."""
+        cursor = 0
+        slots = asyncio.Semaphore(self.config.max_in_flight)
+        async with asyncio.TaskGroup() as tg:
+            while not self._stopping.is_set():
+                await slots.acquire()
+                if self._stopping.is_set():
+                    break
+                self.spool.appended.clear()
+                rows = await self.spool.run(self.spool.spool.read_after, cursor,
+                                            max_rows=self.config.batch_max_readings,
+                                            max_bytes=self.config.batch_max_bytes)
+                if not rows:
+                    slots.release()
+                    await self.spool.appended.wait()
+                    continue
+                cursor = rows[-1][0]
+                tg.create_task(self._deliver(rows, slots), name=f"batch-{rows[0][0]}")
+
+    async def _deliver(self, rows: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+        self.in_flight += 1
+        try:
+            await self._deliver_until_acked(rows)
+        finally:
+            self.in_flight -= 1
+            slots.release()
+
+    async def _deliver_until_acked(self, rows: list[tuple[int, bytes]]) -> None:
+        batch_id = str(uuid.uuid4())
+        blob = encode_batch(batch_id, [b for _, b in rows])
+        first, last = rows[0][0], rows[-1][0]
+        backoff = Backoff(base_s=0.05, cap_s=self.config.backoff_max_s)
+        attempt = 0
+        while True:
+            ep = await self.pool.pick()
+            attempt += 1
+            t0 = time.perf_counter()
+            try:
+                ack = await ep.transport.push(blob, batch_id=batch_id,
+                                              timeout=self.config.deadline_s)
+                if len(ack.results) != len(rows):
+                    raise TransportError(code="INTERNAL", flag="UF", kind=ErrorKind.RETRYABLE,
+                                         detail=f"ack has {len(ack.results)} results for "
+                                                f"{len(rows)} envelopes")
+            except TransportError as err:
+                elapsed = time.perf_counter() - t0
+                self.metrics.batches.labels(ep.name, err.code).inc()
+                self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
+                event("uplink.batch", level=logging.WARNING, endpoint=ep.name,
+                      batch_id=batch_id, first_seq=first, last_seq=last, readings=len(rows),
+                      status=err.code, flag=err.flag, attempt=attempt,
+                      duration_ms=round(elapsed * 1000, 3), reason=err.detail)
+                if err.kind is ErrorKind.THROTTLED:
+                    await backoff.sleep(err.retry_after_s)
+                    continue
+                self.pool.mark_failed(ep, err)
+                if attempt >= len(self.pool.endpoints):
+                    await backoff.sleep()
+                continue
+            elapsed = time.perf_counter() - t0
+            rejected = [(r.seq, r.reason) for r in ack.results
+                        if r.disposition == pb.DISPOSITION_REJECTED]
+            await self.spool.run(self.spool.spool.release, first, last, rejected)
+            self.pool.mark_ok(ep)
+            counts: dict[str, int] = {}
+            for r in ack.results:
+                d = _DISPOSITIONS.get(r.disposition, "unknown")
+                counts[d] = counts.get(d, 0) + 1
+            for d, n in counts.items():
+                self.metrics.readings_acked.labels(ep.name, d).inc(n)
+            if rejected:
+                self.metrics.dead_letters.labels("rejected").inc(len(rejected))
+                event("uplink.rejected", level=logging.ERROR, endpoint=ep.name,
+                      batch_id=batch_id, seqs=[s for s, _ in rejected][:20],
+                      reason=rejected[0][1])
+            self.metrics.batches.labels(ep.name, "OK").inc()
+            self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
+            self.acked_readings += len(rows)
+            event("uplink.batch", endpoint=ep.name, batch_id=batch_id, first_seq=first,
+                  last_seq=last, readings=len(rows), status="OK", flag="-", attempt=attempt,
+                  duration_ms=round(elapsed * 1000, 3), **counts)
+            return

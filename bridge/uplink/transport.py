@@ -1,0 +1,120 @@
+"""The seam between the sender and the network: ``Transport`` and its gRPC implementation.
+
+``Transport`` is a Protocol so the pool and sender can be driven by a scripted double in tests
+(an ingest that answers UNAVAILABLE, hangs, or throttles) while production uses ``GrpcTransport``:
+one mTLS channel per endpoint, keepalive paired with the server's settings
+(``bridge.ingest.server.SERVER_OPTIONS``), short reconnect backoff so a recovered endpoint is
+usable again within about a second, and a deadline on every call.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bridge._pb import bridge_pb2 as pb
+from bridge.config import TlsConfig
+
+PUSH_METHOD = "/bridge.v1.Ingest/PushBatch"
+HEALTH_SERVICE = "bridge.v1.Ingest"
+
+
+class ErrorKind(enum.Enum):
+    RETRYABLE = "retryable"   # try again, on another endpoint if there is one
+    THROTTLED = "throttled"   # the endpoint is fine but asks us to slow down
+
+
+class TransportError(Exception):
+    """A failed call: ``code`` (gRPC status name), Envoy-style ``flag``, classification."""
+
+    def __init__(self, *, code: str, flag: str, kind: ErrorKind, detail: str,
+                 retry_after_s: float | None = None) -> None:
+        self.code, self.flag, self.kind, self.detail = code, flag, kind, detail
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{code} ({flag}): {detail}")
+
+
+# Call-level errors never drop data: the batch stays in the spool and is retried. Only
+# per-envelope REJECTED acknowledgements are permanent (see bridge.uplink.sender).
+_FLAGS = {
+    grpc.StatusCode.UNAVAILABLE: "UF",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "UT",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "RL",
+    grpc.StatusCode.PERMISSION_DENIED: "UAEX",
+    grpc.StatusCode.UNAUTHENTICATED: "UAEX",
+    grpc.StatusCode.CANCELLED: "DC",
+}
+
+
+def classify(err: grpc.aio.AioRpcError) -> TransportError:
+    code = err.code()
+    retry_after = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        metadata: Any = err.trailing_metadata() or ()
+        for key, value in metadata:
+            if key == "retry-after-ms":
+                try:
+                    retry_after = float(value) / 1000.0
+                except (TypeError, ValueError):
+                    retry_after = None
+        kind = ErrorKind.THROTTLED
+    else:
+        kind = ErrorKind.RETRYABLE
+    return TransportError(code=code.name, flag=_FLAGS.get(code, "UF"), kind=kind,
+                          detail=(err.details() or "")[:300], retry_after_s=retry_after)
+
+
+class Transport(Protocol):
+    async def push(self, batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack: ...
+
+    async def healthy(self, *, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
+        ("grpc.enable_retries", 0),  # retries are ours: same request ids, other endpoints
+    ]
+
+
+class GrpcTransport:
+    def __init__(self, *, target: str, tls: TlsConfig, backoff_max_s: float) -> None:
+        ca, cert, key = tls.read()
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=cert)
+        self._channel = grpc.aio.secure_channel(target, creds,
+                                                options=channel_options(
+                                                    backoff_max_s=backoff_max_s))
+        self._push = self._channel.unary_unary(PUSH_METHOD, request_serializer=None,
+                                               response_deserializer=pb.Ack.FromString)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def push(self, batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
+        try:
+            ack: pb.Ack = await self._push(batch, timeout=timeout,
+                                           metadata=(("x-request-id", batch_id),))
+            return ack
+        except grpc.aio.AioRpcError as err:
+            raise classify(err) from err
+
+    async def healthy(self, *, timeout: float) -> bool:
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise classify(err) from err
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
