@@ -1,0 +1,194 @@
+"""The agent with real processes: mosquitto, ingest nodes, the agent; exact accounting."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge import simulate
+from bridge.localrun import AgentProc
+from tests.conftest import Cluster, wait_for
+
+
+class Publisher:
+    """The simulator on a thread, so faults can be injected while it publishes."""
+
+    def __init__(self, cluster: Cluster, *, count: int, rate: float, site: str = "site-a"):
+        self.progress = simulate.Progress()
+        self.error: BaseException | None = None
+        self.count = count
+
+        def run() -> None:
+            try:
+                simulate.run(host="127.0.0.1", port=cluster.broker.port, site=site,
+                             count=count, rate=rate, progress=self.progress, timeout_s=120)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> int:
+        self.thread.join(150)
+        assert not self.thread.is_alive(), "publisher did not finish"
+        assert self.error is None, self.error
+        assert self.progress.failed == 0
+        return self.progress.acked
+
+
+def idle(agent: AgentProc) -> bool:
+    st = agent.status()
+    return not (st["spool"]["readings"] or st["uplink"]["in_flight"])
+
+
+def delivered(cluster: Cluster, agent: AgentProc, count: int) -> bool:
+    """The agent has nothing left to send and the merged stream holds ``count`` readings."""
+    if not idle(agent):
+        return False
+    stream, _ = cluster.consume()
+    return len(stream) >= count
+
+
+def wait_delivered(cluster: Cluster, agent: AgentProc, count: int, timeout: float = 60) -> None:
+    wait_for(lambda: delivered(cluster, agent, count), timeout=timeout, interval=0.2,
+             what=f"{count} readings delivered")
+
+
+def publish_raw(port: int, items: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic, payload in items:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_every_published_reading_arrives_once_in_the_merged_stream(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    published = Publisher(cluster, count=3000, rate=0).join()
+    wait_delivered(cluster, agent, published)
+    committed, lost, dups = cluster.account(published)
+    assert (committed, lost, dups) == (published, 0, 0)
+    stream, _ = cluster.consume()
+    seqs = [c.envelope.seq for c in stream]
+    assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1)), "per-site order, dense seqs"
+    first = stream[0].envelope
+    assert first.source.topic.startswith("substation/site-a/")
+    assert first.values[0].signal and first.HasField("source_time_ns")
+    assert {c.node for c in stream} == {"aws"}, "the primary takes everything while healthy"
+
+
+def test_agent_killed_repeatedly_mid_stream_loses_and_doubles_nothing(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    pub = Publisher(cluster, count=8000, rate=2000)
+    for k in (1, 2, 3):
+        wait_for(lambda k=k: pub.progress.acked >= k * 2000, what=f"{k * 2000} published")
+        agent.proc.kill()
+        agent.start()
+        agent.wait_subscribed()
+    published = pub.join()
+    wait_delivered(cluster, agent, published)
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_primary_ingest_killed_mid_stream_fails_over_without_loss_or_doubles(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    pub = Publisher(cluster, count=6000, rate=2000)
+    wait_for(lambda: pub.progress.acked >= 2500, what="half published")
+    cluster.nodes["aws"].proc.kill()
+    published = pub.join()
+    wait_for(lambda: idle(agent) and agent.status()["committed_messages"] >= published,
+             timeout=60, what="the agent to send everything")
+    st = agent.status()
+    assert st["uplink"]["failovers"] >= 1
+    assert [e["name"] for e in st["uplink"]["endpoints"] if e["active"]] == ["azure"]
+    assert 'bridge_uplink_failovers_total{from_endpoint="aws",to_endpoint="azure"}' in \
+        agent.metrics()
+    cluster.restart_ingest("aws")  # its committed readings are only in its own store
+    assert cluster.account(published) == (published, 0, 0)
+    stream, _ = cluster.consume()
+    assert {c.node for c in stream} == {"aws", "azure"}
+
+
+def test_readings_published_while_the_agent_is_down_arrive_after_it_restarts(
+        cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    first = Publisher(cluster, count=500, rate=0).join()
+    wait_delivered(cluster, agent, first)
+    agent.proc.stop()
+    # Published with no agent connected: they wait in the broker's persistent session.
+    second = Publisher(cluster, count=1000, rate=0).join()
+    agent.start()
+    agent.wait_subscribed()
+    wait_delivered(cluster, agent, first + second)
+    stream, _ = cluster.consume()
+    by_seq = sorted(c.envelope.source_seq for c in stream)
+    assert len(stream) == first + second
+    assert by_seq == sorted(list(range(1, first + 1)) + list(range(1, second + 1)))
+
+
+def test_malformed_payloads_are_dead_lettered_while_good_ones_flow(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent(topics=("plant/#",))
+    bad = [("plant/x/flow", b"{not json"), ("plant/x/flow", b"\xff\xfe\x00"),
+           ("plant/x/flow", b'{"value": null}'), ("plant/x/flow", b'{"value": 1, "ts": "no"}'),
+           ("plant/x/flow", b"[1, 2]")]
+    good = [("plant/x/flow", b'{"value": %d, "seq": %d}' % (i, i)) for i in range(1, 51)]
+    items = [m for pair in zip(good, bad * 10, strict=False) for m in pair] + good[len(bad) * 10:]
+    publish_raw(cluster.broker.port, items)
+    wait_delivered(cluster, agent, len(good))
+    stream, _ = cluster.consume()
+    assert sorted(c.envelope.source_seq for c in stream) == list(range(1, 51))
+    metrics = agent.metrics()
+    for reason in ("invalid_json", "invalid_utf8", "bad_value", "bad_timestamp", "bad_shape"):
+        assert f'bridge_dead_letters_total{{reason="{reason}"}}' in metrics, reason
+    agent.proc.stop()
+    db = sqlite3.connect(cluster.workdir / "spool-site-a.db")
+    rows = db.execute("SELECT topic, payload, reason FROM dead_letters").fetchall()
+    assert len(rows) == len(bad) * 10
+    assert ("plant/x/flow", b"{not json", "invalid_json") in rows
+
+
+def test_sigterm_stops_the_agent_cleanly_within_ten_seconds(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    pub = Publisher(cluster, count=3000, rate=3000)
+    wait_for(lambda: pub.progress.acked >= 1000, what="publishing under way")
+    took = agent.proc.stop(timeout=15)
+    assert took < 10.0
+    assert agent.proc.popen is not None and agent.proc.popen.returncode == 0
+    assert '"event": "agent.stopped"' in agent.proc.log.read_text().replace('":"', '": "')
+    published = pub.join()
+    agent.start()
+    agent.wait_subscribed()
+    wait_delivered(cluster, agent, published)
+    wait_for(lambda: cluster.account(published)[0] == published, what="all readings")
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_all_endpoints_down_keeps_readings_in_the_spool_until_one_returns(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    cluster.nodes["aws"].proc.kill()
+    published = Publisher(cluster, count=1000, rate=0).join()
+    wait_for(lambda: agent.status()["spool"]["readings"] == published,
+             what="readings held in the spool")
+    assert agent.status()["uplink"]["endpoints"][0]["state"] == "unhealthy"
+    t0 = time.monotonic()
+    cluster.restart_ingest("aws")
+    wait_delivered(cluster, agent, published)
+    assert time.monotonic() - t0 < 30
+    assert cluster.account(published) == (published, 0, 0)
