@@ -137,8 +137,12 @@ class _Table:
             raise self.error(unknown[0], "unknown key (see docs/configuration.md)")
 
 
-def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message."""
+def parse_hostport(value: str, *, default_port: int | None = None,
+                   listen: bool = False) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message.
+
+    Port 0 ("any free port") is valid only for addresses we listen on.
+    """
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s/]+)(?::(\d+))?", value)
     if not m:
         raise ValueError(f'expected "host:port", got {value!r}')
@@ -149,18 +153,18 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
             raise ValueError(f'expected "host:port", got {value!r} (no port)')
         return host, default_port
     port = int(port_s)
-    if not 0 < port < 65536:
+    if not (0 if listen else 1) <= port < 65536:
         raise ValueError(f"port {port} out of range in {value!r}")
     return host, port
 
 
 def _hostport(t: _Table, key: str, default: Any = _REQUIRED, *,
-              default_port: int | None = None) -> Any:
+              default_port: int | None = None, listen: bool = False) -> Any:
     value = t.string(key, default)
     if value is None:
         return None
     try:
-        parse_hostport(value, default_port=default_port)
+        parse_hostport(value, default_port=default_port, listen=listen)
     except ValueError as exc:
         raise t.error(key, str(exc)) from exc
     return value
@@ -278,7 +282,7 @@ def _tls(t: _Table) -> TlsConfig:
 
 def _common(root: _Table) -> tuple[str | None, str]:
     metrics = root.table("metrics")
-    listen = _hostport(metrics, "listen", None)
+    listen = _hostport(metrics, "listen", None, listen=True)
     metrics.done()
     log = root.table("log")
     level = log.choice("level", ("debug", "info", "warning", "error"), "info")
@@ -378,7 +382,7 @@ def load_agent(path: Path) -> AgentConfig:
 def load_ingest(path: Path) -> IngestConfig:
     root = _read(path)
     node = root.string("node")
-    listen = _hostport(root, "listen", f"0.0.0.0:{DEFAULT_INGEST_PORT}")
+    listen = _hostport(root, "listen", f"0.0.0.0:{DEFAULT_INGEST_PORT}", listen=True)
     tls = _tls(root.table("tls", required=True))
     store = root.table("store", required=True)
     store_path = store.path("path")

@@ -119,7 +119,7 @@ class HttpEndpoint:
 
     def __init__(self, *, listen: str, registry: CollectorRegistry,
                  status: Callable[[], dict[str, Any]]) -> None:
-        host, port = parse_hostport(listen)
+        host, port = parse_hostport(listen, listen=True)
         registry_ = registry
         status_ = status
 

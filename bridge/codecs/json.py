@@ -35,15 +35,9 @@ def parse_timestamp(value: Any) -> int:
         v = abs(value)
         if math.isnan(v) or math.isinf(v):
             raise DecodeError("bad_timestamp", f"timestamp {value!r} is not finite")
-        if v < 1e11:
-            ns = value * 1e9
-        elif v < 1e14:
-            ns = value * 1e6
-        elif v < 1e17:
-            ns = value * 1e3
-        else:
-            ns = value
-        out = int(ns)
+        factor = 10**9 if v < 1e11 else 10**6 if v < 1e14 else 10**3 if v < 1e17 else 1
+        # Integers stay exact; a float carries only its own precision.
+        out = value * factor if isinstance(value, int) else round(value * factor)
         if not -_I64 <= out < _I64:
             raise DecodeError("bad_timestamp", f"timestamp {value!r} out of range")
         return out

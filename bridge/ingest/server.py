@@ -231,7 +231,7 @@ class IngestNode:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        host, port = parse_hostport(listen)
+        host, port = parse_hostport(listen, listen=True)
         self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")

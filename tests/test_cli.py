@@ -1,0 +1,100 @@
+"""User mistakes: one clear line naming file and key, exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge import localrun
+
+GOOD_AGENT = """
+site_id = "site-a"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[spool]
+path = "spool.db"
+[[sources]]
+url = "mqtt://127.0.0.1:1883"
+topics = ["#"]
+[uplink]
+[[uplink.endpoints]]
+name = "aws"
+target = "127.0.0.1:6443"
+"""
+
+
+def run_bridge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def agent_config(tmp_path: Path, pkis: localrun.Pki, text: str = GOOD_AGENT) -> Path:
+    tls = pkis.site("site-a")
+    path = tmp_path / "agent.toml"
+    path.write_text(text.format(ca=tls.ca, cert=tls.cert, key=tls.key))
+    return path
+
+
+def test_a_good_agent_config_passes_check(tmp_path: Path, pkis: localrun.Pki):
+    res = run_bridge("agent", "--config", str(agent_config(tmp_path, pkis)), "--check")
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+
+
+@pytest.mark.parametrize(("change", "key", "message"), [
+    (('target = "127.0.0.1:6443"', 'target = "not a target"'), "uplink.endpoints[0].target",
+     "host:port"),
+    (('topics = ["#"]', "topics = []"), "sources[0].topics", "at least one"),
+    (('path = "spool.db"', 'path = "spool.db"\nmax_bytes = "big"'), "spool.max_bytes",
+     "expected an integer"),
+    (('site_id = "site-a"', 'site_id = "Site A"'), "site_id", "DNS-style"),
+    (("[uplink]", "[uplink]\nmax_in_flght = 3"), "uplink.max_in_flght", "unknown key"),
+    (('name = "aws"\ntarget = "127.0.0.1:6443"',
+      'name = "aws"\ntarget = "127.0.0.1:6443"\n[[uplink.endpoints]]\nname = "aws"\n'
+      'target = "127.0.0.1:7443"'), "uplink.endpoints[1].name", "duplicate"),
+    (("[[uplink.endpoints]]\nname = \"aws\"\ntarget = \"127.0.0.1:6443\"\n", ""),
+     "uplink.endpoints", "at least one"),
+    (('url = "mqtt://127.0.0.1:1883"', 'url = "amqp://x"'), "sources[0].url", "mqtt://"),
+])
+def test_config_errors_name_the_file_and_key_path_and_exit_2(
+        tmp_path: Path, pkis: localrun.Pki, change: tuple[str, str], key: str, message: str):
+    text = GOOD_AGENT.replace(*change)
+    assert text != GOOD_AGENT
+    path = agent_config(tmp_path, pkis, text)
+    res = run_bridge("agent", "--config", str(path))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"error: {path}: {key}: "), res.stderr
+    assert message in res.stderr
+
+
+def test_invalid_toml_and_missing_files_are_clear_errors(tmp_path: Path, pkis: localrun.Pki):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("site_id = [")
+    res = run_bridge("agent", "--config", str(bad))
+    assert res.returncode == 2 and "invalid TOML" in res.stderr and "Traceback" not in res.stderr
+    res = run_bridge("agent", "--config", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2 and "file not found" in res.stderr
+    text = GOOD_AGENT.replace('cert = "{cert}"', f'cert = "{tmp_path / "missing.pem"}"')
+    res = run_bridge("agent", "--config", str(agent_config(tmp_path, pkis, text)), "--check")
+    assert res.returncode == 2 and "tls.cert" in res.stderr and "missing.pem" in res.stderr
+
+
+def test_pki_commands_print_subject_and_expiry_and_refuse_to_overwrite(tmp_path: Path):
+    ca = tmp_path / "ca"
+    res = run_bridge("pki", "ca", "--dir", str(ca))
+    assert res.returncode == 0 and "expires" in res.stdout and "CN=bridge CA" in res.stdout
+    res = run_bridge("pki", "site", "--dir", str(ca), "--site", "plant-3")
+    assert res.returncode == 0 and "CN=plant-3" in res.stdout
+    res = run_bridge("pki", "site", "--dir", str(ca), "--site", "plant-3")
+    assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_consume_without_a_certificate_is_a_usage_error():
+    res = run_bridge("consume", "--from", "127.0.0.1:6443")
+    assert res.returncode == 2 and "consumer certificate" in res.stderr
