@@ -103,8 +103,8 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
         while True:
             time.sleep(0.05)
             if killed_at is None and pub.acked >= readings // 2:
-                nodes["aws"].proc.kill()
                 killed_at = time.time()
+                nodes["aws"].proc.kill()
                 progress.line(f"[{time.monotonic() - t0:6.2f}s] killed the primary ingest "
                               f"'aws' with SIGKILL after {pub.acked} published", final=True)
             if errors:

@@ -98,3 +98,13 @@ def test_pki_commands_print_subject_and_expiry_and_refuse_to_overwrite(tmp_path:
 def test_consume_without_a_certificate_is_a_usage_error():
     res = run_bridge("consume", "--from", "127.0.0.1:6443")
     assert res.returncode == 2 and "consumer certificate" in res.stderr
+
+
+def test_the_example_configs_in_the_docs_parse():
+    from bridge.config import load_agent, load_consumer, load_ingest
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    agent = load_agent(examples / "agent.toml")
+    assert [e.name for e in agent.uplink.endpoints] == ["aws", "azure", "gcp"]
+    assert load_ingest(examples / "ingest.toml").listen == "0.0.0.0:6443"
+    assert len(load_consumer(examples / "consumer.toml").targets) == 3
