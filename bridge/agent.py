@@ -27,6 +27,7 @@ from bridge.sources.mqtt import MqttSource
 from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull
 from bridge.telemetry import AgentMetrics, HttpEndpoint, event
 from bridge.uplink.backoff import Backoff
+from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.pool import Endpoint, EndpointPool
 from bridge.uplink.sender import Sender
 from bridge.uplink.transport import GrpcTransport
@@ -145,13 +146,20 @@ class Agent:
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes))
         up = config.uplink
+        b = up.breaker
         self.pool = EndpointPool(
             endpoints=[Endpoint(name=e.name, target=e.target,
                                 transport=GrpcTransport(target=e.target, tls=config.tls,
                                                         backoff_max_s=up.backoff_max_s),
-                                backoff_max_s=up.backoff_max_s) for e in up.endpoints],
+                                backoff_max_s=up.backoff_max_s,
+                                breaker=CircuitBreaker(window_s=b.window_s,
+                                                       error_rate=b.error_rate,
+                                                       min_requests=b.min_requests,
+                                                       open_s=b.open_s,
+                                                       half_open_probes=b.half_open_probes))
+                       for e in up.endpoints],
             metrics=self.metrics, health_interval_s=up.health_interval_s,
-            health_timeout_s=min(up.deadline_s, 2.0))
+            health_timeout_s=up.health_timeout_s, failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         clock = ClockSync()
         self.sources = [MqttSource(config=s, metrics=self.metrics) for s in config.sources]

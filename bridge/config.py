@@ -224,6 +224,16 @@ class SpoolConfig:
 class EndpointConfig:
     name: str
     target: str
+    priority: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig:
+    window_s: float
+    error_rate: float
+    min_requests: int
+    open_s: float
+    half_open_probes: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,7 +244,10 @@ class UplinkConfig:
     max_in_flight: int
     deadline_s: float
     health_interval_s: float
+    health_timeout_s: float
+    failback_after_s: float
     backoff_max_s: float
+    breaker: BreakerConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +269,8 @@ class IngestConfig:
     listen: str
     tls: TlsConfig
     store_path: Path
+    rate_limit_per_s: float
+    rate_limit_burst: float
     metrics_listen: str | None
     log_level: str
 
@@ -350,10 +365,11 @@ def load_agent(path: Path) -> AgentConfig:
 
     up = root.table("uplink", required=True)
     endpoints = []
-    for et in up.tables("endpoints"):
+    for i, et in enumerate(up.tables("endpoints")):
         endpoints.append(EndpointConfig(name=et.string("name"),
                                         target=_hostport(et, "target",
-                                                         default_port=DEFAULT_INGEST_PORT)))
+                                                         default_port=DEFAULT_INGEST_PORT),
+                                        priority=et.integer("priority", i, minimum=0)))
         et.done()
     if not endpoints:
         raise up.error("endpoints", "needs at least one [[uplink.endpoints]] table")
@@ -363,14 +379,28 @@ def load_agent(path: Path) -> AgentConfig:
             raise ConfigError(str(path), f"uplink.endpoints[{i}].name",
                               f"duplicate endpoint name {ep.name!r}")
         seen.add(ep.name)
+    bt = up.table("breaker")
+    breaker = BreakerConfig(
+        window_s=bt.number("window_s", 10.0, minimum=0.1),
+        error_rate=bt.number("error_rate", 0.15, minimum=0.0),
+        min_requests=bt.integer("min_requests", 20, minimum=1),
+        open_s=bt.number("open_s", 5.0, minimum=0.01),
+        half_open_probes=bt.integer("half_open_probes", 3, minimum=1),
+    )
+    if breaker.error_rate >= 1.0:
+        raise bt.error("error_rate", f"must be below 1.0, got {breaker.error_rate}")
+    bt.done()
     uplink = UplinkConfig(
-        endpoints=tuple(endpoints),
+        endpoints=tuple(sorted(endpoints, key=lambda e: e.priority)),
         batch_max_readings=up.integer("batch_max_readings", 500, minimum=1, maximum=10_000),
         batch_max_bytes=up.integer("batch_max_bytes", 200_000, minimum=1024, maximum=4_000_000),
         max_in_flight=up.integer("max_in_flight", 4, minimum=1, maximum=64),
         deadline_s=up.number("deadline_s", 5.0, minimum=0.05),
-        health_interval_s=up.number("health_interval_s", 1.0, minimum=0.05),
+        health_interval_s=up.number("health_interval_s", 0.5, minimum=0.05),
+        health_timeout_s=up.number("health_timeout_s", 0.8, minimum=0.05),
+        failback_after_s=up.number("failback_after_s", 30.0, minimum=0.0),
         backoff_max_s=up.number("backoff_max_s", 10.0, minimum=0.05),
+        breaker=breaker,
     )
     up.done()
     metrics_listen, log_level = _common(root)
@@ -387,9 +417,14 @@ def load_ingest(path: Path) -> IngestConfig:
     store = root.table("store", required=True)
     store_path = store.path("path")
     store.done()
+    rl = root.table("rate_limit")
+    rate = rl.number("readings_per_s", 0.0, minimum=0.0)
+    burst = rl.number("burst", max(rate, 1.0) * 2, minimum=1.0)
+    rl.done()
     metrics_listen, log_level = _common(root)
     root.done()
     return IngestConfig(file=path, node=node, listen=listen, tls=tls, store_path=store_path,
+                        rate_limit_per_s=rate, rate_limit_burst=burst,
                         metrics_listen=metrics_listen, log_level=log_level)
 
 

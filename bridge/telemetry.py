@@ -86,10 +86,19 @@ class AgentMetrics:
         self.readings_acked = Counter("bridge_uplink_readings_acked",
                                       "Readings acknowledged by the ingest, by disposition",
                                       ["endpoint", "disposition"], registry=r)
+        self.retries = Counter("bridge_uplink_retries", "Batches resent after a failed attempt",
+                               ["endpoint", "flag"], registry=r)
+        self.throttled = Counter("bridge_uplink_throttled", "Attempts answered RESOURCE_EXHAUSTED",
+                                 ["endpoint"], registry=r)
         self.batch_seconds = Histogram("bridge_uplink_batch_seconds", "PushBatch duration",
                                        ["endpoint"], registry=r)
         self.failovers = Counter("bridge_uplink_failovers", "Active endpoint changes on failure",
                                  ["from_endpoint", "to_endpoint"], registry=r)
+        self.breaker_state = Gauge("bridge_uplink_breaker_state",
+                                   "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                                   ["endpoint"], registry=r)
+        self.breaker_trips = Counter("bridge_uplink_breaker_trips", "Times the breaker opened",
+                                     ["endpoint"], registry=r)
         self.endpoint_healthy = Gauge("bridge_uplink_endpoint_healthy",
                                       "1 when the endpoint is considered healthy",
                                       ["endpoint"], registry=r)
@@ -106,6 +115,8 @@ class IngestMetrics:
                                   ["site"], registry=r)
         self.rejected = Counter("bridge_ingest_rejected", "Readings rejected, by reason",
                                 ["reason"], registry=r)
+        self.throttled = Counter("bridge_ingest_throttled", "Batches refused over the rate limit",
+                                 ["site"], registry=r)
         self.denied = Counter("bridge_ingest_denied", "Calls refused for identity reasons",
                               ["reason"], registry=r)
         self.commit_seconds = Histogram("bridge_ingest_commit_seconds", "Store commit duration",

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.config import IngestConfig, TlsConfig, parse_hostport
+from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import Incoming, Reader, Store
 from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
 from bridge.telemetry import HttpEndpoint, IngestMetrics, event
@@ -82,8 +83,10 @@ def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
 
 
 class IngestService(pb_grpc.IngestServicer):
-    def __init__(self, *, node: str, store: Store, metrics: IngestMetrics) -> None:
+    def __init__(self, *, node: str, store: Store, metrics: IngestMetrics,
+                 limiter: SiteLimiter | None = None) -> None:
         self.node = node
+        self.limiter = limiter
         self.store = store
         self.metrics = metrics
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
@@ -119,6 +122,20 @@ class IngestService(pb_grpc.IngestServicer):
             await self._deny(context, "not_a_site_certificate",
                              f"certificate {ident.name!r} (role {ident.role!r}) may not push",
                              identity=ident.name, role=ident.role)
+        if self.limiter is not None:
+            wait = self.limiter.take(ident.name, len(request.envelopes))
+            if wait > 0:
+                self.metrics.batches.labels("RESOURCE_EXHAUSTED").inc()
+                self.metrics.throttled.labels(ident.name).inc()
+                retry_ms = max(1, int(wait * 1000))
+                event("ingest.batch", site=ident.name, batch_id=request.batch_id,
+                      readings=len(request.envelopes), status="RESOURCE_EXHAUSTED", flag="RL",
+                      retry_after_ms=retry_ms,
+                      duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+                context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"site {ident.name} over its rate limit; retry in "
+                                    f"{retry_ms} ms")
         results: list[pb.EnvelopeAck] = []
         incoming: list[Incoming] = []
         positions: list[int] = []
@@ -222,11 +239,15 @@ class IngestNode:
     """A running ingest node (server, health, store); used by the CLI and by tests."""
 
     def __init__(self, *, node: str, listen: str, tls: TlsConfig, store_path: Path,
+                 rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
         self.store = Store(path=store_path)
-        self.service = IngestService(node=node, store=self.store, metrics=self.metrics)
+        limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
+            if rate_limit_per_s > 0 else None
+        self.service = IngestService(node=node, store=self.store, metrics=self.metrics,
+                                     limiter=limiter)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
@@ -252,7 +273,8 @@ class IngestNode:
 
 async def run(config: IngestConfig) -> None:
     node = IngestNode(node=config.node, listen=config.listen, tls=config.tls,
-                      store_path=config.store_path)
+                      store_path=config.store_path, rate_limit_per_s=config.rate_limit_per_s,
+                      rate_limit_burst=config.rate_limit_burst)
     http = None
     if config.metrics_listen:
         http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,

@@ -1,14 +1,22 @@
-"""Endpoints in priority order, each with health state; picks where the next batch goes.
+"""Endpoints in priority order, each with health state and a breaker; picks where a batch goes.
 
-State per endpoint (``EndpointState``): CONNECTING until its first health answer, then HEALTHY
-or UNHEALTHY. A prober task per endpoint runs the standard ``grpc.health.v1`` check every
-``health_interval_s`` while healthy, and with capped jittered backoff while unhealthy. A failed
-call marks the endpoint UNHEALTHY at once (passive health), so the in-flight batches on it move
-to the next healthy endpoint immediately, with the same request ids.
+Health (``EndpointState``): CONNECTING until its first health answer, then HEALTHY or UNHEALTHY.
+A prober task per endpoint runs the standard ``grpc.health.v1`` check every
+``health_interval_s`` with a ``health_timeout_s`` deadline (active health: a hung or blackholed
+endpoint is found within about a second, long before TCP would notice), and with capped,
+jittered backoff while unhealthy; a successful probe wakes it early. A connection-level failure
+of a call (UNAVAILABLE, or the endpoint going unhealthy while the call is in flight) marks the
+endpoint UNHEALTHY at once, and the batches in flight on it are resent elsewhere with the same
+request ids.
 
-``pick()`` returns the highest-priority HEALTHY endpoint, but waits while a higher-priority one
-is still CONNECTING, so "the first reachable endpoint" wins at start. When the active endpoint
-changes because it failed, that is a failover: a counter and an ``uplink.failover`` event.
+Passive health: every call outcome feeds the endpoint's ``CircuitBreaker``; an OPEN breaker
+takes the endpoint out of rotation until its half-open probes succeed. Throttling does not count.
+
+Choice (``pick``): the highest-priority eligible endpoint (HEALTHY and breaker not OPEN) that is
+*stable*. An endpoint that has failed before becomes stable only after ``failback_after_s`` of
+continuous health, so a flapping primary does not pull traffic back and forth. If no eligible
+endpoint is stable, the active one is kept if eligible, else the highest-priority eligible one.
+When the active endpoint changes because it failed, that is a failover (counter and event).
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.backoff import Backoff
-from bridge.uplink.transport import Transport, TransportError
+from bridge.uplink.breaker import BreakerState, CircuitBreaker
+from bridge.uplink.transport import ErrorKind, Transport, TransportError
 
 
 class EndpointState(enum.Enum):
@@ -33,22 +42,31 @@ class EndpointState(enum.Enum):
 
 class Endpoint:
     def __init__(self, *, name: str, target: str, transport: Transport, backoff_max_s: float,
-                 ) -> None:
+                 breaker: CircuitBreaker) -> None:
         self.name, self.target, self.transport = name, target, transport
+        self.breaker = breaker
         self.state = EndpointState.CONNECTING
         self.last_error = ""
+        self.last_flag = ""
         self.last_ack_ns = 0
+        self.healthy_since = 0.0
+        self.ever_failed = False
         self.backoff = Backoff(base_s=0.1, cap_s=backoff_max_s)
-        self.failed = asyncio.Event()
+        # Set when the endpoint goes down; replaced by a fresh event when it comes back.
+        self.down = asyncio.Event()
 
 
 class EndpointPool:
     def __init__(self, *, endpoints: Sequence[Endpoint], metrics: AgentMetrics,
-                 health_interval_s: float, health_timeout_s: float) -> None:
+                 health_interval_s: float, health_timeout_s: float,
+                 failback_after_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
+        self.failback_after_s = failback_after_s
+        self._clock = clock
         self.active: Endpoint | None = None
         self.failovers = 0
         self.last_failover_ns = 0
@@ -61,101 +79,164 @@ class EndpointPool:
         async with asyncio.TaskGroup() as tg:
             for ep in self.endpoints:
                 tg.create_task(self._probe(ep), name=f"probe-{ep.name}")
+            tg.create_task(self._stability_timer(), name="failback-timer")
 
     async def _probe(self, ep: Endpoint) -> None:
         while True:
             try:
                 ok = await ep.transport.healthy(timeout=self.health_timeout_s)
-                reason = "" if ok else "health check: NOT_SERVING"
-                flag = "UH"
+                reason, flag = ("", "") if ok else ("health check: NOT_SERVING", "UH")
             except TransportError as err:
                 ok, reason, flag = False, f"health check: {err.code}: {err.detail}", err.flag
             if ok:
                 ep.backoff.reset()
                 self._set(ep, EndpointState.HEALTHY, "")
-                ep.failed.clear()
+                down = ep.down
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ep.failed.wait(), self.health_interval_s)
-                if ep.failed.is_set():
-                    # A call failed on it: give it a backoff before probing again.
-                    await ep.backoff.sleep()
+                    await asyncio.wait_for(down.wait(), self.health_interval_s)
+                if down.is_set():
+                    await ep.backoff.sleep()  # a call failed on it: back off before probing
             else:
                 self._set(ep, EndpointState.UNHEALTHY, reason, flag=flag)
                 await ep.backoff.sleep()
+
+    async def _stability_timer(self) -> None:
+        """Wake pickers when a recovered endpoint becomes stable (fail-back is due)."""
+        while True:
+            now = self._clock()
+            due = [self._stable_at(ep) - now for ep in self.endpoints
+                   if ep.state is EndpointState.HEALTHY and self._stable_at(ep) > now]
+            waiter = self._changed
+            if due:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), max(0.01, min(due)))
+                self._notify()
+            else:
+                await waiter.wait()
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
 
     def _set(self, ep: Endpoint, state: EndpointState, reason: str, *, flag: str = "") -> None:
         if ep.state is state:
             return
         old, ep.state = ep.state, state
         if reason:
-            ep.last_error = reason
+            ep.last_error, ep.last_flag = reason, flag
+        if state is EndpointState.HEALTHY:
+            ep.healthy_since = self._clock()
+            if ep.down.is_set():
+                ep.down = asyncio.Event()
+        else:
+            ep.down.set()
+            ep.ever_failed = True
         self.metrics.endpoint_healthy.labels(ep.name).set(1 if state is EndpointState.HEALTHY
                                                           else 0)
         level = logging.INFO if state is EndpointState.HEALTHY else logging.WARNING
         event("uplink.endpoint_state", level=level, endpoint=ep.name, target=ep.target,
               old=old.value, new=state.value, reason=reason or None, flag=flag or None)
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
+        self._notify()
 
-    def mark_failed(self, ep: Endpoint, err: TransportError) -> None:
-        """Passive health: a call failed; move traffic off it now."""
-        if ep.state is not EndpointState.UNHEALTHY:
+    # -- call outcomes ---------------------------------------------------------------------
+
+    def record(self, ep: Endpoint, err: TransportError | None) -> None:
+        """Feed a call outcome to the breaker; connection failures also mark it down now."""
+        if err is not None and err.kind is ErrorKind.THROTTLED:
+            ep.breaker.release()  # busy, not broken: frees a half-open probe slot, counts nothing
+            return
+        before = ep.breaker.state
+        after = ep.breaker.record(err is None)
+        if after is not before:
+            self.metrics.breaker_state.labels(ep.name).set(_BREAKER_GAUGE[after])
+            level = logging.WARNING if after is BreakerState.OPEN else logging.INFO
+            event("uplink.breaker", level=level, endpoint=ep.name, old=before.value,
+                  new=after.value, reason=f"{err.code}: {err.detail}" if err else "probe ok")
+            if after is BreakerState.OPEN:
+                self.metrics.breaker_trips.labels(ep.name).inc()
+            self._notify()
+        if err is None:
+            ep.last_ack_ns = time.time_ns()
+            if self._awaiting_first_ack and ep is self.active:
+                self._awaiting_first_ack = False
+                self.failover_first_ack_ns = ep.last_ack_ns
+                event("uplink.failover_completed", endpoint=ep.name,
+                      failover_s=round((ep.last_ack_ns - self.last_failover_ns) / 1e9, 3))
+        elif err.code == "UNAVAILABLE":
             self._set(ep, EndpointState.UNHEALTHY, f"{err.code}: {err.detail}", flag=err.flag)
-            ep.failed.set()
 
-    def mark_ok(self, ep: Endpoint) -> None:
-        ep.last_ack_ns = time.time_ns()
-        if self._awaiting_first_ack and ep is self.active:
-            self._awaiting_first_ack = False
-            self.failover_first_ack_ns = ep.last_ack_ns
-            event("uplink.failover_completed", endpoint=ep.name,
-                  failover_s=round((ep.last_ack_ns - self.last_failover_ns) / 1e9, 3))
+    # -- choosing --------------------------------------------------------------------------
+
+    def _stable_at(self, ep: Endpoint) -> float:
+        return ep.healthy_since + (self.failback_after_s if ep.ever_failed else 0.0)
+
+    def _eligible(self, ep: Endpoint) -> bool:
+        return ep.state is EndpointState.HEALTHY and ep.breaker.would_allow()
 
     def _choose(self) -> Endpoint | None:
         for ep in self.endpoints:
-            if ep.state is EndpointState.HEALTHY:
-                return ep
             if ep.state is EndpointState.CONNECTING:
-                return None
-        return None
+                return None  # a higher-priority endpoint may still answer: first reachable wins
+            if self._eligible(ep):
+                break
+        eligible = [ep for ep in self.endpoints if self._eligible(ep)]
+        if not eligible:
+            return None
+        now = self._clock()
+        for ep in eligible:
+            if self._stable_at(ep) <= now:
+                return ep
+        if self.active in eligible:
+            return self.active
+        return eligible[0]
 
     async def pick(self) -> Endpoint:
         while True:
             waiter = self._changed
             ep = self._choose()
-            if ep is not None:
+            if ep is not None and ep.breaker.allow():
                 if self._none_healthy_since is not None:
                     event("uplink.upstream_restored", endpoint=ep.name,
-                          waited_s=round(time.monotonic() - self._none_healthy_since, 3))
+                          waited_s=round(self._clock() - self._none_healthy_since, 3))
                     self._none_healthy_since = None
                 if ep is not self.active:
                     self._activate(ep)
                 return ep
-            if self._none_healthy_since is None and all(
-                    e.state is EndpointState.UNHEALTHY for e in self.endpoints):
-                self._none_healthy_since = time.monotonic()
+            if self._none_healthy_since is None and not any(
+                    self._eligible(e) for e in self.endpoints) and all(
+                    e.state is not EndpointState.CONNECTING for e in self.endpoints):
+                self._none_healthy_since = self._clock()
                 event("uplink.no_healthy_upstream", level=logging.WARNING, flag="UH",
-                      endpoints={e.name: e.last_error for e in self.endpoints})
-            await waiter.wait()
+                      endpoints={e.name: e.last_error or e.breaker.state.value
+                                 for e in self.endpoints})
+            with contextlib.suppress(TimeoutError):
+                # Half-open probe slots and breaker cooldowns free up without an event.
+                await asyncio.wait_for(waiter.wait(), 0.1)
 
     def _activate(self, ep: Endpoint) -> None:
         prev, self.active = self.active, ep
-        if prev is not None and prev.state is not EndpointState.HEALTHY:
+        if prev is not None and not self._eligible(prev):
             self.failovers += 1
             self.last_failover_ns = time.time_ns()
             self._awaiting_first_ack = True
             self.metrics.failovers.labels(prev.name, ep.name).inc()
             event("uplink.failover", level=logging.WARNING, from_endpoint=prev.name,
-                  to_endpoint=ep.name, reason=prev.last_error)
+                  to_endpoint=ep.name, reason=prev.last_error or
+                  f"breaker {prev.breaker.state.value}", flag=prev.last_flag or None)
         else:
             event("uplink.active", endpoint=ep.name, previous=prev.name if prev else None,
-                  reason="initial" if prev is None else "higher priority endpoint healthy")
+                  reason="initial" if prev is None else
+                  f"fail-back: healthy for {self.failback_after_s:g} s")
 
     def snapshot(self) -> list[dict[str, object]]:
         return [{"name": e.name, "target": e.target, "state": e.state.value,
-                 "active": e is self.active, "last_error": e.last_error or None,
-                 "last_ack_ns": e.last_ack_ns or None} for e in self.endpoints]
+                 "breaker": e.breaker.state.value, "active": e is self.active,
+                 "last_error": e.last_error or None, "last_ack_ns": e.last_ack_ns or None}
+                for e in self.endpoints]
 
     async def close(self) -> None:
         for ep in self.endpoints:
             await ep.transport.close()
+
+
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}

@@ -13,6 +13,7 @@ Each attempt writes one ``uplink.batch`` access-log line with an Envoy-style res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from bridge.envelope import encode_batch
 from bridge.spool import AsyncSpool
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.backoff import Backoff
-from bridge.uplink.pool import EndpointPool
+from bridge.uplink.pool import Endpoint, EndpointPool
 from bridge.uplink.transport import ErrorKind, TransportError
 
 _DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE: "duplicate",
@@ -81,14 +82,14 @@ class Sender:
             attempt += 1
             t0 = time.perf_counter()
             try:
-                ack = await ep.transport.push(blob, batch_id=batch_id,
-                                              timeout=self.config.deadline_s)
+                ack = await self._push(ep, blob, batch_id)
                 if len(ack.results) != len(rows):
                     raise TransportError(code="INTERNAL", flag="UF", kind=ErrorKind.RETRYABLE,
                                          detail=f"ack has {len(ack.results)} results for "
                                                 f"{len(rows)} envelopes")
             except TransportError as err:
                 elapsed = time.perf_counter() - t0
+                self.pool.record(ep, err)
                 self.metrics.batches.labels(ep.name, err.code).inc()
                 self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
                 event("uplink.batch", level=logging.WARNING, endpoint=ep.name,
@@ -96,17 +97,18 @@ class Sender:
                       status=err.code, flag=err.flag, attempt=attempt,
                       duration_ms=round(elapsed * 1000, 3), reason=err.detail)
                 if err.kind is ErrorKind.THROTTLED:
+                    self.metrics.throttled.labels(ep.name).inc()
                     await backoff.sleep(err.retry_after_s)
                     continue
-                self.pool.mark_failed(ep, err)
+                self.metrics.retries.labels(ep.name, err.flag).inc()
                 if attempt >= len(self.pool.endpoints):
                     await backoff.sleep()
                 continue
+            self.pool.record(ep, None)
             elapsed = time.perf_counter() - t0
             rejected = [(r.seq, r.reason) for r in ack.results
                         if r.disposition == pb.DISPOSITION_REJECTED]
             await self.spool.run(self.spool.spool.release, first, last, rejected)
-            self.pool.mark_ok(ep)
             counts: dict[str, int] = {}
             for r in ack.results:
                 d = _DISPOSITIONS.get(r.disposition, "unknown")
@@ -125,3 +127,26 @@ class Sender:
                   last_seq=last, readings=len(rows), status="OK", flag="-", attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
             return
+
+    async def _push(self, ep: Endpoint, blob: bytes, batch_id: str) -> pb.Ack:
+        """One call, abandoned as soon as the endpoint is found down (hung or unreachable)."""
+        down = ep.down
+        if down.is_set():
+            raise TransportError(code="UNAVAILABLE", flag=ep.last_flag or "UF",
+                                 kind=ErrorKind.RETRYABLE, detail=ep.last_error)
+        call = asyncio.ensure_future(ep.transport.push(blob, batch_id=batch_id,
+                                                       timeout=self.config.deadline_s))
+        watch = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not call.done():
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await call
+            raise TransportError(code="UNAVAILABLE", flag=ep.last_flag or "UF",
+                                 kind=ErrorKind.RETRYABLE,
+                                 detail=f"abandoned in flight: endpoint went down "
+                                        f"({ep.last_error})")
+        return call.result()
