@@ -185,12 +185,13 @@ class IngestProc:
         return self
 
 
-def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0) -> IngestProc:
+def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "",
+           tls: TlsConfig | None = None) -> IngestProc:
     port = port or free_port()
     cfg = workdir / f"ingest-{node}.toml"
     cfg.write_text(f'node = "{node}"\nlisten = "127.0.0.1:{port}"\n'
                    f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
-                   + _tls_toml(pkis.server()))
+                   + _tls_toml(tls or pkis.server()) + extra)
     return IngestProc(node=node, port=port, config=cfg,
                       proc=Proc(name=f"ingest-{node}", argv=bridge_argv("ingest", "--config",
                                                                         str(cfg)),

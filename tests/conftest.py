@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge import consume, localrun
+from bridge import consume, localrun, simulate
+from bridge.localrun import AgentProc
 
 
 def wait_for(cond: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition",
@@ -43,9 +47,11 @@ class Cluster:
         self.nodes: dict[str, localrun.IngestProc] = {}
         self.agents: list[localrun.AgentProc] = []
 
-    def ingest(self, node: str) -> localrun.IngestProc:
-        n = self.nodes[node] = localrun.ingest(self.workdir, self.pki, node).start()
-        localrun.wait_healthy(n.target, self.pki.consumer())
+    def ingest(self, node: str, *, wait: bool = True, **kw: object) -> localrun.IngestProc:
+        n = self.nodes[node] = localrun.ingest(self.workdir, self.pki, node,
+                                               **kw).start()  # type: ignore[arg-type]
+        if wait:
+            localrun.wait_healthy(n.target, self.pki.consumer())
         return n
 
     def restart_ingest(self, node: str) -> localrun.IngestProc:
@@ -102,3 +108,59 @@ def cluster(tmp_path: Path, pkis: localrun.Pki,
     c = Cluster(tmp_path, pkis, broker)
     yield c
     c.stop()
+
+
+class Publisher:
+    """The simulator on a thread, so faults can be injected while it publishes."""
+
+    def __init__(self, cluster: Cluster, *, count: int, rate: float, site: str = "site-a"):
+        self.progress = simulate.Progress()
+        self.error: BaseException | None = None
+        self.count = count
+
+        def run() -> None:
+            try:
+                simulate.run(host="127.0.0.1", port=cluster.broker.port, site=site,
+                             count=count, rate=rate, progress=self.progress, timeout_s=120)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> int:
+        self.thread.join(150)
+        assert not self.thread.is_alive(), "publisher did not finish"
+        assert self.error is None, self.error
+        assert self.progress.failed == 0
+        return self.progress.acked
+
+
+def idle(agent: AgentProc) -> bool:
+    st = agent.status()
+    return not (st["spool"]["readings"] or st["uplink"]["in_flight"])
+
+
+def delivered(cluster: Cluster, agent: AgentProc, count: int) -> bool:
+    """The agent has nothing left to send and the merged stream holds ``count`` readings."""
+    if not idle(agent):
+        return False
+    stream, _ = cluster.consume()
+    return len(stream) >= count
+
+
+def wait_delivered(cluster: Cluster, agent: AgentProc, count: int, timeout: float = 60) -> None:
+    wait_for(lambda: delivered(cluster, agent, count), timeout=timeout, interval=0.2,
+             what=f"{count} readings delivered")
+
+
+def publish_raw(port: int, items: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic, payload in items:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -3,71 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
-from bridge import simulate
-from bridge.localrun import AgentProc
-from tests.conftest import Cluster, wait_for
-
-
-class Publisher:
-    """The simulator on a thread, so faults can be injected while it publishes."""
-
-    def __init__(self, cluster: Cluster, *, count: int, rate: float, site: str = "site-a"):
-        self.progress = simulate.Progress()
-        self.error: BaseException | None = None
-        self.count = count
-
-        def run() -> None:
-            try:
-                simulate.run(host="127.0.0.1", port=cluster.broker.port, site=site,
-                             count=count, rate=rate, progress=self.progress, timeout_s=120)
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def join(self) -> int:
-        self.thread.join(150)
-        assert not self.thread.is_alive(), "publisher did not finish"
-        assert self.error is None, self.error
-        assert self.progress.failed == 0
-        return self.progress.acked
-
-
-def idle(agent: AgentProc) -> bool:
-    st = agent.status()
-    return not (st["spool"]["readings"] or st["uplink"]["in_flight"])
-
-
-def delivered(cluster: Cluster, agent: AgentProc, count: int) -> bool:
-    """The agent has nothing left to send and the merged stream holds ``count`` readings."""
-    if not idle(agent):
-        return False
-    stream, _ = cluster.consume()
-    return len(stream) >= count
-
-
-def wait_delivered(cluster: Cluster, agent: AgentProc, count: int, timeout: float = 60) -> None:
-    wait_for(lambda: delivered(cluster, agent, count), timeout=timeout, interval=0.2,
-             what=f"{count} readings delivered")
-
-
-def publish_raw(port: int, items: list[tuple[str, bytes]]) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        for topic, payload in items:
-            client.publish(topic, payload, qos=1).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+from tests.conftest import Cluster, Publisher, idle, publish_raw, wait_delivered, wait_for
 
 
 def test_every_published_reading_arrives_once_in_the_merged_stream(cluster: Cluster):

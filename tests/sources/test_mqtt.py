@@ -14,7 +14,7 @@ from bridge.sources.base import Message
 from bridge.sources.mqtt import MqttSource
 from bridge.spool import AsyncSpool, Spool
 from bridge.telemetry import AgentMetrics
-from tests.test_agent import publish_raw
+from tests.conftest import publish_raw
 
 
 class CrashBeforeAck:

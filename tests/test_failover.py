@@ -1,0 +1,175 @@
+"""Multi-cloud failover with real processes: every published reading accounted for exactly."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import orjson
+
+from bridge import localrun, pki
+from bridge.config import TlsConfig
+from tests.conftest import Cluster, Publisher, idle, wait_for
+
+
+def wait_sent(agent: localrun.AgentProc, timeout: float = 90) -> None:
+    wait_for(lambda: idle(agent), timeout=timeout, interval=0.1, what="agent spool to empty")
+
+
+def events(agent: localrun.AgentProc, name: str) -> list[dict]:
+    out = []
+    for line in agent.proc.log.read_text().splitlines():
+        if line.startswith("{"):
+            doc = orjson.loads(line)
+            if doc.get("event") == name:
+                out.append(doc)
+    return out
+
+
+def failovers(agent: localrun.AgentProc) -> int:
+    return int(agent.status()["uplink"]["failovers"])
+
+
+def test_a_hung_primary_sigstop_fails_over_quickly_without_loss_or_doubles(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent(uplink_extra="deadline_s = 30.0\n")
+    pub = Publisher(cluster, count=4000, rate=1000)
+    wait_for(lambda: pub.progress.acked >= 1500, what="publishing under way")
+    cluster.nodes["aws"].proc.signal(signal.SIGSTOP)
+    t_stop = time.monotonic()
+    wait_for(lambda: failovers(agent) >= 1, timeout=10, what="failover off the hung primary")
+    detected_s = time.monotonic() - t_stop
+    published = pub.join()
+    wait_sent(agent)
+    assert detected_s < 10, "found by the health probe, not by the 30 s call deadline"
+    unhealthy = [e for e in events(agent, "uplink.endpoint_state")
+                 if e["endpoint"] == "aws" and e["new"] == "unhealthy"]
+    assert unhealthy and unhealthy[0]["flag"] == "UT"
+    cluster.nodes["aws"].proc.signal(signal.SIGCONT)
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_a_flapping_primary_does_not_pull_traffic_back_and_forth(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    pub = Publisher(cluster, count=9000, rate=300)  # ~30 s of publishing
+    aws = cluster.nodes["aws"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # killed and restarted every 2 s for 30 s
+        aws.proc.kill()
+        aws.start()
+        t = time.monotonic() + 2
+        while time.monotonic() < t and pub.thread.is_alive():
+            time.sleep(0.05)
+    published = pub.join()
+    wait_sent(agent)
+    assert failovers(agent) == 1, "one failover; the flapping primary never became stable"
+    active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
+    assert active == ["azure"]
+    localrun.wait_healthy(aws.target, cluster.pki.consumer())
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_all_endpoints_down_for_a_minute_then_back_delivers_everything(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    for n in cluster.nodes.values():
+        n.proc.kill()
+    t_down = time.monotonic()
+    published = Publisher(cluster, count=3000, rate=100).join()  # ~30 s while down
+    wait_for(lambda: agent.status()["spool"]["readings"] == published, what="all spooled")
+    assert events(agent, "uplink.no_healthy_upstream")[0]["flag"] == "UH"
+    wait_for(lambda: time.monotonic() - t_down >= 60, timeout=70, interval=0.5,
+             what="a minute of outage")
+    for name in ("aws", "azure"):
+        cluster.restart_ingest(name)
+    wait_sent(agent)
+    assert cluster.account(published) == (published, 0, 0)
+    assert events(agent, "uplink.upstream_restored")
+
+
+def test_the_secondary_dying_during_a_failover_moves_on_to_the_third(cluster: Cluster):
+    for name in ("aws", "azure", "gcp"):
+        cluster.ingest(name)
+    agent = cluster.agent()
+    pub = Publisher(cluster, count=6000, rate=2000)
+    wait_for(lambda: pub.progress.acked >= 2000, what="publishing under way")
+    cluster.nodes["aws"].proc.kill()
+    wait_for(lambda: failovers(agent) >= 1, timeout=10, what="failover to azure")
+    cluster.nodes["azure"].proc.kill()
+    published = pub.join()
+    wait_sent(agent)
+    assert failovers(agent) >= 2
+    active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
+    assert active == ["gcp"]
+    cluster.restart_ingest("aws")
+    cluster.restart_ingest("azure")
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_traffic_fails_back_to_the_primary_after_it_has_been_stable(cluster: Cluster):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent(uplink_extra="failback_after_s = 2.0\n")
+    first = Publisher(cluster, count=1000, rate=0).join()
+    wait_sent(agent)
+    cluster.nodes["aws"].proc.kill()
+    wait_for(lambda: agent.status()["uplink"]["endpoints"][0]["state"] == "unhealthy",
+             what="primary seen down")
+    second = Publisher(cluster, count=1000, rate=0).join()
+    wait_sent(agent)
+    cluster.restart_ingest("aws")
+    # The switch happens on the next batch, so publish while waiting for it.
+    third = Publisher(cluster, count=1000, rate=100).join()
+    wait_sent(agent)
+    assert [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]] == ["aws"]
+    fourth = Publisher(cluster, count=500, rate=0).join()
+    wait_sent(agent)
+    stream, errors = cluster.consume()
+    assert not errors
+    assert len(stream) == first + second + third + fourth
+    last_nodes = {c.node for c in stream[-500:]}
+    assert last_nodes == {"aws"}, "after the stable period the primary takes traffic again"
+    assert events(agent, "uplink.active")[-1]["reason"].startswith("fail-back")
+
+
+def test_an_endpoint_with_a_certificate_for_another_name_is_never_trusted(
+        cluster: Cluster, tmp_path):
+    other = tmp_path / "other-pki"
+    other.mkdir()
+    for f in ("ca.pem", "ca.key"):
+        (other / f).write_bytes((cluster.pki.dir / f).read_bytes())
+    pki.issue_server(other, other, name="wrong", dns=["other.example"], ips=[])
+    wrong_tls = TlsConfig(ca=cluster.pki.ca, cert=other / "server-wrong.pem",
+                          key=other / "server-wrong.key")
+    cluster.ingest("impostor", tls=wrong_tls, wait=False)
+    cluster.ingest("azure")
+    agent = cluster.agent(nodes=["impostor", "azure"])
+    published = Publisher(cluster, count=500, rate=0).join()
+    wait_sent(agent)
+    bad = [e for e in events(agent, "uplink.endpoint_state") if e["endpoint"] == "impostor"]
+    assert bad and bad[0]["new"] == "unhealthy" and bad[0]["flag"] == "UF"
+    assert cluster.nodes["impostor"].proc.alive()
+    impostor = cluster.nodes.pop("impostor")  # the consumer cannot verify it either
+    try:
+        assert cluster.account(published) == (published, 0, 0)
+    finally:
+        cluster.nodes["impostor"] = impostor
+
+
+def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster: Cluster):
+    cluster.ingest("aws", extra="[rate_limit]\nreadings_per_s = 1000\nburst = 500\n")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    published = Publisher(cluster, count=3000, rate=0).join()
+    wait_sent(agent)
+    metrics = agent.metrics()
+    assert 'bridge_uplink_throttled_total{endpoint="aws"}' in metrics
+    assert failovers(agent) == 0
+    assert agent.status()["uplink"]["endpoints"][0]["breaker"] == "closed"
+    stream, _ = cluster.consume()
+    assert {c.node for c in stream} == {"aws"}
+    assert cluster.account(published) == (published, 0, 0)
