@@ -22,6 +22,7 @@ from typing import Any
 from bridge.codecs import DECODERS, Decoded, DecodeError, Decoder
 from bridge.config import AgentConfig
 from bridge.envelope import ClockSync, SourceInfo, build_envelope
+from bridge.netbind import BindProxy, resolve_vlan
 from bridge.sources.base import Message, Source
 from bridge.sources.mqtt import MqttSource
 from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull
@@ -147,10 +148,18 @@ class Agent:
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes))
         up = config.uplink
         b = up.breaker
+        self.proxies: dict[str, BindProxy] = {}
+        for e in up.endpoints:
+            iface = resolve_vlan(e.vlan) if e.vlan else e.interface
+            if iface:
+                self.proxies[e.name] = BindProxy(interface=iface, endpoint=e.name)
         self.pool = EndpointPool(
             endpoints=[Endpoint(name=e.name, target=e.target,
-                                transport=GrpcTransport(target=e.target, tls=config.tls,
-                                                        backoff_max_s=up.backoff_max_s),
+                                transport=GrpcTransport(
+                                    target=e.target, tls=config.tls,
+                                    backoff_max_s=up.backoff_max_s,
+                                    proxy_url=self.proxies[e.name].url
+                                    if e.name in self.proxies else None),
                                 backoff_max_s=up.backoff_max_s,
                                 breaker=CircuitBreaker(window_s=b.window_s,
                                                        error_rate=b.error_rate,
@@ -194,6 +203,9 @@ class Agent:
               endpoints=[e.name for e in self.config.uplink.endpoints])
         self.metrics.spool_readings.set_function(lambda: sp.readings)
         self.metrics.spool_bytes.set_function(lambda: sp.bytes)
+        for name, proxy in self.proxies.items():
+            await proxy.start()
+            event("netbind.proxy", endpoint=name, interface=proxy.interface, url=proxy.url)
         async with asyncio.TaskGroup() as tg:
             pool_task = tg.create_task(self.pool.run(), name="endpoint-pool")
             sender_task = tg.create_task(self.sender.run(), name="sender")
@@ -219,6 +231,8 @@ class Agent:
                 sender_task.cancel()
             pool_task.cancel()
         await self.pool.close()
+        for proxy in self.proxies.values():
+            await proxy.close()
         await self.spool.close()
         event("agent.stopped", spooled=sp.readings,
               shutdown_s=round(time.monotonic() - t0, 3))

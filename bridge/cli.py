@@ -25,6 +25,7 @@ from bridge.config import (
     parse_hostport,
 )
 from bridge.consume import CursorError
+from bridge.netbind import BindError
 from bridge.spool import SpoolError
 
 EXIT_USAGE = 2
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.fn(args)
-    except (ConfigError, pki.PkiError, SpoolError, CursorError, UsageError) as exc:
+    except (ConfigError, pki.PkiError, SpoolError, CursorError, UsageError, BindError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:

@@ -225,6 +225,8 @@ class EndpointConfig:
     name: str
     target: str
     priority: int
+    interface: str | None = None
+    vlan: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,7 +371,11 @@ def load_agent(path: Path) -> AgentConfig:
         endpoints.append(EndpointConfig(name=et.string("name"),
                                         target=_hostport(et, "target",
                                                          default_port=DEFAULT_INGEST_PORT),
-                                        priority=et.integer("priority", i, minimum=0)))
+                                        priority=et.integer("priority", i, minimum=0),
+                                        interface=et.string("interface", None),
+                                        vlan=et.integer("vlan", None, minimum=1, maximum=4094)))
+        if endpoints[-1].interface and endpoints[-1].vlan:
+            raise et.error("vlan", "give either interface or vlan, not both")
         et.done()
     if not endpoints:
         raise up.error("endpoints", "needs at least one [[uplink.endpoints]] table")

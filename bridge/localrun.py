@@ -175,10 +175,11 @@ class IngestProc:
     port: int
     config: Path
     proc: Proc
+    host: str = "127.0.0.1"
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> IngestProc:
         self.proc.start()
@@ -186,15 +187,19 @@ class IngestProc:
 
 
 def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "",
-           tls: TlsConfig | None = None) -> IngestProc:
+           tls: TlsConfig | None = None, host: str = "127.0.0.1",
+           netns: str | None = None) -> IngestProc:
+    """An ingest node's config and process (inside network namespace ``netns`` if given)."""
     port = port or free_port()
     cfg = workdir / f"ingest-{node}.toml"
-    cfg.write_text(f'node = "{node}"\nlisten = "127.0.0.1:{port}"\n'
+    cfg.write_text(f'node = "{node}"\nlisten = "{host}:{port}"\n'
                    f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
                    + _tls_toml(tls or pkis.server()) + extra)
-    return IngestProc(node=node, port=port, config=cfg,
-                      proc=Proc(name=f"ingest-{node}", argv=bridge_argv("ingest", "--config",
-                                                                        str(cfg)),
+    argv = bridge_argv("ingest", "--config", str(cfg))
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    return IngestProc(node=node, port=port, config=cfg, host=host,
+                      proc=Proc(name=f"ingest-{node}", argv=argv,
                                 log=workdir / f"ingest-{node}.log"))
 
 
@@ -254,11 +259,16 @@ class AgentProc:
 
 def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: list[IngestProc],
           topics: tuple[str, ...] = ("#",), extra: str = "", uplink_extra: str = "",
-          http_port: int = 0) -> AgentProc:
+          http_port: int = 0, interfaces: dict[str, str] | None = None,
+          names: list[str] | None = None) -> AgentProc:
+    """An agent's config and process; ``names`` renames endpoints (to list one node twice)."""
     http_port = http_port or free_port()
     cfg = workdir / f"agent-{site}.toml"
-    eps = "".join(f'[[uplink.endpoints]]\nname = "{e.node}"\ntarget = "{e.target}"\n'
-                  for e in endpoints)
+    names = names or [e.node for e in endpoints]
+    ifaces = interfaces or {}
+    eps = "".join(f'[[uplink.endpoints]]\nname = "{n}"\ntarget = "{e.target}"\n'
+                  + (f'interface = "{ifaces[n]}"\n' if n in ifaces else "")
+                  for n, e in zip(names, endpoints, strict=True))
     topic_list = ", ".join(f'"{t}"' for t in topics)
     cfg.write_text(
         f'site_id = "{site}"\n{extra}'

@@ -89,13 +89,15 @@ def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
 
 
 class GrpcTransport:
-    def __init__(self, *, target: str, tls: TlsConfig, backoff_max_s: float) -> None:
+    def __init__(self, *, target: str, tls: TlsConfig, backoff_max_s: float,
+                 proxy_url: str | None = None) -> None:
         ca, cert, key = tls.read()
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                              certificate_chain=cert)
-        self._channel = grpc.aio.secure_channel(target, creds,
-                                                options=channel_options(
-                                                    backoff_max_s=backoff_max_s))
+        options = channel_options(backoff_max_s=backoff_max_s)
+        if proxy_url:  # interface binding (bridge.netbind): tunnel through the bound proxy
+            options.append(("grpc.http_proxy", proxy_url))
+        self._channel = grpc.aio.secure_channel(target, creds, options=options)
         self._push = self._channel.unary_unary(PUSH_METHOD, request_serializer=None,
                                                response_deserializer=pb.Ack.FromString)
         self._health = health_pb2_grpc.HealthStub(self._channel)
