@@ -29,7 +29,7 @@ def test_vlan_ids_resolve_to_interface_names_through_the_kernel_table(tmp_path: 
     assert resolve_vlan(310, config=cfg) == "eth0.310"
     with pytest.raises(BindError, match="no interface carries it"):
         resolve_vlan(999, config=cfg)
-    with pytest.raises(BindError, match="802.1Q"):
+    with pytest.raises(BindError, match=r"802\.1Q"):
         resolve_vlan(200, config=tmp_path / "missing")
 
 
