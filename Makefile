@@ -7,21 +7,24 @@ STAMP := $(VENV)/.installed
 DEBS := mosquitto mosquitto-clients nats-server
 N ?= 20000
 
-.PHONY: demo test lint typecheck protos check-protos bench clean debs venv
+.PHONY: demo test lint typecheck protos bench clean debs venv
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
 
 test: $(STAMP)
-	$(BIN)/ruff check bridge tests tools
+	$(BIN)/ruff check bridge tests tools bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge tests tools
+	$(BIN)/ruff check bridge tests tools bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

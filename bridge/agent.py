@@ -168,7 +168,8 @@ class Agent:
                                                        half_open_probes=b.half_open_probes))
                        for e in up.endpoints],
             metrics=self.metrics, health_interval_s=up.health_interval_s,
-            health_timeout_s=up.health_timeout_s, failback_after_s=up.failback_after_s)
+            health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,
+            failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         clock = ClockSync()
         self.sources = [MqttSource(config=s, metrics=self.metrics) for s in config.sources]

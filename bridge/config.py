@@ -247,6 +247,7 @@ class UplinkConfig:
     deadline_s: float
     health_interval_s: float
     health_timeout_s: float
+    health_timeout_min_s: float
     failback_after_s: float
     backoff_max_s: float
     breaker: BreakerConfig
@@ -402,8 +403,9 @@ def load_agent(path: Path) -> AgentConfig:
         batch_max_bytes=up.integer("batch_max_bytes", 200_000, minimum=1024, maximum=4_000_000),
         max_in_flight=up.integer("max_in_flight", 4, minimum=1, maximum=64),
         deadline_s=up.number("deadline_s", 5.0, minimum=0.05),
-        health_interval_s=up.number("health_interval_s", 0.5, minimum=0.05),
-        health_timeout_s=up.number("health_timeout_s", 0.8, minimum=0.05),
+        health_interval_s=up.number("health_interval_s", 0.25, minimum=0.05),
+        health_timeout_s=up.number("health_timeout_s", 2.0, minimum=0.05),
+        health_timeout_min_s=up.number("health_timeout_min_s", 0.3, minimum=0.01),
         failback_after_s=up.number("failback_after_s", 30.0, minimum=0.0),
         backoff_max_s=up.number("backoff_max_s", 10.0, minimum=0.05),
         breaker=breaker,

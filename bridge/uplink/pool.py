@@ -51,6 +51,8 @@ class Endpoint:
         self.last_ack_ns = 0
         self.healthy_since = 0.0
         self.ever_failed = False
+        self.srtt: float | None = None  # smoothed health-check round trip (RFC 6298)
+        self.rttvar = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=backoff_max_s)
         # Set when the endpoint goes down; replaced by a fresh event when it comes back.
         self.down = asyncio.Event()
@@ -59,12 +61,13 @@ class Endpoint:
 class EndpointPool:
     def __init__(self, *, endpoints: Sequence[Endpoint], metrics: AgentMetrics,
                  health_interval_s: float, health_timeout_s: float,
-                 failback_after_s: float = 30.0,
+                 health_timeout_min_s: float = 0.3, failback_after_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
+        self.health_timeout_min_s = min(health_timeout_min_s, health_timeout_s)
         self.failback_after_s = failback_after_s
         self._clock = clock
         self.active: Endpoint | None = None
@@ -81,10 +84,29 @@ class EndpointPool:
                 tg.create_task(self._probe(ep), name=f"probe-{ep.name}")
             tg.create_task(self._stability_timer(), name="failback-timer")
 
+    def probe_timeout(self, ep: Endpoint) -> float:
+        """The probe deadline: 3 x srtt + 4 x rttvar (RFC 6298 estimators, with headroom for a
+        busy ingest), clamped to [min, max]. Before any measurement: the max."""
+        if ep.srtt is None:
+            return self.health_timeout_s
+        rto = 3 * ep.srtt + 4 * ep.rttvar
+        return min(self.health_timeout_s, max(self.health_timeout_min_s, rto))
+
+    @staticmethod
+    def _observe_rtt(ep: Endpoint, rtt: float) -> None:
+        if ep.srtt is None:
+            ep.srtt, ep.rttvar = rtt, rtt / 2
+        else:
+            ep.rttvar = 0.75 * ep.rttvar + 0.25 * abs(ep.srtt - rtt)
+            ep.srtt = 0.875 * ep.srtt + 0.125 * rtt
+
     async def _probe(self, ep: Endpoint) -> None:
         while True:
+            t0 = self._clock()
             try:
-                ok = await ep.transport.healthy(timeout=self.health_timeout_s)
+                ok = await ep.transport.healthy(timeout=self.probe_timeout(ep))
+                if ok:
+                    self._observe_rtt(ep, self._clock() - t0)
                 reason, flag = ("", "") if ok else ("health check: NOT_SERVING", "UH")
             except TransportError as err:
                 ok, reason, flag = False, f"health check: {err.code}: {err.detail}", err.flag

@@ -83,3 +83,24 @@ def test_a_token_bucket_refills_at_its_rate_and_never_refuses_a_big_batch_foreve
     clock.t += 10
     assert bucket.take(1000) == 0.0, "a batch above the burst passes once the bucket is full"
     assert bucket.take(1) > 0
+
+
+def test_the_probe_deadline_follows_the_measured_round_trip_within_its_bounds():
+    from bridge.telemetry import AgentMetrics
+    from bridge.uplink.pool import Endpoint, EndpointPool
+    from tests.uplink.fakes import ScriptedTransport
+
+    ep = Endpoint(name="a", target="a", transport=ScriptedTransport("a"), backoff_max_s=1,
+                  breaker=CircuitBreaker())
+    pool = EndpointPool(endpoints=[ep], metrics=AgentMetrics(), health_interval_s=0.25,
+                        health_timeout_s=2.0, health_timeout_min_s=0.3)
+    assert pool.probe_timeout(ep) == 2.0, "no measurement yet: the maximum"
+    for _ in range(20):
+        pool._observe_rtt(ep, 0.002)
+    assert pool.probe_timeout(ep) == 0.3, "a fast link is held to the minimum"
+    for _ in range(50):
+        pool._observe_rtt(ep, 0.2)
+    assert 0.55 < pool.probe_timeout(ep) < 0.65, "a 200 ms WAN gets about 3 x srtt"
+    for _ in range(50):
+        pool._observe_rtt(ep, 5.0)
+    assert pool.probe_timeout(ep) == 2.0

@@ -34,7 +34,8 @@ class Rig:
             failback_after_s=failback_after_s)
         cfg = UplinkConfig(endpoints=(), batch_max_readings=10, batch_max_bytes=1 << 20,
                            max_in_flight=4, deadline_s=deadline_s, health_interval_s=0.05,
-                           health_timeout_s=0.2, failback_after_s=failback_after_s,
+                           health_timeout_s=0.2, health_timeout_min_s=0.1,
+                           failback_after_s=failback_after_s,
                            backoff_max_s=0.2,
                            breaker=BreakerConfig(window_s=10, error_rate=0.15, min_requests=5,
                                                  open_s=0.2, half_open_probes=3))

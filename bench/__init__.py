@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (``make bench``); see docs/benchmarks.md for the figures."""
