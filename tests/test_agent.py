@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 from tests.conftest import Cluster, Publisher, idle, publish_raw, wait_delivered, wait_for
@@ -56,6 +59,16 @@ def test_primary_ingest_killed_mid_stream_fails_over_without_loss_or_doubles(clu
         agent.metrics()
     cluster.restart_ingest("aws")  # its committed readings are only in its own store
     assert cluster.account(published) == (published, 0, 0)
+    status = json.loads(subprocess.run(
+        [sys.executable, "-m", "bridge", "consume", "--status", "--json",
+         "--from", cluster.nodes["aws"].target, "--from", cluster.nodes["azure"].target,
+         "--ca", str(cluster.pki.ca), "--cert", str(cluster.pki.consumer().cert),
+         "--key", str(cluster.pki.consumer().key)],
+        capture_output=True, text=True, check=True, timeout=60).stdout)
+    (stream_status,) = status["streams"]
+    assert set(stream_status["clouds"]) == {"aws", "azure"}
+    assert stream_status["merged"] == {"committed_through": published, "highest_seq": published,
+                                       "readings": published, "gaps": []}
     stream, _ = cluster.consume()
     assert {c.node for c in stream} == {"aws", "azure"}
 

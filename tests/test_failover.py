@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import orjson
 
@@ -136,32 +137,42 @@ def test_traffic_fails_back_to_the_primary_after_it_has_been_stable(cluster: Clu
     assert events(agent, "uplink.active")[-1]["reason"].startswith("fail-back")
 
 
-def test_an_endpoint_with_a_certificate_for_another_name_is_never_trusted(
+def test_endpoints_with_a_wrong_name_or_another_cas_certificate_are_never_trusted(
         cluster: Cluster, tmp_path):
     other = tmp_path / "other-pki"
     other.mkdir()
     for f in ("ca.pem", "ca.key"):
         (other / f).write_bytes((cluster.pki.dir / f).read_bytes())
     pki.issue_server(other, other, name="wrong", dns=["other.example"], ips=[])
-    wrong_tls = TlsConfig(ca=cluster.pki.ca, cert=other / "server-wrong.pem",
-                          key=other / "server-wrong.key")
-    cluster.ingest("impostor", tls=wrong_tls, wait=False)
+    rogue = tmp_path / "rogue-ca"
+    pki.create_ca(rogue)
+    pki.issue_server(rogue, rogue, name="ingest", dns=["localhost"], ips=["127.0.0.1"])
+    cluster.ingest("wrongname", wait=False, tls=TlsConfig(
+        ca=cluster.pki.ca, cert=other / "server-wrong.pem", key=other / "server-wrong.key"))
+    cluster.ingest("rogue", wait=False, tls=TlsConfig(
+        ca=cluster.pki.ca, cert=rogue / "server-ingest.pem", key=rogue / "server-ingest.key"))
     cluster.ingest("azure")
-    agent = cluster.agent(nodes=["impostor", "azure"])
+    agent = cluster.agent(nodes=["wrongname", "rogue", "azure"])
     published = Publisher(cluster, count=500, rate=0).join()
     wait_sent(agent)
-    bad = [e for e in events(agent, "uplink.endpoint_state") if e["endpoint"] == "impostor"]
-    assert bad and bad[0]["new"] == "unhealthy" and bad[0]["flag"] == "UF"
-    assert cluster.nodes["impostor"].proc.alive()
-    impostor = cluster.nodes.pop("impostor")  # the consumer cannot verify it either
-    try:
+    for name in ("wrongname", "rogue"):
+        bad = [e for e in events(agent, "uplink.endpoint_state") if e["endpoint"] == name]
+        assert bad and bad[0]["new"] == "unhealthy" and bad[0]["flag"] == "UF", name
+        assert "UNAVAILABLE" in bad[0]["reason"]
+        assert cluster.nodes[name].proc.alive()
+    impostors = {n: cluster.nodes.pop(n) for n in ("wrongname", "rogue")}
+    try:  # the consumer cannot verify them either
+        stream, _ = cluster.consume()
+        assert {c.node for c in stream} == {"azure"}
         assert cluster.account(published) == (published, 0, 0)
     finally:
-        cluster.nodes["impostor"] = impostor
+        cluster.nodes.update(impostors)
 
 
 def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster: Cluster):
-    cluster.ingest("aws", extra="[rate_limit]\nreadings_per_s = 1000\nburst = 500\n")
+    metrics_port = localrun.free_port()
+    cluster.ingest("aws", extra="[rate_limit]\nreadings_per_s = 1000\nburst = 500\n"
+                   f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
     cluster.ingest("azure")
     agent = cluster.agent()
     published = Publisher(cluster, count=3000, rate=0).join()
@@ -173,3 +184,10 @@ def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster
     stream, _ = cluster.consume()
     assert {c.node for c in stream} == {"aws"}
     assert cluster.account(published) == (published, 0, 0)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        ingest_metrics = resp.read().decode()
+    assert 'bridge_ingest_throttled_total{site="site-a"}' in ingest_metrics
+    committed = [line for line in ingest_metrics.splitlines()
+                 if line.startswith('bridge_ingest_readings_committed_total{site="site-a"}')]
+    assert committed and float(committed[0].split()[-1]) == published

@@ -136,6 +136,11 @@ class EndpointPool:
             else:
                 await waiter.wait()
 
+    async def wait_changed(self, timeout: float) -> None:
+        """Sleep up to ``timeout``, waking early on any health or breaker change."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     def _notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()

@@ -102,7 +102,8 @@ class Sender:
                     continue
                 self.metrics.retries.labels(ep.name, err.flag).inc()
                 if attempt >= len(self.pool.endpoints):
-                    await backoff.sleep()
+                    # Every endpoint had a go: back off, but wake as soon as health changes.
+                    await self.pool.wait_changed(backoff.next_delay())
                 continue
             self.pool.record(ep, None)
             elapsed = time.perf_counter() - t0
