@@ -221,7 +221,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for e in up["endpoints"]:
         mark = "*" if e["active"] else " "
         err = f"  last error: {e['last_error']}" if e["last_error"] else ""
-        print(f"uplink {mark}{e['name']:<10} {e['target']:<24} {e['state']}{err}")
+        print(f"uplink {mark}{e['name']:<10} {e['target']:<24} {e['state']:<10} "
+              f"breaker {e['breaker']}{err}")
     print(f"failovers {up['failovers']}, batches in flight {up['in_flight']}")
     return 0
 

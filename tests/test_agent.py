@@ -143,3 +143,47 @@ def test_all_endpoints_down_keeps_readings_in_the_spool_until_one_returns(cluste
     wait_delivered(cluster, agent, published)
     assert time.monotonic() - t0 < 30
     assert cluster.account(published) == (published, 0, 0)
+
+
+def test_consume_prints_each_reading_once_as_json_and_resumes_from_its_cursor(
+        cluster: Cluster, tmp_path):
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent()
+    first = Publisher(cluster, count=400, rate=0).join()
+    wait_delivered(cluster, agent, first)
+    consumer = cluster.pki.consumer()
+    cfg = tmp_path / "consumer.toml"
+    cfg.write_text(f'from = ["{cluster.nodes["aws"].target}", "{cluster.nodes["azure"].target}"]\n'
+                   f'cursor = "{tmp_path / "cursor.json"}"\n'
+                   f'[tls]\nca = "{consumer.ca}"\ncert = "{consumer.cert}"\n'
+                   f'key = "{consumer.key}"\n')
+
+    def consume() -> list[dict]:
+        res = subprocess.run([sys.executable, "-m", "bridge", "consume", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return [json.loads(line) for line in res.stdout.splitlines()]
+
+    lines = consume()
+    assert [r["seq"] for r in lines] == list(range(1, first + 1))
+    assert lines[0]["site_id"] == "site-a" and lines[0]["values"][0]["signal"]
+    assert consume() == [], "the cursor remembers what was emitted"
+    second = Publisher(cluster, count=100, rate=0).join()
+    wait_delivered(cluster, agent, first + second)
+    assert [r["seq"] for r in consume()] == list(range(first + 1, first + second + 1))
+
+
+def test_bridge_status_shows_a_running_agents_spool_sources_and_endpoints(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    wait_delivered(cluster, agent, Publisher(cluster, count=10, rate=0).join())
+    res = subprocess.run([sys.executable, "-m", "bridge", "status", "--config",
+                          str(agent.config)], capture_output=True, text=True, timeout=30,
+                         check=True)
+    assert "site site-a" in res.stdout and "subscribed" in res.stdout
+    assert "*aws" in res.stdout and "healthy" in res.stdout
+    agent.proc.stop()
+    res = subprocess.run([sys.executable, "-m", "bridge", "status", "--config",
+                          str(agent.config)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 2 and "no agent answering" in res.stderr
