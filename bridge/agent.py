@@ -25,7 +25,7 @@ from bridge.envelope import ClockSync, SourceInfo, build_envelope
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.sources.base import Message, Source
 from bridge.sources.mqtt import MqttSource
-from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull
+from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull, SpoolReset
 from bridge.telemetry import AgentMetrics, HttpEndpoint, event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.breaker import CircuitBreaker
@@ -79,6 +79,8 @@ class Intake:
                     await self.spool.run(self.spool.spool.commit, pending, dead)
                     backoff.reset()
                     break
+                except SpoolReset:
+                    continue  # the file was replaced (see bridge.spool Recovery): commit again
                 except SpoolFull as exc:
                     # Backpressure: nothing acked, so the broker holds the rest.
                     if self._stopping.is_set():
@@ -185,7 +187,10 @@ class Agent:
             "site_id": self.config.site_id,
             "epoch": f"{sp.epoch:016x}",
             "spool": {"readings": sp.readings, "bytes": sp.bytes, "next_seq": sp.next_seq,
-                      "max_bytes": sp.max_bytes},
+                      "max_bytes": sp.max_bytes, "path": str(sp.path),
+                      "quarantined": [{"moved_to": str(q.moved_to), "reason": q.reason,
+                                       "salvaged": q.salvaged, "unreadable": q.unreadable}
+                                      for q in sp.quarantines]},
             "sources": [{"name": s.config.name, "broker": s.info.broker,
                          "subscribed": s.subscribed.is_set()} for s in self.sources],
             "uplink": {"endpoints": self.pool.snapshot(), "failovers": self.pool.failovers,
@@ -204,6 +209,8 @@ class Agent:
               endpoints=[e.name for e in self.config.uplink.endpoints])
         self.metrics.spool_readings.set_function(lambda: sp.readings)
         self.metrics.spool_bytes.set_function(lambda: sp.bytes)
+        self.metrics.spool_quarantines.set_function(lambda: len(sp.quarantines))
+        self.metrics.spool_salvaged.set_function(lambda: sum(q.salvaged for q in sp.quarantines))
         for name, proxy in self.proxies.items():
             await proxy.start()
             event("netbind.proxy", endpoint=name, interface=proxy.interface, url=proxy.url)

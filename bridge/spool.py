@@ -4,33 +4,36 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
 ==============================================================================
 
 ``meta(key TEXT PRIMARY KEY, value)``
-    ``schema_version`` = 1; ``site_id``; ``epoch`` (random, 1..2^63-1, chosen at creation);
-    ``next_seq`` (the seq the next appended envelope gets; never decreases); ``readings`` and
-    ``bytes`` (running totals of the ``readings`` table, kept in the same transactions so that
-    opening a large spool does not scan it).
-``readings(seq INTEGER PRIMARY KEY, envelope BLOB)``
-    One row per message: the serialised ``bridge.v1.Envelope`` whose own ``seq`` field equals
-    the row's ``seq``. Rows are appended in increasing seq and deleted only once an ingest node
-    has answered COMMITTED or DUPLICATE for them (or REJECTED, after they were copied to
-    ``dead_letters``).
+    ``schema_version`` = 1; ``site_id``; ``epoch`` (random, 1..2^63-1, chosen when the file is
+    created); ``next_seq`` (the seq the next new envelope gets; never decreases); ``readings``
+    and ``bytes`` (running totals of the ``readings`` table, kept in the same transactions so
+    that opening a large spool does not scan it); ``created_ns``.
+``readings(rid INTEGER PRIMARY KEY, envelope BLOB)``
+    One row per message, in commit order (``rid``, local to this file). ``envelope`` is the
+    serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
+    dedupes on. For envelopes created in this file ``epoch`` is the file's and ``seq`` runs with
+    ``rid``; envelopes salvaged from a quarantined file keep their original identity, so a
+    reading that was already delivered is recognised as a duplicate, never doubled. Rows are
+    deleted only once an ingest node answered COMMITTED or DUPLICATE for them (or REJECTED,
+    after they were copied to ``dead_letters``).
 ``dead_letters(id INTEGER PRIMARY KEY, at_ns, source, topic, payload BLOB, reason, detail)``
     Messages that will never be sent (undecodable payloads, ingest rejections), kept for an
     operator; written in the same transaction that lets the broker message be acked.
 ``recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, PRIMARY KEY (source, slot))``
     A ring, per source, of the digests of the last ``ring_size`` messages committed (``n``
-    counts messages per source; ``slot`` = ``n`` mod ``ring_size``). A broker
-    redelivers (MQTT DUP=1, AMQP ``redelivered``) only messages it sent but saw no ack for, and
-    it never has more unacked than the receive window, so a ring twice that size holds every
-    message that can come back. A *flagged* redelivery whose digest is in the ring is acked
-    without being stored again; unflagged identical payloads are separate readings.
+    counts messages per source; ``slot`` = ``n`` mod ``ring_size``). A broker redelivers
+    (MQTT DUP=1, AMQP ``redelivered``) only messages it sent but saw no ack for, and it never
+    has more unacked than the receive window, so a ring twice that size holds every message
+    that can come back. A *flagged* redelivery whose digest is in the ring is acked without
+    being stored again; unflagged identical payloads are separate readings.
 
 Invariants
 ==========
 1. A broker message is acked only after the transaction holding its envelope (or its dead
    letter, or its ring match) has committed with ``synchronous=FULL``: an acked message survives
    a crash or power loss.
-2. ``seq`` is dense and strictly increasing per (site_id, epoch), and never reused: ``next_seq``
-   is stored in the same transaction as the rows it numbers.
+2. New envelopes get dense, strictly increasing seqs per (site_id, epoch), never reused:
+   ``next_seq`` is stored in the same transaction as the rows it numbers.
 3. Deletes are not fsynced on their own (``synchronous=NORMAL`` for them); the WAL is
    append-only, so a crash can only undo recent deletes, whose rows are then resent and
    answered DUPLICATE by the ingest. Never a loss, never a double in the consumed stream.
@@ -41,13 +44,25 @@ Bounds
 ``max_bytes`` bounds the envelope bytes held. A commit that would exceed it raises
 ``SpoolFull`` and nothing of it is written: the caller stops acking the broker (backpressure),
 so readings wait in the broker's persistent session. ``PRAGMA max_page_count`` caps the file a
-little above ``max_bytes`` so that a full disk surfaces as ``SQLITE_FULL`` (also ``SpoolFull``)
-before the filesystem is exhausted.
+little above ``max_bytes``, and a full disk (``SQLITE_FULL``, ENOSPC) is ``SpoolFull`` too.
 
 Recovery
 ========
-Opening checks ``schema_version`` and ``site_id``; a mismatch is a ``SpoolError`` naming the
-file (the operator decides; nothing is deleted). SQLite's WAL recovery handles torn writes.
+SQLite's WAL recovery handles torn writes after a crash or power loss. A file that SQLite
+reports as corrupt (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``: a wrong header, garbage pages, a
+truncated file), or whose ``schema_version`` or tables are not this version's, is never
+repaired in place and never stops the agent:
+
+1. the file and its ``-wal``/``-shm`` are renamed ``<path>.corrupt-<UTC timestamp>`` (kept for
+   an operator, never deleted);
+2. every ``readings`` row that can still be read and parses as an envelope of this site is
+   copied, in ``rid`` order and with its identity unchanged, into a fresh file with a new
+   epoch; what could not be read is counted;
+3. a ``spool.quarantined`` event (level error) and counters report it; the agent continues.
+
+This happens at open or, when corruption shows up later, on the operation that hit it; that
+operation raises ``SpoolReset`` so callers drop positions (rids) that belonged to the old file.
+A spool of another ``site_id`` is a configuration mistake, not corruption: ``SpoolError``.
 
 All methods are synchronous and must be called from one thread (``AsyncSpool`` runs them on a
 dedicated thread so fsyncs never block the event loop).
@@ -56,6 +71,9 @@ dedicated thread so fsyncs never block the event loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import logging
 import secrets
 import sqlite3
 import time
@@ -66,19 +84,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from bridge._pb import bridge_pb2 as pb
+from bridge.telemetry import event
+
 SCHEMA_VERSION = 1
 _PAGE = 4096
+_TABLES = {"meta", "readings", "dead_letters", "recent"}
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE",
+            "SQLITE_CORRUPT_VTAB", "SQLITE_IOERR_SHORT_READ"}
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class SpoolError(Exception):
-    """The spool file cannot be used (wrong site, unknown schema, unreadable)."""
+    """The spool file cannot be used (it belongs to another site, or its directory is unusable)."""
 
 
 class SpoolFull(Exception):
     """The commit would exceed ``max_bytes`` or the disk is full; nothing was written."""
+
+
+class SpoolReset(Exception):
+    """The file was found corrupt and replaced (see Recovery); positions (rids) are void."""
+
+
+class _Corrupt(Exception):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +140,14 @@ class SpoolStats:
     dead_letters: int
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    moved_to: Path
+    reason: str
+    salvaged: int
+    unreadable: int
+
+
 class RedeliveryRing:
     """In-memory mirror of one source's ``recent`` ring (a multiset of digests)."""
 
@@ -135,58 +175,149 @@ class RedeliveryRing:
         self._count[digest] += 1
 
 
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name in _CORRUPT or "malformed" in str(exc) or "not a database" in str(exc)
+
+
 class Spool:
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
                  ring_sizes: dict[str, int] | None = None) -> None:
         self.path = path
+        self.site_id = site_id
         self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.ring_sizes = dict(ring_sizes or {})
+        self.generation = 0
+        self.quarantines: list[Quarantine] = []
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"{path.parent}: cannot create the spool directory: {exc}") \
+                from exc
+        try:
+            self._open()
+        except _Corrupt as exc:
+            self._recover(str(exc))
+
+    # -- opening and recovery ----------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Open or create the file; ``_Corrupt`` if it is not a usable spool of this version."""
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"{self.path}: cannot open the spool: {exc}") from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA journal_size_limit=67108864")
-            self._init_schema(site_id)
-            # Headroom: the file may grow past max_bytes (indexes, free pages, the WAL's own
-            # checkpoints) but not without limit.
-            pages = max(2 * max_bytes // _PAGE + 4096, 8192)
+            self._init_schema()
+            pages = max(2 * self.max_bytes // _PAGE + 4096, 8192)
             self._db.execute(f"PRAGMA max_page_count={pages}")
+            (self._next_rid,) = self._db.execute(
+                "SELECT coalesce(max(rid), 0) + 1 FROM readings").fetchone()
+            self.rings = {}
+            for source, size in self.ring_sizes.items():
+                rows = self._db.execute("SELECT n, digest FROM recent WHERE source=?",
+                                        (source,)).fetchall()
+                self.rings[source] = RedeliveryRing(size, rows)
         except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"{path}: cannot open the spool: {exc}") from exc
-        self.rings: dict[str, RedeliveryRing] = {}
-        for source, size in (ring_sizes or {}).items():
-            rows = self._db.execute("SELECT n, digest FROM recent WHERE source=?",
-                                    (source,)).fetchall()
-            self.rings[source] = RedeliveryRing(size, rows)
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                raise SpoolError(f"{self.path}: cannot open the spool: {exc}") from exc
+            raise _Corrupt(f"{type(exc).__name__}: {exc}") from exc
+        except _Corrupt:
+            self._db.close()
+            raise
 
-    def _init_schema(self, site_id: str) -> None:
+    def _init_schema(self) -> None:
         db = self._db
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "meta" not in tables:
+        if not tables:
             db.execute("BEGIN IMMEDIATE")
             db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value)")
-            db.execute("CREATE TABLE readings(seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL)")
+            db.execute("CREATE TABLE readings(rid INTEGER PRIMARY KEY, envelope BLOB NOT NULL)")
             db.execute("CREATE TABLE dead_letters(id INTEGER PRIMARY KEY, at_ns INTEGER, "
                        "source TEXT, topic TEXT, payload BLOB, reason TEXT, detail TEXT)")
             db.execute("CREATE TABLE recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, "
                        "PRIMARY KEY (source, slot)) WITHOUT ROWID")
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("schema_version", SCHEMA_VERSION), ("site_id", site_id),
+                ("schema_version", SCHEMA_VERSION), ("site_id", self.site_id),
                 ("epoch", secrets.randbelow(2**63 - 1) + 1), ("next_seq", 1),
                 ("readings", 0), ("bytes", 0), ("created_ns", time.time_ns()),
             ])
             db.execute("COMMIT")
+            tables = set(_TABLES)
+        if not tables.issuperset(_TABLES):
+            raise _Corrupt(f"missing tables {sorted(_TABLES - tables)}")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != SCHEMA_VERSION:
-            raise SpoolError(f"{self.path}: schema version {meta.get('schema_version')!r}, "
-                             f"this agent reads {SCHEMA_VERSION}")
-        if meta.get("site_id") != site_id:
+            raise _Corrupt(f"schema version {meta.get('schema_version')!r}, this agent reads "
+                           f"{SCHEMA_VERSION}")
+        if meta.get("site_id") != self.site_id:
+            db.close()
             raise SpoolError(f"{self.path}: spool belongs to site {meta.get('site_id')!r}, "
-                             f"not {site_id!r}; point spool.path elsewhere")
-        self.epoch: int = meta["epoch"]
-        self.next_seq: int = meta["next_seq"]
-        self.readings: int = meta["readings"]
-        self.bytes: int = meta["bytes"]
+                             f"not {self.site_id!r}; point spool.path elsewhere")
+        try:
+            self.epoch: int = int(meta["epoch"])
+            self.next_seq: int = int(meta["next_seq"])
+            self.readings: int = int(meta["readings"])
+            self.bytes: int = int(meta["bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _Corrupt(f"unreadable meta: {exc}") from exc
+
+    def _recover(self, reason: str) -> None:
+        """Move the file aside, start a fresh one, copy in what can be salvaged (see Recovery)."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(Path(f"{moved}{suffix}"))
+        salvage, unreadable = _salvage(moved, self.site_id)
+        try:
+            self._open()
+        except _Corrupt as exc:  # a fresh file cannot be corrupt: the directory is unusable
+            raise SpoolError(f"{self.path}: cannot create a fresh spool: {exc}") from exc
+        if salvage:
+            self._append_salvaged(salvage)
+        q = Quarantine(moved_to=moved, reason=reason, salvaged=len(salvage),
+                       unreadable=unreadable)
+        self.quarantines.append(q)
+        self.generation += 1
+        event("spool.quarantined", level=logging.ERROR, spool=str(self.path),
+              moved_to=str(moved), reason=reason, salvaged=q.salvaged, unreadable=unreadable,
+              new_epoch=f"{self.epoch:016x}")
+
+    def _append_salvaged(self, blobs: list[bytes]) -> None:
+        db = self._db
+        size = sum(len(b) for b in blobs)
+        first = self._next_rid
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO readings VALUES (?, ?)",
+                           [(first + i, b) for i, b in enumerate(blobs)])
+            db.executemany("UPDATE meta SET value=? WHERE key=?", [
+                (self.readings + len(blobs), "readings"), (self.bytes + size, "bytes")])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._next_rid += len(blobs)
+        self.readings += len(blobs)
+        self.bytes += size
+
+    def _guard(self, fn: Callable[[], R]) -> R:
+        """Run a database operation; corruption replaces the file and raises SpoolReset."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._recover(f"{type(exc).__name__}: {exc}")
+            raise SpoolReset(str(exc)) from exc
 
     def close(self) -> None:
         self._db.close()
@@ -194,15 +325,19 @@ class Spool:
     # -- append side -----------------------------------------------------------------------
 
     def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = ()) -> list[int]:
-        """Append envelopes and dead letters in one durable transaction; returns their seqs."""
-        seq = self.next_seq
+        """Append envelopes and dead letters in one durable transaction; returns their rids."""
+        return self._guard(lambda: self._commit(pending, dead))
+
+    def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter]) -> list[int]:
+        seq, rid = self.next_seq, self._next_rid
         rows: list[tuple[int, bytes]] = []
         size = 0
         for p in pending:
             blob = p.build(seq)
-            rows.append((seq, blob))
+            rows.append((rid, blob))
             size += len(blob)
             seq += 1
+            rid += 1
         if rows and self.bytes + size > self.max_bytes:
             raise SpoolFull(f"{self.bytes + size} bytes would exceed max_bytes={self.max_bytes}")
         ring_rows = []
@@ -232,18 +367,20 @@ class Spool:
                     (self.bytes + size, "bytes")])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            if "full" in str(exc).lower():
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(exc):
                 raise SpoolFull(str(exc)) from exc
             raise
         for source, _, _, digest in ring_rows:
             self.rings[source].push(digest)
         self.next_seq = seq
+        self._next_rid = rid
         self.readings += len(rows)
         self.bytes += size
-        return [s for s, _ in rows]
+        return [r for r, _ in rows]
 
     def claim_redelivery(self, source: str, digest: bytes) -> bool:
         ring = self.rings.get(source)
@@ -251,22 +388,34 @@ class Spool:
 
     # -- send side -------------------------------------------------------------------------
 
-    def read_after(self, seq: int, *, max_rows: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """The next rows with seq > ``seq``, in order, at most ``max_bytes`` (at least one)."""
-        cur = self._db.execute("SELECT seq, envelope FROM readings WHERE seq > ? ORDER BY seq "
-                               "LIMIT ?", (seq, max_rows))
-        out: list[tuple[int, bytes]] = []
-        total = 0
-        for s, blob in cur:
-            if out and total + len(blob) > max_bytes:
-                break
-            out.append((s, blob))
-            total += len(blob)
-        cur.close()
-        return out
+    def read_after(self, rid: int, *, max_rows: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one)."""
+        def read() -> list[tuple[int, bytes]]:
+            cur = self._db.execute("SELECT rid, envelope FROM readings WHERE rid > ? "
+                                   "ORDER BY rid LIMIT ?", (rid, max_rows))
+            out: list[tuple[int, bytes]] = []
+            total = 0
+            for r, blob in cur:
+                if out and total + len(blob) > max_bytes:
+                    break
+                out.append((r, blob))
+                total += len(blob)
+            cur.close()
+            return out
+        return self._guard(read)
 
-    def release(self, first: int, last: int, rejected: Sequence[tuple[int, str]] = ()) -> None:
-        """Forget seqs ``first..last`` (acked); rejected ones are copied to dead letters first."""
+    def release(self, first: int, last: int, rejected: Sequence[tuple[int, str]] = (), *,
+                generation: int | None = None) -> None:
+        """Forget rids ``first..last`` (acked); rejected ones are copied to dead letters first.
+
+        ``generation`` is the file generation the rids were read from: after a quarantine the
+        old rids mean nothing and the call does nothing.
+        """
+        if generation is not None and generation != self.generation:
+            return
+        self._guard(lambda: self._release(first, last, rejected))
+
+    def _release(self, first: int, last: int, rejected: Sequence[tuple[int, str]]) -> None:
         db = self._db
         db.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -277,16 +426,17 @@ class Spool:
                     db.executemany(
                         "INSERT INTO dead_letters(at_ns, source, topic, payload, reason, detail)"
                         " SELECT ?, 'uplink', '', envelope, 'rejected', ? FROM readings"
-                        " WHERE seq = ?", [(now, reason, s) for s, reason in rejected])
+                        " WHERE rid = ?", [(now, reason, r) for r, reason in rejected])
                 n, size = db.execute("SELECT count(*), coalesce(sum(length(envelope)), 0) "
-                                     "FROM readings WHERE seq BETWEEN ? AND ?",
+                                     "FROM readings WHERE rid BETWEEN ? AND ?",
                                      (first, last)).fetchone()
-                db.execute("DELETE FROM readings WHERE seq BETWEEN ? AND ?", (first, last))
+                db.execute("DELETE FROM readings WHERE rid BETWEEN ? AND ?", (first, last))
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
                     (self.readings - n, "readings"), (self.bytes - size, "bytes")])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             self.readings -= n
             self.bytes -= size
@@ -294,14 +444,87 @@ class Spool:
             db.execute("PRAGMA synchronous=FULL")
 
     def stats(self) -> SpoolStats:
-        (dead,) = self._db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        (dead,) = self._guard(
+            lambda: self._db.execute("SELECT count(*) FROM dead_letters").fetchone())
         return SpoolStats(readings=self.readings, bytes=self.bytes, next_seq=self.next_seq,
                           epoch=self.epoch, dead_letters=dead)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self._db.execute("SELECT source, topic, payload, reason, detail FROM dead_letters "
-                                "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._guard(lambda: self._db.execute(
+            "SELECT source, topic, payload, reason, detail FROM dead_letters ORDER BY id DESC "
+            "LIMIT ?", (limit,)).fetchall())
         return [DeadLetter(*r) for r in rows]
+
+
+def _salvage(path: Path, site_id: str) -> tuple[list[bytes], int]:
+    """Every readable envelope of ``site_id`` in a quarantined file, in rid order.
+
+    Returns (envelopes, unreadable) where unreadable counts rows or row ranges lost.
+    """
+    out: list[bytes] = []
+    unreadable = 0
+    try:
+        # Not mode=ro: a WAL file needs its -shm (created on open) and WAL recovery to be read.
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA query_only=1")
+        # A truncated file has fewer pages than its header says; SQLite refuses to read it at
+        # all unless writable_schema is on, and then reads the pages that are there.
+        db.execute("PRAGMA writable_schema=ON")
+    except sqlite3.Error:
+        return out, 1
+    try:
+        try:
+            lo, hi = db.execute("SELECT min(rid), max(rid) FROM readings").fetchone()
+        except sqlite3.Error:
+            lo = hi = None
+        if lo is None or hi is None:
+            # No usable rid range: try one plain scan and keep what comes out before an error.
+            return _scan(db, "SELECT envelope FROM readings", (), site_id, out), 1
+        chunk = 1000
+        for start in range(lo, hi + 1, chunk):
+            before = len(out)
+            try:
+                _scan(db, "SELECT envelope FROM readings WHERE rid >= ? AND rid < ? ORDER BY rid",
+                      (start, start + chunk), site_id, out, strict=True)
+            except sqlite3.Error:
+                del out[before:]
+                # Retry the chunk row by row to keep what is readable.
+                for rid in range(start, min(start + chunk, hi + 1)):
+                    try:
+                        row = db.execute("SELECT envelope FROM readings WHERE rid = ?",
+                                         (rid,)).fetchone()
+                    except sqlite3.Error:
+                        unreadable += 1
+                        continue
+                    if row is not None and not _keep(row[0], site_id, out):
+                        unreadable += 1
+    finally:
+        db.close()
+    return out, unreadable
+
+
+def _scan(db: sqlite3.Connection, sql: str, args: tuple[int, ...], site_id: str,
+          out: list[bytes], *, strict: bool = False) -> list[bytes]:
+    try:
+        for (blob,) in db.execute(sql, args):
+            _keep(blob, site_id, out)
+    except sqlite3.Error:
+        if strict:
+            raise
+    return out
+
+
+def _keep(blob: object, site_id: str, out: list[bytes]) -> bool:
+    if not isinstance(blob, bytes):
+        return False
+    try:
+        env = pb.Envelope.FromString(blob)
+    except Exception:  # noqa: BLE001 - any garbage is simply not salvageable
+        return False
+    if env.site_id != site_id or env.epoch == 0 or env.seq == 0:
+        return False
+    out.append(blob)
+    return True
 
 
 class AsyncSpool:

@@ -78,6 +78,11 @@ class AgentMetrics:
                                     registry=r)
         self.spool_bytes = Gauge("bridge_spool_bytes", "Envelope bytes held in the spool",
                                  registry=r)
+        self.spool_quarantines = Gauge("bridge_spool_quarantines",
+                                       "Corrupt spool files moved aside since start", registry=r)
+        self.spool_salvaged = Gauge("bridge_spool_salvaged_readings",
+                                    "Readings salvaged from quarantined spool files since start",
+                                    registry=r)
         self.spool_commits = Counter("bridge_spool_commits", "Spool group commits", registry=r)
         self.spool_full = Counter("bridge_spool_full", "Commits refused because the spool is full",
                                   registry=r)

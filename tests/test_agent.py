@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 from tests.conftest import Cluster, Publisher, idle, publish_raw, wait_delivered, wait_for
 
@@ -187,3 +189,32 @@ def test_bridge_status_shows_a_running_agents_spool_sources_and_endpoints(cluste
                           str(agent.config)], capture_output=True, text=True, timeout=30,
                          check=False)
     assert res.returncode == 2 and "no agent answering" in res.stderr
+
+
+def test_a_corrupted_spool_is_salvaged_and_the_agent_keeps_running(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    cluster.nodes["aws"].proc.kill()
+    first = Publisher(cluster, count=3000, rate=0).join()
+    wait_for(lambda: agent.status()["spool"]["readings"] == first, what="backlog spooled")
+    agent.proc.stop()
+    spool = cluster.workdir / "spool-site-a.db"
+    size = spool.stat().st_size
+    with spool.open("r+b") as f:  # garbage over a run of pages in the middle of the backlog
+        f.seek(size // 2 // 4096 * 4096)
+        f.write(bytes(range(256)) * 16 * 6)
+    agent.start()
+    agent.wait_subscribed()
+    cluster.restart_ingest("aws")
+    second = Publisher(cluster, count=200, rate=0).join()
+    wait_for(lambda: idle(agent) and agent.status()["spool"]["quarantined"] != [],
+             timeout=60, what="salvage and delivery")
+    (q,) = agent.status()["spool"]["quarantined"]
+    assert 0 < q["salvaged"] < first and Path(q["moved_to"]).exists()
+    assert agent.proc.alive()
+    assert f"bridge_spool_salvaged_readings {float(q['salvaged'])}" in agent.metrics()
+    stream, _ = cluster.consume()
+    by_epoch = Counter(c.envelope.epoch for c in stream)
+    assert sorted(by_epoch.values()) == sorted([q["salvaged"], second]), \
+        "salvaged readings keep their old epoch; new ones start a new epoch"
+    assert len({(c.envelope.epoch, c.envelope.seq) for c in stream}) == len(stream)

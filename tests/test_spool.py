@@ -7,18 +7,20 @@ import pytest
 from bridge._pb import bridge_pb2 as pb
 from bridge.spool import DeadLetter, Pending, Spool, SpoolError, SpoolFull
 
+EPOCH = 77  # what the agent's envelopes carry: the spool's epoch (fixed here for the tests)
+
 
 def pending(n: int, *, source: str = "plant", size: int = 10) -> list[Pending]:
     def build(i: int):
-        return lambda seq: pb.Envelope(site_id="s", seq=seq, raw=bytes([i % 256]) * size) \
-            .SerializeToString()
+        return lambda seq: pb.Envelope(site_id="s", epoch=EPOCH, seq=seq,
+                                       raw=bytes([i % 256]) * size).SerializeToString()
     return [Pending(source=source, digest=i.to_bytes(16, "big"), build=build(i))
             for i in range(n)]
 
 
 def test_seqs_are_dense_and_survive_reopen_and_release(tmp_path: Path):
     sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20)
-    assert sp.commit(pending(3)) == [1, 2, 3]
+    assert sp.commit(pending(3)) == [1, 2, 3]  # rids
     epoch = sp.epoch
     rows = sp.read_after(0, max_rows=10, max_bytes=1 << 20)
     assert [s for s, _ in rows] == [1, 2, 3]
@@ -27,7 +29,10 @@ def test_seqs_are_dense_and_survive_reopen_and_release(tmp_path: Path):
     sp.close()
     sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20)
     assert (sp.epoch, sp.readings, sp.bytes) == (epoch, 0, 0)
-    assert sp.commit(pending(2)) == [4, 5], "seqs are never reused, even after release"
+    sp.commit(pending(2))
+    rows = sp.read_after(0, max_rows=10, max_bytes=1 << 20)
+    assert [pb.Envelope.FromString(b).seq for _, b in rows] == [4, 5], \
+        "seqs are never reused, even after release and reopen"
 
 
 def test_read_after_respects_the_byte_bound_but_always_returns_one_row(tmp_path: Path):

@@ -21,7 +21,7 @@ import uuid
 from bridge._pb import bridge_pb2 as pb
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch
-from bridge.spool import AsyncSpool
+from bridge.spool import AsyncSpool, SpoolReset
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.pool import Endpoint, EndpointPool
@@ -46,6 +46,7 @@ class Sender:
     async def run(self) -> None:
         """Dispatch batches until ``stop()``; then wait for the batches in flight."""
         cursor = 0
+        generation = self.spool.spool.generation
         slots = asyncio.Semaphore(self.config.max_in_flight)
         async with asyncio.TaskGroup() as tg:
             while not self._stopping.is_set():
@@ -53,25 +54,35 @@ class Sender:
                 if self._stopping.is_set():
                     break
                 self.spool.appended.clear()
-                rows = await self.spool.run(self.spool.spool.read_after, cursor,
-                                            max_rows=self.config.batch_max_readings,
-                                            max_bytes=self.config.batch_max_bytes)
+                if self.spool.spool.generation != generation:
+                    # The file was quarantined and replaced: its rids start over.
+                    cursor, generation = 0, self.spool.spool.generation
+                try:
+                    rows = await self.spool.run(self.spool.spool.read_after, cursor,
+                                                max_rows=self.config.batch_max_readings,
+                                                max_bytes=self.config.batch_max_bytes)
+                except SpoolReset:
+                    slots.release()
+                    continue
                 if not rows:
                     slots.release()
                     await self.spool.appended.wait()
                     continue
                 cursor = rows[-1][0]
-                tg.create_task(self._deliver(rows, slots), name=f"batch-{rows[0][0]}")
+                tg.create_task(self._deliver(rows, generation, slots),
+                               name=f"batch-{rows[0][0]}")
 
-    async def _deliver(self, rows: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+    async def _deliver(self, rows: list[tuple[int, bytes]], generation: int,
+                       slots: asyncio.Semaphore) -> None:
         self.in_flight += 1
         try:
-            await self._deliver_until_acked(rows)
+            await self._deliver_until_acked(rows, generation)
         finally:
             self.in_flight -= 1
             slots.release()
 
-    async def _deliver_until_acked(self, rows: list[tuple[int, bytes]]) -> None:
+    async def _deliver_until_acked(self, rows: list[tuple[int, bytes]],
+                                   generation: int) -> None:
         batch_id = str(uuid.uuid4())
         blob = encode_batch(batch_id, [b for _, b in rows])
         first, last = rows[0][0], rows[-1][0]
@@ -107,9 +118,11 @@ class Sender:
                 continue
             self.pool.record(ep, None)
             elapsed = time.perf_counter() - t0
-            rejected = [(r.seq, r.reason) for r in ack.results
+            rejected = [(rid, r.reason) for (rid, _), r in zip(rows, ack.results, strict=True)
                         if r.disposition == pb.DISPOSITION_REJECTED]
-            await self.spool.run(self.spool.spool.release, first, last, rejected)
+            with contextlib.suppress(SpoolReset):  # replaced file: these rids are gone anyway
+                await self.spool.run(self.spool.spool.release, first, last, rejected,
+                                     generation=generation)
             counts: dict[str, int] = {}
             for r in ack.results:
                 d = _DISPOSITIONS.get(r.disposition, "unknown")
