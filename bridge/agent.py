@@ -147,7 +147,8 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         ring_sizes = {s.name: 2 * s.receive_maximum for s in config.sources}
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
-                                      max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes))
+                                      max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
+                                      reserve_bytes=config.spool.reserve_bytes))
         up = config.uplink
         b = up.breaker
         self.proxies: dict[str, BindProxy] = {}

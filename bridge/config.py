@@ -218,6 +218,7 @@ class SpoolConfig:
     path: Path
     max_bytes: int
     commit_max_messages: int
+    reserve_bytes: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,6 +352,14 @@ def load_agent(path: Path) -> AgentConfig:
         max_bytes=spool_t.integer("max_bytes", 1 << 30, minimum=1 << 20),
         commit_max_messages=spool_t.integer("commit_max_messages", 1000, minimum=1,
                                             maximum=100_000),
+        reserve_bytes=spool_t.integer("reserve_bytes", 32 << 20, minimum=0),
+    )
+    if 0 < spool.reserve_bytes < 8 << 20:
+        raise spool_t.error("reserve_bytes", "must be 0 (no reserve) or at least 8388608 "
+                            "(8 MiB): it must cover a checkpoint of the spool's WAL")
+    spool = SpoolConfig(
+        path=spool.path, max_bytes=spool.max_bytes,
+        commit_max_messages=spool.commit_max_messages, reserve_bytes=spool.reserve_bytes,
     )
     spool_t.done()
 

@@ -260,7 +260,8 @@ class AgentProc:
 def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: list[IngestProc],
           topics: tuple[str, ...] = ("#",), extra: str = "", uplink_extra: str = "",
           http_port: int = 0, interfaces: dict[str, str] | None = None,
-          names: list[str] | None = None) -> AgentProc:
+          names: list[str] | None = None, spool_extra: str = "",
+          spool_dir: Path | None = None) -> AgentProc:
     """An agent's config and process; ``names`` renames endpoints (to list one node twice)."""
     http_port = http_port or free_port()
     cfg = workdir / f"agent-{site}.toml"
@@ -272,7 +273,7 @@ def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: lis
     topic_list = ", ".join(f'"{t}"' for t in topics)
     cfg.write_text(
         f'site_id = "{site}"\n{extra}'
-        f'[spool]\npath = "{workdir / f"spool-{site}.db"}"\n'
+        f'[spool]\npath = "{(spool_dir or workdir) / f"spool-{site}.db"}"\n{spool_extra}'
         + _tls_toml(pkis.site(site))
         + f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{mqtt_port}"\n'
           f"topics = [{topic_list}]\n"

@@ -65,8 +65,9 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
         timeout_s: float = 60.0) -> Progress:
     """Publish ``count`` messages at ``rate`` per second (0 = as fast as the broker takes)."""
     prog = progress or Progress()
-    lock = threading.Lock()
+    lock = threading.Condition()
     done = threading.Event()
+    window = 1000  # unacknowledged messages at most: paho's queue stays small and fast
 
     def on_publish(client: mqtt.Client, userdata: object, mid: int, reason: object,
                    properties: object) -> None:
@@ -77,6 +78,7 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
                 prog.acked += 1
             if prog.acked + prog.failed >= count:
                 done.set()
+            lock.notify_all()
 
     connected = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{site}-{time.time_ns()}",
@@ -100,6 +102,11 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
                 ahead = (n - 1) / rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
+            with lock:
+                while prog.sent - prog.acked - prog.failed >= window:
+                    if not lock.wait(timeout_s):
+                        raise TimeoutError(f"simulator: no PUBACK from the broker for "
+                                           f"{timeout_s:.0f} s")
             topic, payload = message(profile=profile, site=site, n=n, t0=wall0, rng=rng)
             client.publish(topic, payload, qos=1)
             prog.sent += 1

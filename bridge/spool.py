@@ -46,6 +46,16 @@ Bounds
 so readings wait in the broker's persistent session. ``PRAGMA max_page_count`` caps the file a
 little above ``max_bytes``, and a full disk (``SQLITE_FULL``, ENOSPC) is ``SpoolFull`` too.
 
+Headroom: deleting rows still writes to the WAL, and a WAL never shrinks by itself. When the
+disk is full, the spool checkpoints with ``TRUNCATE`` (the WAL's space goes back to the disk)
+and retries; ``<path>.reserve``, a preallocated file of ``reserve_bytes``, is given up if that
+is not enough: it must cover a checkpoint of the whole WAL, which is kept at or below 4 MiB
+(``wal_autocheckpoint`` 1000 pages, ``journal_size_limit``), so ``reserve_bytes`` >= 8 MiB.
+So the spool can always shrink, and a full disk never wedges it. While space is tight every
+release is followed by an incremental vacuum (the file is created with
+``auto_vacuum=INCREMENTAL``) and a truncating checkpoint; the reserve is put back once the disk
+has room for it twice over.
+
 Recovery
 ========
 SQLite's WAL recovery handles torn writes after a crash or power loss. A file that SQLite
@@ -74,6 +84,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -88,6 +99,7 @@ from bridge._pb import bridge_pb2 as pb
 from bridge.telemetry import event
 
 SCHEMA_VERSION = 1
+WAL_LIMIT = 4 << 20
 _PAGE = 4096
 _TABLES = {"meta", "readings", "dead_letters", "recent"}
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE",
@@ -175,6 +187,10 @@ class RedeliveryRing:
         self._count[digest] += 1
 
 
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(exc)
+
+
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     name = getattr(exc, "sqlite_errorname", "") or ""
     return name in _CORRUPT or "malformed" in str(exc) or "not a database" in str(exc)
@@ -182,10 +198,13 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 
 class Spool:
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
-                 ring_sizes: dict[str, int] | None = None) -> None:
+                 ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0) -> None:
         self.path = path
         self.site_id = site_id
         self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self.reserve = path.with_name(path.name + ".reserve")
+        self._tight = False  # the disk was found full: checkpoint after every release
         self.ring_sizes = dict(ring_sizes or {})
         self.generation = 0
         self.quarantines: list[Quarantine] = []
@@ -198,6 +217,28 @@ class Spool:
             self._open()
         except _Corrupt as exc:
             self._recover(str(exc))
+        self._ensure_reserve()
+
+    def _ensure_reserve(self) -> None:
+        """Preallocate the headroom file if it is missing and the disk has room for it."""
+        if self.reserve_bytes <= 0 or self.reserve.exists():
+            return
+        st = os.statvfs(self.path.parent)
+        if st.f_bavail * st.f_frsize < 2 * self.reserve_bytes:
+            return
+        try:
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.reserve.unlink(missing_ok=True)
+            event("spool.reserve_failed", level=logging.WARNING, path=str(self.reserve),
+                  reason=str(exc))
+            return
+        event("spool.reserve_created", path=str(self.reserve), bytes=self.reserve_bytes)
 
     # -- opening and recovery ----------------------------------------------------------------
 
@@ -208,9 +249,15 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"{self.path}: cannot open the spool: {exc}") from exc
         try:
+            # Only takes effect on a new file, and must come before anything writes to it:
+            # lets a drained spool give its pages back to the disk (see Bounds).
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA journal_size_limit=67108864")
+            # The WAL is checkpointed at 1000 pages (4 MiB) and truncated back to 4 MiB after,
+            # so it never holds more than the reserve can cover on a full disk.
+            self._db.execute("PRAGMA wal_autocheckpoint=1000")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._init_schema()
             pages = max(2 * self.max_bytes // _PAGE + 4096, 8192)
             self._db.execute(f"PRAGMA max_page_count={pages}")
@@ -371,7 +418,9 @@ class Spool:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(exc):
+            if _is_full(exc):
+                self._tight = True
+                self._truncate_wal()
                 raise SpoolFull(str(exc)) from exc
             raise
         for source, _, _, digest in ring_rows:
@@ -413,7 +462,39 @@ class Spool:
         """
         if generation is not None and generation != self.generation:
             return
-        self._guard(lambda: self._release(first, last, rejected))
+        remedies = [self._truncate_wal, self._give_up_reserve]
+        while True:
+            try:
+                self._guard(lambda: self._release(first, last, rejected))
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                self._tight = True
+                if not remedies:
+                    raise SpoolFull(f"cannot delete acknowledged rows: {exc}") from exc
+                remedies.pop(0)()
+        if self._tight:
+            self._truncate_wal()
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize >= 2 * max(self.reserve_bytes, 1 << 20):
+                self._tight = False
+                self._ensure_reserve()
+
+    def _give_up_reserve(self) -> None:
+        if self.reserve.exists():
+            self.reserve.unlink()
+            event("spool.reserve_used", level=logging.WARNING, path=str(self.reserve),
+                  reason="disk full: headroom released so acknowledged rows can be deleted")
+        self._truncate_wal()
+
+    def _truncate_wal(self) -> None:
+        """Return free pages and the WAL's space to the filesystem (checkpoint, truncate)."""
+        with contextlib.suppress(sqlite3.Error):
+            # executescript steps it to completion; execute() frees a single page.
+            self._db.executescript("PRAGMA incremental_vacuum;")
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _release(self, first: int, last: int, rejected: Sequence[tuple[int, str]]) -> None:
         db = self._db

@@ -117,11 +117,13 @@ class Publisher:
         self.progress = simulate.Progress()
         self.error: BaseException | None = None
         self.count = count
+        self.stop = threading.Event()
 
         def run() -> None:
             try:
                 simulate.run(host="127.0.0.1", port=cluster.broker.port, site=site,
-                             count=count, rate=rate, progress=self.progress, timeout_s=120)
+                             count=count, rate=rate, progress=self.progress, timeout_s=120,
+                             stop=self.stop)
             except BaseException as exc:
                 self.error = exc
 

@@ -21,7 +21,7 @@ import uuid
 from bridge._pb import bridge_pb2 as pb
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch
-from bridge.spool import AsyncSpool, SpoolReset
+from bridge.spool import AsyncSpool, SpoolFull, SpoolReset
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.pool import Endpoint, EndpointPool
@@ -120,9 +120,7 @@ class Sender:
             elapsed = time.perf_counter() - t0
             rejected = [(rid, r.reason) for (rid, _), r in zip(rows, ack.results, strict=True)
                         if r.disposition == pb.DISPOSITION_REJECTED]
-            with contextlib.suppress(SpoolReset):  # replaced file: these rids are gone anyway
-                await self.spool.run(self.spool.spool.release, first, last, rejected,
-                                     generation=generation)
+            await self._release(first, last, rejected, generation)
             counts: dict[str, int] = {}
             for r in ack.results:
                 d = _DISPOSITIONS.get(r.disposition, "unknown")
@@ -141,6 +139,23 @@ class Sender:
                   last_seq=last, readings=len(rows), status="OK", flag="-", attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
             return
+
+    async def _release(self, first: int, last: int, rejected: list[tuple[int, str]],
+                       generation: int) -> None:
+        """Delete acknowledged rows; on a full disk keep trying (the rows are safe meanwhile)."""
+        backoff = Backoff(base_s=0.1, cap_s=self.config.backoff_max_s)
+        while True:
+            try:
+                await self.spool.run(self.spool.spool.release, first, last, rejected,
+                                     generation=generation)
+                return
+            except SpoolReset:
+                return  # the file was replaced: these rids are gone anyway
+            except SpoolFull as exc:
+                if backoff.attempt == 0:
+                    event("spool.release_blocked", level=logging.ERROR, reason=str(exc),
+                          first_rid=first, last_rid=last)
+                await backoff.sleep()
 
     async def _push(self, ep: Endpoint, blob: bytes, batch_id: str) -> pb.Ack:
         """One call, abandoned as soon as the endpoint is found down (hung or unreachable)."""
