@@ -66,6 +66,11 @@ def save_cursors(path: Path, cursors: dict[Key, int]) -> None:
 
 def reading_json(c: pb.Committed) -> dict[str, Any]:
     env = c.envelope
+    if env.HasField("dropped"):
+        d = env.dropped
+        return {"site_id": env.site_id, "epoch": f"{env.epoch:016x}", "seq": env.seq,
+                "last_seq": d.last_seq, "dropped": {"reason": d.reason, "count": d.count},
+                "gateway_time_ns": env.gateway_time_ns, "node": c.node}
     values = []
     for v in env.values:
         kind = v.WhichOneof("kind")
@@ -143,9 +148,16 @@ class Merger:
         for key in self._ordered_keys():
             held = self.held[key]
             n = self.cursors.get(key, 0)
+            start = n
             while n + 1 in held:
-                n += 1
-                out.append(held.pop(n))
+                c = held.pop(n + 1)
+                out.append(c)
+                # A tombstone covers seq..dropped.last_seq: the gap is named, not waited for.
+                n = c.envelope.dropped.last_seq if c.envelope.HasField("dropped") else n + 1
+            if n - start > len(out):
+                for seq in [s for s in held if s <= n]:
+                    del held[seq]
+                    self.duplicates += 1
             self.cursors[key] = n
         return out
 
@@ -290,15 +302,20 @@ async def status(*, targets: list[str], tls: TlsConfig,
             entry["clouds"][reply.node] = {
                 "committed_through": s.committed_through, "highest_seq": s.highest_seq,
                 "committed": s.committed, "gaps": [[g.first_seq, g.last_seq] for g in s.gaps]}
+            for d in s.dropped:
+                entry.setdefault("_dropped", {})[(d.first_seq, d.last_seq)] = d.reason
     out = []
     for (site, epoch), entry in sorted(streams.items()):
         merged = union(entry.pop("_iv"))
         wm, gaps = watermark_and_gaps(merged)
         highest = merged[-1][1] if merged else 0
+        dropped = [{"first_seq": a, "last_seq": b, "reason": r}
+                   for (a, b), r in sorted(entry.pop("_dropped", {}).items())]
         out.append({"site_id": site, "epoch": f"{epoch:016x}", "clouds": entry["clouds"],
                     "merged": {"committed_through": wm, "highest_seq": highest,
-                               "readings": sum(b - a + 1 for a, b in merged),
-                               "gaps": [list(g) for g in gaps]}})
+                               "readings": sum(b - a + 1 for a, b in merged)
+                               - sum(d["last_seq"] - d["first_seq"] + 1 for d in dropped),
+                               "gaps": [list(g) for g in gaps], "dropped": dropped}})
     return {"nodes": nodes, "streams": out}
 
 
@@ -317,6 +334,9 @@ def format_status(doc: dict[str, Any]) -> str:
                          f"highest {c['highest_seq']:>10}  gaps: {gaps}")
         gaps = ", ".join(f"{a}-{b}" for a, b in m["gaps"]) or "none"
         verdict = "complete" if not m["gaps"] else "INCOMPLETE"
+        for d in m["dropped"]:
+            lines.append(f"  {'dropped':<10} seqs {d['first_seq']}-{d['last_seq']} at the edge: "
+                         f"{d['reason']}")
         lines.append(f"  {'merged':<10} committed through {m['committed_through']:>10}  "
                      f"highest {m['highest_seq']:>10}  gaps: {gaps}  ({verdict} up to "
                      f"seq {m['committed_through']})")

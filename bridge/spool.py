@@ -7,15 +7,23 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
     ``schema_version`` = 1; ``site_id``; ``epoch`` (random, 1..2^63-1, chosen when the file is
     created); ``next_seq`` (the seq the next new envelope gets; never decreases); ``readings``
     and ``bytes`` (running totals of the ``readings`` table, kept in the same transactions so
-    that opening a large spool does not scan it); ``created_ns``.
-``readings(rid INTEGER PRIMARY KEY, envelope BLOB)``
-    One row per message, in commit order (``rid``, local to this file). ``envelope`` is the
-    serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
+    that opening a large spool does not scan it); ``created_ns``; ``clock`` (the spool clock's
+    last snapshot, JSON, saved with every commit).
+``readings(rid INTEGER PRIMARY KEY, envelope BLOB, prio INTEGER, at REAL)``
+    One row per message, in commit order (``rid``, local to this file). ``prio`` is its class
+    (0 telemetry, 1 event, 2 alarm; 99 a tombstone, never dropped); ``at`` is the spool clock
+    (``bridge.spoolclock``: elapsed seconds, immune to wall-clock jumps) at commit.
+    ``envelope`` is the serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
     dedupes on. For envelopes created in this file ``epoch`` is the file's and ``seq`` runs with
     ``rid``; envelopes salvaged from a quarantined file keep their original identity, so a
     reading that was already delivered is recognised as a duplicate, never doubled. Rows are
     deleted only once an ingest node answered COMMITTED or DUPLICATE for them (or REJECTED,
     after they were copied to ``dead_letters``).
+``drops(id INTEGER PRIMARY KEY, at_ns, reason, epoch, first_seq, last_seq, count)``
+    Every reading a bound forced out (older than ``max_age_s``: ``ttl``; the spool full past
+    the backpressure window: ``spool_full``), one row per contiguous seq range. The same range
+    is sent on as a *tombstone* envelope (``dropped`` set, no values) in place of the readings,
+    so the ingest and the consumers see the gap by name instead of waiting for it.
 ``dead_letters(id INTEGER PRIMARY KEY, at_ns, source, topic, payload BLOB, reason, detail)``
     Messages that will never be sent (undecodable payloads, ingest rejections), kept for an
     operator; written in the same transaction that lets the broker message be acked.
@@ -95,13 +103,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+import orjson
+
 from bridge._pb import bridge_pb2 as pb
+from bridge.spoolclock import SpoolClock
 from bridge.telemetry import event
 
 SCHEMA_VERSION = 1
 WAL_LIMIT = 4 << 20
 _PAGE = 4096
-_TABLES = {"meta", "readings", "dead_letters", "recent"}
+_TABLES = {"meta", "readings", "dead_letters", "recent", "drops"}
+TOMBSTONE = 99
+PRIORITIES = {"telemetry": 0, "event": 1, "alarm": 2}
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE",
             "SQLITE_CORRUPT_VTAB", "SQLITE_IOERR_SHORT_READ"}
 
@@ -141,6 +154,7 @@ class Pending:
     source: str
     digest: bytes
     build: Callable[[int], bytes]
+    prio: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +212,12 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 
 class Spool:
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
-                 ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0) -> None:
+                 ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0,
+                 max_age_s: float = 0.0, clock: SpoolClock | None = None) -> None:
         self.path = path
+        self.max_age_s = max_age_s
+        self.clock = clock or SpoolClock()
+        self.sent_through = 0  # highest rid handed to the uplink: never dropped (in flight)
         self.site_id = site_id
         self.max_bytes = max_bytes
         self.reserve_bytes = reserve_bytes
@@ -283,7 +301,10 @@ class Spool:
         if not tables:
             db.execute("BEGIN IMMEDIATE")
             db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value)")
-            db.execute("CREATE TABLE readings(rid INTEGER PRIMARY KEY, envelope BLOB NOT NULL)")
+            db.execute("CREATE TABLE readings(rid INTEGER PRIMARY KEY, envelope BLOB NOT NULL, "
+                       "prio INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL DEFAULT 0)")
+            db.execute("CREATE TABLE drops(id INTEGER PRIMARY KEY, at_ns INTEGER, reason TEXT, "
+                       "epoch INTEGER, first_seq INTEGER, last_seq INTEGER, count INTEGER)")
             db.execute("CREATE TABLE dead_letters(id INTEGER PRIMARY KEY, at_ns INTEGER, "
                        "source TEXT, topic TEXT, payload BLOB, reason TEXT, detail TEXT)")
             db.execute("CREATE TABLE recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, "
@@ -306,6 +327,9 @@ class Spool:
             raise SpoolError(f"{self.path}: spool belongs to site {meta.get('site_id')!r}, "
                              f"not {self.site_id!r}; point spool.path elsewhere")
         try:
+            saved = meta.get("clock")
+            self.clock.resume(orjson.loads(saved) if saved else None,
+                              max_credit_s=self.max_age_s or 7 * 86400)
             self.epoch: int = int(meta["epoch"])
             self.next_seq: int = int(meta["next_seq"])
             self.readings: int = int(meta["readings"])
@@ -342,8 +366,9 @@ class Spool:
         first = self._next_rid
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO readings VALUES (?, ?)",
-                           [(first + i, b) for i, b in enumerate(blobs)])
+            now = self.clock.now()
+            db.executemany("INSERT INTO readings VALUES (?, ?, 0, ?)",
+                           [(first + i, b, now) for i, b in enumerate(blobs)])
             db.executemany("UPDATE meta SET value=? WHERE key=?", [
                 (self.readings + len(blobs), "readings"), (self.bytes + size, "bytes")])
             db.execute("COMMIT")
@@ -377,11 +402,12 @@ class Spool:
 
     def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter]) -> list[int]:
         seq, rid = self.next_seq, self._next_rid
-        rows: list[tuple[int, bytes]] = []
+        at = self.clock.now()
+        rows: list[tuple[int, bytes, int, float]] = []
         size = 0
         for p in pending:
             blob = p.build(seq)
-            rows.append((rid, blob))
+            rows.append((rid, blob, p.prio, at))
             size += len(blob)
             seq += 1
             rid += 1
@@ -400,7 +426,7 @@ class Spool:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if rows:
-                    db.executemany("INSERT INTO readings VALUES (?, ?)", rows)
+                    db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
                 if dead:
                     now = time.time_ns()
                     db.executemany(
@@ -412,6 +438,8 @@ class Spool:
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
                     (seq, "next_seq"), (self.readings + len(rows), "readings"),
                     (self.bytes + size, "bytes")])
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('clock', ?)",
+                           (orjson.dumps(self.clock.snapshot()).decode(),))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -429,7 +457,120 @@ class Spool:
         self._next_rid = rid
         self.readings += len(rows)
         self.bytes += size
-        return [r for r, _ in rows]
+        return [r for r, _, _, _ in rows]
+
+    # -- drops ------------------------------------------------------------------------------
+
+    def expire(self, *, limit: int = 10_000) -> int:
+        """Drop readings older than ``max_age_s`` (spool clock) as ``ttl``; returns how many."""
+        if self.max_age_s <= 0:
+            return 0
+        cutoff = self.clock.now() - self.max_age_s
+
+        def pick() -> list[tuple[int, bytes, int]]:
+            out: list[tuple[int, bytes, int]] = []
+            cur = self._db.execute("SELECT rid, envelope, prio, at FROM readings WHERE rid > ?"
+                                   " ORDER BY rid LIMIT ?", (self.sent_through, limit))
+            for rid, blob, prio, at in cur:
+                if at >= cutoff:  # rows are appended in clock order: the rest are younger
+                    break
+                if prio != TOMBSTONE:
+                    out.append((rid, blob, prio))
+            cur.close()
+            return out
+
+        return self._guard(lambda: self._drop(pick(), "ttl"))
+
+    def make_room(self, need_bytes: int) -> int:
+        """``drop_oldest``: drop the lowest class first, oldest first, to free ``need_bytes``."""
+        def pick() -> list[tuple[int, bytes, int]]:
+            out: list[tuple[int, bytes, int]] = []
+            freed = 0
+            for prio in sorted(PRIORITIES.values()):
+                cur = self._db.execute("SELECT rid, envelope FROM readings WHERE prio = ? AND "
+                                       "rid > ? ORDER BY rid", (prio, self.sent_through))
+                for rid, blob in cur:
+                    out.append((rid, blob, prio))
+                    freed += len(blob)
+                    if freed >= need_bytes:
+                        break
+                cur.close()
+                if freed >= need_bytes:
+                    break
+            return out
+
+        return self._guard(lambda: self._drop(pick(), "spool_full"))
+
+    def commit_dropped(self, pending: Sequence[Pending], reason: str) -> int:
+        """``reject_new``: number the messages but keep only tombstones; returns how many."""
+        def run() -> int:
+            first = self.next_seq
+            self.next_seq += len(pending)
+            return self._drop([], reason, extra=[(self.epoch, first, self.next_seq - 1)])
+        return self._guard(run) if pending else 0
+
+    def _drop(self, rows: list[tuple[int, bytes, int]], reason: str, *,
+              extra: Sequence[tuple[int, int, int]] = ()) -> int:
+        """Replace rows (and ``extra`` new seq ranges) by tombstones, in one transaction."""
+        seqs: dict[int, list[int]] = {}
+        for _, blob, _ in rows:
+            env = pb.Envelope.FromString(blob)
+            seqs.setdefault(env.epoch, []).append(env.seq)
+        ranges: list[tuple[int, int, int]] = list(extra)
+        for epoch, ss in seqs.items():
+            ss.sort()
+            start = prev = ss[0]
+            for s in ss[1:]:
+                if s != prev + 1:
+                    ranges.append((epoch, start, prev))
+                    start = s
+                prev = s
+            ranges.append((epoch, start, prev))
+        if not ranges:
+            return 0
+        now_ns, at = time.time_ns(), self.clock.now()
+        stones = [pb.Envelope(site_id=self.site_id, epoch=e, seq=a, gateway_time_ns=now_ns,
+                              dropped=pb.DropNotice(reason=reason, last_seq=b,
+                                                    count=b - a + 1)).SerializeToString()
+                  for e, a, b in ranges]
+        freed = sum(len(b) for _, b, _ in rows)
+        added = sum(len(s) for s in stones)
+        rid = self._next_rid
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM readings WHERE rid = ?", [(r,) for r, _, _ in rows])
+            db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)",
+                           [(rid + i, s, TOMBSTONE, at) for i, s in enumerate(stones)])
+            db.executemany("INSERT INTO drops(at_ns, reason, epoch, first_seq, last_seq, count)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           [(now_ns, reason, e, a, b, b - a + 1) for e, a, b in ranges])
+            readings = self.readings - len(rows) + len(stones)
+            size = self.bytes - freed + added
+            db.executemany("UPDATE meta SET value=? WHERE key=?", [
+                (self.next_seq, "next_seq"), (readings, "readings"), (size, "bytes")])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._next_rid += len(stones)
+        self.readings, self.bytes = readings, size
+        count = sum(b - a + 1 for _, a, b in ranges)
+        event("spool.dropped", level=logging.WARNING, reason=reason, readings=count,
+              ranges=[[f"{e:016x}", a, b] for e, a, b in ranges[:10]])
+        return count
+
+    def drop_totals(self) -> dict[str, int]:
+        rows = self._guard(lambda: self._db.execute(
+            "SELECT reason, sum(count) FROM drops GROUP BY reason").fetchall())
+        return {r: int(n) for r, n in rows}
+
+    def oldest_age_s(self) -> float | None:
+        row = self._guard(lambda: self._db.execute(
+            "SELECT at FROM readings WHERE prio != ? ORDER BY rid LIMIT 1",
+            (TOMBSTONE,)).fetchone())
+        return None if row is None else max(0.0, self.clock.now() - row[0])
 
     def claim_redelivery(self, source: str, digest: bytes) -> bool:
         ring = self.rings.get(source)

@@ -187,6 +187,7 @@ class Envelope(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     SOURCE_SEQ_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     epoch: _builtins.int
     seq: _builtins.int
@@ -206,6 +207,12 @@ class Envelope(_message.Message):
     def source(self) -> Global___Source: ...
     @_builtins.property
     def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
+    @_builtins.property
+    def dropped(self) -> Global___DropNotice:
+        """Set on a tombstone: the agent had to drop seqs seq..dropped.last_seq (a bound forced it).
+        A tombstone carries no values; it occupies those seqs so consumers see the gap by name.
+        """
+
     def __init__(
         self,
         *,
@@ -220,10 +227,11 @@ class Envelope(_message.Message):
         raw: _builtins.bytes = ...,
         source_seq: _builtins.int | None = ...,
         codec: _builtins.str = ...,
+        dropped: Global___DropNotice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "dropped", b"dropped", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "clock_synced", b"clock_synced", "codec", b"codec", "epoch", b"epoch", "gateway_time_ns", b"gateway_time_ns", "raw", b"raw", "seq", b"seq", "site_id", b"site_id", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "clock_synced", b"clock_synced", "codec", b"codec", "dropped", b"dropped", "epoch", b"epoch", "gateway_time_ns", b"gateway_time_ns", "raw", b"raw", "seq", b"seq", "site_id", b"site_id", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__source_seq: _TypeAlias = _typing.Literal["source_seq"]  # noqa: Y015
     _WhichOneofArgType__source_seq: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq"]  # noqa: Y015
@@ -235,6 +243,33 @@ class Envelope(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__source_time_ns) -> _WhichOneofReturnType__source_time_ns | None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class DropNotice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"ttl", "spool_full", ..."""
+    last_seq: _builtins.int
+    count: _builtins.int
+    """readings dropped (last_seq - seq + 1)"""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        last_seq: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_seq", b"last_seq", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropNotice: _TypeAlias = DropNotice  # noqa: Y015
 
 @_typing.final
 class Batch(_message.Message):
@@ -477,16 +512,21 @@ class StreamStatus(_message.Message):
     HIGHEST_SEQ_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     GAPS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     epoch: _builtins.int
     committed_through: _builtins.int
-    """contiguous watermark"""
+    """contiguous watermark (dropped ranges count as known)"""
     highest_seq: _builtins.int
     committed: _builtins.int
-    """readings committed"""
+    """seqs accounted for (readings and dropped)"""
     @_builtins.property
     def gaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gap]:
         """missing ranges between watermark and highest_seq"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedRange]:
+        """ranges the agent dropped, with the reason"""
 
     def __init__(
         self,
@@ -497,14 +537,40 @@ class StreamStatus(_message.Message):
         highest_seq: _builtins.int = ...,
         committed: _builtins.int = ...,
         gaps: _abc.Iterable[Global___Gap] | None = ...,
+        dropped: _abc.Iterable[Global___DroppedRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "committed_through", b"committed_through", "epoch", b"epoch", "gaps", b"gaps", "highest_seq", b"highest_seq", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "committed_through", b"committed_through", "dropped", b"dropped", "epoch", b"epoch", "gaps", b"gaps", "highest_seq", b"highest_seq", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
+
+@_typing.final
+class DroppedRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    first_seq: _builtins.int
+    last_seq: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "last_seq", b"last_seq", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DroppedRange: _TypeAlias = DroppedRange  # noqa: Y015
 
 @_typing.final
 class StatusReply(_message.Message):

@@ -38,6 +38,28 @@ class StreamLedger:
         else:
             self.above.add(seq)
 
+    def has_all(self, first: int, last: int) -> bool:
+        if last <= self.watermark:
+            return True
+        return all(self.has(s) for s in range(max(first, self.watermark + 1), last + 1))
+
+    def add_range(self, first: int, last: int) -> None:
+        """Record seqs first..last (a dropped range); already-known seqs are skipped."""
+        if first <= self.watermark + 1:
+            for s in range(self.watermark + 1, last + 1):
+                if s in self.above:
+                    self.above.discard(s)
+                else:
+                    self.committed += 1
+            self.watermark = max(self.watermark, last)
+            while self.watermark + 1 in self.above:
+                self.watermark += 1
+                self.above.discard(self.watermark)
+            return
+        for s in range(first, last + 1):
+            if not self.has(s):
+                self.add(s)
+
     @property
     def highest(self) -> int:
         return max(self.above) if self.above else self.watermark

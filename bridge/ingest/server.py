@@ -151,10 +151,17 @@ class IngestService(pb_grpc.IngestServicer):
                 ack.disposition = pb.DISPOSITION_REJECTED
                 ack.reason = "epoch and seq must be non-zero"
                 self.metrics.rejected.labels("bad_identity").inc()
+            elif env.HasField("dropped") and env.dropped.last_seq < env.seq:
+                ack.disposition = pb.DISPOSITION_REJECTED
+                ack.reason = "dropped.last_seq below seq"
+                self.metrics.rejected.labels("bad_drop_notice").inc()
             else:
                 positions.append(len(results))
+                drop = env.dropped if env.HasField("dropped") else None
                 incoming.append(Incoming(env.site_id, env.epoch, env.seq,
-                                         env.SerializeToString()))
+                                         env.SerializeToString(),
+                                         last_seq=drop.last_seq if drop else None,
+                                         reason=drop.reason if drop else ""))
             results.append(ack)
         loop = asyncio.get_running_loop()
         c0 = time.perf_counter()
@@ -223,9 +230,20 @@ class IngestService(pb_grpc.IngestServicer):
                              f"certificate {ident.name!r} (role {ident.role!r}) may not read",
                              identity=ident.name, role=ident.role)
         reply = pb.StatusReply(node=self.node)
+        loop = asyncio.get_running_loop()
+        reader = Reader(self.store.path)
+        try:
+            dropped = await loop.run_in_executor(self._readers, reader.dropped)
+        finally:
+            await loop.run_in_executor(self._readers, reader.close)
+        by_stream: dict[tuple[str, int], list[pb.DroppedRange]] = {}
+        for site, epoch, first, last, reason in dropped:
+            by_stream.setdefault((site, epoch), []).append(
+                pb.DroppedRange(first_seq=first, last_seq=last, reason=reason))
         for (site, epoch), s in sorted(list(self.store.ledger.streams.items())):
             st = reply.streams.add(site_id=site, epoch=epoch, committed_through=s.watermark,
-                                   highest_seq=s.highest, committed=s.committed)
+                                   highest_seq=s.highest, committed=s.committed,
+                                   dropped=by_stream.get((site, epoch), []))
             for first, last in s.gaps():
                 st.gaps.add(first_seq=first, last_seq=last)
         return reply

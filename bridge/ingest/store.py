@@ -33,6 +33,8 @@ class Incoming:
     epoch: int
     seq: int
     envelope: bytes
+    last_seq: int | None = None  # set for a tombstone: seqs seq..last_seq were dropped
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class Store:
         db.execute("CREATE TABLE IF NOT EXISTS readings(offset INTEGER PRIMARY KEY AUTOINCREMENT,"
                    " site_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,"
                    " envelope BLOB NOT NULL, commit_ns INTEGER NOT NULL,"
-                   " UNIQUE(site_id, epoch, seq))")
+                   " last_seq INTEGER, reason TEXT, UNIQUE(site_id, epoch, seq))")
         db.execute("CREATE TABLE IF NOT EXISTS ledger(site_id TEXT, epoch INTEGER,"
                    " watermark INTEGER, committed INTEGER, PRIMARY KEY(site_id, epoch))"
                    " WITHOUT ROWID")
@@ -74,19 +76,22 @@ class Store:
         """Commit what is new; returns, per item, True if newly committed, False if duplicate."""
         fresh: list[bool] = []
         rows = []
-        touched: dict[Key, list[int]] = {}
+        touched: dict[Key, list[tuple[int, int]]] = {}
         seen_in_batch: set[tuple[str, int, int]] = set()
         now = time.time_ns()
         for item in batch:
             key = (item.site_id, item.epoch)
             ident = (item.site_id, item.epoch, item.seq)
             stream = self.ledger.streams.get(key)
-            dup = ident in seen_in_batch or (stream is not None and stream.has(item.seq))
+            last = item.seq if item.last_seq is None else item.last_seq
+            dup = ident in seen_in_batch or (stream is not None and stream.has_all(item.seq,
+                                                                                  last))
             fresh.append(not dup)
             if not dup:
                 seen_in_batch.add(ident)
-                rows.append((item.site_id, to_i64(item.epoch), item.seq, item.envelope, now))
-                touched.setdefault(key, []).append(item.seq)
+                rows.append((item.site_id, to_i64(item.epoch), item.seq, item.envelope, now,
+                             item.last_seq, item.reason or None))
+                touched.setdefault(key, []).append((item.seq, last))
         if not rows:
             return fresh
         # Work out the ledger's new state before writing, apply it only after COMMIT.
@@ -94,14 +99,18 @@ class Store:
         for key, seqs in touched.items():
             cur = self.ledger.streams.get(key)
             trial = StreamLedger() if cur is None else cur.copy()
-            for s in seqs:
-                trial.add(s)
+            for first, last in seqs:
+                if first == last:
+                    if not trial.has(first):
+                        trial.add(first)
+                else:
+                    trial.add_range(first, last)
             updates.append((key, trial))
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO readings(site_id, epoch, seq, envelope, commit_ns)"
-                           " VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR IGNORE INTO readings(site_id, epoch, seq, envelope,"
+                           " commit_ns, last_seq, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             for (site, epoch), trial in updates:
                 e = to_i64(epoch)
                 db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
@@ -131,6 +140,12 @@ class Reader:
     def max_offset(self) -> int:
         (n,) = self._db.execute("SELECT coalesce(max(offset), 0) FROM readings").fetchone()
         return int(n)
+
+    def dropped(self) -> list[tuple[str, int, int, int, str]]:
+        """(site_id, epoch, first_seq, last_seq, reason) of every tombstone."""
+        rows = self._db.execute("SELECT site_id, epoch, seq, last_seq, reason FROM readings"
+                                " WHERE last_seq IS NOT NULL ORDER BY site_id, epoch, seq")
+        return [(s, to_u64(e), f, last, r or "") for s, e, f, last, r in rows]
 
     def page(self, after_offset: int, limit: int = 1000) -> list[Row]:
         rows = self._db.execute("SELECT offset, site_id, epoch, seq, envelope, commit_ns"
