@@ -10,15 +10,15 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
     that opening a large spool does not scan it); ``created_ns``; ``clock`` (the spool clock's
     last snapshot, JSON, saved with every commit).
 ``readings(rid INTEGER PRIMARY KEY, envelope BLOB, prio INTEGER, at REAL)``
-    One row per message, in commit order (``rid``, local to this file). ``prio`` is its class
-    (0 telemetry, 1 event, 2 alarm; 99 a tombstone, never dropped); ``at`` is the spool clock
-    (``bridge.spoolclock``: elapsed seconds, immune to wall-clock jumps) at commit.
-    ``envelope`` is the serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
+    One row per message, in commit order (``rid``, local to this file). ``prio`` is its class (0
+    telemetry, 1 event, 2 alarm; 99 a tombstone, never dropped); ``at`` is the spool clock
+    (``bridge.spoolclock``: elapsed seconds, immune to wall-clock jumps) at commit. ``envelope`` is
+    the serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
     dedupes on. For envelopes created in this file ``epoch`` is the file's and ``seq`` runs with
-    ``rid``; envelopes salvaged from a quarantined file keep their original identity, so a
-    reading that was already delivered is recognised as a duplicate, never doubled. Rows are
-    deleted only once an ingest node answered COMMITTED or DUPLICATE for them (or REJECTED,
-    after they were copied to ``dead_letters``).
+    ``rid``; envelopes salvaged from a quarantined file keep their original identity, so a reading
+    that was already delivered is recognised as a duplicate, never doubled. Rows are deleted only
+    once an ingest node answered COMMITTED or DUPLICATE for them (or REJECTED, after they were
+    copied to ``dead_letters``).
 ``drops(id INTEGER PRIMARY KEY, at_ns, reason, epoch, first_seq, last_seq, count)``
     Every reading a bound forced out (older than ``max_age_s``: ``ttl``; the spool full past
     the backpressure window: ``spool_full``), one row per contiguous seq range. The same range
