@@ -19,13 +19,23 @@ import time
 from functools import partial
 from typing import Any
 
+import paho.mqtt.client as mqtt
+
 from bridge.codecs import DECODERS, Decoded, DecodeError, Decoder
 from bridge.config import AgentConfig
 from bridge.envelope import ClockSync, SourceInfo, build_envelope
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.sources.base import Message, Source
 from bridge.sources.mqtt import MqttSource
-from bridge.spool import AsyncSpool, DeadLetter, Pending, Spool, SpoolFull, SpoolReset
+from bridge.spool import (
+    PRIORITIES,
+    AsyncSpool,
+    DeadLetter,
+    Pending,
+    Spool,
+    SpoolFull,
+    SpoolReset,
+)
 from bridge.telemetry import AgentMetrics, HttpEndpoint, event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.breaker import CircuitBreaker
@@ -44,7 +54,13 @@ class Intake:
     """One source's path into the spool: group commit, then ack in receive order."""
 
     def __init__(self, *, source: Source, spool: AsyncSpool, site_id: str, codec: str,
-                 commit_max: int, metrics: AgentMetrics, clock: ClockSync) -> None:
+                 commit_max: int, metrics: AgentMetrics, clock: ClockSync,
+                 priority: tuple[tuple[str, str], ...] = (), backpressure_s: float = 60.0,
+                 full_policy: str = "drop_oldest") -> None:
+        self.priority = priority
+        self.backpressure_s = backpressure_s
+        self.full_policy = full_policy
+        self._prio_cache: dict[str, int] = {}
         self.source, self.spool, self.site_id = source, spool, site_id
         self.codec = codec
         self.decode: Decoder = DECODERS[codec]
@@ -60,6 +76,7 @@ class Intake:
     async def run(self) -> None:
         name = self.source.info.name
         backoff = Backoff(base_s=0.05, cap_s=2.0)
+        full_since: float | None = None
         while not self._stopping.is_set():
             take = asyncio.ensure_future(self.source.take(self.commit_max))
             stop = asyncio.ensure_future(self._stopping.wait())
@@ -78,6 +95,7 @@ class Intake:
                 try:
                     await self.spool.run(self.spool.spool.commit, pending, dead)
                     backoff.reset()
+                    full_since = None
                     break
                 except SpoolReset:
                     continue  # the file was replaced (see bridge.spool Recovery): commit again
@@ -86,9 +104,17 @@ class Intake:
                     if self._stopping.is_set():
                         return
                     self.metrics.spool_full.inc()
-                    if backoff.attempt == 0:
+                    now = time.monotonic()
+                    if full_since is None:
+                        full_since = now
                         event("spool.full", level=logging.WARNING, source=name,
-                              reason=str(exc), waiting=len(messages))
+                              reason=str(exc), waiting=len(messages),
+                              policy_after_s=self.backpressure_s, policy=self.full_policy)
+                    if now - full_since >= self.backpressure_s and await self._apply_policy(
+                            pending):
+                        if self.full_policy == "reject_new":
+                            pending = []
+                        continue
                     await backoff.sleep()
             self.source.ack(messages)
             self.committed_messages += len(pending)
@@ -105,6 +131,28 @@ class Intake:
                       messages=len(dead), reason=dead[0].reason, detail=dead[0].detail,
                       topic=dead[0].topic)
             self.spool.appended.set()
+
+    async def _apply_policy(self, pending: list[Pending]) -> bool:
+        """The spool stayed full past the backpressure window: drop by policy (recorded)."""
+        spool = self.spool.spool
+        if self.full_policy == "reject_new":
+            n = await self.spool.run(spool.commit_dropped, pending, "spool_full")
+        else:
+            need = max(spool.max_bytes // 20, 1)  # free 5 %: not one drop per message
+            n = await self.spool.run(spool.make_room, need)
+        if n:
+            self.metrics.spool_dropped.labels("spool_full").inc(n)
+            self.spool.appended.set()  # tombstones to send
+        return n > 0
+
+    def _prio(self, topic: str) -> int:
+        prio = self._prio_cache.get(topic)
+        if prio is None:
+            prio = next((PRIORITIES[cls] for pattern, cls in self.priority
+                         if mqtt.topic_matches_sub(pattern, topic)), 0)
+            if len(self._prio_cache) < 100_000:
+                self._prio_cache[topic] = prio
+        return prio
 
     def _prepare(self, messages: list[Message]) -> tuple[list[Pending], list[DeadLetter], int]:
         info = self.source.info
@@ -128,7 +176,7 @@ class Intake:
                 dead.append(DeadLetter(info.name, m.topic, m.payload, "codec_bug",
                                        f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            pending.append(Pending(source=info.name, digest=d,
+            pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
                                    build=partial(self._build, info, m.topic, decoded, now,
                                                  synced)))
         return pending, dead, skipped
@@ -148,7 +196,10 @@ class Agent:
         ring_sizes = {s.name: 2 * s.receive_maximum for s in config.sources}
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
-                                      reserve_bytes=config.spool.reserve_bytes))
+                                      reserve_bytes=config.spool.reserve_bytes,
+                                      max_age_s=config.spool.max_age_s))
+        self._drops: dict[str, int] = {}
+        self._oldest_age: float | None = None
         up = config.uplink
         b = up.breaker
         self.proxies: dict[str, BindProxy] = {}
@@ -178,7 +229,10 @@ class Agent:
         self.sources = [MqttSource(config=s, metrics=self.metrics) for s in config.sources]
         self.intakes = [Intake(source=src, spool=self.spool, site_id=config.site_id,
                                codec=s.codec, commit_max=config.spool.commit_max_messages,
-                               metrics=self.metrics, clock=clock)
+                               metrics=self.metrics, clock=clock,
+                               priority=config.spool.priority,
+                               backpressure_s=config.spool.backpressure_s,
+                               full_policy=config.spool.full_policy)
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
 
@@ -189,6 +243,9 @@ class Agent:
             "epoch": f"{sp.epoch:016x}",
             "spool": {"readings": sp.readings, "bytes": sp.bytes, "next_seq": sp.next_seq,
                       "max_bytes": sp.max_bytes, "path": str(sp.path),
+                      "oldest_age_s": None if self._oldest_age is None
+                      else round(self._oldest_age, 3),
+                      "dropped": dict(self._drops),
                       "quarantined": [{"moved_to": str(q.moved_to), "reason": q.reason,
                                        "salvaged": q.salvaged, "unreadable": q.unreadable}
                                       for q in sp.quarantines]},
@@ -202,6 +259,20 @@ class Agent:
             "committed_messages": sum(i.committed_messages for i in self.intakes),
             "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
         }
+
+    async def _bounds(self, interval_s: float = 2.0) -> None:
+        """Expire readings past ``max_age_s``; refresh the spool figures /status shows."""
+        sp = self.spool.spool
+        while True:
+            n = await self.spool.run(sp.expire)
+            if n:
+                self.metrics.spool_dropped.labels("ttl").inc(n)
+                self.spool.appended.set()  # tombstones to send
+            self._drops = await self.spool.run(sp.drop_totals)
+            self._oldest_age = await self.spool.run(sp.oldest_age_s)
+            self.metrics.spool_oldest_age.set(self._oldest_age or 0.0)
+            if n == 0:
+                await asyncio.sleep(interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         sp = self.spool.spool
@@ -217,6 +288,7 @@ class Agent:
             event("netbind.proxy", endpoint=name, interface=proxy.interface, url=proxy.url)
         async with asyncio.TaskGroup() as tg:
             pool_task = tg.create_task(self.pool.run(), name="endpoint-pool")
+            bounds_task = tg.create_task(self._bounds(), name="spool-bounds")
             sender_task = tg.create_task(self.sender.run(), name="sender")
             intake_tasks = [tg.create_task(i.run(), name=f"intake-{i.source.info.name}")
                             for i in self.intakes]
@@ -239,6 +311,7 @@ class Agent:
             except TimeoutError:
                 sender_task.cancel()
             pool_task.cancel()
+            bounds_task.cancel()
         await self.pool.close()
         for proxy in self.proxies.values():
             await proxy.close()

@@ -219,6 +219,10 @@ class SpoolConfig:
     max_bytes: int
     commit_max_messages: int
     reserve_bytes: int
+    max_age_s: float = 0.0
+    backpressure_s: float = 60.0
+    full_policy: str = "drop_oldest"
+    priority: tuple[tuple[str, str], ...] = ()  # (topic filter, class)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,9 +361,17 @@ def load_agent(path: Path) -> AgentConfig:
     if 0 < spool.reserve_bytes < 8 << 20:
         raise spool_t.error("reserve_bytes", "must be 0 (no reserve) or at least 8388608 "
                             "(8 MiB): it must cover a checkpoint of the spool's WAL")
+    rules = []
+    for rt in spool_t.tables("priority"):
+        rules.append((rt.string("topic"), rt.choice("class", ("alarm", "event", "telemetry"))))
+        rt.done()
     spool = SpoolConfig(
         path=spool.path, max_bytes=spool.max_bytes,
         commit_max_messages=spool.commit_max_messages, reserve_bytes=spool.reserve_bytes,
+        max_age_s=spool_t.number("max_age_s", 30 * 86400.0, minimum=0.0),
+        backpressure_s=spool_t.number("backpressure_s", 60.0, minimum=0.0),
+        full_policy=spool_t.choice("full_policy", ("drop_oldest", "reject_new"), "drop_oldest"),
+        priority=tuple(rules),
     )
     spool_t.done()
 

@@ -392,7 +392,14 @@ class Spool:
             raise SpoolReset(str(exc)) from exc
 
     def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.save_clock()
         self._db.close()
+
+    def save_clock(self) -> None:
+        """Persist the spool clock (also done by every commit), so ages survive a restart."""
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('clock', ?)",
+                         (orjson.dumps(self.clock.snapshot()).decode(),))
 
     # -- append side -----------------------------------------------------------------------
 
@@ -438,8 +445,7 @@ class Spool:
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
                     (seq, "next_seq"), (self.readings + len(rows), "readings"),
                     (self.bytes + size, "bytes")])
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('clock', ?)",
-                           (orjson.dumps(self.clock.snapshot()).decode(),))
+                self.save_clock()
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -463,6 +469,7 @@ class Spool:
 
     def expire(self, *, limit: int = 10_000) -> int:
         """Drop readings older than ``max_age_s`` (spool clock) as ``ttl``; returns how many."""
+        self._guard(self.save_clock)
         if self.max_age_s <= 0:
             return 0
         cutoff = self.clock.now() - self.max_age_s

@@ -83,6 +83,11 @@ class AgentMetrics:
         self.spool_salvaged = Gauge("bridge_spool_salvaged_readings",
                                     "Readings salvaged from quarantined spool files since start",
                                     registry=r)
+        self.spool_dropped = Counter("bridge_spool_dropped", "Readings a bound forced out, by "
+                                     "reason (sent on as tombstones)", ["reason"], registry=r)
+        self.spool_oldest_age = Gauge("bridge_spool_oldest_age_seconds",
+                                      "Age of the oldest spooled reading (spool clock)",
+                                      registry=r)
         self.spool_commits = Counter("bridge_spool_commits", "Spool group commits", registry=r)
         self.spool_full = Counter("bridge_spool_full", "Commits refused because the spool is full",
                                   registry=r)

@@ -69,6 +69,7 @@ class Sender:
                     await self.spool.appended.wait()
                     continue
                 cursor = rows[-1][0]
+                self.spool.spool.sent_through = cursor  # in flight: never dropped
                 tg.create_task(self._deliver(rows, generation, slots),
                                name=f"batch-{rows[0][0]}")
 
