@@ -135,11 +135,14 @@ class Intake:
     async def _apply_policy(self, pending: list[Pending]) -> bool:
         """The spool stayed full past the backpressure window: drop by policy (recorded)."""
         spool = self.spool.spool
-        if self.full_policy == "reject_new":
-            n = await self.spool.run(spool.commit_dropped, pending, "spool_full")
-        else:
-            need = max(spool.max_bytes // 20, 1)  # free 5 %: not one drop per message
-            n = await self.spool.run(spool.make_room, need)
+        try:
+            if self.full_policy == "reject_new":
+                n = await self.spool.run(spool.commit_dropped, pending, "spool_full")
+            else:
+                need = max(spool.max_bytes // 20, 1)  # free 5 %: not one drop per message
+                n = await self.spool.run(spool.make_room, need)
+        except (SpoolFull, SpoolReset):
+            return False  # the disk itself is full: keep applying backpressure
         if n:
             self.metrics.spool_dropped.labels("spool_full").inc(n)
             self.spool.appended.set()  # tombstones to send
@@ -264,13 +267,18 @@ class Agent:
         """Expire readings past ``max_age_s``; refresh the spool figures /status shows."""
         sp = self.spool.spool
         while True:
-            n = await self.spool.run(sp.expire)
-            if n:
-                self.metrics.spool_dropped.labels("ttl").inc(n)
-                self.spool.appended.set()  # tombstones to send
-            self._drops = await self.spool.run(sp.drop_totals)
-            self._oldest_age = await self.spool.run(sp.oldest_age_s)
-            self.metrics.spool_oldest_age.set(self._oldest_age or 0.0)
+            n = 0
+            try:
+                n = await self.spool.run(sp.expire)
+                if n:
+                    self.metrics.spool_dropped.labels("ttl").inc(n)
+                    self.spool.appended.set()  # tombstones to send
+                self._drops = await self.spool.run(sp.drop_totals)
+                self._oldest_age = await self.spool.run(sp.oldest_age_s)
+                self.metrics.spool_oldest_age.set(self._oldest_age or 0.0)
+            except (SpoolFull, SpoolReset) as exc:
+                # A full disk delays expiry (deletes come first); a replaced file restarts it.
+                event("spool.bounds_deferred", level=logging.WARNING, reason=str(exc))
             if n == 0:
                 await asyncio.sleep(interval_s)
 

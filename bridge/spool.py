@@ -469,7 +469,11 @@ class Spool:
 
     def expire(self, *, limit: int = 10_000) -> int:
         """Drop readings older than ``max_age_s`` (spool clock) as ``ttl``; returns how many."""
-        self._guard(self.save_clock)
+        try:
+            self._guard(self.save_clock)
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise  # a full disk only delays the save: every commit saves it too
         if self.max_age_s <= 0:
             return 0
         cutoff = self.clock.now() - self.max_age_s
@@ -540,9 +544,25 @@ class Spool:
                               dropped=pb.DropNotice(reason=reason, last_seq=b,
                                                     count=b - a + 1)).SerializeToString()
                   for e, a, b in ranges]
+        try:
+            self._write_drop(rows, stones, ranges, reason, now_ns, at)
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                self._tight = True
+                self._truncate_wal()
+                raise SpoolFull(f"cannot record the drop: {exc}") from exc
+            raise
+        count = sum(b - a + 1 for _, a, b in ranges)
+        event("spool.dropped", level=logging.WARNING, reason=reason, readings=count,
+              ranges=[[f"{e:016x}", a, b] for e, a, b in ranges[:10]])
+        return count
+
+    def _write_drop(self, rows: list[tuple[int, bytes, int]], stones: list[bytes],
+                    ranges: list[tuple[int, int, int]], reason: str, now_ns: int,
+                    at: float) -> None:
+        rid = self._next_rid
         freed = sum(len(b) for _, b, _ in rows)
         added = sum(len(s) for s in stones)
-        rid = self._next_rid
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -563,10 +583,6 @@ class Spool:
             raise
         self._next_rid += len(stones)
         self.readings, self.bytes = readings, size
-        count = sum(b - a + 1 for _, a, b in ranges)
-        event("spool.dropped", level=logging.WARNING, reason=reason, readings=count,
-              ranges=[[f"{e:016x}", a, b] for e, a, b in ranges[:10]])
-        return count
 
     def drop_totals(self) -> dict[str, int]:
         rows = self._guard(lambda: self._db.execute(

@@ -36,7 +36,7 @@ def test_a_changed_proto_is_detected_as_stale(tmp_path: Path):
     shutil.copy(ROOT / "tools" / "gen_protos.py", tmp_path / "repo" / "tools" / "gen_protos.py")
     proto = protos / "bridge" / "v1" / "bridge.proto"
     proto.write_text(proto.read_text().replace("string codec = 11;",
-                                               "string codec = 11;\n  string extra = 12;"))
+                                               "string codec = 11;\n  string extra = 99;"))
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(tmp_path / "repo" / "tools" / "gen_protos.py"),
                     str(out)], check=True, capture_output=True)
