@@ -212,8 +212,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     sp = doc["spool"]
     print(f"site {doc['site_id']}  epoch {doc['epoch']}  up {doc['uptime_s']:.0f} s")
+    age = "-" if sp.get("oldest_age_s") is None else f"{sp['oldest_age_s']:.0f} s"
     print(f"spool   {sp['readings']} readings, {sp['bytes']} bytes (max {sp['max_bytes']}), "
-          f"next seq {sp['next_seq']}")
+          f"oldest {age}, next seq {sp['next_seq']}")
+    if sp.get("dropped"):
+        print("dropped " + ", ".join(f"{n} ({r})" for r, n in sorted(sp["dropped"].items())))
+    for q in sp.get("quarantined", []):
+        print(f"QUARANTINED {q['moved_to']}: {q['reason']} (salvaged {q['salvaged']})")
     for s in doc["sources"]:
         print(f"source  {s['name']:<10} {s['broker']:<28} "
               f"{'subscribed' if s['subscribed'] else 'NOT SUBSCRIBED'}")
