@@ -258,6 +258,7 @@ class Agent:
                        "last_failover_ns": self.pool.last_failover_ns or None,
                        "failover_first_ack_ns": self.pool.failover_first_ack_ns or None,
                        "in_flight": self.sender.in_flight,
+                       "draining": self.sender.draining,
                        "acked_readings": self.sender.acked_readings},
             "committed_messages": sum(i.committed_messages for i in self.intakes),
             "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),

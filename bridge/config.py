@@ -256,6 +256,7 @@ class UplinkConfig:
     failback_after_s: float
     backoff_max_s: float
     breaker: BreakerConfig
+    drain_max_per_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,6 +431,7 @@ def load_agent(path: Path) -> AgentConfig:
         failback_after_s=up.number("failback_after_s", 30.0, minimum=0.0),
         backoff_max_s=up.number("backoff_max_s", 10.0, minimum=0.05),
         breaker=breaker,
+        drain_max_per_s=up.number("drain_max_per_s", 0.0, minimum=0.0),
     )
     up.done()
     metrics_listen, log_level = _common(root)

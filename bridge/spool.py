@@ -279,8 +279,9 @@ class Spool:
             self._init_schema()
             pages = max(2 * self.max_bytes // _PAGE + 4096, 8192)
             self._db.execute(f"PRAGMA max_page_count={pages}")
-            (self._next_rid,) = self._db.execute(
+            (next_rid,) = self._db.execute(
                 "SELECT coalesce(max(rid), 0) + 1 FROM readings").fetchone()
+            self._next_rid = int(next_rid)
             self.rings = {}
             for source, size in self.ring_sizes.items():
                 rows = self._db.execute("SELECT n, digest FROM recent WHERE source=?",
@@ -594,6 +595,11 @@ class Spool:
             "SELECT at FROM readings WHERE prio != ? ORDER BY rid LIMIT 1",
             (TOMBSTONE,)).fetchone())
         return None if row is None else max(0.0, self.clock.now() - row[0])
+
+    @property
+    def last_rid(self) -> int:
+        """The rid of the newest row (0 when none was ever written to this file)."""
+        return self._next_rid - 1
 
     def claim_redelivery(self, source: str, digest: bytes) -> bool:
         ring = self.rings.get(source)

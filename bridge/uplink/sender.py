@@ -21,6 +21,7 @@ import uuid
 from bridge._pb import bridge_pb2 as pb
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch
+from bridge.ingest.ratelimit import TokenBucket
 from bridge.spool import AsyncSpool, SpoolFull, SpoolReset
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.backoff import Backoff
@@ -38,15 +39,29 @@ class Sender:
         self._stopping = asyncio.Event()
         self.in_flight = 0
         self.acked_readings = 0
+        self.draining = False
 
     def stop(self) -> None:
         self._stopping.set()
         self.spool.appended.set()
 
     async def run(self) -> None:
-        """Dispatch batches until ``stop()``; then wait for the batches in flight."""
-        cursor = 0
-        generation = self.spool.spool.generation
+        """Dispatch batches until ``stop()``; then wait for the batches in flight.
+
+        Two lanes: *live* (rows newer than the backlog boundary) always goes first; when more
+        than a few batches are waiting (after an outage, or at start), the rows up to the
+        current tail become the *backlog*, drained in order in the slots live does not need
+        and at most ``drain_max_per_s`` readings a second. So live latency stays low while the
+        agent catches up.
+        """
+        sp = self.spool.spool
+        live = 0                              # last rid dispatched in the live lane
+        backlog: list[int] | None = None      # [cursor, boundary] while draining
+        generation = sp.generation
+        pace = TokenBucket(rate=self.config.drain_max_per_s,
+                           burst=max(self.config.drain_max_per_s, 1.0)) \
+            if self.config.drain_max_per_s > 0 else None
+        threshold = 2 * self.config.max_in_flight * self.config.batch_max_readings
         slots = asyncio.Semaphore(self.config.max_in_flight)
         async with asyncio.TaskGroup() as tg:
             while not self._stopping.is_set():
@@ -54,24 +69,56 @@ class Sender:
                 if self._stopping.is_set():
                     break
                 self.spool.appended.clear()
-                if self.spool.spool.generation != generation:
+                if sp.generation != generation:
                     # The file was quarantined and replaced: its rids start over.
-                    cursor, generation = 0, self.spool.spool.generation
+                    live, backlog, generation = 0, None, sp.generation
+                if backlog is None and sp.last_rid - live > threshold:
+                    backlog, live = [live, sp.last_rid], sp.last_rid
+                    self.draining = True
+                    event("uplink.drain_started", readings=backlog[1] - backlog[0],
+                          max_per_s=self.config.drain_max_per_s or None)
                 try:
-                    rows = await self.spool.run(self.spool.spool.read_after, cursor,
+                    rows = await self.spool.run(sp.read_after, live,
                                                 max_rows=self.config.batch_max_readings,
                                                 max_bytes=self.config.batch_max_bytes)
+                    if rows:
+                        live = rows[-1][0]
+                    elif backlog is not None:
+                        rows, wait = await self._backlog_rows(backlog, pace)
+                        if backlog[0] >= backlog[1]:
+                            backlog, self.draining = None, False
+                            event("uplink.drain_finished")
+                        if wait:
+                            slots.release()
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self.spool.appended.wait(), wait)
+                            continue
                 except SpoolReset:
                     slots.release()
                     continue
                 if not rows:
                     slots.release()
-                    await self.spool.appended.wait()
+                    if backlog is None:
+                        await self.spool.appended.wait()
                     continue
-                cursor = rows[-1][0]
-                self.spool.spool.sent_through = cursor  # in flight: never dropped
+                # Rows handed to the uplink are never dropped by a bound (they are in flight).
+                sp.sent_through = backlog[0] if backlog is not None else live
                 tg.create_task(self._deliver(rows, generation, slots),
                                name=f"batch-{rows[0][0]}")
+
+    async def _backlog_rows(self, backlog: list[int], pace: TokenBucket | None,
+                            ) -> tuple[list[tuple[int, bytes]], float]:
+        """The next backlog batch (advancing ``backlog[0]``), or how long the pace says to wait."""
+        want = self.config.batch_max_readings
+        if pace is not None:
+            wait = pace.take(want)
+            if wait > 0:
+                return [], wait
+        rows = await self.spool.run(self.spool.spool.read_after, backlog[0], max_rows=want,
+                                    max_bytes=self.config.batch_max_bytes)
+        rows = [r for r in rows if r[0] <= backlog[1]]
+        backlog[0] = rows[-1][0] if rows else backlog[1]
+        return rows, 0.0
 
     async def _deliver(self, rows: list[tuple[int, bytes]], generation: int,
                        slots: asyncio.Semaphore) -> None:

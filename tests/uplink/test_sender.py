@@ -21,7 +21,7 @@ from tests.uplink.fakes import ScriptedTransport
 
 class Rig:
     def __init__(self, tmp_path: Path, names: list[str], *, failback_after_s: float,
-                 deadline_s: float = 30.0) -> None:
+                 deadline_s: float = 30.0, drain_max_per_s: float = 0.0) -> None:
         self.metrics = AgentMetrics()
         self.spool = AsyncSpool(Spool(path=tmp_path / "spool.db", site_id="s",
                                       max_bytes=1 << 24))
@@ -38,7 +38,8 @@ class Rig:
                            failback_after_s=failback_after_s,
                            backoff_max_s=0.2,
                            breaker=BreakerConfig(window_s=10, error_rate=0.15, min_requests=5,
-                                                 open_s=0.2, half_open_probes=3))
+                                                 open_s=0.2, half_open_probes=3),
+                           drain_max_per_s=drain_max_per_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=cfg, metrics=self.metrics)
         self.appended = 0
 
@@ -150,3 +151,23 @@ async def test_a_failing_endpoint_trips_its_breaker_and_traffic_moves(rig_factor
     assert rig.pool.endpoints[0].breaker.trips >= 1
     assert rig.metrics.breaker_trips.labels("a")._value.get() >= 1
     a.push = original  # type: ignore[method-assign]
+
+
+async def test_after_an_outage_live_readings_overtake_the_backlog_which_drains_paced(
+        rig_factory):
+    rig: Rig = await rig_factory(["a"], failback_after_s=30, drain_max_per_s=400)
+    a = rig.fakes["a"]
+    await rig.append(10)
+    await rig.until(lambda: len(a.committed) == 10)
+    a.up = False
+    await rig.append(1000)  # the backlog piles up while the cloud is away
+    a.up = True
+    await rig.until(lambda: rig.sender.draining)
+    await rig.append(20)  # live readings arrive during the drain
+    await rig.until(lambda: set(range(1011, 1031)) <= set(a.committed))
+    assert len([s for s in a.committed if s <= 1010]) < 1010, "live went before the backlog"
+    assert rig.sender.draining
+    await rig.until(lambda: rig.delivered() == set(range(1, 1031)), timeout=10)
+    await rig.until(lambda: not rig.sender.draining)
+    backlog_order = [s for s in a.committed if 10 < s <= 1010]
+    assert backlog_order == sorted(backlog_order), "the backlog drains in order"
