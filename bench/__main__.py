@@ -15,12 +15,14 @@ from pathlib import Path
 
 import orjson
 
-from bench import failover
+from bench import failover, memory
 from bench.results import Row, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TARGETS = {("failover", "p95_s"): ("<=", 1.0), ("failover_hang", "p95_s"): ("<=", 1.0)}
+TARGETS = {("failover", "p95_s"): ("<=", 1.0), ("failover_hang", "p95_s"): ("<=", 1.0),
+           ("memory", "startup_s_5M"): ("<=", 3.0), ("memory", "rss_growth_mb"): ("<=", 20.0),
+           ("memory", "rss_mb_100k"): ("<=", 60.0)}
 
 
 def machine() -> str:
@@ -78,6 +80,10 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float, command: str) -> s
         "SIGKILL; the time is from the kill to the agent's first acknowledged batch on `azure` "
         "(committed there). `aws` is restarted and traffic fails back (stable period 1 s) "
         "before the next kill. Nearest-rank percentiles.",
+        "* **memory**: a spool is filled with 100k, then 5M (1M in the quick run) realistic "
+        "envelopes; the agent starts on it with a healthy ingest. `startup_s` is process start "
+        "to the first acknowledged batch of the backlog; RSS (VmRSS) is read a second later, "
+        "while it drains; `rss_growth_mb` is the difference.",
         "* **failover_hang**: the same, but `aws` is frozen with SIGSTOP (a hung process or a "
         "blackholed route: the TCP connection stays open, nothing answers); it is found by the "
         "health probe (every 0.25 s, deadline 3 x smoothed RTT + 4 x RTT variance, at least "
@@ -85,7 +91,7 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float, command: str) -> s
         "",
         "## Not yet measured",
         "",
-        "Throughput, latency, drain, memory and fault scenarios, and the peers (Mosquitto "
+        "Throughput, latency, drain and fault scenarios, and the peers (Mosquitto "
         "bridge, NATS leaf node with JetStream, paho and broker ceilings), are not built yet; "
         "see the benchmarks issue.",
         "",
@@ -108,6 +114,8 @@ def main() -> None:
     for mode in ("kill", "hang"):
         log(f"failover ({mode})")
         rows += failover.run(kills=3 if args.quick else 10, mode=mode, log=log)
+    log("memory (big backlog)")
+    rows += memory.run(big=1_000_000 if args.quick else 5_000_000, log=log)
     doc = [r.as_dict() for r in rows]
     problems = validate(doc)
     if problems:

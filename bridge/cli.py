@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -226,6 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for e in up["endpoints"]:
         mark = "*" if e["active"] else " "
         err = f"  last error: {e['last_error']}" if e["last_error"] else ""
+        if e.get("last_ack_ns"):
+            err = f"  last ack {(time.time_ns() - e['last_ack_ns']) / 1e9:.1f} s ago" + err
         print(f"uplink {mark}{e['name']:<10} {e['target']:<24} {e['state']:<10} "
               f"breaker {e['breaker']}{err}")
     print(f"failovers {up['failovers']}, batches in flight {up['in_flight']}")

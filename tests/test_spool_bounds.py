@@ -129,3 +129,17 @@ def test_reject_new_keeps_only_tombstones_for_the_new_messages(tmp_path: Path):
     stone = next(e for e in envelopes(sp) if e.HasField("dropped"))
     assert (stone.seq, stone.dropped.last_seq) == (3, 5)
     assert [e.seq for e in envelopes(sp) if not e.HasField("dropped")] == [1, 2, 6]
+
+
+def test_days_offline_expire_exactly_what_outlived_max_age(tmp_path: Path):
+    c = Clocks()
+    sp = open_spool(tmp_path / "s.db", c, max_age_s=2 * 86400)
+    for _day in range(4):  # four days without a cloud, 3 readings a day
+        sp.commit(rows(3))
+        c.boottime += 86400
+        sp.expire()
+    # Readings of day 0 and 1 are older than two days; days 2 and 3 are kept.
+    kept = [e.seq for e in envelopes(sp) if not e.HasField("dropped")]
+    assert kept == [7, 8, 9, 10, 11, 12]
+    assert sp.drop_totals() == {"ttl": 6}
+    assert sp.oldest_age_s() == 2 * 86400
