@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -218,3 +219,33 @@ def test_a_corrupted_spool_is_salvaged_and_the_agent_keeps_running(cluster: Clus
     assert sorted(by_epoch.values()) == sorted([q["salvaged"], second]), \
         "salvaged readings keep their old epoch; new ones start a new epoch"
     assert len({(c.envelope.epoch, c.envelope.seq) for c in stream}) == len(stream)
+
+
+def test_consume_follow_streams_new_readings_as_they_commit_and_saves_its_cursor(
+        cluster: Cluster, tmp_path):
+    cluster.ingest("aws")
+    agent = cluster.agent()
+    consumer = cluster.pki.consumer()
+    cursor = tmp_path / "cursor.json"
+    out = (tmp_path / "follow.jsonl").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "consume", "--follow", "--from",
+         cluster.nodes["aws"].target, "--ca", str(consumer.ca), "--cert", str(consumer.cert),
+         "--key", str(consumer.key), "--cursor", str(cursor)], stdout=out,
+        stderr=subprocess.DEVNULL)
+    try:
+        published = Publisher(cluster, count=300, rate=0).join()
+        wait_delivered(cluster, agent, published)
+
+        def lines() -> list[dict]:
+            text = (tmp_path / "follow.jsonl").read_text()
+            return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+        wait_for(lambda: len(lines()) == published, what="the followed stream to catch up")
+        assert [r["seq"] for r in lines()] == list(range(1, published + 1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        out.close()
+    saved = json.loads(cursor.read_text())
+    assert saved["streams"][0]["after_seq"] == published
