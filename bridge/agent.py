@@ -91,6 +91,7 @@ class Intake:
             stop.cancel()
             messages = take.result()
             pending, dead, skipped = self._prepare(messages)
+            taken = len(pending)  # stored, or numbered and dropped by reject_new
             while True:
                 try:
                     await self.spool.run(self.spool.spool.commit, pending, dead)
@@ -117,7 +118,7 @@ class Intake:
                         continue
                     await backoff.sleep()
             self.source.ack(messages)
-            self.committed_messages += len(pending)
+            self.committed_messages += taken
             self.metrics.source_messages.labels(name).inc(len(messages))
             self.metrics.spool_commits.inc()
             if skipped:

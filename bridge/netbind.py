@@ -72,7 +72,6 @@ class BindProxy:
         self.port: int = self._sock.getsockname()[1]
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.connections = 0
 
     @property
     def url(self) -> str:
@@ -118,7 +117,6 @@ class BindProxy:
                 await writer.drain()
                 writer.close()
             return
-        self.connections += 1
         up_reader, up_writer = await asyncio.open_connection(sock=upstream)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()

@@ -158,15 +158,6 @@ class Pending:
 
 
 @dataclass(frozen=True, slots=True)
-class SpoolStats:
-    readings: int
-    bytes: int
-    next_seq: int
-    epoch: int
-    dead_letters: int
-
-
-@dataclass(frozen=True, slots=True)
 class Quarantine:
     moved_to: Path
     reason: str
@@ -282,6 +273,9 @@ class Spool:
             (next_rid,) = self._db.execute(
                 "SELECT coalesce(max(rid), 0) + 1 FROM readings").fetchone()
             self._next_rid = int(next_rid)
+            self._drop_totals: Counter[str] = Counter({
+                str(r): int(n) for r, n in self._db.execute(
+                    "SELECT reason, sum(count) FROM drops GROUP BY reason")})
             self.rings = {}
             for source, size in self.ring_sizes.items():
                 rows = self._db.execute("SELECT n, digest FROM recent WHERE source=?",
@@ -584,11 +578,12 @@ class Spool:
             raise
         self._next_rid += len(stones)
         self.readings, self.bytes = readings, size
+        for _, a, b in ranges:
+            self._drop_totals[reason] += b - a + 1
 
     def drop_totals(self) -> dict[str, int]:
-        rows = self._guard(lambda: self._db.execute(
-            "SELECT reason, sum(count) FROM drops GROUP BY reason").fetchall())
-        return {r: int(n) for r, n in rows}
+        """Readings dropped by reason over this file's life (kept in memory, loaded at open)."""
+        return dict(self._drop_totals)
 
     def oldest_age_s(self) -> float | None:
         row = self._guard(lambda: self._db.execute(
@@ -693,12 +688,6 @@ class Spool:
             self.bytes -= size
         finally:
             db.execute("PRAGMA synchronous=FULL")
-
-    def stats(self) -> SpoolStats:
-        (dead,) = self._guard(
-            lambda: self._db.execute("SELECT count(*) FROM dead_letters").fetchone())
-        return SpoolStats(readings=self.readings, bytes=self.bytes, next_seq=self.next_seq,
-                          epoch=self.epoch, dead_letters=dead)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         rows = self._guard(lambda: self._db.execute(

@@ -55,6 +55,9 @@ def test_readings_older_than_max_age_become_one_tombstone_per_seq_range(tmp_path
         (1, 10, 10, "ttl")
     assert sp.drop_totals() == {"ttl": 10}
     assert sp.readings == 6
+    sp.close()
+    assert open_spool(tmp_path / "s.db", c, max_age_s=3600).drop_totals() == {"ttl": 10}, \
+        "drop totals survive a restart"
 
 
 def test_a_wall_clock_jump_neither_expires_early_nor_keeps_readings_forever(tmp_path: Path):

@@ -133,7 +133,10 @@ class Sender:
                                    generation: int) -> None:
         batch_id = str(uuid.uuid4())
         blob = encode_batch(batch_id, [b for _, b in rows])
-        first, last = rows[0][0], rows[-1][0]
+        first, last = rows[0][0], rows[-1][0]  # rids: positions in the spool file
+        # Identities for the access log (two parses a batch, not one a reading).
+        first_seq = pb.Envelope.FromString(rows[0][1]).seq
+        last_seq = pb.Envelope.FromString(rows[-1][1]).seq
         backoff = Backoff(base_s=0.05, cap_s=self.config.backoff_max_s)
         attempt = 0
         while True:
@@ -152,7 +155,8 @@ class Sender:
                 self.metrics.batches.labels(ep.name, err.code).inc()
                 self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
                 event("uplink.batch", level=logging.WARNING, endpoint=ep.name,
-                      batch_id=batch_id, first_seq=first, last_seq=last, readings=len(rows),
+                      batch_id=batch_id, first_seq=first_seq, last_seq=last_seq,
+                      readings=len(rows),
                       status=err.code, flag=err.flag, attempt=attempt,
                       duration_ms=round(elapsed * 1000, 3), reason=err.detail)
                 if err.kind is ErrorKind.THROTTLED:
@@ -178,13 +182,15 @@ class Sender:
             if rejected:
                 self.metrics.dead_letters.labels("rejected").inc(len(rejected))
                 event("uplink.rejected", level=logging.ERROR, endpoint=ep.name,
-                      batch_id=batch_id, seqs=[s for s, _ in rejected][:20],
+                      batch_id=batch_id, seqs=[r.seq for r in ack.results
+                                               if r.disposition == pb.DISPOSITION_REJECTED][:20],
                       reason=rejected[0][1])
             self.metrics.batches.labels(ep.name, "OK").inc()
             self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
             self.acked_readings += len(rows)
-            event("uplink.batch", endpoint=ep.name, batch_id=batch_id, first_seq=first,
-                  last_seq=last, readings=len(rows), status="OK", flag="-", attempt=attempt,
+            event("uplink.batch", endpoint=ep.name, batch_id=batch_id, first_seq=first_seq,
+                  last_seq=last_seq, readings=len(rows), status="OK", flag="-",
+                  attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
             return
 
