@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEBS := mosquitto mosquitto-clients nats-server
 N ?= 20000
 
-.PHONY: demo test lint typecheck protos bench clean debs venv
+.PHONY: demo test lint typecheck protos bench profile clean debs venv
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
@@ -25,6 +25,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
+
+profile: $(STAMP)
+	$(BIN)/python -m pip install -q py-spy
+	$(BIN)/python -m bench.profile
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

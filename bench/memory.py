@@ -21,7 +21,8 @@ from bridge.spool import Pending, Spool
 SITE = "bench-site"
 
 
-def fill(path: Path, n: int) -> None:
+def fill(path: Path, n: int) -> int:
+    """Fill a new spool with ``n`` envelopes; returns its epoch."""
     import random
 
     rng = random.Random(1)
@@ -41,7 +42,9 @@ def fill(path: Path, n: int) -> None:
     while done < n:
         sp.commit(chunk[: min(10_000, n - done)])
         done += min(10_000, n - done)
+    epoch = int(sp.epoch)
     sp.close()
+    return epoch
 
 
 def rss_mb(pid: int) -> float:
@@ -99,3 +102,35 @@ def run(*, big: int, log: Callable[[str], None]) -> list[Row]:
     ]
 
 
+
+
+def idle_and_load(*, work: Path, count: int, procs: int, log: Callable[[str], None]) -> list[Row]:
+    """RSS of an agent at idle (2 s after it subscribed) and its peak under full load.
+
+    The load is ``count`` JSON readings from ``bench.load.Blast`` (far more than the agent
+    takes per second), so the peak is the agent at its own maximum rate, which is reported.
+    """
+    from bench.load import Blast
+    from bench.systems import Bridge
+
+    bridge = Bridge(workdir=work / "memory-load", site=SITE)
+    bridge.start()
+    assert bridge.agent is not None
+    pid = bridge.agent.proc.pid
+    blast = Blast(workdir=work, port=bridge.mqtt_port, site=SITE, count=count, procs=procs)
+    try:
+        time.sleep(2.0)  # a measurement window at idle, not a synchronisation
+        idle = rss_mb(pid)
+        peak = 0.0
+        t0 = blast.start()
+        while bridge.committed() < count:
+            peak = max(peak, rss_mb(pid))
+            time.sleep(0.05)
+        rate = count / (time.monotonic() - t0)
+    finally:
+        blast.stop()
+        bridge.stop()
+    log(f"  idle RSS {idle:.1f} MB; peak {peak:.1f} MB while taking {rate:,.0f} msgs/s")
+    return [Row("memory", "bridge", "rss_mb_idle", round(idle, 1), "MB"),
+            Row("memory", "bridge", "rss_mb_load", round(peak, 1), "MB"),
+            Row("memory", "bridge", "load_msgs_per_s", round(rate), "msgs/s")]

@@ -49,3 +49,24 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+PEERS = ("bridge", "mosquitto_bridge", "mosquitto_bridge_durable", "nats", "nats_durable")
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "throughput_json": (*PEERS, "paho_ceiling", "broker_ceiling", "load_generator"),
+    "throughput_sparkplug": ("bridge", "load_generator"),
+    "latency": PEERS,
+    "failover": ("bridge",),
+    "failover_hang": ("bridge",),
+    "drain": ("bridge",),
+    "memory": ("bridge",),
+    "faults_cloud_killed": PEERS,
+    "faults_edge_killed": PEERS,
+}
+
+
+def missing(rows: list[dict[str, Any]]) -> list[str]:
+    """Scenario/system pairs the suite must produce but a results document lacks."""
+    have = {(r["scenario"], r["system"]) for r in rows}
+    return [f"{s}/{sys}" for s, systems in REQUIRED.items() for sys in systems
+            if (s, sys) not in have]

@@ -16,17 +16,18 @@ import hashlib
 import logging
 import signal
 import time
+from collections import Counter
 from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bridge.codecs import DECODERS, Decoded, DecodeError, Decoder
-from bridge.config import AgentConfig
+from bridge.codecs import Decoded, DecodeError, Decoder, make_decoder
+from bridge.config import DEFAULT_MAX_PAYLOAD, AgentConfig, SourceConfig
 from bridge.envelope import ClockSync, SourceInfo, build_envelope
 from bridge.netbind import BindProxy, resolve_vlan
+from bridge.sources import make_source
 from bridge.sources.base import Message, Source
-from bridge.sources.mqtt import MqttSource
 from bridge.spool import (
     PRIORITIES,
     AsyncSpool,
@@ -53,8 +54,9 @@ def digest(topic: str, payload: bytes) -> bytes:
 class Intake:
     """One source's path into the spool: group commit, then ack in receive order."""
 
-    def __init__(self, *, source: Source, spool: AsyncSpool, site_id: str, codec: str,
+    def __init__(self, *, source: Source, spool: AsyncSpool, site_id: str, decoder: Decoder,
                  commit_max: int, metrics: AgentMetrics, clock: ClockSync,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
                  priority: tuple[tuple[str, str], ...] = (), backpressure_s: float = 60.0,
                  full_policy: str = "drop_oldest") -> None:
         self.priority = priority
@@ -62,8 +64,8 @@ class Intake:
         self.full_policy = full_policy
         self._prio_cache: dict[str, int] = {}
         self.source, self.spool, self.site_id = source, spool, site_id
-        self.codec = codec
-        self.decode: Decoder = DECODERS[codec]
+        self.decoder = decoder
+        self.max_payload_bytes = max_payload_bytes
         self.commit_max = commit_max
         self.metrics = metrics
         self.clock = clock
@@ -75,6 +77,7 @@ class Intake:
 
     async def run(self) -> None:
         name = self.source.info.name
+        self.decoder.restore(await self.spool.run(self.spool.spool.load_state, name))
         backoff = Backoff(base_s=0.05, cap_s=2.0)
         full_since: float | None = None
         while not self._stopping.is_set():
@@ -90,11 +93,12 @@ class Intake:
                     break
             stop.cancel()
             messages = take.result()
-            pending, dead, skipped = self._prepare(messages)
+            pending, dead, skipped, ignored = self._prepare(messages)
+            state = {f"{name}/{k}": v for k, v in self.decoder.take_state().items()}
             taken = len(pending)  # stored, or numbered and dropped by reject_new
             while True:
                 try:
-                    await self.spool.run(self.spool.spool.commit, pending, dead)
+                    await self.spool.run(self.spool.spool.commit, pending, dead, state)
                     backoff.reset()
                     full_since = None
                     break
@@ -117,7 +121,7 @@ class Intake:
                             pending = []
                         continue
                     await backoff.sleep()
-            self.source.ack(messages)
+            await self.source.ack(messages)
             self.committed_messages += taken
             self.metrics.source_messages.labels(name).inc(len(messages))
             self.metrics.spool_commits.inc()
@@ -125,6 +129,11 @@ class Intake:
                 self.metrics.source_redelivered_skipped.labels(name).inc(skipped)
                 event("source.redelivery_skipped", source=name, messages=skipped,
                       reason="already in spool")
+            for reason, n in ignored.items():
+                self.metrics.source_skipped.labels(name, reason).inc(n)
+                event("source.skipped", source=name, messages=n, reason=reason)
+            for req in self.decoder.take_requests():
+                self.source.publish(req)
             for d in dead:
                 self.metrics.dead_letters.labels(d.reason).inc()
             if dead:
@@ -158,21 +167,29 @@ class Intake:
                 self._prio_cache[topic] = prio
         return prio
 
-    def _prepare(self, messages: list[Message]) -> tuple[list[Pending], list[DeadLetter], int]:
+    def _prepare(self, messages: list[Message]
+                 ) -> tuple[list[Pending], list[DeadLetter], int, Counter[str]]:
+        """Decode a batch: envelopes to append, dead letters, redeliveries, skips by reason."""
         info = self.source.info
         now = time.time_ns()
         synced = self.clock.synced()
         pending: list[Pending] = []
         dead: list[DeadLetter] = []
         skipped = 0
+        ignored: Counter[str] = Counter()
         spool = self.spool.spool
+        limit = self.max_payload_bytes
         for m in messages:
             d = digest(m.topic, m.payload)
             if m.redelivered and spool.claim_redelivery(info.name, d):
                 skipped += 1
                 continue
+            if len(m.payload) > limit:
+                dead.append(DeadLetter(info.name, m.topic, m.payload, "oversize",
+                                       f"{len(m.payload)} bytes > max_payload_bytes={limit}"))
+                continue
             try:
-                decoded = self.decode(m.topic, m.payload)
+                decoded = self.decoder.decode(m.topic, m.payload)
             except DecodeError as exc:
                 dead.append(DeadLetter(info.name, m.topic, m.payload, exc.reason, exc.detail))
                 continue
@@ -180,16 +197,19 @@ class Intake:
                 dead.append(DeadLetter(info.name, m.topic, m.payload, "codec_bug",
                                        f"{type(exc).__name__}: {exc}"[:300]))
                 continue
+            if decoded.skip is not None:
+                ignored[decoded.skip] += 1
+                continue
             pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
                                    build=partial(self._build, info, m.topic, decoded, now,
                                                  synced)))
-        return pending, dead, skipped
+        return pending, dead, skipped, ignored
 
     def _build(self, info: SourceInfo, topic: str, decoded: Decoded, now: int, synced: bool,
                seq: int) -> bytes:
         spool = self.spool.spool
         return build_envelope(site_id=self.site_id, epoch=spool.epoch, seq=seq, source=info,
-                              topic=topic, decoded=decoded, codec=self.codec,
+                              topic=topic, decoded=decoded, codec=self.decoder.codec,
                               gateway_time_ns=now, clock_synced=synced)
 
 
@@ -197,7 +217,7 @@ class Agent:
     def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or AgentMetrics()
-        ring_sizes = {s.name: 2 * s.receive_maximum for s in config.sources}
+        ring_sizes = {s.name: 2 * s.window for s in config.sources}
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
                                       reserve_bytes=config.spool.reserve_bytes,
@@ -230,15 +250,31 @@ class Agent:
             failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         clock = ClockSync()
-        self.sources = [MqttSource(config=s, metrics=self.metrics) for s in config.sources]
+        self.sources = [make_source(s, self.metrics) for s in config.sources]
         self.intakes = [Intake(source=src, spool=self.spool, site_id=config.site_id,
-                               codec=s.codec, commit_max=config.spool.commit_max_messages,
+                               decoder=self._decoder(s),
+                               max_payload_bytes=s.decode.max_payload_bytes,
+                               commit_max=config.spool.commit_max_messages,
                                metrics=self.metrics, clock=clock,
                                priority=config.spool.priority,
                                backpressure_s=config.spool.backpressure_s,
                                full_policy=config.spool.full_policy)
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
+
+    def _decoder(self, source: SourceConfig) -> Decoder:
+        dc = source.decode
+        sp = dc.sparkplug
+        counter = self.metrics.sparkplug_events
+
+        def notice(kind: str, fields: dict[str, Any]) -> None:
+            counter.labels(source.name, kind).inc()
+            event(f"sparkplug.{kind}", level=logging.WARNING, source=source.name, **fields)
+
+        return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
+                            rebirth=sp.rebirth if sp else False,
+                            rebirth_on_gap=sp.rebirth_on_gap if sp else False,
+                            rebirth_interval_s=sp.rebirth_interval_s if sp else 0.0)
 
     def status(self) -> dict[str, Any]:
         sp = self.spool.spool
@@ -253,7 +289,7 @@ class Agent:
                       "quarantined": [{"moved_to": str(q.moved_to), "reason": q.reason,
                                        "salvaged": q.salvaged, "unreadable": q.unreadable}
                                       for q in sp.quarantines]},
-            "sources": [{"name": s.config.name, "broker": s.info.broker,
+            "sources": [{"name": s.info.name, "broker": s.info.broker,
                          "subscribed": s.subscribed.is_set()} for s in self.sources],
             "uplink": {"endpoints": self.pool.snapshot(), "failovers": self.pool.failovers,
                        "last_failover_ns": self.pool.last_failover_ns or None,

@@ -14,14 +14,29 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
-from bridge.pki import valid_site_id
+from bridge.codecs import CODECS, JsonMapping
+from bridge.codecs.mapping import MappingError
 
 _REQUIRED: Any = object()
 
 DEFAULT_INGEST_PORT = 6443
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_AMQP_PORT = 5672
+DEFAULT_MAX_PAYLOAD = 1 << 20
+SPARKPLUG_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/NDEATH/+", "spBv1.0/+/NDATA/+",
+                    "spBv1.0/+/DBIRTH/+/+", "spBv1.0/+/DDEATH/+/+", "spBv1.0/+/DDATA/+/+")
+
+
+#: Site ids double as DNS SANs (see bridge.pki), so they follow DNS label rules (lower case,
+#: digits, '-', '.'). Defined here so that loading a config never loads cryptography.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+def valid_site_id(site_id: str) -> bool:
+    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
 
 
 class ConfigError(Exception):
@@ -131,6 +146,9 @@ class _Table:
             out.append(_Table(item, file=self._file, path=path, base=self._base))
         return out
 
+    def has(self, key: str) -> bool:
+        return key in self._data
+
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
@@ -195,6 +213,24 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SparkplugConfig:
+    host_id: str | None          # publish spBv1.0/STATE/<host_id>: the Primary Host Application
+    rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
+    rebirth_on_gap: bool         # ... and for a seq gap
+    rebirth_interval_s: float    # at most one request per edge node per this interval
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How a source's payloads become readings; the same for every protocol."""
+
+    codec: str = "json"
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    mappings: tuple[JsonMapping, ...] = ()
+    sparkplug: SparkplugConfig | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class MqttSourceConfig:
     name: str
     host: str
@@ -204,13 +240,51 @@ class MqttSourceConfig:
     session_expiry_s: int
     receive_maximum: int
     keepalive_s: int
-    codec: str
     username: str | None
     password: str | None
+    decode: DecodeConfig = DecodeConfig()
+    protocol: str = "mqtt"
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def window(self) -> int:
+        return self.receive_maximum
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmqpSourceConfig:
+    name: str
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: str
+    queue: str
+    durable: bool
+    exchange: str | None
+    exchange_type: str
+    bindings: tuple[str, ...]
+    prefetch: int
+    heartbeat_s: int
+    reconnect_max_s: float
+    decode: DecodeConfig = DecodeConfig()
+    protocol: str = "amqp"
+
+    @property
+    def url(self) -> str:
+        """For logs and envelopes: never the password."""
+        vhost = "" if self.vhost == "/" else "/" + self.vhost
+        return f"amqp://{self.host}:{self.port}{vhost}"
+
+    @property
+    def window(self) -> int:
+        return self.prefetch
+
+
+SourceConfig = MqttSourceConfig | AmqpSourceConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,7 +339,7 @@ class AgentConfig:
     site_id: str
     tls: TlsConfig
     spool: SpoolConfig
-    sources: tuple[MqttSourceConfig, ...]
+    sources: tuple[SourceConfig, ...]
     uplink: UplinkConfig
     metrics_listen: str | None
     log_level: str
@@ -314,31 +388,104 @@ def _common(root: _Table) -> tuple[str | None, str]:
     return listen, level
 
 
-def _mqtt_source(t: _Table, *, site_id: str, index: int) -> MqttSourceConfig:
-    name = t.string("name", f"mqtt{index}")
-    url = t.string("url", f"mqtt://127.0.0.1:{DEFAULT_MQTT_PORT}")
+def _decode(t: _Table, *, separator: str) -> DecodeConfig:
+    codec = t.choice("codec", CODECS, "json")
+    mappings = []
+    for i, mt in enumerate(t.tables("mappings")):
+        try:
+            mappings.append(JsonMapping(
+                topic=mt.string("topic"), value=mt.string("value"), separator=separator,
+                where=f"{t.where}.mappings[{i}]",
+                items=mt.string("items", None), signal=mt.string("signal", None),
+                timestamp=mt.string("timestamp", None),
+                timestamp_format=mt.string("timestamp_format", "auto"),
+                unit=mt.string("unit", None), quality=mt.string("quality", None),
+                quality_codes=mt.string("quality_codes", "opc_da"), seq=mt.string("seq", None)))
+        except MappingError as exc:
+            key, _, message = str(exc).partition(": ")
+            raise ConfigError(t.file, key, message) from exc
+        mt.done()
+    if mappings and codec == "sparkplug":
+        raise t.error("mappings", "JSON mappings do not apply to codec = \"sparkplug\"")
+    spt = t.table("sparkplug")
+    sparkplug = None
+    if codec == "sparkplug":
+        sparkplug = SparkplugConfig(
+            host_id=spt.string("host_id", None),
+            rebirth=spt.boolean("rebirth", True),
+            rebirth_on_gap=spt.boolean("rebirth_on_gap", True),
+            rebirth_interval_s=spt.number("rebirth_interval_s", 10.0, minimum=0.0))
+        if sparkplug.host_id is not None and not re.fullmatch(r"[^/+#]+", sparkplug.host_id):
+            raise spt.error("host_id", "must not contain '/', '+' or '#'")
+    elif t.has("sparkplug"):
+        raise t.error("sparkplug", 'applies only to codec = "sparkplug"')
+    spt.done()
+    return DecodeConfig(codec=codec, sparkplug=sparkplug, mappings=tuple(mappings),
+                        max_payload_bytes=t.integer("max_payload_bytes", DEFAULT_MAX_PAYLOAD,
+                                                    minimum=64, maximum=256 << 20))
+
+
+def _broker_url(t: _Table, *, scheme: str, default: str, port: int,
+                shape: str) -> tuple[SplitResult, str, int]:
+    """(parts, host, port) of a source's ``url``; errors name the key."""
+    url = t.string("url", default)
     parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise t.error("url", f'expected "mqtt://HOST[:PORT]", got {url!r}')
+    if parts.scheme != scheme or not parts.hostname:
+        raise t.error("url", f'expected "{shape}", got {url!r}')
     try:
-        port = parts.port or DEFAULT_MQTT_PORT
+        return parts, parts.hostname, parts.port or port
     except ValueError as exc:
         raise t.error("url", f"bad port in {url!r}") from exc
-    topics = t.str_list("topics")
+
+
+def _amqp_source(t: _Table, *, index: int) -> AmqpSourceConfig:
+    name = t.string("name", f"amqp{index}")
+    parts, host, port = _broker_url(
+        t, scheme="amqp", default=f"amqp://guest:guest@127.0.0.1:{DEFAULT_AMQP_PORT}/",
+        port=DEFAULT_AMQP_PORT, shape="amqp://USER:PASSWORD@HOST[:PORT]/VHOST")
+    exchange = t.string("exchange", None)
+    bindings = t.str_list("bindings", ("#",) if exchange else ())
+    if bindings and not exchange:
+        raise t.error("bindings", "needs an exchange to bind the queue to")
+    src = AmqpSourceConfig(
+        name=name, host=host, port=port,
+        vhost=unquote(parts.path[1:]) if len(parts.path) > 1 else "/",
+        username=unquote(parts.username or "guest"), password=unquote(parts.password or "guest"),
+        queue=t.string("queue"),
+        durable=t.boolean("durable", True),
+        exchange=exchange,
+        exchange_type=t.choice("exchange_type", ("topic", "direct", "fanout", "headers"),
+                               "topic"),
+        bindings=bindings,
+        prefetch=t.integer("prefetch", 1000, minimum=1, maximum=65535),
+        heartbeat_s=t.integer("heartbeat_s", 30, minimum=0),
+        reconnect_max_s=t.number("reconnect_max_s", 30.0, minimum=0.1),
+        decode=_decode(t, separator="."),
+    )
+    t.done()
+    return src
+
+
+def _mqtt_source(t: _Table, *, site_id: str, index: int) -> MqttSourceConfig:
+    name = t.string("name", f"mqtt{index}")
+    _, host, port = _broker_url(t, scheme="mqtt", default=f"mqtt://127.0.0.1:{DEFAULT_MQTT_PORT}",
+                                port=DEFAULT_MQTT_PORT, shape="mqtt://HOST[:PORT]")
+    decode = _decode(t, separator="/")
+    topics = t.str_list("topics", SPARKPLUG_TOPICS if decode.codec == "sparkplug" else _REQUIRED)
     if not topics:
         raise t.error("topics", "needs at least one topic filter")
     src = MqttSourceConfig(
         name=name,
-        host=parts.hostname,
+        host=host,
         port=port,
         topics=topics,
         client_id=t.string("client_id", f"bridge-{site_id}-{name}"),
         session_expiry_s=t.integer("session_expiry_s", 7 * 86400, minimum=0, maximum=2**32 - 1),
         receive_maximum=t.integer("receive_maximum", 1000, minimum=1, maximum=65535),
         keepalive_s=t.integer("keepalive_s", 30, minimum=5),
-        codec=t.choice("codec", ("json", "raw"), "json"),
         username=t.string("username", None),
         password=t.string("password", None),
+        decode=decode,
     )
     t.done()
     return src
@@ -376,11 +523,11 @@ def load_agent(path: Path) -> AgentConfig:
     )
     spool_t.done()
 
-    sources = []
+    sources: list[SourceConfig] = []
     for i, st in enumerate(root.tables("sources")):
-        kind = st.choice("type", ("mqtt",), "mqtt")
-        assert kind == "mqtt"
-        sources.append(_mqtt_source(st, site_id=site_id, index=i))
+        kind = st.choice("type", ("mqtt", "amqp"), "mqtt")
+        sources.append(_mqtt_source(st, site_id=site_id, index=i) if kind == "mqtt"
+                       else _amqp_source(st, index=i))
     if not sources:
         raise root.error("sources", "needs at least one [[sources]] table")
     names = [s.name for s in sources]

@@ -82,6 +82,8 @@ def reading_json(c: pb.Committed) -> dict[str, Any]:
             item["quality"] = _QUALITY.get(v.quality)
         if v.HasField("source_time_ns"):
             item["source_time_ns"] = v.source_time_ns
+        if v.historical:
+            item["historical"] = True
         values.append(item)
     out: dict[str, Any] = {
         "site_id": env.site_id, "epoch": f"{env.epoch:016x}", "seq": env.seq,
@@ -94,6 +96,8 @@ def reading_json(c: pb.Committed) -> dict[str, Any]:
         out["source_time_ns"] = env.source_time_ns
     if env.HasField("source_seq"):
         out["source_seq"] = env.source_seq
+    if env.labels:
+        out["labels"] = dict(sorted(env.labels.items()))
     if env.raw:
         out["raw_hex"] = env.raw.hex()
     return out

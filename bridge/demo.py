@@ -1,15 +1,22 @@
 """``bridge demo``: the whole path on one machine, with a cloud killed halfway.
 
-PKI -> private mosquitto -> agent (spool, mTLS uplink) -> three ingest nodes ``aws``, ``azure``
+PKI -> plant broker -> agent (spool, mTLS uplink) -> three ingest nodes ``aws``, ``azure``
 and ``gcp`` -> merged consumer. About halfway through publishing, the primary (``aws``) is
 killed with SIGKILL; the agent fails over. At the end ``aws`` is started again on its own store
 (a cloud coming back), every node is consumed and merged, and every published reading is
-accounted for by its publisher sequence number.
+accounted for.
+
+The plant broker is a private mosquitto (``--source mqtt``) or the machine's RabbitMQ with an
+exchange and queue of the run's own (``--source amqp``). Payloads are JSON, accounted by their
+``seq``, or Sparkplug B (``--payload sparkplug``, MQTT only), where every metric value counts as
+a reading and is accounted by (message, device, metric): each message carries its number in
+the ``Sim/Message`` metric.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bridge import consume, localrun, simulate
+from bridge._pb import bridge_pb2 as pb
 
 SITE = "demo-substation"
 NODES = ("aws", "azure", "gcp")
@@ -56,8 +64,58 @@ class _Progress:
         self.out.flush()
 
 
+SPARKPLUG_METRICS = 10  # values per Sparkplug message in the demo
+SPARKPLUG_DEVICES = 4
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked (a flag combination, a missing broker)."""
+
+
+def account(stream: list[pb.Committed], payload: str,
+            pub: simulate.Progress) -> tuple[int, int, int, int]:
+    """(published, committed, lost, duplicates), reading by reading.
+
+    JSON readings are identified by (site, seq); Sparkplug values by (message n, device,
+    metric), with the simulator's own record of how many values message n held.
+    """
+    seen: Counter[tuple[object, ...]] = Counter()
+    if payload == "json":
+        for c in stream:
+            seen[(c.envelope.site_id, c.envelope.source_seq)] += 1
+        expected = {(SITE, n) for n in range(1, pub.acked + 1)}
+        committed = len(set(seen) & expected)
+        dups = sum(k - 1 for k in seen.values()) + len(set(seen) - expected)
+        return len(expected), committed, len(expected) - committed, dups
+    for c in stream:
+        env = c.envelope
+        n = next((v.integer for v in env.values if v.signal == simulate.MESSAGE_METRIC), None)
+        for v in env.values:
+            seen[(n, env.labels.get("device", ""), v.signal)] += 1
+    per_message = Counter(k[0] for k in seen)
+    committed = sum(min(per_message[n], want) for n, want in pub.values.items())
+    published = sum(pub.values.values())
+    dups = (sum(k - 1 for k in seen.values())
+            + sum(max(per_message[n] - pub.values.get(n, 0), 0)  # type: ignore[call-overload]
+                  for n in per_message))
+    return published, committed, published - committed, dups
+
+
 def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = None,
-        keep: bool = False, out: TextIO = sys.stderr) -> Summary:
+        keep: bool = False, out: TextIO = sys.stderr, source: str = "mqtt",
+        payload: str = "json") -> Summary:
+    if source == "amqp" and payload == "sparkplug":
+        raise DemoError("Sparkplug B is an MQTT protocol: use --source mqtt with "
+                        "--payload sparkplug")
+    rabbit = None
+    if source == "amqp":
+        try:
+            localrun.RabbitMQ.ensure_running()
+        except (RuntimeError, TimeoutError) as exc:
+            raise DemoError(f"--source amqp needs RabbitMQ: {exc}") from exc
+        rabbit = localrun.RabbitMQ.unique("demo")
+    messages = readings if payload == "json" else max(
+        readings // SPARKPLUG_METRICS, SPARKPLUG_DEVICES + 2)
     tmp = Path(tempfile.mkdtemp(prefix="bridge-demo-")) if workdir is None else workdir
     tmp.mkdir(parents=True, exist_ok=True)
     progress = _Progress(out)
@@ -66,7 +124,14 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
     pkis = localrun.Pki(tmp / "pki", [SITE])
     broker = localrun.Mosquitto(tmp).start()
     nodes = {n: localrun.ingest(tmp, pkis, n) for n in NODES}
-    agent = localrun.agent(tmp, pkis, SITE, mqtt_port=broker.port, endpoints=list(nodes.values()))
+    sources = None
+    if rabbit is not None:
+        sources = rabbit.source_toml()
+    elif payload == "sparkplug":
+        sources = (f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{broker.port}"\n'
+                   'codec = "sparkplug"\n[sources.sparkplug]\nhost_id = "bridge-demo"\n')
+    agent = localrun.agent(tmp, pkis, SITE, mqtt_port=broker.port, endpoints=list(nodes.values()),
+                           sources=sources)
     procs: list[localrun.Proc] = [broker.proc] if broker.proc else []
     consumer_tls = pkis.consumer()
     targets = [n.target for n in nodes.values()]
@@ -79,7 +144,9 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
         agent.start()
         procs.append(agent.proc)
         agent.wait_subscribed()
-        progress.line(f"mosquitto :{broker.port}, ingest "
+        plant = (f"RabbitMQ exchange {rabbit.exchange}" if rabbit is not None
+                 else f"mosquitto :{broker.port} ({payload})")
+        progress.line(f"{plant}, ingest "
                       + ", ".join(f"{n.node} :{n.port}" for n in nodes.values())
                       + f", agent (status http://127.0.0.1:{agent.http_port}/status)",
                       final=True)
@@ -89,8 +156,14 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
 
         def publish() -> None:
             try:
-                simulate.run(host="127.0.0.1", port=broker.port, site=SITE, count=readings,
-                             rate=rate, progress=pub)
+                if rabbit is not None:
+                    simulate.run_amqp(url=rabbit.URL, exchange=rabbit.exchange, site=SITE,
+                                      count=messages, rate=rate, progress=pub)
+                else:
+                    simulate.run(host="127.0.0.1", port=broker.port, site=SITE,
+                                 count=messages, rate=rate, progress=pub, payload=payload,
+                                 metrics_per_message=SPARKPLUG_METRICS,
+                                 devices=SPARKPLUG_DEVICES)
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 errors.append(exc)
 
@@ -102,7 +175,7 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
         last_change, last_state = time.monotonic(), None
         while True:
             time.sleep(0.05)
-            if killed_at is None and pub.acked >= readings // 2:
+            if killed_at is None and pub.acked >= messages // 2:
                 killed_at = time.time()
                 nodes["aws"].proc.kill()
                 progress.line(f"[{time.monotonic() - t0:6.2f}s] killed the primary ingest "
@@ -120,7 +193,7 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
                 last_line = now
                 active = next((e["name"] for e in st["uplink"]["endpoints"] if e["active"]),
                               "-")
-                progress.line(f"[{now - t0:6.2f}s] published {pub.acked:>7}/{readings}  "
+                progress.line(f"[{now - t0:6.2f}s] published {pub.acked:>7}/{messages}  "
                               f"spooled {st['committed_messages']:>7}  "
                               f"acked by cloud {st['uplink']['acked_readings']:>7}  "
                               f"in spool {st['spool']['readings']:>6}  uplink -> {active}",
@@ -152,13 +225,8 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
         errs = asyncio.run(consume.read_all(targets=targets, tls=consumer_tls, merger=merger))
         if errs:
             raise RuntimeError(f"cannot read every cloud: {errs}")
-        stream = merger.drain()
-        seen = Counter((c.envelope.site_id, c.envelope.source_seq) for c in stream)
-        expected = {(SITE, n) for n in range(1, pub.acked + 1)}
-        summary.published = pub.acked
-        summary.committed = len(set(seen) & expected)
-        summary.lost = len(expected - set(seen))
-        summary.duplicates = sum(n - 1 for n in seen.values()) + len(set(seen) - expected)
+        (summary.published, summary.committed, summary.lost,
+         summary.duplicates) = account(merger.drain(), payload, pub)
         summary.elapsed_s = round(elapsed, 3)
         summary.rate_per_s = round(summary.committed / elapsed, 1) if elapsed else 0.0
         return summary
@@ -172,6 +240,9 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
             p.stop()
         for n in nodes.values():
             n.proc.stop()
+        if rabbit is not None:
+            with contextlib.suppress(Exception):
+                rabbit.cleanup()
         if not keep and workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -42,10 +42,15 @@ def build_envelope(*, site_id: str, epoch: int, seq: int, source: SourceInfo, to
         env.source_seq = decoded.source_seq
     if decoded.raw:
         env.raw = decoded.raw
+    if decoded.labels:
+        env.labels.update(decoded.labels)
     for dv in decoded.values:
-        v = env.values.add(signal=dv.signal, unit=dv.unit, quality=dv.quality)
+        v = env.values.add(signal=dv.signal, unit=dv.unit, quality=dv.quality,
+                           historical=dv.historical)
         value = dv.value
-        if isinstance(value, bool):
+        if value is None:
+            v.is_null = True
+        elif isinstance(value, bool):
             v.boolean = value
         elif isinstance(value, int):
             v.integer = value

@@ -7,7 +7,9 @@ Processes can be killed (SIGKILL, SIGSTOP) to inject faults.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -261,8 +264,11 @@ def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: lis
           topics: tuple[str, ...] = ("#",), extra: str = "", uplink_extra: str = "",
           http_port: int = 0, interfaces: dict[str, str] | None = None,
           names: list[str] | None = None, spool_extra: str = "",
-          spool_dir: Path | None = None) -> AgentProc:
-    """An agent's config and process; ``names`` renames endpoints (to list one node twice)."""
+          spool_dir: Path | None = None, sources: str | None = None) -> AgentProc:
+    """An agent's config and process; ``names`` renames endpoints (to list one node twice).
+
+    ``sources`` replaces the default source (MQTT on ``mqtt_port``) with these TOML tables.
+    """
     http_port = http_port or free_port()
     cfg = workdir / f"agent-{site}.toml"
     names = names or [e.node for e in endpoints]
@@ -275,11 +281,100 @@ def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: lis
         f'site_id = "{site}"\n{extra}'
         f'[spool]\npath = "{(spool_dir or workdir) / f"spool-{site}.db"}"\n{spool_extra}'
         + _tls_toml(pkis.site(site))
-        + f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{mqtt_port}"\n'
-          f"topics = [{topic_list}]\n"
+        + (sources if sources is not None else
+           f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{mqtt_port}"\n'
+           f"topics = [{topic_list}]\n")
         + f"[uplink]\n{uplink_extra}" + eps
         + f'[metrics]\nlisten = "127.0.0.1:{http_port}"\n')
     return AgentProc(site=site, config=cfg, http_port=http_port,
                      proc=Proc(name=f"agent-{site}", argv=bridge_argv("agent", "--config",
                                                                       str(cfg)),
                                log=workdir / f"agent-{site}.log"))
+
+
+class RabbitMQ:
+    """The machine's RabbitMQ with an exchange and queue unique to one run, and fault injection.
+
+    Unlike mosquitto and nats-server, RabbitMQ is not started per run: it is a system service
+    (``rabbitmq-server -detached`` starts it if it is down). Unique names keep runs apart.
+    """
+
+    URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+    def __init__(self, *, name: str) -> None:
+        self.exchange = name
+        self.queue = name
+
+    @classmethod
+    def unique(cls, tag: str) -> RabbitMQ:
+        clean = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in tag)
+        return cls(name=f"bridge-{clean}-{secrets.token_hex(4)}")
+
+    @staticmethod
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    @classmethod
+    def ensure_running(cls, timeout: float = 90.0) -> None:
+        if cls.up():
+            return
+        if shutil.which("rabbitmq-server") is None:
+            raise RuntimeError("RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server "
+                               "is not installed (apt-get install rabbitmq-server)")
+        subprocess.run(["rabbitmq-server", "-detached"], check=False, timeout=60)
+        cls._wait_up(timeout)
+
+    @classmethod
+    def _wait_up(cls, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not cls.up():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"RabbitMQ not accepting connections after {timeout} s")
+            time.sleep(0.2)
+
+    def source_toml(self, name: str = "plant", extra: str = "") -> str:
+        return (f'[[sources]]\ntype = "amqp"\nname = "{name}"\nurl = "{self.URL}"\n'
+                f'queue = "{self.queue}"\nexchange = "{self.exchange}"\n'
+                f'bindings = ["#"]\nheartbeat_s = 5\nreconnect_max_s = 1.0\n{extra}')
+
+    def connections(self, name: str) -> list[str]:
+        """Erlang pids of the connections whose client-given name is ``name``."""
+        out = _rabbitmqctl("list_connections", "--no-table-headers", "pid",
+                           "client_properties")
+        return [line.split("\t", 1)[0] for line in out.splitlines()
+                if f'"connection_name","{name}"' in line]
+
+    def close_connections(self, name: str) -> int:
+        pids = self.connections(name)
+        for pid in pids:
+            _rabbitmqctl("close_connection", pid, "bridge: injected fault")
+        return len(pids)
+
+    def restart_app(self, timeout: float = 60.0) -> None:
+        _rabbitmqctl("stop_app")
+        _rabbitmqctl("start_app")
+        self._wait_up(timeout)
+
+    def cleanup(self) -> None:
+        async def run() -> None:
+            conn = await aiormq.connect(self.URL)
+            try:
+                ch = await conn.channel()
+                await ch.queue_delete(self.queue)
+                await ch.exchange_delete(self.exchange)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+
+
+def _rabbitmqctl(*args: str) -> str:
+    proc = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout

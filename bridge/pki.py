@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bridge.config import valid_site_id
+
 ROLE_SITE = "bridge-site"
 ROLE_CONSUMER = "bridge-consumer"
 ROLE_SERVER = "bridge-server"
 
-#: Site ids double as DNS SANs, so they follow DNS label rules (lower case, digits, '-', '.').
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 
 class PkiError(Exception):
@@ -46,10 +44,6 @@ class Issued:
     key_path: Path
     subject: str
     not_after: dt.datetime
-
-
-def valid_site_id(site_id: str) -> bool:
-    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
 
 
 def _now() -> dt.datetime:

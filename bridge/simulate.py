@@ -1,22 +1,36 @@
-"""A SCADA stand-in: realistic substation and water-plant signals published as JSON over MQTT.
+"""A SCADA stand-in: realistic substation and water-plant signals over MQTT or AMQP.
 
-Every message carries ``seq`` (the publisher's sequence number, from 1), so a run can account
-for each reading at the far end. Publishing is QoS 1; a message counts as published only once
-the broker has acknowledged it (PUBACK).
+Three ways to publish, all numbering their messages n = 1, 2, ... so that a run can account
+for every reading at the far end:
+
+* ``json`` over MQTT: one reading per message, ``seq`` = n;
+* ``sparkplug`` over MQTT: a Sparkplug B edge node (one per site) with devices; NBIRTH, a
+  DBIRTH per device, then DDATA with many metrics per message, by alias. Every message has a
+  ``Sim/Message`` metric = n, the message counter many field devices publish. The node sets its
+  NDEATH as will and answers ``Node Control/Rebirth`` commands with new births;
+* ``json`` over AMQP (``run_amqp``): persistent messages with publisher confirms.
+
+Publishing is QoS 1 (AMQP: confirmed); a message counts as published only once the broker has
+acknowledged it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+import aiormq
+import aiormq.abc
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge._pb import sparkplug_b_pb2 as sp
 
 # (signal, unit, generator(t, rng)) per profile; t in seconds.
 Signal = tuple[str, str, Callable[[float, random.Random], float | bool]]
@@ -58,16 +72,139 @@ class Progress:
     sent: int = 0
     acked: int = 0
     failed: int = 0
+    readings: int = 0  # values in the messages sent (one per JSON message)
+    values: dict[int, int] = field(default_factory=dict)  # sparkplug: message n -> values
+    rebirths: int = 0
+
+
+SPARKPLUG_GROUP = "Bridge Sim"
+MESSAGE_METRIC = "Sim/Message"
+
+
+class SparkplugEdge:
+    """One Sparkplug B edge node: births, DDATA by alias, seq 0..255, bdSeq."""
+
+    def __init__(self, *, site: str, profile: str, devices: int, metrics_per_message: int,
+                 rng: random.Random) -> None:
+        self.node = site
+        self.group = SPARKPLUG_GROUP
+        self.rng = rng
+        self.signals = PROFILES[profile]
+        kind = "Bay" if profile == "grid" else "Pump"
+        self.devices = [f"{kind}{i + 1}" for i in range(devices)]
+        # metrics_per_message values per DDATA: the message counter plus the device's signals.
+        self.metric_names = [MESSAGE_METRIC] + [
+            f"{self.signals[i % len(self.signals)][0]}/{i // len(self.signals) + 1}"
+            for i in range(max(metrics_per_message - 1, 0))]
+        self.bd_seq = 0
+        self.seq = 0
+        self.next_device = 0
+
+    def topic(self, mtype: str, device: str | None = None) -> str:
+        base = f"spBv1.0/{self.group}/{mtype}/{self.node}"
+        return base if device is None else f"{base}/{device}"
+
+    def _payload(self) -> sp.Payload:
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000, seq=self.seq)
+        self.seq = (self.seq + 1) % 256
+        return p
+
+    def _add_values(self, p: sp.Payload, n: int, t: float, *, birth: bool) -> None:
+        ms = int(time.time() * 1000)
+        for alias, name in enumerate(self.metric_names):
+            m = p.metrics.add(alias=alias, timestamp=ms)
+            if birth:
+                m.name = name
+            if name == MESSAGE_METRIC:
+                if birth:
+                    m.datatype = sp.UInt64
+                m.long_value = n
+                continue
+            _, _, gen = self.signals[(alias - 1) % len(self.signals)]
+            v = gen(t, self.rng)
+            if isinstance(v, bool):
+                if birth:
+                    m.datatype = sp.Boolean
+                m.boolean_value = v
+            else:
+                if birth:
+                    m.datatype = sp.Double
+                m.double_value = v
+
+    def will(self) -> tuple[str, bytes]:
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        p.metrics.add(name="bdSeq", datatype=sp.Int64, long_value=self.bd_seq)
+        return self.topic("NDEATH"), p.SerializeToString()
+
+    def nbirth(self, n: int) -> tuple[str, bytes, int]:
+        self.seq = 0
+        p = self._payload()
+        p.metrics.add(name="bdSeq", datatype=sp.Int64, long_value=self.bd_seq)
+        p.metrics.add(name="Node Control/Rebirth", datatype=sp.Boolean, boolean_value=False)
+        p.metrics.add(name=MESSAGE_METRIC, datatype=sp.UInt64, long_value=n)
+        return self.topic("NBIRTH"), p.SerializeToString(), len(p.metrics)
+
+    def dbirth(self, device: str, n: int, t: float) -> tuple[str, bytes, int]:
+        p = self._payload()
+        self._add_values(p, n, t, birth=True)
+        return self.topic("DBIRTH", device), p.SerializeToString(), len(p.metrics)
+
+    def ddata(self, n: int, t: float) -> tuple[str, bytes, int]:
+        device = self.devices[self.next_device]
+        self.next_device = (self.next_device + 1) % len(self.devices)
+        p = self._payload()
+        self._add_values(p, n, t, birth=False)
+        return self.topic("DDATA", device), p.SerializeToString(), len(p.metrics)
+
+    def messages(self, rebirth: threading.Event, t0: float, *,
+                 births: bool = True) -> Iterator[tuple[str, bytes, int]]:
+        """Births, then DDATA forever; births again whenever ``rebirth`` is set.
+
+        ``births=False`` starts with DATA, as a node does that was born before its host came.
+        """
+        n = 0
+        born = not births
+        while True:
+            if not born or rebirth.is_set():
+                rebirth.clear()
+                n += 1
+                yield self.nbirth(n)
+                for device in self.devices:
+                    n += 1
+                    yield self.dbirth(device, n, time.time() - t0)
+                born = True
+            n += 1
+            yield self.ddata(n, time.time() - t0)
+
+
+def json_messages(*, profile: str, site: str, rng: random.Random, t0: float,
+                  first: int = 1) -> Iterator[tuple[str, bytes, int]]:
+    n = first - 1
+    while True:
+        n += 1
+        topic, payload = message(profile=profile, site=site, n=n, t0=t0, rng=rng)
+        yield topic, payload, 1
 
 
 def run(*, host: str, port: int, site: str, count: int, rate: float, profile: str = "grid",
-        progress: Progress | None = None, stop: threading.Event | None = None,
+        payload: str = "json", metrics_per_message: int = 10, devices: int = 4,
+        births: bool = True, progress: Progress | None = None, stop: threading.Event | None = None,
         timeout_s: float = 60.0) -> Progress:
     """Publish ``count`` messages at ``rate`` per second (0 = as fast as the broker takes)."""
     prog = progress or Progress()
     lock = threading.Condition()
     done = threading.Event()
+    rebirth = threading.Event()
     window = 1000  # unacknowledged messages at most: paho's queue stays small and fast
+    rng = random.Random(f"{site}")
+    wall0 = time.time()
+    edge = None
+    if payload == "sparkplug":
+        edge = SparkplugEdge(site=site, profile=profile, devices=devices,
+                             metrics_per_message=metrics_per_message, rng=rng)
+        source = edge.messages(rebirth, wall0, births=births)
+    else:
+        source = json_messages(profile=profile, site=site, rng=rng, t0=wall0)
 
     def on_publish(client: mqtt.Client, userdata: object, mid: int, reason: object,
                    properties: object) -> None:
@@ -80,20 +217,40 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
                 done.set()
             lock.notify_all()
 
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            cmd = sp.Payload.FromString(bytes(msg.payload))
+        except Exception:  # noqa: BLE001 - a stand-in edge node ignores what it cannot read
+            return
+        if any(m.name == "Node Control/Rebirth" and m.boolean_value for m in cmd.metrics):
+            prog.rebirths += 1
+            rebirth.set()
+
     connected = threading.Event()
+
+    def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object,
+                   properties: object) -> None:
+        if getattr(rc, "is_failure", True):
+            return
+        if edge is not None:
+            client.subscribe(edge.topic("NCMD"), qos=0)
+        connected.set()
+
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{site}-{time.time_ns()}",
                          protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(1000)
     client.on_publish = on_publish
-    client.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
+    client.on_connect = on_connect
+    client.on_message = on_message
+    if edge is not None:
+        will_topic, will_payload = edge.will()
+        client.will_set(will_topic, will_payload, qos=1)
     client.connect(host, port, keepalive=30)
     client.loop_start()
     try:
         if not connected.wait(10):
             raise ConnectionError(f"simulator: no CONNACK from {host}:{port}")
-        rng = random.Random(f"{site}")
         t0 = time.monotonic()
-        wall0 = time.time()
         for n in range(1, count + 1):
             if stop is not None and stop.is_set():
                 count = prog.sent
@@ -107,9 +264,12 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
                     if not lock.wait(timeout_s):
                         raise TimeoutError(f"simulator: no PUBACK from the broker for "
                                            f"{timeout_s:.0f} s")
-            topic, payload = message(profile=profile, site=site, n=n, t0=wall0, rng=rng)
-            client.publish(topic, payload, qos=1)
+            topic, data, values = next(source)
+            client.publish(topic, data, qos=1)
             prog.sent += 1
+            prog.readings += values
+            if edge is not None:
+                prog.values[n] = values
         with lock:
             if prog.acked + prog.failed >= count:
                 done.set()
@@ -119,4 +279,68 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
     finally:
         client.disconnect()
         client.loop_stop()
+    return prog
+
+
+async def _run_amqp(*, url: str, exchange: str, site: str, count: int, rate: float,
+                    profile: str, prog: Progress, stop: threading.Event | None,
+                    timeout_s: float, first: int) -> None:
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        window = asyncio.Semaphore(1000)
+        rng = random.Random(f"{site}")
+        wall0 = time.time()
+        source = json_messages(profile=profile, site=site, rng=rng, t0=wall0, first=first)
+        props = aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json")
+        pending: set[asyncio.Task[None]] = set()
+
+        async def confirm(fut: asyncio.Future[aiormq.abc.ConfirmationFrameType | None]) -> None:
+            try:
+                result = await asyncio.wait_for(fut, timeout_s)
+                if isinstance(result, aiormq.spec.Basic.Ack):
+                    prog.acked += 1
+                else:
+                    prog.failed += 1
+            except (aiormq.AMQPError, TimeoutError):
+                prog.failed += 1
+            finally:
+                window.release()
+
+        t0 = time.monotonic()
+        for n in range(1, count + 1):
+            if stop is not None and stop.is_set():
+                break
+            if rate > 0:
+                ahead = (n - 1) / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            await asyncio.wait_for(window.acquire(), timeout_s)
+            topic, data, values = next(source)
+            fut = asyncio.ensure_future(channel.basic_publish(
+                data, exchange=exchange, routing_key=topic.replace("/", "."), properties=props))
+            task = asyncio.create_task(confirm(fut))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            prog.sent += 1
+            prog.readings += values
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        await connection.close()
+
+
+def run_amqp(*, url: str, exchange: str, site: str, count: int, rate: float,
+             profile: str = "grid", progress: Progress | None = None,
+             stop: threading.Event | None = None, timeout_s: float = 60.0,
+             first: int = 1) -> Progress:
+    """Publish ``count`` persistent JSON messages to a topic exchange, with confirms.
+
+    Messages are numbered from ``first`` (their ``seq``), so runs can continue a numbering.
+    """
+    prog = progress or Progress()
+    asyncio.run(_run_amqp(url=url, exchange=exchange, site=site, count=count, rate=rate,
+                          profile=profile, prog=prog, stop=stop, timeout_s=timeout_s,
+                          first=first))
     return prog

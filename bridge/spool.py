@@ -8,7 +8,9 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
     created); ``next_seq`` (the seq the next new envelope gets; never decreases); ``readings``
     and ``bytes`` (running totals of the ``readings`` table, kept in the same transactions so
     that opening a large spool does not scan it); ``created_ns``; ``clock`` (the spool clock's
-    last snapshot, JSON, saved with every commit).
+    last snapshot, JSON, saved with every commit); ``state/<source>/<key>``: a decoder's state
+    (Sparkplug birth certificates, see ``bridge.codecs.sparkplug``), written in the same
+    transaction as the messages that changed it. A salvaged file starts without it.
 ``readings(rid INTEGER PRIMARY KEY, envelope BLOB, prio INTEGER, at REAL)``
     One row per message, in commit order (``rid``, local to this file). ``prio`` is its class (0
     telemetry, 1 event, 2 alarm; 99 a tombstone, never dropped); ``at`` is the spool clock
@@ -97,7 +99,7 @@ import secrets
 import sqlite3
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,11 +400,24 @@ class Spool:
 
     # -- append side -----------------------------------------------------------------------
 
-    def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = ()) -> list[int]:
-        """Append envelopes and dead letters in one durable transaction; returns their rids."""
-        return self._guard(lambda: self._commit(pending, dead))
+    def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = (),
+               state: Mapping[str, bytes | None] | None = None) -> list[int]:
+        """Append envelopes and dead letters in one durable transaction; returns their rids.
 
-    def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter]) -> list[int]:
+        ``state`` maps ``<source>/<key>`` to a decoder's new state (None deletes it).
+        """
+        return self._guard(lambda: self._commit(pending, dead, state or {}))
+
+    def load_state(self, source: str) -> dict[str, bytes]:
+        """A source's decoder state, by key (without the ``state/<source>/`` prefix)."""
+        prefix = f"state/{source}/"
+        rows = self._guard(lambda: self._db.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+            (len(prefix), prefix)).fetchall())
+        return {str(k)[len(prefix):]: bytes(v) for k, v in rows}
+
+    def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
+                state: Mapping[str, bytes | None]) -> list[int]:
         seq, rid = self.next_seq, self._next_rid
         at = self.clock.now()
         rows: list[tuple[int, bytes, int, float]] = []
@@ -437,6 +452,12 @@ class Spool:
                         [(now, d.source, d.topic, d.payload, d.reason, d.detail) for d in dead])
                 if ring_rows:
                     db.executemany("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", ring_rows)
+                for key, value in state.items():
+                    if value is None:
+                        db.execute("DELETE FROM meta WHERE key=?", (f"state/{key}",))
+                    else:
+                        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                   (f"state/{key}", value))
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
                     (seq, "next_seq"), (self.readings + len(rows), "readings"),
                     (self.bytes + size, "bytes")])
@@ -694,6 +715,25 @@ class Spool:
             "SELECT source, topic, payload, reason, detail FROM dead_letters ORDER BY id DESC "
             "LIMIT ?", (limit,)).fetchall())
         return [DeadLetter(*r) for r in rows]
+
+
+def read_dead_letters(path: Path, *, limit: int = 100) -> list[tuple[int, DeadLetter]]:
+    """The newest dead letters of a spool file, (at_ns, letter), for ``bridge dead-letters``.
+
+    Read-only and safe while the agent runs (WAL readers do not block the writer).
+    """
+    if not path.exists():
+        raise SpoolError(f"{path}: no spool file here (is spool.path right?)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT at_ns, source, topic, payload, reason, detail FROM "
+                              "dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise SpoolError(f"{path}: cannot read dead letters: {exc}") from exc
+    return [(int(r[0]), DeadLetter(r[1], r[2], bytes(r[3]), r[4], r[5])) for r in rows]
 
 
 def _salvage(path: Path, site_id: str) -> tuple[list[bytes], int]:

@@ -72,8 +72,20 @@ class AgentMetrics:
                                ["source"], registry=r)
         self.source_connects = Counter("bridge_source_connects", "Broker (re)connections",
                                        ["source", "session_present"], registry=r)
+        self.source_failures = Counter(
+            "bridge_source_connection_failures", "Broker connections refused or lost, by kind "
+            "(connect_failed, lost)", ["source", "kind"], registry=r)
         self.dead_letters = Counter("bridge_dead_letters", "Messages dead-lettered, by reason",
                                     ["reason"], registry=r)
+        self.source_skipped = Counter(
+            "bridge_source_skipped", "Messages acked without storing a reading, by reason "
+            "(host_state, stale_death)", ["source", "reason"], registry=r)
+        self.sparkplug_events = Counter(
+            "bridge_sparkplug_events", "Sparkplug host events: seq_gap, rebirth_requested, "
+            "stale_death, state_unreadable", ["source", "kind"], registry=r)
+        self.source_published = Counter(
+            "bridge_source_published", "Messages the agent published to a plant broker "
+            "(Sparkplug STATE, rebirth requests), by outcome", ["source", "outcome"], registry=r)
         self.spool_readings = Gauge("bridge_spool_readings", "Readings held in the spool",
                                     registry=r)
         self.spool_bytes = Gauge("bridge_spool_bytes", "Envelope bytes held in the spool",

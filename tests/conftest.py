@@ -113,7 +113,9 @@ def cluster(tmp_path: Path, pkis: localrun.Pki,
 class Publisher:
     """The simulator on a thread, so faults can be injected while it publishes."""
 
-    def __init__(self, cluster: Cluster, *, count: int, rate: float, site: str = "site-a"):
+    def __init__(self, cluster: Cluster, *, count: int, rate: float, site: str = "site-a",
+                 amqp: localrun.RabbitMQ | None = None):
+        """MQTT into the cluster's mosquitto, or, with ``amqp``, into RabbitMQ's exchange."""
         self.progress = simulate.Progress()
         self.error: BaseException | None = None
         self.count = count
@@ -121,6 +123,11 @@ class Publisher:
 
         def run() -> None:
             try:
+                if amqp is not None:
+                    simulate.run_amqp(url=amqp.URL, exchange=amqp.exchange, site=site,
+                                      count=count, rate=rate, progress=self.progress,
+                                      timeout_s=120, stop=self.stop)
+                    return
                 simulate.run(host="127.0.0.1", port=cluster.broker.port, site=site,
                              count=count, rate=rate, progress=self.progress, timeout_s=120,
                              stop=self.stop)
@@ -138,9 +145,14 @@ class Publisher:
         return self.progress.acked
 
 
-def idle(agent: AgentProc) -> bool:
+def idle(agent: AgentProc, taken: int = 0) -> bool:
+    """The agent has taken ``taken`` messages from its source and has nothing left to send.
+
+    Without ``taken`` an agent that has not yet received a just-published message looks idle.
+    """
     st = agent.status()
-    return not (st["spool"]["readings"] or st["uplink"]["in_flight"])
+    return (st["committed_messages"] >= taken
+            and not (st["spool"]["readings"] or st["uplink"]["in_flight"]))
 
 
 def delivered(cluster: Cluster, agent: AgentProc, count: int) -> bool:
@@ -166,3 +178,16 @@ def publish_raw(port: int, items: list[tuple[str, bytes]]) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_server() -> None:
+    """The machine's RabbitMQ, started if it is down (tests share it, with unique names)."""
+    localrun.RabbitMQ.ensure_running()
+
+
+@pytest.fixture
+def rabbit(rabbit_server: None, request: pytest.FixtureRequest) -> Iterator[localrun.RabbitMQ]:
+    r = localrun.RabbitMQ.unique(request.node.name[:40])
+    yield r
+    r.cleanup()

@@ -53,7 +53,7 @@ def test_primary_ingest_killed_mid_stream_fails_over_without_loss_or_doubles(clu
     wait_for(lambda: pub.progress.acked >= 2500, what="half published")
     cluster.nodes["aws"].proc.kill()
     published = pub.join()
-    wait_for(lambda: idle(agent) and agent.status()["committed_messages"] >= published,
+    wait_for(lambda: idle(agent, published),
              timeout=60, what="the agent to send everything")
     st = agent.status()
     assert st["uplink"]["failovers"] >= 1

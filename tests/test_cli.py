@@ -60,6 +60,26 @@ def test_a_good_agent_config_passes_check(tmp_path: Path, pkis: localrun.Pki):
     (("[[uplink.endpoints]]\nname = \"aws\"\ntarget = \"127.0.0.1:6443\"\n", ""),
      "uplink.endpoints", "at least one"),
     (('url = "mqtt://127.0.0.1:1883"', 'url = "amqp://x"'), "sources[0].url", "mqtt://"),
+    (('url = "mqtt://127.0.0.1:1883"', 'type = "amqp"\nurl = "mqtt://x"'), "sources[0].url",
+     "amqp://"),
+    (('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]', 'type = "amqp"\nurl = "amqp://h/"'),
+     "sources[0].queue", "required key is missing"),
+    (('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]',
+      'type = "amqp"\nurl = "amqp://h/"\nqueue = "q"\nbindings = ["a.#"]'),
+     "sources[0].bindings", "needs an exchange"),
+    (('topics = ["#"]', 'topics = ["#"]\ncodec = "xml"'), "sources[0].codec", "must be one of"),
+    (('topics = ["#"]', 'topics = ["#"]\n[[sources.mappings]]\ntopic = "a/{{x}}"\nvalue = "a..b"'),
+     "sources[0].mappings[0].value", "cannot read path"),
+    (('topics = ["#"]', 'topics = ["#"]\n[[sources.mappings]]\ntopic = "a/#/b"\nvalue = "v"'),
+     "sources[0].mappings[0].topic", "must be the last level"),
+    (('topics = ["#"]', 'topics = ["#"]\n[[sources.mappings]]\ntopic = "a"\nvalue = "v"\n'
+      'timestmap = "t"'), "sources[0].mappings[0].timestmap", "unknown key"),
+    (('topics = ["#"]', 'topics = ["#"]\n[sources.sparkplug]\nhost_id = "h"'),
+     "sources[0].sparkplug", "applies only to codec"),
+    (('topics = ["#"]', 'codec = "sparkplug"\n[sources.sparkplug]\nhost_id = "a/b"'),
+     "sources[0].sparkplug.host_id", "must not contain"),
+    (('topics = ["#"]', 'topics = ["#"]\nmax_payload_bytes = 10'),
+     "sources[0].max_payload_bytes", "must be >= 64"),
 ])
 def test_config_errors_name_the_file_and_key_path_and_exit_2(
         tmp_path: Path, pkis: localrun.Pki, change: tuple[str, str], key: str, message: str):
@@ -108,3 +128,8 @@ def test_the_example_configs_in_the_docs_parse():
     assert [e.name for e in agent.uplink.endpoints] == ["aws", "azure", "gcp"]
     assert load_ingest(examples / "ingest.toml").listen == "0.0.0.0:6443"
     assert len(load_consumer(examples / "consumer.toml").targets) == 3
+    spb = load_agent(examples / "agent-sparkplug.toml").sources[0]
+    assert spb.decode.sparkplug is not None and spb.decode.sparkplug.host_id == "bridge-site-7"
+    amqp = load_agent(examples / "agent-amqp.toml").sources
+    assert [s.protocol for s in amqp] == ["amqp", "mqtt"]
+    assert len(amqp[0].decode.mappings) == 1 and len(amqp[1].decode.mappings) == 2

@@ -4,10 +4,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+
+def demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", "demo", "--json", *args],
+                          capture_output=True, text=True, timeout=240, check=False)
+
 
 def test_the_demo_accounts_for_every_reading_and_reports_json():
-    res = subprocess.run([sys.executable, "-m", "bridge", "demo", "--readings", "3000", "--json"],
-                         capture_output=True, text=True, timeout=240, check=False)
+    res = demo("--readings", "3000")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     for key in ("published", "committed", "lost", "duplicates", "failovers", "elapsed_s",
@@ -17,3 +23,29 @@ def test_the_demo_accounts_for_every_reading_and_reports_json():
     assert (summary["lost"], summary["duplicates"]) == (0, 0)
     assert summary["failovers"] >= 1
     assert "killed the primary" in res.stderr
+
+
+@pytest.mark.usefixtures("rabbit_server")
+def test_the_demo_runs_from_rabbitmq():
+    res = demo("--readings", "3000", "--source", "amqp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["published"] == summary["committed"] == 3000
+    assert (summary["lost"], summary["duplicates"]) == (0, 0)
+    assert "RabbitMQ exchange bridge-demo-" in res.stderr
+
+
+def test_the_demo_counts_every_sparkplug_metric_value():
+    res = demo("--readings", "5000", "--payload", "sparkplug")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    # 500 messages of 10 values, less the births' different shapes: the simulator's own count.
+    assert summary["published"] == summary["committed"] > 4900
+    assert (summary["lost"], summary["duplicates"]) == (0, 0)
+
+
+def test_sparkplug_over_amqp_is_refused_before_anything_starts():
+    res = demo("--source", "amqp", "--payload", "sparkplug")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("error: Sparkplug B is an MQTT protocol: use --source mqtt "
+                                  "with --payload sparkplug")

@@ -31,9 +31,11 @@ def status(cluster: Cluster) -> dict:
 
 def test_readings_past_their_maximum_age_arrive_as_a_named_gap(cluster: Cluster):
     cluster.ingest("aws")
-    agent = cluster.agent(spool_extra="max_age_s = 4.0\n")
+    # Reconnects are kept quick (backoff_max_s): the new readings must arrive within max_age_s.
+    agent = cluster.agent(spool_extra="max_age_s = 4.0\n", uplink_extra="backoff_max_s = 0.5\n")
     cluster.nodes["aws"].proc.kill()
-    old = Publisher(cluster, count=500, rate=0).join()
+    # More than max_in_flight (4) full batches (500): some readings must stay behind to expire.
+    old = Publisher(cluster, count=3000, rate=0).join()
     wait_for(lambda: agent.status()["spool"]["oldest_age_s"] is not None
              and agent.status()["spool"]["dropped"].get("ttl", 0) > 0, timeout=20,
              what="the backlog to expire")

@@ -13,8 +13,8 @@ from bridge.config import TlsConfig
 from tests.conftest import Cluster, Publisher, idle, wait_for
 
 
-def wait_sent(agent: localrun.AgentProc, timeout: float = 90) -> None:
-    wait_for(lambda: idle(agent), timeout=timeout, interval=0.1, what="agent spool to empty")
+def wait_sent(agent: localrun.AgentProc, taken: int, timeout: float = 90) -> None:
+    wait_for(lambda: idle(agent, taken), timeout=timeout, interval=0.1, what="agent spool to empty")
 
 
 def events(agent: localrun.AgentProc, name: str) -> list[dict]:
@@ -42,7 +42,7 @@ def test_a_hung_primary_sigstop_fails_over_quickly_without_loss_or_doubles(clust
     wait_for(lambda: failovers(agent) >= 1, timeout=10, what="failover off the hung primary")
     detected_s = time.monotonic() - t_stop
     published = pub.join()
-    wait_sent(agent)
+    wait_sent(agent, published)
     assert detected_s < 10, "found by the health probe, not by the 30 s call deadline"
     unhealthy = [e for e in events(agent, "uplink.endpoint_state")
                  if e["endpoint"] == "aws" and e["new"] == "unhealthy"]
@@ -65,8 +65,10 @@ def test_a_flapping_primary_does_not_pull_traffic_back_and_forth(cluster: Cluste
         while time.monotonic() < t and pub.thread.is_alive():
             time.sleep(0.05)
     published = pub.join()
-    wait_sent(agent)
-    assert failovers(agent) == 1, "one failover; the flapping primary never became stable"
+    wait_sent(agent, published)
+    assert failovers(agent) == 1, ("one failover; the flapping primary never became stable",
+                                   events(agent, "uplink.failover"),
+                                   events(agent, "uplink.breaker"))
     active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
     assert active == ["azure"]
     localrun.wait_healthy(aws.target, cluster.pki.consumer())
@@ -87,7 +89,7 @@ def test_all_endpoints_down_for_a_minute_then_back_delivers_everything(cluster: 
              what="a minute of outage")
     for name in ("aws", "azure"):
         cluster.restart_ingest(name)
-    wait_sent(agent)
+    wait_sent(agent, published)
     assert cluster.account(published) == (published, 0, 0)
     assert events(agent, "uplink.upstream_restored")
 
@@ -102,7 +104,7 @@ def test_the_secondary_dying_during_a_failover_moves_on_to_the_third(cluster: Cl
     wait_for(lambda: failovers(agent) >= 1, timeout=10, what="failover to azure")
     cluster.nodes["azure"].proc.kill()
     published = pub.join()
-    wait_sent(agent)
+    wait_sent(agent, published)
     assert failovers(agent) >= 2
     active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
     assert active == ["gcp"]
@@ -116,19 +118,19 @@ def test_traffic_fails_back_to_the_primary_after_it_has_been_stable(cluster: Clu
     cluster.ingest("azure")
     agent = cluster.agent(uplink_extra="failback_after_s = 2.0\n")
     first = Publisher(cluster, count=1000, rate=0).join()
-    wait_sent(agent)
+    wait_sent(agent, first)
     cluster.nodes["aws"].proc.kill()
     wait_for(lambda: agent.status()["uplink"]["endpoints"][0]["state"] == "unhealthy",
              what="primary seen down")
     second = Publisher(cluster, count=1000, rate=0).join()
-    wait_sent(agent)
+    wait_sent(agent, first + second)
     cluster.restart_ingest("aws")
     # The switch happens on the next batch, so publish while waiting for it.
     third = Publisher(cluster, count=1000, rate=100).join()
-    wait_sent(agent)
+    wait_sent(agent, first + second + third)
     assert [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]] == ["aws"]
     fourth = Publisher(cluster, count=500, rate=0).join()
-    wait_sent(agent)
+    wait_sent(agent, first + second + third + fourth)
     stream, errors = cluster.consume()
     assert not errors
     assert len(stream) == first + second + third + fourth
@@ -154,7 +156,7 @@ def test_endpoints_with_a_wrong_name_or_another_cas_certificate_are_never_truste
     cluster.ingest("azure")
     agent = cluster.agent(nodes=["wrongname", "rogue", "azure"])
     published = Publisher(cluster, count=500, rate=0).join()
-    wait_sent(agent)
+    wait_sent(agent, published)
     for name in ("wrongname", "rogue"):
         bad = [e for e in events(agent, "uplink.endpoint_state") if e["endpoint"] == name]
         assert bad and bad[0]["new"] == "unhealthy" and bad[0]["flag"] == "UF", name
@@ -176,7 +178,7 @@ def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster
     cluster.ingest("azure")
     agent = cluster.agent()
     published = Publisher(cluster, count=3000, rate=0).join()
-    wait_sent(agent)
+    wait_sent(agent, published)
     metrics = agent.metrics()
     assert 'bridge_uplink_throttled_total{endpoint="aws"}' in metrics
     assert failovers(agent) == 0

@@ -82,7 +82,7 @@ def test_an_endpoint_bound_to_its_interface_works_and_one_bound_elsewhere_fails_
     agent = cluster.agent(nodes=["cloud", "cloud"], names=["wrong-leg", "wan-leg"],
                           interfaces={"wrong-leg": "lo", "wan-leg": host_if})
     published = Publisher(cluster, count=300, rate=0).join()
-    wait_for(lambda: idle(agent), what="delivery over the bound leg")
+    wait_for(lambda: idle(agent, published), what="delivery over the bound leg")
     eps = {e["name"]: e for e in agent.status()["uplink"]["endpoints"]}
     assert eps["wrong-leg"]["state"] == "unhealthy"
     assert eps["wan-leg"]["active"]
@@ -101,7 +101,7 @@ def test_a_missing_interface_fails_closed_and_traffic_uses_the_next_endpoint(clu
     cluster.ingest("azure")
     agent = cluster.agent(interfaces={"aws": "nosuchif0"})
     published = Publisher(cluster, count=300, rate=0).join()
-    wait_for(lambda: idle(agent), what="delivery via azure")
+    wait_for(lambda: idle(agent, published), what="delivery via azure")
     eps = {e["name"]: e for e in agent.status()["uplink"]["endpoints"]}
     assert eps["aws"]["state"] == "unhealthy" and eps["azure"]["active"]
     assert "nosuchif0" in agent.proc.log.read_text()

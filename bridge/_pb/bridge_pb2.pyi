@@ -134,6 +134,8 @@ class Value(_message.Message):
     UNIT_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     SOURCE_TIME_NS_FIELD_NUMBER: _builtins.int
+    HISTORICAL_FIELD_NUMBER: _builtins.int
+    IS_NULL_FIELD_NUMBER: _builtins.int
     signal: _builtins.str
     number: _builtins.float
     integer: _builtins.int
@@ -143,6 +145,10 @@ class Value(_message.Message):
     quality: Global___Quality.ValueType
     source_time_ns: _builtins.int
     """per-value timestamp when the payload has one"""
+    historical: _builtins.bool
+    """back-filled by the publisher (Sparkplug is_historical)"""
+    is_null: _builtins.bool
+    """the publisher said "no value" (kind is unset)"""
     def __init__(
         self,
         *,
@@ -154,10 +160,12 @@ class Value(_message.Message):
         unit: _builtins.str = ...,
         quality: Global___Quality.ValueType = ...,
         source_time_ns: _builtins.int | None = ...,
+        historical: _builtins.bool = ...,
+        is_null: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_source_time_ns", b"_source_time_ns", "boolean", b"boolean", "integer", b"integer", "kind", b"kind", "number", b"number", "source_time_ns", b"source_time_ns", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_time_ns", b"_source_time_ns", "boolean", b"boolean", "integer", b"integer", "kind", b"kind", "number", b"number", "quality", b"quality", "signal", b"signal", "source_time_ns", b"source_time_ns", "text", b"text", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_time_ns", b"_source_time_ns", "boolean", b"boolean", "historical", b"historical", "integer", b"integer", "is_null", b"is_null", "kind", b"kind", "number", b"number", "quality", b"quality", "signal", b"signal", "source_time_ns", b"source_time_ns", "text", b"text", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__source_time_ns: _TypeAlias = _typing.Literal["source_time_ns"]  # noqa: Y015
     _WhichOneofArgType__source_time_ns: _TypeAlias = _typing.Literal["_source_time_ns", b"_source_time_ns"]  # noqa: Y015
@@ -176,6 +184,26 @@ class Envelope(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SITE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
@@ -188,6 +216,7 @@ class Envelope(_message.Message):
     SOURCE_SEQ_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     epoch: _builtins.int
     seq: _builtins.int
@@ -213,6 +242,12 @@ class Envelope(_message.Message):
         A tombstone carries no values; it occupies those seqs so consumers see the gap by name.
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the payload and topic say about the reading beyond its values: named captures of a
+        JSON mapping (e.g. "asset"), Sparkplug "group", "edge_node", "device" and "message_type".
+        """
+
     def __init__(
         self,
         *,
@@ -228,10 +263,11 @@ class Envelope(_message.Message):
         source_seq: _builtins.int | None = ...,
         codec: _builtins.str = ...,
         dropped: Global___DropNotice | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "dropped", b"dropped", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "clock_synced", b"clock_synced", "codec", b"codec", "dropped", b"dropped", "epoch", b"epoch", "gateway_time_ns", b"gateway_time_ns", "raw", b"raw", "seq", b"seq", "site_id", b"site_id", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq", "_source_time_ns", b"_source_time_ns", "clock_synced", b"clock_synced", "codec", b"codec", "dropped", b"dropped", "epoch", b"epoch", "gateway_time_ns", b"gateway_time_ns", "labels", b"labels", "raw", b"raw", "seq", b"seq", "site_id", b"site_id", "source", b"source", "source_seq", b"source_seq", "source_time_ns", b"source_time_ns", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__source_seq: _TypeAlias = _typing.Literal["source_seq"]  # noqa: Y015
     _WhichOneofArgType__source_seq: _TypeAlias = _typing.Literal["_source_seq", b"_source_seq"]  # noqa: Y015

@@ -1,20 +1,46 @@
-"""Payload decoders: bytes in, decoded values out. Pure functions, no I/O; fuzzed in tests.
+"""Payload decoders: bytes in, decoded values out. No I/O; every decoder is fuzzed in tests.
 
 A decoder raises ``DecodeError`` with a short machine-readable ``reason`` (the dead-letter
 reason and metric label) and a human ``detail``. Nothing else may escape a decoder: the agent
 treats any other exception as a bug and still dead-letters the message (reason ``codec_bug``).
+
+``json`` and ``raw`` are pure functions; ``sparkplug`` keeps birth certificates (see
+``bridge.codecs.sparkplug``); JSON mappings (``bridge.codecs.mapping``) sit in front of a
+source's codec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from bridge.codecs._base import Decoded, DecodedValue, DecodeError
+from bridge.codecs._base import (
+    Decoded,
+    DecodedValue,
+    DecodeError,
+    Decoder,
+    Publish,
+    StatelessDecoder,
+)
 from bridge.codecs.json import decode_json
+from bridge.codecs.mapping import JsonMapping, MappedJson
 from bridge.codecs.raw import decode_raw
+from bridge.codecs.sparkplug import Notice, SparkplugDecoder
 
-Decoder = Callable[[str, bytes], Decoded]
+CODECS = ("json", "raw", "sparkplug")
+DECODERS: dict[str, Callable[[str, bytes], Decoded]] = {"json": decode_json, "raw": decode_raw}
 
-DECODERS: dict[str, Decoder] = {"json": decode_json, "raw": decode_raw}
 
-__all__ = ["DECODERS", "DecodeError", "Decoded", "DecodedValue", "Decoder"]
+def make_decoder(*, codec: str, mappings: list[JsonMapping] | None = None,
+                 notice: Notice | None = None, rebirth: bool = True,
+                 rebirth_on_gap: bool = True, rebirth_interval_s: float = 10.0) -> Decoder:
+    if codec == "sparkplug":
+        return SparkplugDecoder(rebirth=rebirth, rebirth_on_gap=rebirth_on_gap,
+                                rebirth_interval_s=rebirth_interval_s, notice=notice)
+    fn = DECODERS[codec]
+    if mappings:
+        fn = MappedJson(mappings=mappings, fallback=fn).decode
+    return StatelessDecoder(codec="json" if mappings else codec, fn=fn)
+
+
+__all__ = ["CODECS", "DECODERS", "DecodeError", "Decoded", "DecodedValue", "Decoder",
+           "JsonMapping", "Publish", "make_decoder"]

@@ -1,8 +1,10 @@
-"""Types shared by the decoders."""
+"""Types shared by the decoders, and the ``Decoder`` seam the intake calls."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class DecodeError(Exception):
@@ -13,13 +15,17 @@ class DecodeError(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
+Scalar = float | int | bool | str
+
+
 @dataclass(slots=True)
 class DecodedValue:
     signal: str
-    value: float | int | bool | str
+    value: Scalar | None  # None: the publisher said "null" (is_null on the wire)
     unit: str = ""
     quality: int = 0  # bridge.v1.Quality
     source_time_ns: int | None = None
+    historical: bool = False
 
 
 @dataclass(slots=True)
@@ -28,3 +34,53 @@ class Decoded:
     source_time_ns: int | None = None
     source_seq: int | None = None
     raw: bytes = b""
+    labels: dict[str, str] = field(default_factory=dict)
+    # Set when the message is acknowledged but stores nothing (a Sparkplug host STATE, a
+    # stale NDEATH): the reason is counted and logged, never silent.
+    skip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A message a decoder asks the agent to publish to the plant broker (a rebirth request)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+class Decoder(Protocol):
+    """Bytes in, a reading out. Only ``DecodeError`` may escape ``decode``.
+
+    Stateful decoders (Sparkplug alias tables) report what changed through ``take_state``: the
+    intake writes it in the same spool transaction as the messages that changed it, so state
+    and acked messages never disagree after a crash; ``restore`` gets it back at start.
+    """
+
+    codec: str  # recorded in Envelope.codec
+
+    def decode(self, topic: str, payload: bytes) -> Decoded: ...
+
+    def take_state(self) -> dict[str, bytes | None]: ...
+
+    def restore(self, state: dict[str, bytes]) -> None: ...
+
+    def take_requests(self) -> list[Publish]: ...
+
+
+class StatelessDecoder:
+    """A pure ``(topic, payload) -> Decoded`` function as a ``Decoder``."""
+
+    def __init__(self, *, codec: str, fn: Callable[[str, bytes], Decoded]) -> None:
+        self.codec = codec
+        self.decode = fn
+
+    def take_state(self) -> dict[str, bytes | None]:
+        return {}
+
+    def restore(self, state: dict[str, bytes]) -> None:
+        pass
+
+    def take_requests(self) -> list[Publish]:
+        return []

@@ -54,7 +54,7 @@ def parse_timestamp(value: Any) -> int:
                       f"{type(value).__name__}")
 
 
-def _scalar(value: Any, where: str) -> float | int | bool | str:
+def scalar(value: Any, where: str) -> float | int | bool | str:
     if isinstance(value, bool | str):
         return value
     if isinstance(value, int):
@@ -84,7 +84,7 @@ def _value(obj: dict[str, Any], default_signal: str, where: str) -> DecodedValue
     else:
         raise DecodeError("bad_quality", f"{where}: quality must be good, uncertain or bad")
     ts = obj.get("ts", obj.get("timestamp"))
-    return DecodedValue(signal=signal, value=_scalar(obj["value"], where), unit=unit, quality=q,
+    return DecodedValue(signal=signal, value=scalar(obj["value"], where), unit=unit, quality=q,
                         source_time_ns=None if ts is None else parse_timestamp(ts))
 
 
@@ -97,12 +97,16 @@ def _seq(obj: dict[str, Any]) -> int | None:
     return seq
 
 
-def decode_json(topic: str, payload: bytes) -> Decoded:
+def load_json(payload: bytes) -> Any:
     try:
-        doc = orjson.loads(payload)
+        return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         reason = "invalid_utf8" if "utf-8" in str(exc).lower() else "invalid_json"
         raise DecodeError(reason, str(exc)[:200]) from exc
+
+
+def decode_json(topic: str, payload: bytes) -> Decoded:
+    doc = load_json(payload)
     default_signal = topic.rsplit("/", 1)[-1] or topic
     if isinstance(doc, dict):
         seq = _seq(doc)
@@ -125,5 +129,5 @@ def decode_json(topic: str, payload: bytes) -> Decoded:
         return Decoded(values=[v], source_seq=seq, source_time_ns=ts)
     if isinstance(doc, bool | int | float | str):
         return Decoded(values=[DecodedValue(signal=default_signal,
-                                            value=_scalar(doc, "payload"))])
+                                            value=scalar(doc, "payload"))])
     raise DecodeError("bad_shape", f"expected an object or a scalar, got {type(doc).__name__}")

@@ -105,25 +105,30 @@ class Store:
                         trial.add(first)
                 else:
                     trial.add_range(first, last)
-            updates.append((key, trial))
+            # Only this batch's seqs can be new in ``above``: writing the whole set again made
+            # each commit O(seqs above the watermark), which the live lane makes large while a
+            # backlog drains (measured: the ingest at 99 % CPU in this listcomp and insert).
+            new_above = [s for first, last in seqs for s in range(first, last + 1)
+                         if s in trial.above]
+            updates.append((key, trial, new_above))
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT OR IGNORE INTO readings(site_id, epoch, seq, envelope,"
                            " commit_ns, last_seq, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            for (site, epoch), trial in updates:
+            for (site, epoch), trial, new_above in updates:
                 e = to_i64(epoch)
                 db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
                            (site, e, trial.watermark, trial.committed))
                 db.execute("DELETE FROM ledger_above WHERE site_id=? AND epoch=? AND seq<=?",
                            (site, e, trial.watermark))
                 db.executemany("INSERT OR IGNORE INTO ledger_above VALUES (?, ?, ?)",
-                               [(site, e, s) for s in trial.above])
+                               [(site, e, s) for s in new_above])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        for key, trial in updates:
+        for key, trial, _ in updates:
             self.ledger.streams[key] = trial
         return fresh
 

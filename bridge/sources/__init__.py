@@ -1,1 +1,20 @@
-"""Plant-side sources behind one ``Source`` protocol (see ``bridge.sources.base``)."""
+"""Plant broker connections: MQTT (paho-mqtt) and AMQP 0-9-1 (aiormq)."""
+
+from __future__ import annotations
+
+from bridge.config import AmqpSourceConfig, SourceConfig
+from bridge.sources.base import Message, Source
+from bridge.sources.mqtt import MqttSource
+from bridge.telemetry import AgentMetrics
+
+
+def make_source(config: SourceConfig, metrics: AgentMetrics) -> Source:
+    if isinstance(config, AmqpSourceConfig):
+        # aiormq (~3.6 MB of RSS) is loaded only by an agent that has an AMQP source.
+        from bridge.sources.amqp import AmqpSource
+
+        return AmqpSource(config=config, metrics=metrics)
+    return MqttSource(config=config, metrics=metrics)
+
+
+__all__ = ["Message", "MqttSource", "Source", "make_source"]

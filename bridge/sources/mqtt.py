@@ -6,27 +6,35 @@
   control and the backpressure path (stop acking and the broker stops sending).
 * Subscriptions use ``retainHandling=2``: a retained "last value" replayed on every
   (re)subscribe is not a new reading and would double in the stream.
-* paho runs its network loop on its own thread; ``on_message`` only appends to a deque and
+* paho runs its network loop on its own thread; ``on_message`` only appends to the inbox and
   wakes the event loop once per burst. Acks go back through paho's thread-safe packet queue.
+* With ``[sources.sparkplug] host_id``, the source is the Sparkplug Primary Host Application:
+  every connection sets a will ``spBv1.0/STATE/<host_id>`` = ``{"online": false, "timestamp":
+  T}`` and, once subscribed, publishes ``{"online": true, "timestamp": T}`` there (QoS 1,
+  retained), with a new T per connection as Sparkplug 3.0 requires. Edge nodes that see the
+  host offline keep their data (store and forward) until it is back. A clean stop publishes
+  the offline state itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
+import time
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge.codecs import Publish
 from bridge.config import MqttSourceConfig
 from bridge.envelope import SourceInfo
-from bridge.sources.base import Message
+from bridge.sources.base import Inbox, Message
 from bridge.telemetry import AgentMetrics, event
 
 
@@ -35,11 +43,12 @@ class MqttSource:
         self.config = config
         self.metrics = metrics
         self.info = SourceInfo(name=config.name, protocol="mqtt", broker=config.url)
-        self._pending: collections.deque[Message] = collections.deque()
-        self._wake_scheduled = False
-        self._ready = asyncio.Event()
+        self._inbox = Inbox()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        sp = config.decode.sparkplug
+        self.state_topic = f"spBv1.0/STATE/{sp.host_id}" if sp and sp.host_id else None
+        self._state_ts = 0
         self.generation = 0
         self.subscribed = asyncio.Event()
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
@@ -52,9 +61,20 @@ class MqttSource:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self._client = client
+        self._set_will()
+
+    def _state(self, online: bool) -> bytes:
+        return orjson.dumps({"online": online, "timestamp": self._state_ts})
+
+    def _set_will(self) -> None:
+        """A new STATE timestamp for the next connection, and its will."""
+        if self.state_topic is not None:
+            self._state_ts = time.time_ns() // 1_000_000
+            self._client.will_set(self.state_topic, self._state(False), qos=1, retain=True)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._inbox.bind(self._loop)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.receive_maximum
@@ -68,6 +88,7 @@ class MqttSource:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if reason.is_failure:
+            self.metrics.source_failures.labels(self.config.name, "connect_failed").inc()
             event("source.connect_failed", level=logging.ERROR, source=self.config.name,
                   broker=self.info.broker, reason=str(reason))
             return
@@ -89,6 +110,10 @@ class MqttSource:
             return
         self.metrics.source_up.labels(self.config.name).set(1)
         event("source.subscribed", source=self.config.name, topics=list(self.config.topics))
+        if self.state_topic is not None:
+            self._publish(self.state_topic, self._state(True), qos=1, retain=True)
+            event("sparkplug.state_online", source=self.config.name, topic=self.state_topic,
+                  timestamp=self._state_ts)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.subscribed.set)
 
@@ -97,42 +122,47 @@ class MqttSource:
         self.metrics.source_up.labels(self.config.name).set(0)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.subscribed.clear)
+        if reason.is_failure:  # not our own clean disconnect at stop
+            self.metrics.source_failures.labels(self.config.name, "lost").inc()
         event("source.disconnected", level=logging.WARNING, source=self.config.name,
               reason=str(reason))
+        self._set_will()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._pending.append(Message(topic=msg.topic, payload=bytes(msg.payload),
-                                     redelivered=msg.dup, generation=self.generation,
-                                     token=msg.mid, qos=msg.qos))
-        if not self._wake_scheduled and self._loop is not None:
-            self._wake_scheduled = True
-            self._loop.call_soon_threadsafe(self._ready.set)
+        self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload),
+                                redelivered=msg.dup, generation=self.generation,
+                                token=msg.mid, qos=msg.qos))
+
+    def _publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        outcome = "queued" if info.rc == mqtt.MQTT_ERR_SUCCESS else "failed"
+        self.metrics.source_published.labels(self.config.name, outcome).inc()
+        if outcome == "failed":
+            event("source.publish_failed", level=logging.WARNING, source=self.config.name,
+                  topic=topic, reason=mqtt.error_string(info.rc))
 
     # -- event loop ----------------------------------------------------------------------
 
     async def take(self, max_messages: int) -> list[Message]:
-        while True:
-            self._wake_scheduled = False
-            self._ready.clear()
-            out: list[Message] = []
-            pending = self._pending
-            while pending and len(out) < max_messages:
-                out.append(pending.popleft())
-            if out:
-                if pending:
-                    self._ready.set()
-                return out
-            await self._ready.wait()
+        return await self._inbox.take(max_messages)
 
-    def ack(self, messages: list[Message]) -> None:
+    async def ack(self, messages: list[Message]) -> None:
         with self._lock:
             generation = self.generation
             for m in messages:
                 if m.qos and m.generation == generation:
                     self._client.ack(m.token, m.qos)
 
+    def publish(self, message: Publish) -> None:
+        self._publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+
     async def stop(self) -> None:
         def _stop() -> None:
+            if self.state_topic is not None and self._client.is_connected():
+                # A clean stop sends no will: say offline ourselves, as the will would.
+                info = self._client.publish(self.state_topic, self._state(False), qos=1,
+                                            retain=True)
+                info.wait_for_publish(timeout=2.0)
             self._client.disconnect()
             self._client.loop_stop()
 

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from bridge.agent import Intake
+from bridge.codecs import Publish, make_decoder
 from bridge.config import MqttSourceConfig
 from bridge.envelope import ClockSync
 from bridge.localrun import Mosquitto
@@ -23,6 +24,7 @@ class CrashBeforeAck:
     def __init__(self, inner: MqttSource) -> None:
         self.inner = inner
         self.info = inner.info
+        self.subscribed = inner.subscribed
 
     async def start(self) -> None:
         await self.inner.start()
@@ -30,8 +32,11 @@ class CrashBeforeAck:
     async def take(self, max_messages: int) -> list[Message]:
         return await self.inner.take(max_messages)
 
-    def ack(self, messages: list[Message]) -> None:
+    async def ack(self, messages: list[Message]) -> None:
         pass
+
+    def publish(self, message: Publish) -> None:
+        self.inner.publish(message)
 
     async def stop(self) -> None:
         await self.inner.stop()
@@ -40,8 +45,7 @@ class CrashBeforeAck:
 def source_config(port: int) -> MqttSourceConfig:
     return MqttSourceConfig(name="plant", host="127.0.0.1", port=port, topics=("plant/#",),
                             client_id="bridge-test-redelivery", session_expiry_s=300,
-                            receive_maximum=100, keepalive_s=30, codec="json", username=None,
-                            password=None)
+                            receive_maximum=100, keepalive_s=30, username=None, password=None)
 
 
 async def wait_until(cond, timeout: float = 20.0) -> None:
@@ -52,7 +56,8 @@ async def wait_until(cond, timeout: float = 20.0) -> None:
 
 @contextlib.asynccontextmanager
 async def running(source, spool: AsyncSpool, metrics: AgentMetrics):
-    intake = Intake(source=source, spool=spool, site_id="site-a", codec="json",
+    intake = Intake(source=source, spool=spool, site_id="site-a",
+                    decoder=make_decoder(codec="json"),
                     commit_max=50, metrics=metrics, clock=ClockSync())
     await source.start()
     task = asyncio.create_task(intake.run())
