@@ -155,6 +155,19 @@ def idle(agent: AgentProc, taken: int = 0) -> bool:
             and not (st["spool"]["readings"] or st["uplink"]["in_flight"]))
 
 
+def active(agent: AgentProc) -> list[str]:
+    return [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
+
+
+def wait_active(agent: AgentProc, name: str) -> None:
+    """Wait until ``name`` carries traffic, so killing it is a failover, not a first choice.
+
+    Killed before the agent's first health answer, the primary is never chosen and the agent
+    starts on the secondary: no failover happens (this raced on a slow CI machine).
+    """
+    wait_for(lambda: active(agent) == [name], what=f"{name} active")
+
+
 def delivered(cluster: Cluster, agent: AgentProc, count: int) -> bool:
     """The agent has nothing left to send and the merged stream holds ``count`` readings."""
     if not idle(agent):

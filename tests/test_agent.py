@@ -11,7 +11,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.conftest import Cluster, Publisher, idle, publish_raw, wait_delivered, wait_for
+from tests.conftest import (
+    Cluster,
+    Publisher,
+    idle,
+    publish_raw,
+    wait_active,
+    wait_delivered,
+    wait_for,
+)
 
 
 def test_every_published_reading_arrives_once_in_the_merged_stream(cluster: Cluster):
@@ -50,6 +58,7 @@ def test_primary_ingest_killed_mid_stream_fails_over_without_loss_or_doubles(clu
     cluster.ingest("azure")
     agent = cluster.agent()
     pub = Publisher(cluster, count=6000, rate=2000)
+    wait_active(agent, "aws")
     wait_for(lambda: pub.progress.acked >= 2500, what="half published")
     cluster.nodes["aws"].proc.kill()
     published = pub.join()

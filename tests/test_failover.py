@@ -10,7 +10,7 @@ import orjson
 
 from bridge import localrun, pki
 from bridge.config import TlsConfig
-from tests.conftest import Cluster, Publisher, idle, wait_for
+from tests.conftest import Cluster, Publisher, active, idle, wait_active, wait_for
 
 
 def wait_sent(agent: localrun.AgentProc, taken: int, timeout: float = 90) -> None:
@@ -36,6 +36,7 @@ def test_a_hung_primary_sigstop_fails_over_quickly_without_loss_or_doubles(clust
     cluster.ingest("azure")
     agent = cluster.agent(uplink_extra="deadline_s = 30.0\n")
     pub = Publisher(cluster, count=4000, rate=1000)
+    wait_active(agent, "aws")
     wait_for(lambda: pub.progress.acked >= 1500, what="publishing under way")
     cluster.nodes["aws"].proc.signal(signal.SIGSTOP)
     t_stop = time.monotonic()
@@ -56,6 +57,7 @@ def test_a_flapping_primary_does_not_pull_traffic_back_and_forth(cluster: Cluste
     cluster.ingest("azure")
     agent = cluster.agent()
     pub = Publisher(cluster, count=9000, rate=300)  # ~30 s of publishing
+    wait_active(agent, "aws")
     aws = cluster.nodes["aws"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # killed and restarted every 2 s for 30 s
@@ -69,8 +71,7 @@ def test_a_flapping_primary_does_not_pull_traffic_back_and_forth(cluster: Cluste
     assert failovers(agent) == 1, ("one failover; the flapping primary never became stable",
                                    events(agent, "uplink.failover"),
                                    events(agent, "uplink.breaker"))
-    active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
-    assert active == ["azure"]
+    assert active(agent) == ["azure"]
     localrun.wait_healthy(aws.target, cluster.pki.consumer())
     assert cluster.account(published) == (published, 0, 0)
 
@@ -99,6 +100,7 @@ def test_the_secondary_dying_during_a_failover_moves_on_to_the_third(cluster: Cl
         cluster.ingest(name)
     agent = cluster.agent()
     pub = Publisher(cluster, count=6000, rate=2000)
+    wait_active(agent, "aws")
     wait_for(lambda: pub.progress.acked >= 2000, what="publishing under way")
     cluster.nodes["aws"].proc.kill()
     wait_for(lambda: failovers(agent) >= 1, timeout=10, what="failover to azure")
@@ -106,8 +108,7 @@ def test_the_secondary_dying_during_a_failover_moves_on_to_the_third(cluster: Cl
     published = pub.join()
     wait_sent(agent, published)
     assert failovers(agent) >= 2
-    active = [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]]
-    assert active == ["gcp"]
+    assert active(agent) == ["gcp"]
     cluster.restart_ingest("aws")
     cluster.restart_ingest("azure")
     assert cluster.account(published) == (published, 0, 0)
@@ -128,7 +129,7 @@ def test_traffic_fails_back_to_the_primary_after_it_has_been_stable(cluster: Clu
     # The switch happens on the next batch, so publish while waiting for it.
     third = Publisher(cluster, count=1000, rate=100).join()
     wait_sent(agent, first + second + third)
-    assert [e["name"] for e in agent.status()["uplink"]["endpoints"] if e["active"]] == ["aws"]
+    assert active(agent) == ["aws"]
     fourth = Publisher(cluster, count=500, rate=0).join()
     wait_sent(agent, first + second + third + fourth)
     stream, errors = cluster.consume()
