@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,22 +52,50 @@ class Inbox:
 
     ``put`` may be called from another thread (paho's network loop): it only appends and wakes
     the event loop once per burst, so a fast broker costs one wake-up per batch, not per message.
+
+    With ``limit``, ``put`` from that other thread blocks while ``limit`` messages wait, so the
+    network thread stops reading the socket and TCP pushes back on the broker. This is the
+    agent's own inbound bound: mosquitto 2.0.11 overruns the client's MQTT v5 Receive Maximum
+    once acks flow (eclipse-mosquitto/mosquitto#2301; measured here: 14,408 unacked against a
+    Receive Maximum of 1,000), and without a bound a broker holding a long backlog would pour
+    all of it into the agent's memory, while the network thread, busy parsing, starves the
+    intake of the GIL. A blocked ``put`` gives up after ``max_wait_s`` and appends anyway, so
+    the network loop still answers keepalives while the spool applies backpressure (at most
+    one extra message per ``max_wait_s``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, limit: int | None = None, max_wait_s: float = 10.0) -> None:
         self._pending: collections.deque[Message] = collections.deque()
         self._ready = asyncio.Event()
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._limit = limit
+        self._max_wait_s = max_wait_s
+        self._room = threading.Condition()
+        self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     def put(self, message: Message) -> None:
+        if self._limit is not None and len(self._pending) >= self._limit:
+            with self._room:
+                self._room.wait_for(
+                    lambda: self._closed or len(self._pending) < self._limit,  # type: ignore[operator]
+                    timeout=self._max_wait_s)
         self._pending.append(message)
         if not self._wake_scheduled and self._loop is not None:
             self._wake_scheduled = True
             self._loop.call_soon_threadsafe(self._ready.set)
+
+    def close(self) -> None:
+        """Release a blocked ``put`` for good (the source is stopping)."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
 
     async def take(self, max_messages: int) -> list[Message]:
         while True:
@@ -79,5 +108,8 @@ class Inbox:
             if out:
                 if pending:
                     self._ready.set()
+                if self._limit is not None:
+                    with self._room:
+                        self._room.notify_all()
                 return out
             await self._ready.wait()

@@ -3,7 +3,9 @@
 * Stable ``client_id``, ``clean_start=False`` and ``SessionExpiryInterval``: readings published
   while the agent is down wait in the broker.
 * ``ReceiveMaximum`` bounds the unacked messages the broker sends us: this is the inbound flow
-  control and the backpressure path (stop acking and the broker stops sending).
+  control and the backpressure path (stop acking and the broker stops sending). Brokers do not
+  all honour it (mosquitto 2.0.11 overruns it once acks flow), so the inbox also holds at most
+  ``receive_maximum`` messages: beyond that paho's thread waits and stops reading the socket.
 * Subscriptions use ``retainHandling=2``: a retained "last value" replayed on every
   (re)subscribe is not a new reading and would double in the stream.
 * paho runs its network loop on its own thread; ``on_message`` only appends to the inbox and
@@ -43,7 +45,8 @@ class MqttSource:
         self.config = config
         self.metrics = metrics
         self.info = SourceInfo(name=config.name, protocol="mqtt", broker=config.url)
-        self._inbox = Inbox()
+        # The agent's own inbound bound (see Inbox): the broker may overrun Receive Maximum.
+        self._inbox = Inbox(limit=config.receive_maximum, max_wait_s=config.keepalive_s / 2)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         sp = config.decode.sparkplug
@@ -166,5 +169,6 @@ class MqttSource:
             self._client.disconnect()
             self._client.loop_stop()
 
+        self._inbox.close()  # a put blocked on a full inbox must not hold up loop_stop
         await asyncio.to_thread(_stop)
         self.metrics.source_up.labels(self.config.name).set(0)

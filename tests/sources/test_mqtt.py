@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from bridge.agent import Intake
@@ -109,5 +110,38 @@ async def test_a_redelivered_message_already_in_the_spool_is_acked_not_stored_tw
             await wait_until(lambda: spool.spool.readings == 26)
             assert intake.committed_messages == 1
         await spool.close()
+    finally:
+        broker.stop()
+
+
+async def test_a_broker_that_overruns_receive_maximum_cannot_flood_the_agent(tmp_path: Path):
+    """mosquitto 2.0.11 sends past the client's Receive Maximum once acks flow (#2301).
+
+    Without the agent's own bound, the inbox grew to 145,000 messages in a full-speed run.
+    """
+    broker = Mosquitto(tmp_path).start()
+    limit, total = 20, 600
+    try:
+        cfg = dataclasses.replace(source_config(broker.port), receive_maximum=limit,
+                                  client_id="bridge-test-bound")
+        source = MqttSource(config=cfg, metrics=AgentMetrics())
+        await source.start()
+        await asyncio.wait_for(source.subscribed.wait(), 10)
+        items = [("plant/p/flow", b"%d" % i) for i in range(total)]
+        await asyncio.to_thread(publish_raw, broker.port, items)  # queued for our session
+        inbox = source._inbox
+        got: list[bytes] = []
+        peak = 0
+        while len(got) < total:
+            want = min(limit, total - len(got))
+            await wait_until(lambda: len(inbox) >= want)  # noqa: B023 - awaited here
+            peak = max(peak, len(inbox))
+            taken = await source.take(5)
+            got += [m.payload for m in taken]
+            await source.ack(taken)  # each ack is what makes the broker overrun its quota
+            peak = max(peak, len(inbox))
+        await source.stop()
+        assert got == [p for _, p in items], "all of them, in order"
+        assert peak == limit, "the bound was reached and never passed"
     finally:
         broker.stop()
