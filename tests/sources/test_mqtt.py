@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 from pathlib import Path
 
 from bridge.agent import Intake
@@ -143,5 +144,38 @@ async def test_a_broker_that_overruns_receive_maximum_cannot_flood_the_agent(tmp
         await source.stop()
         assert got == [p for _, p in items], "all of them, in order"
         assert peak == limit, "the bound was reached and never passed"
+    finally:
+        broker.stop()
+
+
+async def test_payloads_of_every_size_arrive_whole_and_in_order_across_a_broker_restart(
+        tmp_path: Path):
+    """The buffered reads: packets split across 64 KiB reads, and a fresh buffer per connection."""
+    broker = Mosquitto(tmp_path).start()
+    rng = random.Random(7)
+    sizes = [0, 1, 127, 128, 16383, 16384, 65535, 65536, 65537, 200_000]
+    sizes += [rng.randrange(0, 3000) for _ in range(300)]
+    items = [("plant/p/blob", rng.randbytes(n)) for n in sizes]
+    try:
+        cfg = dataclasses.replace(source_config(broker.port), client_id="bridge-test-sizes")
+        source = MqttSource(config=cfg, metrics=AgentMetrics())
+        await source.start()
+
+        async def roundtrip() -> list[bytes]:
+            await asyncio.wait_for(source.subscribed.wait(), 30)
+            await asyncio.to_thread(publish_raw, broker.port, items)
+            got: list[bytes] = []
+            while len(got) < len(items):
+                taken = await source.take(50)
+                got += [m.payload for m in taken]
+                await source.ack(taken)
+            return got
+
+        assert await roundtrip() == [p for _, p in items]
+        broker.stop()
+        await wait_until(lambda: not source.subscribed.is_set())
+        broker.start()  # same port; the source reconnects on its own
+        assert await roundtrip() == [p for _, p in items]
+        await source.stop()
     finally:
         broker.stop()
