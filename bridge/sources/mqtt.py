@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -39,17 +42,26 @@ from bridge.envelope import SourceInfo
 from bridge.sources.base import Inbox, Message
 from bridge.telemetry import AgentMetrics, event
 
+_U16 = struct.Struct("!H")
+OnPublish = Callable[[str, bytes, bool, int, int], None]  # topic, payload, dup, mid, qos
+
 
 class _Client(mqtt.Client):
-    """paho's client with buffered reads.
+    """paho's client with buffered reads and a lean QoS 0/1 PUBLISH path.
 
     paho reads each packet with three ``recv`` calls (type byte, length, body) and handles one
     packet per ``select`` when nothing is in flight outbound; at 10k+ msgs/s that is most of
     its thread's time. Here ``recv`` is served from a 64 KiB buffer, and ``loop_read`` handles
     every packet already received before going back to ``select`` (so ``select`` never sleeps
-    on bytes sitting in the buffer). Relies on paho 2.x internals (``_sock_recv``,
-    ``_packet_read``, ``_loop_rc_handle``, ``_sock_close``); pinned in pyproject and covered by
-    the source tests.
+    on bytes sitting in the buffer).
+
+    With ``on_publish_received`` set, a QoS 0/1 PUBLISH goes straight to it: topic, payload, DUP,
+    packet id and QoS read off the packet, its v5 properties skipped (we use none, and set no
+    Topic Alias Maximum, so the broker sends no aliases), instead of paho's Properties parse,
+    ``MQTTMessage`` (with its own ``threading.Condition``) and topic-callback matching. QoS 2
+    still takes paho's path. Relies on paho 2.2 internals (``_sock_recv``, ``_packet_read``,
+    ``_loop_rc_handle``, ``_sock_close``, ``_handle_publish``, ``_in_packet``); pinned in
+    pyproject and covered by the source tests.
     """
 
     _BUF = 65536
@@ -58,6 +70,38 @@ class _Client(mqtt.Client):
         super().__init__(*args, **kw)
         self._rbuf = b""
         self._rpos = 0
+        self.on_publish_received: OnPublish | None = None
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        deliver = self.on_publish_received
+        if deliver is None or qos == 2:
+            return super()._handle_publish()
+        packet = self._in_packet["packet"]
+        try:
+            (n,) = _U16.unpack_from(packet, 0)
+            pos = 2 + n
+            topic = bytes(packet[2:pos]).decode("utf-8", "replace")
+            mid = 0
+            if qos:
+                (mid,) = _U16.unpack_from(packet, pos)
+                pos += 2
+            size, shift = 0, 0
+            while True:  # v5 property length: a variable byte integer
+                b = packet[pos]
+                pos += 1
+                size |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            pos += size
+            if pos > len(packet) or shift > 28:
+                raise MalformedPacket("PUBLISH property length past the packet")
+        except (IndexError, struct.error) as exc:
+            raise MalformedPacket(f"PUBLISH: {exc}") from exc
+        deliver(topic, bytes(packet[pos:]), bool(header & 0x08), mid, qos)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
@@ -106,7 +150,8 @@ class MqttSource:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
+        client.on_message = self._on_message  # QoS 2 only (we subscribe at QoS 1)
+        client.on_publish_received = self._on_publish_received
         self._client = client
         self._set_will()
 
@@ -176,9 +221,12 @@ class MqttSource:
         self._set_will()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload),
-                                redelivered=msg.dup, generation=self.generation,
-                                token=msg.mid, qos=msg.qos))
+        self._on_publish_received(msg.topic, bytes(msg.payload), msg.dup, msg.mid, msg.qos)
+
+    def _on_publish_received(self, topic: str, payload: bytes, dup: bool, mid: int,
+                             qos: int) -> None:
+        self._inbox.put(Message(topic=topic, payload=payload, redelivered=dup,
+                                generation=self.generation, token=mid, qos=qos))
 
     def _publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)

@@ -8,6 +8,11 @@ import dataclasses
 import random
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from bridge.agent import Intake
 from bridge.codecs import Publish, make_decoder
 from bridge.config import MqttSourceConfig
@@ -176,6 +181,44 @@ async def test_payloads_of_every_size_arrive_whole_and_in_order_across_a_broker_
         await wait_until(lambda: not source.subscribed.is_set())
         broker.start()  # same port; the source reconnects on its own
         assert await roundtrip() == [p for _, p in items]
+        await source.stop()
+    finally:
+        broker.stop()
+
+
+async def test_publish_properties_from_the_plant_are_skipped_and_the_payload_kept(tmp_path: Path):
+    """v5 properties a SCADA may set (user properties, content type, expiry) precede the payload."""
+    broker = Mosquitto(tmp_path).start()
+    try:
+        cfg = dataclasses.replace(source_config(broker.port), client_id="bridge-test-props")
+        source = MqttSource(config=cfg, metrics=AgentMetrics())
+        await source.start()
+        await asyncio.wait_for(source.subscribed.wait(), 10)
+
+        def publish_with_properties() -> None:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            client.connect("127.0.0.1", broker.port)
+            client.loop_start()
+            try:
+                for i in range(3):
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.UserProperty = [("site", "plant-7"), ("unit", "x" * (100 * i + 1))]
+                    props.ContentType = "application/json"
+                    props.MessageExpiryInterval = 3600
+                    props.PayloadFormatIndicator = 1
+                    client.publish("plant/é/flow", b'{"value": %d}' % i, qos=1,
+                                   properties=props).wait_for_publish(10)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+
+        await asyncio.to_thread(publish_with_properties)
+        got: list[Message] = []
+        while len(got) < 3:
+            got += await source.take(10)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            ("plant/é/flow", b'{"value": %d}' % i, 1) for i in range(3)]
+        await source.ack(got)
         await source.stop()
     finally:
         broker.stop()
