@@ -568,8 +568,8 @@ def load_agent(path: Path) -> AgentConfig:
     bt.done()
     uplink = UplinkConfig(
         endpoints=tuple(sorted(endpoints, key=lambda e: e.priority)),
-        batch_max_readings=up.integer("batch_max_readings", 500, minimum=1, maximum=10_000),
-        batch_max_bytes=up.integer("batch_max_bytes", 200_000, minimum=1024, maximum=4_000_000),
+        batch_max_readings=up.integer("batch_max_readings", 1250, minimum=1, maximum=10_000),
+        batch_max_bytes=up.integer("batch_max_bytes", 250_000, minimum=1024, maximum=4_000_000),
         max_in_flight=up.integer("max_in_flight", 4, minimum=1, maximum=64),
         deadline_s=up.number("deadline_s", 5.0, minimum=0.05),
         health_interval_s=up.number("health_interval_s", 0.25, minimum=0.05),
