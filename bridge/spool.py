@@ -179,8 +179,8 @@ class RedeliveryRing:
 
     def claim(self, digest: bytes) -> bool:
         """True once per stored copy: a redelivery consumes the match."""
-        if self._count[digest] > 0:
-            self._count[digest] -= 1
+        if self._count.get(digest, 0) > 0:
+            self._drop(digest)
             return True
         return False
 
@@ -188,10 +188,21 @@ class RedeliveryRing:
         self.next_n += 1
         if len(self._slots) >= self.size:
             old = self._slots.popleft()
-            if self._count[old] > 0:
-                self._count[old] -= 1
+            if self._count.get(old, 0) > 0:
+                self._drop(old)
         self._slots.append(digest)
         self._count[digest] += 1
+
+    def __len__(self) -> int:
+        """Distinct digests held: bounded by ``size`` (a key at zero is deleted, not kept)."""
+        return len(self._count)
+
+    def _drop(self, digest: bytes) -> None:
+        n = self._count[digest] - 1
+        if n:
+            self._count[digest] = n
+        else:
+            del self._count[digest]
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.spool import DeadLetter, Pending, Spool, SpoolError, SpoolFull
+from bridge.spool import DeadLetter, Pending, RedeliveryRing, Spool, SpoolError, SpoolFull
 
 EPOCH = 77  # what the agent's envelopes carry: the spool's epoch (fixed here for the tests)
 
@@ -81,3 +81,16 @@ def test_a_flagged_redelivery_of_a_committed_message_is_recognised_once_across_r
     assert not sp.claim_redelivery("plant", (5).to_bytes(16, "big")), "claimed only once"
     assert sp.claim_redelivery("plant", (2).to_bytes(16, "big"))
     assert not sp.claim_redelivery("other", (3).to_bytes(16, "big"))
+
+
+def test_the_redelivery_ring_forgets_what_falls_out_of_it():
+    """A digest that left the window is gone from memory too (it leaked: ~140 B a message)."""
+    ring = RedeliveryRing(10, [])
+    for i in range(10_000):
+        ring.push(b"d%d" % i)
+    assert len(ring) == 10
+    assert not ring.claim(b"d9989"), "evicted"
+    assert ring.claim(b"d9990") and not ring.claim(b"d9990"), "one claim per stored copy"
+    ring.push(b"d9999")  # a second copy of an identical payload
+    assert ring.claim(b"d9999") and ring.claim(b"d9999") and not ring.claim(b"d9999")
+    assert len(ring) <= 10
