@@ -39,6 +39,13 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("faults_edge_killed", "lost"): ("<=", 0), ("faults_edge_killed", "duplicates"): ("<=", 0),
 }
 
+# (scenario, metric, peer) -> least ratio of the bridge's value to that peer's in the same run.
+RELATIVE: dict[tuple[str, str, str], float] = {
+    ("throughput_json", "msgs_per_s", "paho_ceiling"): 0.9,
+    ("throughput_json", "msgs_per_s", "mosquitto_bridge_durable"): 1.0,
+    ("throughput_json", "msgs_per_s", "nats_durable"): 1.0,
+}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -201,6 +208,13 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
                 ratios.append(f"{peer} {own.value / other.value:.2f}")
         lines.append(f"| {scenario} | {metric} | {op} {_fmt(bound)} | {_fmt(own.value)} "
                      f"{own.unit} | {'yes' if ok else '**no**'} | {', '.join(ratios)} |")
+    for (scenario, metric, peer), least in RELATIVE.items():
+        own, other = by.get((scenario, "bridge", metric)), by.get((scenario, peer, metric))
+        if own is None or other is None or not other.value:
+            continue
+        ratio = own.value / other.value
+        lines.append(f"| {scenario} | {metric} / {peer} | >= {least:g} | {ratio:.2f} | "
+                     f"{'yes' if ratio >= least else '**no**'} | |")
     lines += ["", "## Results", ""]
     for name in plot_files:
         lines += [f"![{name}](bench/{name})", ""]
