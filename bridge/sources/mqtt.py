@@ -53,15 +53,15 @@ class _Client(mqtt.Client):
     packet per ``select`` when nothing is in flight outbound; at 10k+ msgs/s that is most of
     its thread's time. Here ``recv`` is served from a 64 KiB buffer, and ``loop_read`` handles
     every packet already received before going back to ``select`` (so ``select`` never sleeps
-    on bytes sitting in the buffer).
+    on bytes sitting in the buffer), writing queued acks between packets.
 
     With ``on_publish_received`` set, a QoS 0/1 PUBLISH goes straight to it: topic, payload, DUP,
     packet id and QoS read off the packet, its v5 properties skipped (we use none, and set no
     Topic Alias Maximum, so the broker sends no aliases), instead of paho's Properties parse,
     ``MQTTMessage`` (with its own ``threading.Condition``) and topic-callback matching. QoS 2
     still takes paho's path. Relies on paho 2.2 internals (``_sock_recv``, ``_packet_read``,
-    ``_loop_rc_handle``, ``_sock_close``, ``_handle_publish``, ``_in_packet``); pinned in
-    pyproject and covered by the source tests.
+    ``_loop_rc_handle``, ``_sock_close``, ``_handle_publish``, ``_in_packet``,
+    ``_out_packet``); pinned in pyproject and covered by the source tests.
     """
 
     _BUF = 65536
@@ -126,6 +126,13 @@ class _Client(mqtt.Client):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
             if self._rpos >= len(self._rbuf):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS  # buffer drained: back to select
+            if self._out_packet:
+                # While the broker keeps sending, a packet straddling each 64 KiB read keeps
+                # the buffer from ever draining; acks queued meanwhile go out here, or they
+                # pile up (measured: 120,000 queued PUBACKs) and the broker's window stalls.
+                rc = self.loop_write()
+                if rc:
+                    return rc
 
 
 class MqttSource:

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import socket
+import struct
+import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -19,7 +22,7 @@ from bridge.config import MqttSourceConfig
 from bridge.envelope import ClockSync
 from bridge.localrun import Mosquitto
 from bridge.sources.base import Message
-from bridge.sources.mqtt import MqttSource
+from bridge.sources.mqtt import MqttSource, _Client
 from bridge.spool import AsyncSpool, Spool
 from bridge.telemetry import AgentMetrics
 from tests.conftest import publish_raw
@@ -222,3 +225,45 @@ async def test_publish_properties_from_the_plant_are_skipped_and_the_payload_kep
         await source.stop()
     finally:
         broker.stop()
+
+
+def publish_packet(mid: int, payload: bytes) -> bytes:
+    """A v5 QoS 1 PUBLISH (no properties), as a broker sends it."""
+    topic = b"plant/p/flow"
+    body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + b"\x00" + payload
+    size, n = b"", len(body)
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        size += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            break
+    return bytes([0x32]) + size + body
+
+
+def test_acks_queued_during_a_long_burst_go_out_before_the_burst_ends():
+    """While the broker keeps sending, a packet straddling every 64 KiB read means the read
+    buffer never drains; acks must still be written between packets (they piled up to 120,000
+    and the agent's RSS with them)."""
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    client = _Client(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
+                     manual_ack=True)
+    client._sock = ours
+    client._thread = threading.current_thread()  # as under loop_start: acks are only queued
+    burst = b"".join(publish_packet(mid, b"x" * 97) for mid in range(1, 1801))  # ~200 KiB
+    assert len(burst) > 3 * _Client._BUF
+    broker.sendall(burst)
+    acked_by: dict[int, bytes] = {}
+
+    def deliver(topic: str, payload: bytes, dup: bool, mid: int, qos: int) -> None:
+        if mid == 1:
+            client.ack(1, 1)
+        if mid == 1500:  # far past the first read: the ack must be on the wire by now
+            with contextlib.suppress(BlockingIOError):
+                acked_by[mid] = broker.recv(64, socket.MSG_DONTWAIT)
+
+    client.on_publish_received = deliver
+    assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert acked_by.get(1500, b"")[:4] == bytes([0x40, 0x02, 0x00, 0x01]), "PUBACK for mid 1"
+    ours.close()
+    broker.close()
