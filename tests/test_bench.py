@@ -48,3 +48,13 @@ def test_the_report_can_be_redrawn_from_a_results_file_alone(tmp_path: Path):
     row = "| throughput_json | msgs_per_s | >= 25,000 | 1,000 msgs/s | **no** | nats 0.25 |"
     assert row in text
     assert (tmp_path / "bench" / "throughput_json.png").exists()
+
+
+def test_the_trace_prints_a_line_a_second_and_the_total():
+    res = subprocess.run([sys.executable, "-m", "bench.trace", "--count", "3000", "--procs",
+                          "2"], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[-1].startswith("3,000 readings in ")
+    assert all("committed/s" in line and "RSS anon" in line for line in lines[:-1])
+    assert len(lines) >= 2
