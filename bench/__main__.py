@@ -96,9 +96,14 @@ SCENARIOS = {
     "`load_generator`: the publishers alone (counting PUBACKs from their debug log, which "
     "slows them: a lower bound).",
     "throughput_sparkplug": "DDATA with 50 metrics each (4 devices per edge node, births first) "
-    "from 2 `bridge simulate` processes; every metric value is a reading, decoded, typed and "
-    "committed. The peers forward Sparkplug as opaque bytes, so a readings/s figure for them "
-    "would measure something else; they are not run here.",
+    "from 2 `bridge simulate` processes (MQTT 3.1.1, group `BridgeSim`, the same load for "
+    "every system); for the bridge every metric value is a reading, decoded, typed and "
+    "committed. The peers forward each message as opaque bytes: their figure is the metric "
+    "values carried by the messages their cloud side holds, none decoded, so it is an upper "
+    "bound on what they would give a consumer that needs readings. NATS shows 0: "
+    "nats-server 2.9.10's MQTT listener refuses every topic with a '.' (its log: "
+    "\"characters ' ' and '.' not supported for MQTT topics\"), and every Sparkplug topic "
+    "starts with `spBv1.0`, so it carries no Sparkplug at all.",
     "latency": "A paced paho publisher at 1k and 5k msgs/s; each payload carries its publish "
     "time (microseconds) and each cloud-side record its commit time, so every reading's "
     "publish-to-commit latency is measured. `offered_msgs_per_s_*` is the rate the publisher "

@@ -54,7 +54,7 @@ def percentile(values: list[float], q: float) -> float:
 PEERS = ("bridge", "mosquitto_bridge", "mosquitto_bridge_durable", "nats", "nats_durable")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "throughput_json": (*PEERS, "paho_ceiling", "broker_ceiling", "load_generator"),
-    "throughput_sparkplug": ("bridge", "load_generator"),
+    "throughput_sparkplug": (*PEERS, "load_generator"),
     "latency": PEERS,
     "failover": ("bridge",),
     "failover_hang": ("bridge",),

@@ -172,7 +172,8 @@ class MosquittoBridge:
             text += "autosave_on_changes true\nautosave_interval 1\n"
         if role == "edge":
             text += (f"connection cloud\naddress 127.0.0.1:{self.cloud_port}\n"
-                     "topic substation/# out 1\ncleansession false\nclientid edge-bridge\n"
+                     "topic substation/# out 1\ntopic spBv1.0/# out 1\n"
+                     "cleansession false\nclientid edge-bridge\n"
                      "restart_timeout 1 5\n")
         conf = self.work / f"{role}.conf"
         conf.write_text(text)
@@ -190,13 +191,15 @@ class MosquittoBridge:
         self.start_edge()
 
     def _collect(self) -> None:
-        """The cloud-side reader: a persistent QoS 1 session, receipt time on every line."""
+        """The cloud-side reader: a persistent QoS 1 session, a line per message: its receipt
+        time and the payload in hex (Sparkplug payloads are binary and may hold newlines)."""
         if self._sub is not None and self._sub.poll() is None:
             return
         with self._out.open("ab") as out:
             self._sub = subprocess.Popen(
                 [_exe("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(self.cloud_port), "-q",
-                 "1", "-c", "-i", "cloud-collector", "-t", "substation/#", "-F", "%U %p"],
+                 "1", "-c", "-i", "cloud-collector", "-t", "substation/#", "-t", "spBv1.0/#",
+                 "-F", "%U %x"],
                 stdout=out, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -222,7 +225,8 @@ class MosquittoBridge:
             received, _, payload = line.partition(b" ")
             if payload:
                 sec, _, frac = received.partition(b".")
-                out.append(_record(payload, int(sec) * 10**9 + int(frac.ljust(9, b"0")[:9])))
+                out.append(_record(bytes.fromhex(payload.decode()),
+                                   int(sec) * 10**9 + int(frac.ljust(9, b"0")[:9])))
         return out
 
     def kill_cloud(self) -> None:
@@ -283,7 +287,8 @@ class NatsLeaf:
         try:
             js = nc.jetstream()
             if op == "create":
-                await js.add_stream(name=self.STREAM, subjects=["substation.>"],
+                # NATS's MQTT listener maps '/' to '.' and '.' to '//': spBv1.0/... -> spBv1//0.
+                await js.add_stream(name=self.STREAM, subjects=["substation.>", "spBv1//0.>"],
                                     storage="file")
                 return None
             if op == "count":

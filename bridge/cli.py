@@ -188,10 +188,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prog = simulate.run_amqp(url=args.broker, exchange=args.exchange, site=args.site,
                                  count=args.count, rate=args.rate, profile=args.profile)
     else:
-        prog = simulate.run(host=parts.hostname, port=parts.port or 1883, site=args.site,
-                            count=args.count, rate=args.rate, profile=args.profile,
-                            payload=args.payload, metrics_per_message=args.metrics_per_message,
-                            devices=args.devices)
+        try:
+            prog = simulate.run(host=parts.hostname, port=parts.port or 1883, site=args.site,
+                                count=args.count, rate=args.rate, profile=args.profile,
+                                payload=args.payload,
+                                metrics_per_message=args.metrics_per_message,
+                                devices=args.devices, mqtt_version=args.mqtt_version,
+                                group=args.group or simulate.SPARKPLUG_GROUP)
+        except OSError as exc:  # refused, unreachable, or no CONNACK (wrong protocol version)
+            print(f"error: cannot publish to {args.broker}: {exc}", file=sys.stderr)
+            return 1
     print(f"published {prog.acked} messages, {prog.readings} readings (broker-acknowledged), "
           f"failed {prog.failed}")
     return 0 if prog.failed == 0 else 1
@@ -339,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exchange", default="scada", help="AMQP: the topic exchange")
     s.add_argument("--metrics-per-message", type=int, default=10, help="sparkplug: per DDATA")
     s.add_argument("--devices", type=int, default=4, help="sparkplug: devices of the node")
+    s.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
+                   help="MQTT protocol version (NATS's MQTT listener speaks 3.1.1 only)")
+    s.add_argument("--group", help="sparkplug: group id (default \"Bridge Sim\"; NATS's MQTT "
+                   "listener takes no spaces in topics)")
     s.add_argument("--site", required=True)
     s.add_argument("--rate", type=float, default=100.0, help="messages/s (0: unlimited)")
     s.add_argument("--count", type=int, default=1000)

@@ -85,9 +85,9 @@ class SparkplugEdge:
     """One Sparkplug B edge node: births, DDATA by alias, seq 0..255, bdSeq."""
 
     def __init__(self, *, site: str, profile: str, devices: int, metrics_per_message: int,
-                 rng: random.Random) -> None:
+                 rng: random.Random, group: str = SPARKPLUG_GROUP) -> None:
         self.node = site
-        self.group = SPARKPLUG_GROUP
+        self.group = group
         self.rng = rng
         self.signals = PROFILES[profile]
         kind = "Bay" if profile == "grid" else "Pump"
@@ -188,8 +188,9 @@ def json_messages(*, profile: str, site: str, rng: random.Random, t0: float,
 
 def run(*, host: str, port: int, site: str, count: int, rate: float, profile: str = "grid",
         payload: str = "json", metrics_per_message: int = 10, devices: int = 4,
-        births: bool = True, progress: Progress | None = None, stop: threading.Event | None = None,
-        timeout_s: float = 60.0) -> Progress:
+        group: str = SPARKPLUG_GROUP, mqtt_version: str = "5", births: bool = True,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None, timeout_s: float = 60.0) -> Progress:
     """Publish ``count`` messages at ``rate`` per second (0 = as fast as the broker takes)."""
     prog = progress or Progress()
     lock = threading.Condition()
@@ -201,7 +202,7 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
     edge = None
     if payload == "sparkplug":
         edge = SparkplugEdge(site=site, profile=profile, devices=devices,
-                             metrics_per_message=metrics_per_message, rng=rng)
+                             metrics_per_message=metrics_per_message, rng=rng, group=group)
         source = edge.messages(rebirth, wall0, births=births)
     else:
         source = json_messages(profile=profile, site=site, rng=rng, t0=wall0)
@@ -237,7 +238,7 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
         connected.set()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{site}-{time.time_ns()}",
-                         protocol=mqtt.MQTTv5)
+                         protocol=mqtt.MQTTv5 if mqtt_version == "5" else mqtt.MQTTv311)
     client.max_inflight_messages_set(1000)
     client.on_publish = on_publish
     client.on_connect = on_connect
