@@ -133,3 +133,11 @@ def test_the_example_configs_in_the_docs_parse():
     amqp = load_agent(examples / "agent-amqp.toml").sources
     assert [s.protocol for s in amqp] == ["amqp", "mqtt"]
     assert len(amqp[0].decode.mappings) == 1 and len(amqp[1].decode.mappings) == 2
+
+
+def test_simulate_names_a_broker_it_cannot_reach_without_a_traceback():
+    res = run_bridge("simulate", "--broker", f"mqtt://127.0.0.1:{localrun.free_port()}",
+                     "--site", "x", "--count", "1")
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: cannot publish to mqtt://127.0.0.1:")
+    assert "Traceback" not in res.stderr
