@@ -128,7 +128,7 @@ def run_json(*, work: Path, count: int, procs: int, log: Log) -> list[Row]:
 
 # The same load for every system, shaped for NATS's MQTT listener: no space in the group id
 # and MQTT 3.1.1 (it speaks no 5). nats-server 2.9 still refuses the '.' of ``spBv1.0``
-# (see ``run_sparkplug``); a newer NATS would take this load as it is.
+# (see ``run_sparkplug``).
 SPARKPLUG_GROUP = "BridgeSim"
 _PUBLISHED = re.compile(rb"published (\d+) messages, (\d+) readings")
 
