@@ -47,11 +47,12 @@ def fill(path: Path, n: int) -> int:
     return epoch
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory line of /proc/<pid>/status in MB (``RssAnon``, ``RssFile`` split ``VmRSS``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def measure(n: int, log: Callable[[str], None]) -> tuple[float, float]:

@@ -23,7 +23,8 @@ from bench.load import Blast
 from bench.systems import Bridge
 
 
-def _ticks(pid: int) -> int:
+def cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of a process so far, in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
 
@@ -68,14 +69,14 @@ def main() -> None:
             blast.start()
             while bridge.committed() < 5_000:  # past start-up, into the steady state
                 time.sleep(0.05)
-            before = {k: _ticks(p) for k, p in pids.items()}
+            before = {k: cpu_ticks(p) for k, p in pids.items()}
             c0, t0 = bridge.committed(), time.monotonic()
             folded = work / "agent.folded"
             subprocess.run([spy, "record", "-p", str(pids["agent"]), "-d",
                             str(int(args.seconds)), "-r", "200", "-f", "raw", "-o",
                             str(folded), "--nonblocking"], check=True, capture_output=True)
             elapsed = time.monotonic() - t0
-            after = {k: _ticks(p) for k, p in pids.items()}
+            after = {k: cpu_ticks(p) for k, p in pids.items()}
             rate = (bridge.committed() - c0) / elapsed
         finally:
             blast.stop()

@@ -18,20 +18,9 @@ import time
 from pathlib import Path
 
 from bench.load import Blast
+from bench.memory import rss_mb
+from bench.profile import cpu_ticks
 from bench.systems import Bridge
-
-
-def _ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _rss_mb(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("RssAnon:", "RssFile:")):
-            out[line.split(":")[0]] = int(line.split()[1]) // 1024
-    return out
 
 
 def main() -> None:
@@ -50,20 +39,20 @@ def main() -> None:
         t0 = time.monotonic()
         blast.start()
         last_t, last_c = t0, 0
-        last_a, last_i = _ticks(agent), _ticks(ingest)
+        last_a, last_i = cpu_ticks(agent), cpu_ticks(ingest)
         try:
             while last_c < args.count:
                 time.sleep(1.0)
                 now, committed = time.monotonic(), bridge.committed()
                 st = bridge.agent.status()
-                a, i = _ticks(agent), _ticks(ingest)
+                a, i = cpu_ticks(agent), cpu_ticks(ingest)
                 dt = now - last_t
-                mem = _rss_mb(agent)
                 print(f"{now - t0:6.1f} s  committed/s {(committed - last_c) / dt:8,.0f}  "
                       f"spool {st['spool']['readings']:7,}  taken {st['committed_messages']:9,}  "
                       f"agent {(a - last_a) / hz / dt * 100:4.0f}% CPU  "
                       f"ingest {(i - last_i) / hz / dt * 100:4.0f}% CPU  "
-                      f"RSS anon {mem.get('RssAnon', 0)} MB file {mem.get('RssFile', 0)} MB",
+                      f"RSS anon {rss_mb(agent, 'RssAnon'):.0f} MB "
+                      f"file {rss_mb(agent, 'RssFile'):.0f} MB",
                       flush=True)
                 last_t, last_c, last_a, last_i = now, committed, a, i
         finally:
