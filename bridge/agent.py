@@ -22,9 +22,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bridge.codecs import Decoded, DecodeError, Decoder, make_decoder
+from bridge._pb import bridge_pb2 as pb
+from bridge.codecs import DecodeError, Decoder, make_decoder
 from bridge.config import DEFAULT_MAX_PAYLOAD, AgentConfig, SourceConfig
-from bridge.envelope import ClockSync, SourceInfo, build_envelope
+from bridge.envelope import ClockSync, prepare_envelope, seal
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.sources import make_source
 from bridge.sources.base import Message, Source
@@ -58,7 +59,8 @@ class Intake:
                  commit_max: int, metrics: AgentMetrics, clock: ClockSync,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
                  priority: tuple[tuple[str, str], ...] = (), backpressure_s: float = 60.0,
-                 full_policy: str = "drop_oldest") -> None:
+                 full_policy: str = "drop_oldest", dedupe_retransmissions: bool = True) -> None:
+        self.dedupe_retransmissions = dedupe_retransmissions
         self.priority = priority
         self.backpressure_s = backpressure_s
         self.full_policy = full_policy
@@ -121,6 +123,15 @@ class Intake:
                             pending = []
                         continue
                     await backoff.sleep()
+                except Exception as exc:  # noqa: BLE001 - never let the intake task die
+                    # Nothing was written or acked; the broker keeps the messages. Visible,
+                    # retried with backoff, and the agent stays up to send what it holds.
+                    if self._stopping.is_set():
+                        return
+                    self.metrics.spool_commit_errors.inc()
+                    event("spool.commit_failed", level=logging.ERROR, source=name,
+                          reason=f"{type(exc).__name__}: {exc}"[:300], waiting=len(messages))
+                    await backoff.sleep()
             await self.source.ack(messages)
             self.committed_messages += taken
             self.metrics.source_messages.labels(name).inc(len(messages))
@@ -130,6 +141,8 @@ class Intake:
                 event("source.redelivery_skipped", source=name, messages=skipped,
                       reason="already in spool")
             for reason, n in ignored.items():
+                if reason == "retransmission":
+                    self.metrics.source_retransmissions.labels(name).inc(n)
                 self.metrics.source_skipped.labels(name, reason).inc(n)
                 event("source.skipped", source=name, messages=n, reason=reason)
             for req in self.decoder.take_requests():
@@ -179,38 +192,45 @@ class Intake:
         ignored: Counter[str] = Counter()
         spool = self.spool.spool
         limit = self.max_payload_bytes
+        batch: set[bytes] = set()
         for m in messages:
-            d = digest(m.topic, m.payload)
-            if m.redelivered and spool.claim_redelivery(info.name, d):
-                skipped += 1
-                continue
-            if len(m.payload) > limit:
-                dead.append(DeadLetter(info.name, m.topic, m.payload, "oversize",
-                                       f"{len(m.payload)} bytes > max_payload_bytes={limit}"))
-                continue
             try:
+                d = digest(m.topic, m.payload)
+                if m.redelivered and spool.claim_redelivery(info.name, d):
+                    skipped += 1
+                    continue
+                if self.dedupe_retransmissions and (
+                        d in batch or spool.recently_committed(info.name, d)) and \
+                        self.decoder.stamped(m.topic, m.payload):
+                    # The same bytes with the publisher's own seq: its QoS 1 resend after a
+                    # broker restart, not a new reading (see docs/architecture.md).
+                    ignored["retransmission"] += 1
+                    continue
+                if len(m.payload) > limit:
+                    dead.append(DeadLetter(info.name, m.topic, m.payload, "oversize",
+                                           f"{len(m.payload)} bytes > max_payload_bytes={limit}"))
+                    continue
                 decoded = self.decoder.decode(m.topic, m.payload)
+                if decoded.skip is not None:
+                    ignored[decoded.skip] += 1
+                    continue
+                env = prepare_envelope(site_id=self.site_id, epoch=spool.epoch, source=info,
+                                       topic=m.topic, decoded=decoded, codec=self.decoder.codec,
+                                       gateway_time_ns=now, clock_synced=synced)
             except DecodeError as exc:
                 dead.append(DeadLetter(info.name, m.topic, m.payload, exc.reason, exc.detail))
                 continue
-            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stall the queue
-                dead.append(DeadLetter(info.name, m.topic, m.payload, "codec_bug",
+            except Exception as exc:  # noqa: BLE001 - one message's bug must not stop the queue
+                dead.append(DeadLetter(info.name, m.topic, m.payload, "intake_error",
                                        f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            if decoded.skip is not None:
-                ignored[decoded.skip] += 1
-                continue
+            batch.add(d)
             pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
-                                   build=partial(self._build, info, m.topic, decoded, now,
-                                                 synced)))
+                                   build=partial(self._seal, env)))
         return pending, dead, skipped, ignored
 
-    def _build(self, info: SourceInfo, topic: str, decoded: Decoded, now: int, synced: bool,
-               seq: int) -> bytes:
-        spool = self.spool.spool
-        return build_envelope(site_id=self.site_id, epoch=spool.epoch, seq=seq, source=info,
-                              topic=topic, decoded=decoded, codec=self.decoder.codec,
-                              gateway_time_ns=now, clock_synced=synced)
+    def _seal(self, env: pb.Envelope, seq: int) -> bytes:
+        return seal(env, self.spool.spool.epoch, seq)
 
 
 class Agent:
@@ -218,10 +238,15 @@ class Agent:
         self.config = config
         self.metrics = metrics or AgentMetrics()
         ring_sizes = {s.name: 2 * s.window for s in config.sources}
+        sc = config.spool
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
                                       reserve_bytes=config.spool.reserve_bytes,
-                                      max_age_s=config.spool.max_age_s))
+                                      max_age_s=config.spool.max_age_s,
+                                      dead_letter_payload_bytes=sc.dead_letter_payload_bytes,
+                                      dead_letters_max=sc.dead_letters_max,
+                                      dead_letters_max_bytes=sc.dead_letters_max_bytes,
+                                      on_evict=self.metrics.dead_letters_evicted.inc))
         self._drops: dict[str, int] = {}
         self._oldest_age: float | None = None
         up = config.uplink
@@ -258,7 +283,8 @@ class Agent:
                                metrics=self.metrics, clock=clock,
                                priority=config.spool.priority,
                                backpressure_s=config.spool.backpressure_s,
-                               full_policy=config.spool.full_policy)
+                               full_policy=config.spool.full_policy,
+                               dedupe_retransmissions=s.decode.dedupe_retransmissions)
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
 
@@ -271,10 +297,15 @@ class Agent:
             counter.labels(source.name, kind).inc()
             event(f"sparkplug.{kind}", level=logging.WARNING, source=source.name, **fields)
 
+        if sp is None:
+            return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
+                                rebirth=False, rebirth_on_gap=False, rebirth_interval_s=0.0)
         return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
-                            rebirth=sp.rebirth if sp else False,
-                            rebirth_on_gap=sp.rebirth_on_gap if sp else False,
-                            rebirth_interval_s=sp.rebirth_interval_s if sp else 0.0)
+                            rebirth=sp.rebirth, rebirth_on_gap=sp.rebirth_on_gap,
+                            rebirth_interval_s=sp.rebirth_interval_s,
+                            rebirth_max_per_s=sp.rebirth_max_per_s,
+                            max_edge_nodes=sp.max_edge_nodes,
+                            max_decompressed_bytes=sp.max_decompressed_bytes)
 
     def status(self) -> dict[str, Any]:
         sp = self.spool.spool

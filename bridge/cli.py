@@ -211,13 +211,14 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     for at_ns, d in letters:
         doc = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_ns / 1e9)),
                "source": d.source, "topic": d.topic, "reason": d.reason, "detail": d.detail,
-               "bytes": len(d.payload)}
+               "bytes": d.size if d.size is not None else len(d.payload),
+               "truncated": d.size is not None and d.size > len(d.payload)}
         if args.json:
             doc["payload_b64"] = base64.b64encode(d.payload).decode()
             print(orjson.dumps(doc).decode())
         else:
             preview = d.payload[:60].decode("utf-8", "backslashreplace")
-            print(f"{doc['at']}  {d.source:<8} {d.reason:<18} {d.topic}  ({len(d.payload)} "
+            print(f"{doc['at']}  {d.source:<8} {d.reason:<18} {d.topic}  ({doc['bytes']} "
                   f"bytes) {d.detail}\n    {preview!r}")
     if not letters and not args.json:
         print(f"no dead letters in {cfg.spool.path}")

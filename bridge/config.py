@@ -218,6 +218,9 @@ class SparkplugConfig:
     rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
     rebirth_on_gap: bool         # ... and for a seq gap
     rebirth_interval_s: float    # at most one request per edge node per this interval
+    rebirth_max_per_s: float = 10.0  # rebirth requests per second for the whole source
+    max_edge_nodes: int = 10_000     # edge nodes tracked per source
+    max_decompressed_bytes: int = 16 << 20  # a compressed payload inflates to at most this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +231,7 @@ class DecodeConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     mappings: tuple[JsonMapping, ...] = ()
     sparkplug: SparkplugConfig | None = None
+    dedupe_retransmissions: bool = True  # byte-identical repeats that carry the publisher's seq
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +301,9 @@ class SpoolConfig:
     backpressure_s: float = 60.0
     full_policy: str = "drop_oldest"
     priority: tuple[tuple[str, str], ...] = ()  # (topic filter, class)
+    dead_letter_payload_bytes: int = 4096  # the prefix of a bad message kept
+    dead_letters_max: int = 10_000         # rows
+    dead_letters_max_bytes: int = 16 << 20  # and at most max_bytes / 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,13 +421,18 @@ def _decode(t: _Table, *, separator: str) -> DecodeConfig:
             host_id=spt.string("host_id", None),
             rebirth=spt.boolean("rebirth", True),
             rebirth_on_gap=spt.boolean("rebirth_on_gap", True),
-            rebirth_interval_s=spt.number("rebirth_interval_s", 10.0, minimum=0.0))
+            rebirth_interval_s=spt.number("rebirth_interval_s", 10.0, minimum=0.0),
+            rebirth_max_per_s=spt.number("rebirth_max_per_s", 10.0, minimum=0.0),
+            max_edge_nodes=spt.integer("max_edge_nodes", 10_000, minimum=1),
+            max_decompressed_bytes=spt.integer("max_decompressed_bytes", 16 << 20,
+                                               minimum=1024, maximum=1 << 30))
         if sparkplug.host_id is not None and not re.fullmatch(r"[^/+#]+", sparkplug.host_id):
             raise spt.error("host_id", "must not contain '/', '+' or '#'")
     elif t.has("sparkplug"):
         raise t.error("sparkplug", 'applies only to codec = "sparkplug"')
     spt.done()
     return DecodeConfig(codec=codec, sparkplug=sparkplug, mappings=tuple(mappings),
+                        dedupe_retransmissions=t.boolean("dedupe_retransmissions", True),
                         max_payload_bytes=t.integer("max_payload_bytes", DEFAULT_MAX_PAYLOAD,
                                                     minimum=64, maximum=256 << 20))
 
@@ -520,6 +532,11 @@ def load_agent(path: Path) -> AgentConfig:
         backpressure_s=spool_t.number("backpressure_s", 60.0, minimum=0.0),
         full_policy=spool_t.choice("full_policy", ("drop_oldest", "reject_new"), "drop_oldest"),
         priority=tuple(rules),
+        dead_letter_payload_bytes=spool_t.integer("dead_letter_payload_bytes", 4096, minimum=0,
+                                                  maximum=1 << 20),
+        dead_letters_max=spool_t.integer("dead_letters_max", 10_000, minimum=1),
+        dead_letters_max_bytes=spool_t.integer("dead_letters_max_bytes", 16 << 20,
+                                               minimum=0),
     )
     spool_t.done()
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.codecs import Decoded
+from bridge.codecs import Decoded, DecodeError
 
 PROTOCOLS = {"mqtt": pb.PROTOCOL_MQTT, "amqp": pb.PROTOCOL_AMQP}
 
@@ -26,9 +26,71 @@ class SourceInfo:
     broker: str
 
 
+class EnvelopeError(DecodeError):
+    """A decoded value the wire types cannot carry (``reason`` names which field)."""
+
+
+_I64 = 2**63
+_U64 = 2**64
+
+
+def _check_wire(decoded: Decoded) -> None:
+    """Refuse, by name, every value that does not fit its wire type (never clamp)."""
+    t = decoded.source_time_ns
+    if t is not None and not -_I64 <= t < _I64:
+        raise EnvelopeError("bad_timestamp", f"source time {t} ns does not fit int64")
+    s = decoded.source_seq
+    if s is not None and not 0 <= s < _U64:
+        raise EnvelopeError("bad_seq", f"source seq {s} does not fit uint64")
+    for dv in decoded.values:
+        v = dv.value
+        if isinstance(v, int) and not isinstance(v, bool) and not -_I64 <= v < _I64:
+            raise EnvelopeError("bad_value", f"{dv.signal[:100]!r}: integer {v} does not fit "
+                                "int64")
+        vt = dv.source_time_ns
+        if vt is not None and not -_I64 <= vt < _I64:
+            raise EnvelopeError("bad_timestamp", f"{dv.signal[:100]!r}: time {vt} ns does not "
+                                "fit int64")
+
+
+def prepare_envelope(*, site_id: str, epoch: int, source: SourceInfo, topic: str,
+                     decoded: Decoded, codec: str, gateway_time_ns: int,
+                     clock_synced: bool) -> pb.Envelope:
+    """Everything of the envelope but its seq; ``EnvelopeError`` if the wire cannot hold it.
+
+    Called before the spool transaction, so a value that does not fit is a dead letter for
+    that message and never an error inside the commit of its whole group.
+    """
+    _check_wire(decoded)
+    try:
+        return _fill(site_id=site_id, epoch=epoch, seq=0, source=source, topic=topic,
+                     decoded=decoded, codec=codec, gateway_time_ns=gateway_time_ns,
+                     clock_synced=clock_synced)
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise EnvelopeError("unencodable", f"{type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def seal(env: pb.Envelope, epoch: int, seq: int) -> bytes:
+    """The prepared envelope's bytes with its spool identity (the spool's own valid values).
+
+    The epoch is set here too: a spool replaced after a quarantine has a new one.
+    """
+    env.epoch = epoch
+    env.seq = seq
+    return env.SerializeToString()
+
+
 def build_envelope(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
                    decoded: Decoded, codec: str, gateway_time_ns: int,
                    clock_synced: bool) -> bytes:
+    return seal(prepare_envelope(site_id=site_id, epoch=epoch, source=source, topic=topic,
+                                 decoded=decoded, codec=codec, gateway_time_ns=gateway_time_ns,
+                                 clock_synced=clock_synced), epoch, seq)
+
+
+def _fill(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
+          decoded: Decoded, codec: str, gateway_time_ns: int,
+          clock_synced: bool) -> pb.Envelope:
     env = pb.Envelope(site_id=site_id, epoch=epoch, seq=seq, codec=codec,
                       gateway_time_ns=gateway_time_ns, clock_synced=clock_synced)
     src = env.source
@@ -60,7 +122,7 @@ def build_envelope(*, site_id: str, epoch: int, seq: int, source: SourceInfo, to
             v.text = value
         if dv.source_time_ns is not None:
             v.source_time_ns = dv.source_time_ns
-    return env.SerializeToString()
+    return env
 
 
 def _varint(n: int) -> bytes:

@@ -26,9 +26,16 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
     the backpressure window: ``spool_full``), one row per contiguous seq range. The same range
     is sent on as a *tombstone* envelope (``dropped`` set, no values) in place of the readings,
     so the ingest and the consumers see the gap by name instead of waiting for it.
-``dead_letters(id INTEGER PRIMARY KEY, at_ns, source, topic, payload BLOB, reason, detail)``
+``dead_letters(id INTEGER PRIMARY KEY, at_ns, source, topic, payload BLOB, reason, detail,
+size)``
     Messages that will never be sent (undecodable payloads, ingest rejections), kept for an
     operator; written in the same transaction that lets the broker message be acked.
+    ``payload`` holds at most the first ``dead_letter_payload_bytes`` of the message and
+    ``size`` its full length. The table is bounded by ``dead_letters_max`` rows and
+    ``dead_letters_max_bytes`` (payload, topic and detail), oldest evicted first in the same
+    transaction, each eviction counted; its bytes count inside ``max_bytes`` and their bound
+    is at most a tenth of it, so dead letters can never fill the spool and stop readings.
+    Schema version 1 files (no ``size``) are migrated in place at open.
 ``recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, PRIMARY KEY (source, slot))``
     A ring, per source, of the digests of the last ``ring_size`` messages committed (``n``
     counts messages per source; ``slot`` = ``n`` mod ``ring_size``). A broker redelivers
@@ -48,6 +55,7 @@ Invariants
    append-only, so a crash can only undo recent deletes, whose rows are then resent and
    answered DUPLICATE by the ingest. Never a loss, never a double in the consumed stream.
 4. ``meta.readings``/``meta.bytes`` equal the count and total envelope length of ``readings``.
+5. ``readings`` bytes plus ``dead_letters`` bytes never exceed ``max_bytes`` through a commit.
 
 Bounds
 ======
@@ -111,7 +119,9 @@ from bridge._pb import bridge_pb2 as pb
 from bridge.spoolclock import SpoolClock
 from bridge.telemetry import event
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEAD_PAYLOAD_BYTES = 4096
+DEAD_MAX = 10_000
 WAL_LIMIT = 4 << 20
 _PAGE = 4096
 _TABLES = {"meta", "readings", "dead_letters", "recent", "drops"}
@@ -147,6 +157,7 @@ class DeadLetter:
     payload: bytes
     reason: str
     detail: str
+    size: int | None = None  # the message's full length when ``payload`` is a prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +195,10 @@ class RedeliveryRing:
             return True
         return False
 
+    def holds(self, digest: bytes) -> bool:
+        """Whether a message with this digest was committed within the ring (consumes nothing)."""
+        return digest in self._count
+
     def push(self, digest: bytes) -> None:
         self.next_n += 1
         if len(self._slots) >= self.size:
@@ -205,6 +220,15 @@ class RedeliveryRing:
             del self._count[digest]
 
 
+def _text(s: str) -> str:
+    """A str SQLite can bind: lone surrogates (from a broken topic) become escapes."""
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode()
+    return s
+
+
 def _is_full(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(exc)
 
@@ -217,8 +241,17 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 class Spool:
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
                  ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0,
-                 max_age_s: float = 0.0, clock: SpoolClock | None = None) -> None:
+                 max_age_s: float = 0.0, clock: SpoolClock | None = None,
+                 dead_letter_payload_bytes: int = DEAD_PAYLOAD_BYTES,
+                 dead_letters_max: int = DEAD_MAX, dead_letters_max_bytes: int | None = None,
+                 on_evict: Callable[[int], None] | None = None) -> None:
         self.path = path
+        self.dead_payload_bytes = dead_letter_payload_bytes
+        self.dead_max = dead_letters_max
+        cap = max_bytes // 10
+        self.dead_max_bytes = cap if dead_letters_max_bytes is None else \
+            min(dead_letters_max_bytes, cap)
+        self._on_evict = on_evict or (lambda n: None)
         self.max_age_s = max_age_s
         self.clock = clock or SpoolClock()
         self.sent_through = 0  # highest rid handed to the uplink: never dropped (in flight)
@@ -286,6 +319,10 @@ class Spool:
             (next_rid,) = self._db.execute(
                 "SELECT coalesce(max(rid), 0) + 1 FROM readings").fetchone()
             self._next_rid = int(next_rid)
+            self._dead = deque((int(i), int(n)) for i, n in self._db.execute(
+                "SELECT id, length(payload) + length(topic) + length(detail) FROM dead_letters"
+                " ORDER BY id"))
+            self.dead_bytes = sum(n for _, n in self._dead)
             self._drop_totals: Counter[str] = Counter({
                 str(r): int(n) for r, n in self._db.execute(
                     "SELECT reason, sum(count) FROM drops GROUP BY reason")})
@@ -314,7 +351,8 @@ class Spool:
             db.execute("CREATE TABLE drops(id INTEGER PRIMARY KEY, at_ns INTEGER, reason TEXT, "
                        "epoch INTEGER, first_seq INTEGER, last_seq INTEGER, count INTEGER)")
             db.execute("CREATE TABLE dead_letters(id INTEGER PRIMARY KEY, at_ns INTEGER, "
-                       "source TEXT, topic TEXT, payload BLOB, reason TEXT, detail TEXT)")
+                       "source TEXT, topic TEXT, payload BLOB, reason TEXT, detail TEXT, "
+                       "size INTEGER)")
             db.execute("CREATE TABLE recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, "
                        "PRIMARY KEY (source, slot)) WITHOUT ROWID")
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -327,6 +365,13 @@ class Spool:
         if not tables.issuperset(_TABLES):
             raise _Corrupt(f"missing tables {sorted(_TABLES - tables)}")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") == 1:  # v1 -> v2: dead letters record their full size
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE dead_letters ADD COLUMN size INTEGER")
+            db.execute("UPDATE dead_letters SET size = length(payload)")
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+            meta["schema_version"] = SCHEMA_VERSION
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise _Corrupt(f"schema version {meta.get('schema_version')!r}, this agent reads "
                            f"{SCHEMA_VERSION}")
@@ -439,8 +484,9 @@ class Spool:
             size += len(blob)
             seq += 1
             rid += 1
-        if rows and self.bytes + size > self.max_bytes:
-            raise SpoolFull(f"{self.bytes + size} bytes would exceed max_bytes={self.max_bytes}")
+        if rows and self.bytes + self.dead_bytes + size > self.max_bytes:
+            raise SpoolFull(f"{self.bytes + self.dead_bytes + size} bytes (dead letters "
+                            f"included) would exceed max_bytes={self.max_bytes}")
         ring_rows = []
         next_n: dict[str, int] = {}
         for p in pending:
@@ -455,12 +501,7 @@ class Spool:
             try:
                 if rows:
                     db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
-                if dead:
-                    now = time.time_ns()
-                    db.executemany(
-                        "INSERT INTO dead_letters(at_ns, source, topic, payload, reason, detail)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        [(now, d.source, d.topic, d.payload, d.reason, d.detail) for d in dead])
+                dead_rows = self._insert_dead(dead) if dead else None
                 if ring_rows:
                     db.executemany("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", ring_rows)
                 for key, value in state.items():
@@ -484,6 +525,8 @@ class Spool:
                 self._truncate_wal()
                 raise SpoolFull(str(exc)) from exc
             raise
+        if dead_rows is not None:
+            self._dead_committed(*dead_rows)
         for source, _, _, digest in ring_rows:
             self.rings[source].push(digest)
         self.next_seq = seq
@@ -491,6 +534,53 @@ class Spool:
         self.readings += len(rows)
         self.bytes += size
         return [r for r, _, _, _ in rows]
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def _insert_dead(self, dead: Sequence[DeadLetter]
+                     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Insert (truncated) dead letters and evict the oldest past the bounds, inside the
+        caller's transaction; returns (added, evicted) as (id, bytes) for ``_dead_committed``."""
+        db = self._db
+        now = time.time_ns()
+        keep = self.dead_payload_bytes
+        added: list[tuple[int, int]] = []
+        for d in dead:
+            topic, detail = _text(d.topic)[:1024], _text(d.detail)[:1024]
+            payload = d.payload[:keep]
+            cur = db.execute(
+                "INSERT INTO dead_letters(at_ns, source, topic, payload, reason, detail, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (now, _text(d.source), topic, payload, _text(d.reason), detail, len(d.payload)))
+            added.append((int(cur.lastrowid or 0),
+                          len(payload) + len(topic.encode()) + len(detail.encode())))
+        return added, self._evict_dead(added)
+
+    def _evict_dead(self, added: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        queue = list(self._dead) + added
+        count, size = len(queue), self.dead_bytes + sum(n for _, n in added)
+        evicted: list[tuple[int, int]] = []
+        i = 0
+        while i < len(queue) and (count > self.dead_max or size > self.dead_max_bytes):
+            evicted.append(queue[i])
+            count -= 1
+            size -= queue[i][1]
+            i += 1
+        if evicted:
+            self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (evicted[-1][0],))
+        return evicted
+
+    def _dead_committed(self, added: list[tuple[int, int]],
+                        evicted: list[tuple[int, int]]) -> None:
+        self._dead.extend(added)
+        self.dead_bytes += sum(n for _, n in added)
+        for _ in evicted:
+            self.dead_bytes -= self._dead.popleft()[1]
+        if evicted:
+            self._on_evict(len(evicted))
+            event("spool.dead_letters_evicted", level=logging.WARNING, evicted=len(evicted),
+                  kept=len(self._dead), bytes=self.dead_bytes, max=self.dead_max,
+                  max_bytes=self.dead_max_bytes)
 
     # -- drops ------------------------------------------------------------------------------
 
@@ -632,6 +722,10 @@ class Spool:
         ring = self.rings.get(source)
         return ring is not None and ring.claim(digest)
 
+    def recently_committed(self, source: str, digest: bytes) -> bool:
+        ring = self.rings.get(source)
+        return ring is not None and ring.holds(digest)
+
     # -- send side -------------------------------------------------------------------------
 
     def read_after(self, rid: int, *, max_rows: int, max_bytes: int) -> list[tuple[int, bytes]]:
@@ -699,12 +793,14 @@ class Spool:
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
+                dead_rows = None
                 if rejected:
-                    now = time.time_ns()
-                    db.executemany(
-                        "INSERT INTO dead_letters(at_ns, source, topic, payload, reason, detail)"
-                        " SELECT ?, 'uplink', '', envelope, 'rejected', ? FROM readings"
-                        " WHERE rid = ?", [(now, reason, r) for r, reason in rejected])
+                    blobs = dict(db.execute(
+                        "SELECT rid, envelope FROM readings WHERE rid BETWEEN ? AND ?",
+                        (min(r for r, _ in rejected), max(r for r, _ in rejected))))
+                    dead_rows = self._insert_dead([
+                        DeadLetter("uplink", "", bytes(blobs[r]), "rejected", reason)
+                        for r, reason in rejected if r in blobs])
                 n, size = db.execute("SELECT count(*), coalesce(sum(length(envelope)), 0) "
                                      "FROM readings WHERE rid BETWEEN ? AND ?",
                                      (first, last)).fetchone()
@@ -718,6 +814,8 @@ class Spool:
                 raise
             self.readings -= n
             self.bytes -= size
+            if dead_rows is not None:
+                self._dead_committed(*dead_rows)
         finally:
             db.execute("PRAGMA synchronous=FULL")
 
@@ -738,13 +836,15 @@ def read_dead_letters(path: Path, *, limit: int = 100) -> list[tuple[int, DeadLe
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows = db.execute("SELECT at_ns, source, topic, payload, reason, detail FROM "
-                              "dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            rows = db.execute("SELECT at_ns, source, topic, payload, reason, detail, "
+                              "coalesce(size, length(payload)) FROM dead_letters "
+                              "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise SpoolError(f"{path}: cannot read dead letters: {exc}") from exc
-    return [(int(r[0]), DeadLetter(r[1], r[2], bytes(r[3]), r[4], r[5])) for r in rows]
+    return [(int(r[0]), DeadLetter(r[1], r[2], bytes(r[3]), r[4], r[5], int(r[6])))
+            for r in rows]
 
 
 def _salvage(path: Path, site_id: str) -> tuple[list[bytes], int]:

@@ -103,6 +103,24 @@ class AgentMetrics:
         self.spool_commits = Counter("bridge_spool_commits", "Spool group commits", registry=r)
         self.spool_full = Counter("bridge_spool_full", "Commits refused because the spool is full",
                                   registry=r)
+        self.spool_commit_errors = Counter(
+            "bridge_spool_commit_errors", "Group commits that failed for a reason other than a "
+            "full spool (retried with backoff; nothing acked meanwhile)", registry=r)
+        self.dead_letters_evicted = Counter(
+            "bridge_spool_dead_letters_evicted", "Dead letters removed to keep the table within "
+            "its bounds, oldest first", registry=r)
+        self.source_retransmissions = Counter(
+            "bridge_source_retransmissions_skipped", "Publisher retransmissions (a byte-identical "
+            "message with the publisher's own seq, on the same topic, within the redelivery "
+            "ring) acked without storing", ["source"], registry=r)
+        self.protocol_errors = Counter(
+            "bridge_uplink_protocol_errors", "Acks the agent could not accept (wrong count, "
+            "unknown disposition, identity mismatch); the batch is retried, nothing released",
+            ["endpoint", "kind"], registry=r)
+        self.stalls = Counter(
+            "bridge_uplink_stalls", "Calls that timed out on an endpoint whose health checks "
+            "passed (gray failure): the endpoint is taken out and its batches moved",
+            ["endpoint"], registry=r)
         self.batches = Counter("bridge_uplink_batches", "Batches sent, by endpoint and outcome",
                                ["endpoint", "code"], registry=r)
         self.readings_acked = Counter("bridge_uplink_readings_acked",

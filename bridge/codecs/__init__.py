@@ -32,10 +32,15 @@ DECODERS: dict[str, Callable[[str, bytes], Decoded]] = {"json": decode_json, "ra
 
 def make_decoder(*, codec: str, mappings: list[JsonMapping] | None = None,
                  notice: Notice | None = None, rebirth: bool = True,
-                 rebirth_on_gap: bool = True, rebirth_interval_s: float = 10.0) -> Decoder:
+                 rebirth_on_gap: bool = True, rebirth_interval_s: float = 10.0,
+                 rebirth_max_per_s: float = 10.0, max_edge_nodes: int = 10_000,
+                 max_decompressed_bytes: int = 16 << 20) -> Decoder:
     if codec == "sparkplug":
         return SparkplugDecoder(rebirth=rebirth, rebirth_on_gap=rebirth_on_gap,
-                                rebirth_interval_s=rebirth_interval_s, notice=notice)
+                                rebirth_interval_s=rebirth_interval_s, notice=notice,
+                                rebirth_max_per_s=rebirth_max_per_s,
+                                max_edge_nodes=max_edge_nodes,
+                                max_decompressed_bytes=max_decompressed_bytes)
     fn = DECODERS[codec]
     if mappings:
         fn = MappedJson(mappings=mappings, fallback=fn).decode

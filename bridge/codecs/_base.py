@@ -68,6 +68,12 @@ class Decoder(Protocol):
 
     def take_requests(self) -> list[Publish]: ...
 
+    def stamped(self, topic: str, payload: bytes) -> bool:
+        """Does the payload carry the publisher's own identity (its seq, and for Sparkplug the
+        payload timestamp)? Then a byte-identical repeat is a retransmission, not a reading.
+        Pure: must not change the decoder's state."""
+        ...
+
 
 class StatelessDecoder:
     """A pure ``(topic, payload) -> Decoded`` function as a ``Decoder``."""
@@ -84,3 +90,9 @@ class StatelessDecoder:
 
     def take_requests(self) -> list[Publish]:
         return []
+
+    def stamped(self, topic: str, payload: bytes) -> bool:
+        try:
+            return self.decode(topic, payload).source_seq is not None
+        except DecodeError:
+            return False

@@ -48,8 +48,15 @@ def parse_timestamp(value: Any) -> int:
             raise DecodeError("bad_timestamp", f"not an RFC 3339 time: {value[:64]!r}") from exc
         if parsed.tzinfo is None:
             raise DecodeError("bad_timestamp", f"timestamp {value[:64]!r} has no UTC offset")
-        delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-        return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        try:
+            delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        except OverflowError as exc:  # year 1 with a positive offset
+            raise DecodeError("bad_timestamp", f"timestamp {value[:64]!r} out of range") from exc
+        ns = (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        if not -_I64 <= ns < _I64:  # int64 nanoseconds span 1677-09-21 .. 2262-04-11
+            raise DecodeError("bad_timestamp", f"timestamp {value[:64]!r} is outside what "
+                              "int64 nanoseconds can hold (1677..2262)")
+        return ns
     raise DecodeError("bad_timestamp", f"timestamp must be a number or string, got "
                       f"{type(value).__name__}")
 

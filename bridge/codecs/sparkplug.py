@@ -27,6 +27,21 @@ String/Text/UUID, DateTime (integer ms, unit ``unix_ms``); ``is_null`` gives a n
 arrays) are not turned into values; the envelope then keeps the whole payload in ``raw`` and
 names those metrics in the ``unsupported`` label, so nothing is lost.
 
+**Compression** (Eclipse Tahu's edge libraries, ``compress`` option): the payload's ``uuid`` is
+``SPBV1.0_COMPRESSED``, its ``body`` holds the real payload compressed, and a String metric
+``algorithm`` names the method: ``GZIP`` or ``DEFLATE`` (zlib-wrapped, as Tahu writes it; raw
+deflate is accepted too). The decoder inflates at most ``max_decompressed_bytes`` and decodes
+the inner payload as if it had arrived itself. More than that is ``decompression_bomb``; an
+algorithm it does not know is ``unknown_compression``; a body that does not inflate is
+``bad_compression``; a compressed payload inside a compressed one is ``nested_compression``.
+All are dead letters: never a reading made of the wrapper.
+
+**Bounds**: at most ``max_edge_nodes`` edge nodes are tracked per source (a birth from one more
+is ``too_many_edge_nodes``; data from an unknown node beyond the bound is dead-lettered
+without tracking it), and rebirth requests leave at most ``rebirth_max_per_s`` a second (a
+burst of ten times that), so a flood of unknown nodes grows neither state nor NCMDs; each
+suppressed request is a ``rebirth_suppressed`` notice.
+
 The alias tables are the decoder's state: ``take_state`` hands the changed nodes to the intake,
 which commits them with the messages that changed them; ``restore`` reloads them at start.
 Without that, a restart would dead-letter every DATA message until each node was reborn.
@@ -36,6 +51,7 @@ from __future__ import annotations
 
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +61,17 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from bridge._pb import sparkplug_b_pb2 as sp
 from bridge.codecs._base import Decoded, DecodedValue, DecodeError, Publish, Scalar
+from bridge.ingest.ratelimit import TokenBucket
 
 NAMESPACE = "spBv1.0"
 NODE_TYPES = {"NBIRTH", "NDEATH", "NDATA", "NCMD"}
 DEVICE_TYPES = {"DBIRTH", "DDEATH", "DDATA", "DCMD"}
 REBIRTH_METRIC = "Node Control/Rebirth"
+COMPRESSED_UUID = "SPBV1.0_COMPRESSED"
+DEFAULT_MAX_DECOMPRESSED = 16 << 20
+_ZLIB_WBITS = {"GZIP": (16 + zlib.MAX_WBITS,), "DEFLATE": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
 _MAX_NS_MS = (2**63 - 1) // 1_000_000
+_I64 = 2**63
 _SIGNED: dict[int, int] = {sp.Int8: 8, sp.Int16: 16, sp.Int32: 32, sp.Int64: 64}
 _UNSIGNED: dict[int, int] = {sp.UInt8: 8, sp.UInt16: 16, sp.UInt32: 32, sp.UInt64: 64}
 _INT_FIELDS = {"int_value", "long_value"}
@@ -137,6 +158,9 @@ def _value(m: Any, dtype: int, name: str) -> tuple[Scalar | None, str] | None:
         if v >> _UNSIGNED[dtype]:
             raise DecodeError("bad_value", f"metric {name!r}: {v} out of range for "
                               f"{sp.DataType.Name(dtype)}")  # type: ignore[arg-type]
+        if v >= _I64:  # the envelope's integer is sint64: refused by name, never wrapped
+            raise DecodeError("bad_value", f"metric {name!r}: UInt64 {v} is above the "
+                              "envelope's int64 range")
         return v, ""
     if dtype in (sp.Float, sp.Double):
         if kind not in _FLOAT_FIELDS:
@@ -153,6 +177,9 @@ def _value(m: Any, dtype: int, name: str) -> tuple[Scalar | None, str] | None:
     if dtype == sp.DateTime:
         if kind not in _INT_FIELDS:
             raise DecodeError("type_mismatch", f"metric {name!r}: DateTime with {kind}")
+        if v >= _I64:
+            raise DecodeError("bad_timestamp", f"metric {name!r}: DateTime {v} ms is out of "
+                              "range")
         return v, "unix_ms"
     return None
 
@@ -161,6 +188,52 @@ def _ms_to_ns(ms: int, what: str) -> int:
     if ms > _MAX_NS_MS:
         raise DecodeError("bad_timestamp", f"{what} {ms} ms is out of range")
     return ms * 1_000_000
+
+
+def _inflate(body: bytes, algorithm: str, limit: int) -> bytes:
+    """``body`` decompressed, at most ``limit`` bytes (``DecodeError`` otherwise)."""
+    tries = _ZLIB_WBITS.get(algorithm.upper())
+    if tries is None:
+        raise DecodeError("unknown_compression", f"compression algorithm {algorithm[:40]!r} "
+                          "is not GZIP or DEFLATE")
+    err = ""
+    for wbits in tries:
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(body, limit)
+        except zlib.error as exc:
+            err = str(exc)
+            continue
+        if d.unconsumed_tail:
+            raise DecodeError("decompression_bomb", f"{algorithm} body inflates past "
+                              f"max_decompressed_bytes={limit}")
+        if not d.eof:
+            err = "truncated stream"
+            continue
+        return out
+    raise DecodeError("bad_compression", f"{algorithm} body does not inflate: {err}")
+
+
+def _unwrap(msg: Any, limit: int) -> Any:
+    """The inner payload of a Tahu-compressed payload; ``msg`` itself when not compressed."""
+    if msg.uuid != COMPRESSED_UUID:
+        return msg
+    algorithm = "DEFLATE"  # Tahu's default when the metric is missing
+    for m in msg.metrics:
+        if m.name == "algorithm":
+            if m.WhichOneof("value") != "string_value":
+                raise DecodeError("unknown_compression", "the 'algorithm' metric is not a "
+                                  "string")
+            algorithm = m.string_value
+    raw = _inflate(msg.body, algorithm, limit)
+    try:
+        inner = sp.Payload.FromString(raw)
+    except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
+        raise DecodeError("invalid_protobuf", f"the decompressed body is not a Sparkplug B "
+                          f"payload: {exc}") from exc
+    if inner.uuid == COMPRESSED_UUID:
+        raise DecodeError("nested_compression", "a compressed payload inside a compressed one")
+    return inner
 
 
 def _bd_seq(payload: Any) -> int | None:
@@ -177,7 +250,14 @@ class SparkplugDecoder:
 
     def __init__(self, *, rebirth: bool = True, rebirth_on_gap: bool = True,
                  rebirth_interval_s: float = 10.0, notice: Notice | None = None,
+                 max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
+                 max_edge_nodes: int = 10_000, rebirth_max_per_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_decompressed_bytes = max_decompressed_bytes
+        self.max_edge_nodes = max_edge_nodes
+        self._rebirths = TokenBucket(rate=rebirth_max_per_s,
+                                     burst=max(1.0, 10 * rebirth_max_per_s), clock=clock) \
+            if rebirth_max_per_s > 0 else None
         self.rebirth = rebirth
         self.rebirth_on_gap = rebirth_on_gap
         self.rebirth_interval_s = rebirth_interval_s
@@ -208,6 +288,13 @@ class SparkplugDecoder:
         out, self._requests = self._requests, []
         return out
 
+    def stamped(self, topic: str, payload: bytes) -> bool:
+        try:
+            msg = _unwrap(sp.Payload.FromString(payload), self.max_decompressed_bytes)
+        except (ProtobufDecodeError, RuntimeError, ValueError, DecodeError):
+            return False
+        return bool(msg.HasField("seq") and msg.HasField("timestamp"))
+
     # -- decoding ---------------------------------------------------------------------------
 
     def decode(self, topic: str, payload: bytes) -> Decoded:
@@ -226,6 +313,7 @@ class SparkplugDecoder:
             msg = sp.Payload.FromString(payload)
         except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
             raise DecodeError("invalid_protobuf", f"not a Sparkplug B payload: {exc}") from exc
+        msg = _unwrap(msg, self.max_decompressed_bytes)
         labels = {"group": group, "edge_node": node_id, "message_type": mtype}
         if device is not None:
             labels["device"] = device
@@ -236,6 +324,9 @@ class SparkplugDecoder:
             raise DecodeError("bad_seq", f"seq {seq} is outside 0..255")
 
         if mtype == "NBIRTH":
+            if node is None and len(self.nodes) >= self.max_edge_nodes:
+                raise DecodeError("too_many_edge_nodes", f"birth of {group}/{node_id}: this "
+                                  f"source already tracks max_edge_nodes={self.max_edge_nodes}")
             node = self.nodes[key] = _Node(bd_seq=_bd_seq(msg), online=True)
             node.table.learn(msg.metrics)
             node.last_seq = seq
@@ -349,8 +440,16 @@ class SparkplugDecoder:
             return
         now = self._clock()
         if node is None:
+            if len(self.nodes) >= self.max_edge_nodes:
+                self._notice("rebirth_suppressed", {"group": group, "edge_node": node_id,
+                                                    "reason": "max_edge_nodes"})
+                return
             node = self.nodes[(group, node_id)] = _Node()
         if now - node.last_rebirth < self.rebirth_interval_s:
+            return
+        if self._rebirths is not None and self._rebirths.take(1) > 0:
+            self._notice("rebirth_suppressed", {"group": group, "edge_node": node_id,
+                                                "reason": "rebirth_max_per_s"})
             return
         node.last_rebirth = now
         cmd = sp.Payload(timestamp=time.time_ns() // 1_000_000)

@@ -135,6 +135,10 @@ class _Client(mqtt.Client):
                     return rc
 
 
+PACKET_OVERHEAD = 65_535 + 2 + 5 + 1024  # topic, its length, fixed header, properties
+MQTT_MAX_PACKET = 268_435_455  # the largest Remaining Length MQTT can encode
+
+
 class MqttSource:
     def __init__(self, *, config: MqttSourceConfig, metrics: AgentMetrics) -> None:
         self.config = config
@@ -147,6 +151,7 @@ class MqttSource:
         sp = config.decode.sparkplug
         self.state_topic = f"spBv1.0/STATE/{sp.host_id}" if sp and sp.host_id else None
         self._state_ts = 0
+        self._stopping = False  # our own offline STATE at stop must not be re-asserted
         self.generation = 0
         self.subscribed = asyncio.Event()
         client = _Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
@@ -177,6 +182,10 @@ class MqttSource:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.receive_maximum
+        # The broker refuses to send us what we would dead-letter as oversize anyway (MQTT v5
+        # 3.1.2.11.4): the payload bound plus room for the longest topic and the headers.
+        props.MaximumPacketSize = min(self.config.decode.max_payload_bytes + PACKET_OVERHEAD,
+                                      MQTT_MAX_PACKET)
         self._client.connect_async(self.config.host, self.config.port,
                                    keepalive=self.config.keepalive_s, clean_start=False,
                                    properties=props)
@@ -198,7 +207,10 @@ class MqttSource:
         event("source.connected", source=self.config.name, broker=self.info.broker,
               session_present=session, client_id=self.config.client_id)
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-        client.subscribe([(t, opts) for t in self.config.topics])
+        topics = list(self.config.topics)
+        if self.state_topic is not None and self.state_topic not in topics:
+            topics.append(self.state_topic)  # to see ourselves reported offline (re-assert)
+        client.subscribe([(t, opts) for t in topics])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -232,8 +244,25 @@ class MqttSource:
 
     def _on_publish_received(self, topic: str, payload: bytes, dup: bool, mid: int,
                              qos: int) -> None:
+        if topic == self.state_topic and not self._stopping:
+            self._reassert(payload)
         self._inbox.put(Message(topic=topic, payload=payload, redelivered=dup,
                                 generation=self.generation, token=mid, qos=qos))
+
+    def _reassert(self, payload: bytes) -> None:
+        """Sparkplug 3.0: a Primary Host that sees itself reported offline says online again."""
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict) or doc.get("online") is not False:
+            return
+        assert self.state_topic is not None
+        self.metrics.sparkplug_events.labels(self.config.name, "state_reasserted").inc()
+        event("sparkplug.state_reasserted", level=logging.WARNING, source=self.config.name,
+              topic=self.state_topic, seen_timestamp=doc.get("timestamp"),
+              timestamp=self._state_ts)
+        self._publish(self.state_topic, self._state(True), qos=1, retain=True)
 
     def _publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -260,6 +289,7 @@ class MqttSource:
 
     async def stop(self) -> None:
         def _stop() -> None:
+            self._stopping = True
             if self.state_topic is not None and self._client.is_connected():
                 # A clean stop sends no will: say offline ourselves, as the will would.
                 info = self._client.publish(self.state_topic, self._state(False), qos=1,
