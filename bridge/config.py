@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from bridge.codecs import CODECS, JsonMapping
 from bridge.codecs.mapping import MappingError
+from bridge.files import exposure
 
 _REQUIRED: Any = object()
 
@@ -208,6 +209,8 @@ class TlsConfig:
                                   f"cannot read {path}: {exc.strerror}") from exc
             if b"-----BEGIN" not in data:
                 raise ConfigError(self.file, f"{self.section}.{name}", f"{path} is not PEM")
+            if name == "key" and (problem := exposure(path)):
+                raise ConfigError(self.file, f"{self.section}.key", f"private key {problem}")
             out.append(data)
         return out[0], out[1], out[2]
 
@@ -363,6 +366,9 @@ class IngestConfig:
     rate_limit_burst: float
     metrics_listen: str | None
     log_level: str
+    max_batch_envelopes: int = 10_000
+    max_tombstone_span: int = 2**40
+    max_epochs_per_site: int = 256
 
 
 def _read(path: Path) -> _Table:
@@ -600,6 +606,9 @@ def load_agent(path: Path) -> AgentConfig:
     up.done()
     metrics_listen, log_level = _common(root)
     root.done()
+    secret = next((s.name for s in sources if s.password not in (None, "guest")), None)
+    if secret is not None and (problem := exposure(path)):
+        raise ConfigError(str(path), f"sources[{secret}]", f"holds a password, and {problem}")
     return AgentConfig(file=path, site_id=site_id, tls=tls, spool=spool, sources=tuple(sources),
                        uplink=uplink, metrics_listen=metrics_listen, log_level=log_level)
 
@@ -612,6 +621,11 @@ def load_ingest(path: Path) -> IngestConfig:
     store = root.table("store", required=True)
     store_path = store.path("path")
     store.done()
+    lim = root.table("limits")
+    max_batch = lim.integer("max_batch_envelopes", 10_000, minimum=1, maximum=1_000_000)
+    max_span = lim.integer("max_tombstone_span", 2**40, minimum=1, maximum=2**63 - 1)
+    max_epochs = lim.integer("max_epochs_per_site", 256, minimum=1)
+    lim.done()
     rl = root.table("rate_limit")
     rate = rl.number("readings_per_s", 0.0, minimum=0.0)
     burst = rl.number("burst", max(rate, 1.0) * 2, minimum=1.0)
@@ -620,7 +634,9 @@ def load_ingest(path: Path) -> IngestConfig:
     root.done()
     return IngestConfig(file=path, node=node, listen=listen, tls=tls, store_path=store_path,
                         rate_limit_per_s=rate, rate_limit_burst=burst,
-                        metrics_listen=metrics_listen, log_level=log_level)
+                        metrics_listen=metrics_listen, log_level=log_level,
+                        max_batch_envelopes=max_batch, max_tombstone_span=max_span,
+                        max_epochs_per_site=max_epochs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,6 +116,7 @@ from typing import ParamSpec, TypeVar
 import orjson
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.files import private_file
 from bridge.spoolclock import SpoolClock
 from bridge.telemetry import event
 
@@ -300,8 +301,9 @@ class Spool:
     def _open(self) -> None:
         """Open or create the file; ``_Corrupt`` if it is not a usable spool of this version."""
         try:
+            private_file(self.path)  # 0600 (its -wal and -shm follow its mode)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise SpoolError(f"{self.path}: cannot open the spool: {exc}") from exc
         try:
             # Only takes effect on a new file, and must come before anything writes to it:

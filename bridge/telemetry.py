@@ -155,6 +155,8 @@ class IngestMetrics:
                                   ["site"], registry=r)
         self.rejected = Counter("bridge_ingest_rejected", "Readings rejected, by reason",
                                 ["reason"], registry=r)
+        self.store_errors = Counter("bridge_ingest_store_errors", "Batches the store failed to "
+                                    "commit (answered UNAVAILABLE, nothing acked)", registry=r)
         self.throttled = Counter("bridge_ingest_throttled", "Batches refused over the rate limit",
                                  ["site"], registry=r)
         self.denied = Counter("bridge_ingest_denied", "Calls refused for identity reasons",

@@ -1,88 +1,125 @@
-"""The exact dedupe ledger: per (site, epoch), a contiguous watermark plus the sparse set above.
+"""The exact dedupe ledger: per (site, epoch), a contiguous watermark plus intervals above it.
 
 Seqs are dense per (site, epoch) (the agent's spool numbers them), so "have I committed seq N"
-has an exact answer in bounded memory: everything at or below ``watermark`` is committed, and
-``above`` holds the committed seqs past it (there are only as many as the agent has batches in
-flight out of order). No time window: a reading resent after a week-long outage is still
-recognised. Pure logic; the store persists the changes it reports.
+has an exact answer in bounded memory: everything at or below ``watermark`` is known, and
+``above`` holds the known seqs past it as sorted, disjoint, non-adjacent closed intervals
+(readings out of order, and tombstone ranges the agent dropped). Every operation costs
+O(log n + k) in the number of intervals n it touches, never in the width of a range: a
+tombstone of 2^62 seqs is one interval. No time window: a reading resent after a week-long
+outage is still recognised. Pure logic; the store persists the changes it reports.
+
+Invariant: ``committed`` is the number of distinct known seqs; no interval in ``above`` starts
+at or below ``watermark + 1`` (it would have been folded into the watermark).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 Key = tuple[str, int]  # (site_id, epoch)
+Span = tuple[int, int]  # closed interval (first, last)
 
 
 @dataclass
 class StreamLedger:
     watermark: int = 0
-    above: set[int] = field(default_factory=set)
+    above: list[Span] = field(default_factory=list)
     committed: int = 0
 
     def copy(self) -> StreamLedger:
-        return StreamLedger(self.watermark, set(self.above), self.committed)
+        return StreamLedger(self.watermark, list(self.above), self.committed)
 
     def has(self, seq: int) -> bool:
-        return seq <= self.watermark or seq in self.above
+        if seq <= self.watermark:
+            return True
+        i = bisect.bisect_right(self.above, (seq, 1 << 64)) - 1
+        return i >= 0 and self.above[i][1] >= seq
 
-    def add(self, seq: int) -> None:
-        """Record a newly committed seq (caller checked ``has`` first)."""
-        self.committed += 1
-        if seq == self.watermark + 1:
-            wm = seq
-            while wm + 1 in self.above:
-                wm += 1
-                self.above.discard(wm)
-            self.watermark = wm
-        else:
-            self.above.add(seq)
+    def missing(self, first: int, last: int) -> list[Span]:
+        """The sub-ranges of ``first..last`` not yet known, in order."""
+        lo = max(first, self.watermark + 1)
+        if lo > last:
+            return []
+        out: list[Span] = []
+        i = max(bisect.bisect_right(self.above, (lo, 1 << 64)) - 1, 0)
+        cur = lo
+        while i < len(self.above) and cur <= last:
+            a, b = self.above[i]
+            if b < cur:
+                i += 1
+                continue
+            if a > last:
+                break
+            if a > cur:
+                out.append((cur, a - 1))
+            cur = b + 1
+            i += 1
+        if cur <= last:
+            out.append((cur, last))
+        return out
 
     def has_all(self, first: int, last: int) -> bool:
-        if last <= self.watermark:
-            return True
-        return all(self.has(s) for s in range(max(first, self.watermark + 1), last + 1))
+        return not self.missing(first, last)
 
-    def add_range(self, first: int, last: int) -> None:
-        """Record seqs first..last (a dropped range); already-known seqs are skipped."""
-        if first <= self.watermark + 1:
-            for s in range(self.watermark + 1, last + 1):
-                if s in self.above:
-                    self.above.discard(s)
-                else:
-                    self.committed += 1
-            self.watermark = max(self.watermark, last)
-            while self.watermark + 1 in self.above:
-                self.watermark += 1
-                self.above.discard(self.watermark)
-            return
-        for s in range(first, last + 1):
-            if not self.has(s):
-                self.add(s)
+    def add(self, seq: int) -> None:
+        """Record one seq (already-known seqs are not counted twice)."""
+        self.add_range(seq, seq)
+
+    def add_range(self, first: int, last: int) -> int:
+        """Record seqs ``first..last``; returns how many were new."""
+        new = sum(b - a + 1 for a, b in self.missing(first, last))
+        if not new:
+            return 0
+        self.committed += new
+        first = max(first, self.watermark + 1)
+        # Merge [first, last] with every interval it overlaps or touches.
+        i = bisect.bisect_left(self.above, (first, -1))
+        if i > 0 and self.above[i - 1][1] >= first - 1:
+            i -= 1
+        j = i
+        while j < len(self.above) and self.above[j][0] <= last + 1:
+            first, last = min(first, self.above[j][0]), max(last, self.above[j][1])
+            j += 1
+        self.above[i:j] = [(first, last)]
+        while self.above and self.above[0][0] <= self.watermark + 1:
+            self.watermark = max(self.watermark, self.above.pop(0)[1])
+        return new
 
     @property
     def highest(self) -> int:
-        return max(self.above) if self.above else self.watermark
+        return self.above[-1][1] if self.above else self.watermark
 
-    def gaps(self, limit: int = 1000) -> list[tuple[int, int]]:
-        """Missing ranges between the watermark and the highest committed seq."""
-        out: list[tuple[int, int]] = []
+    def gaps(self, limit: int = 1000) -> list[Span]:
+        """Missing ranges between the watermark and the highest known seq."""
+        out: list[Span] = []
         prev = self.watermark
-        for s in sorted(self.above):
-            if s > prev + 1:
-                out.append((prev + 1, s - 1))
+        for a, b in self.above:
+            if a > prev + 1:
+                out.append((prev + 1, a - 1))
                 if len(out) >= limit:
                     break
-            prev = s
+            prev = b
         return out
 
 
 class Ledger:
     def __init__(self) -> None:
         self.streams: dict[Key, StreamLedger] = {}
+        self._epochs: dict[str, int] = {}
 
     def stream(self, key: Key) -> StreamLedger:
         s = self.streams.get(key)
         if s is None:
             s = self.streams[key] = StreamLedger()
+            self._epochs[key[0]] = self._epochs.get(key[0], 0) + 1
         return s
+
+    def put(self, key: Key, stream: StreamLedger) -> None:
+        if key not in self.streams:
+            self._epochs[key[0]] = self._epochs.get(key[0], 0) + 1
+        self.streams[key] = stream
+
+    def epochs(self, site: str) -> int:
+        """How many epochs of ``site`` the ledger knows."""
+        return self._epochs.get(site, 0)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -26,8 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.config import IngestConfig, TlsConfig, parse_hostport
+from bridge.ingest.limits import Limits
 from bridge.ingest.ratelimit import SiteLimiter
-from bridge.ingest.store import Incoming, Reader, Store
+from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Reader, Store
 from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
 from bridge.telemetry import HttpEndpoint, IngestMetrics, event
 
@@ -84,8 +87,9 @@ def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
 
 class IngestService(pb_grpc.IngestServicer):
     def __init__(self, *, node: str, store: Store, metrics: IngestMetrics,
-                 limiter: SiteLimiter | None = None) -> None:
+                 limiter: SiteLimiter | None = None, limits: Limits | None = None) -> None:
         self.node = node
+        self.limits = limits or Limits()
         self.limiter = limiter
         self.store = store
         self.metrics = metrics
@@ -107,7 +111,7 @@ class IngestService(pb_grpc.IngestServicer):
         return ident
 
     async def _deny(self, context: grpc.aio.ServicerContext[Any, Any], reason: str,
-                    message: str, **fields: Any) -> None:
+                    message: str, **fields: Any) -> NoReturn:
         self.metrics.denied.labels(reason).inc()
         event("ingest.denied", level=logging.WARNING, reason=reason, peer=context.peer(),
               flag="UAEX", **fields)
@@ -136,60 +140,94 @@ class IngestService(pb_grpc.IngestServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"site {ident.name} over its rate limit; retry in "
                                     f"{retry_ms} ms")
-        results: list[pb.EnvelopeAck] = []
-        incoming: list[Incoming] = []
-        positions: list[int] = []
-        for env in request.envelopes:
-            if env.site_id != ident.name:
-                self.metrics.batches.labels("PERMISSION_DENIED").inc()
-                await self._deny(context, "site_mismatch",
-                                 f"certificate is for site {ident.name!r}, batch carries "
-                                 f"{env.site_id!r}", identity=ident.name, claimed=env.site_id,
-                                 batch_id=request.batch_id)
-            ack = pb.EnvelopeAck(site_id=env.site_id, epoch=env.epoch, seq=env.seq)
-            if env.epoch == 0 or env.seq == 0:
-                ack.disposition = pb.DISPOSITION_REJECTED
-                ack.reason = "epoch and seq must be non-zero"
-                self.metrics.rejected.labels("bad_identity").inc()
-            elif env.HasField("dropped") and env.dropped.last_seq < env.seq:
-                ack.disposition = pb.DISPOSITION_REJECTED
-                ack.reason = "dropped.last_seq below seq"
-                self.metrics.rejected.labels("bad_drop_notice").inc()
-            else:
-                positions.append(len(results))
-                drop = env.dropped if env.HasField("dropped") else None
-                incoming.append(Incoming(env.site_id, env.epoch, env.seq,
-                                         env.SerializeToString(),
-                                         last_seq=drop.last_seq if drop else None,
-                                         reason=drop.reason if drop else ""))
-            results.append(ack)
         loop = asyncio.get_running_loop()
         c0 = time.perf_counter()
-        fresh = await loop.run_in_executor(self._writer, self.store.commit, incoming)
+        # Validation and the commit both run on the writer thread: the event loop keeps
+        # answering health checks and other sites whatever the size of this batch.
+        try:
+            outcome = await loop.run_in_executor(self._writer, self._admit, request,
+                                                 ident.name)
+        except Exception as exc:  # noqa: BLE001 - the store failed: say so, never a traceback
+            self.metrics.batches.labels("UNAVAILABLE").inc()
+            self.metrics.store_errors.inc()
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            event("ingest.store_failed", level=logging.ERROR, site=ident.name,
+                  batch_id=request.batch_id, reason=detail, flag="UF")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"store unavailable on {self.node}: {detail}")
         self.metrics.commit_seconds.observe(time.perf_counter() - c0)
-        committed = 0
-        for pos, new in zip(positions, fresh, strict=True):
-            results[pos].disposition = pb.DISPOSITION_COMMITTED if new else \
-                pb.DISPOSITION_DUPLICATE
-            committed += new
-        duplicates = len(incoming) - committed
+        if isinstance(outcome, str):
+            self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, "site_mismatch",
+                             f"certificate is for site {ident.name!r}, batch carries "
+                             f"{outcome[:100]!r}", identity=ident.name, claimed=outcome[:100],
+                             batch_id=request.batch_id)
+        ack, committed, duplicates, rejected = outcome
         if committed:
             self.metrics.committed.labels(ident.name).inc(committed)
             ev, self._committed = self._committed, asyncio.Event()
             ev.set()
         if duplicates:
             self.metrics.duplicates.labels(ident.name).inc(duplicates)
-        keys = {(i.site_id, i.epoch) for i in incoming}
-        marks = [pb.Watermark(site_id=s, epoch=e,
-                              committed_through=self.store.ledger.stream((s, e)).watermark)
-                 for s, e in sorted(keys)]
         self.metrics.batches.labels("OK").inc()
         event("ingest.batch", site=ident.name, batch_id=request.batch_id,
               readings=len(request.envelopes), committed=committed, duplicates=duplicates,
-              rejected=len(results) - len(incoming), status="OK", flag="-",
+              rejected=rejected, status="OK", flag="-",
               duration_ms=round((time.perf_counter() - t0) * 1000, 3))
-        return pb.Ack(batch_id=request.batch_id, results=results, watermarks=marks,
-                      node=self.node)
+        return ack
+
+    def _admit(self, request: pb.Batch, site: str) -> tuple[pb.Ack, int, int, int] | str:
+        """Validate every envelope, commit the valid ones; the Ack, with one result per
+        envelope in batch order, and the (committed, duplicate, rejected) counts.
+
+        Returns the claimed site id instead when an envelope names another site (the whole
+        call is denied). Runs on the writer thread, like everything proportional to the batch.
+        """
+        limits = self.limits
+        ack = pb.Ack(batch_id=request.batch_id, node=self.node)
+        results = ack.results
+        incoming: list[Incoming] = []
+        positions: list[int] = []
+        rejected = self.metrics.rejected
+        n_rejected = 0
+        for i, env in enumerate(request.envelopes):
+            if env.site_id != site:
+                return env.site_id
+            r = results.add(site_id=env.site_id, epoch=env.epoch, seq=env.seq)
+            reason = limits.check(env, i)
+            if reason is not None:
+                r.disposition = pb.DISPOSITION_REJECTED
+                r.reason = reason
+                rejected.labels(reason.split(":", 1)[0]).inc()
+                n_rejected += 1
+                continue
+            positions.append(i)
+            drop = env.dropped if env.HasField("dropped") else None
+            incoming.append(Incoming(env.site_id, env.epoch, env.seq, env.SerializeToString(),
+                                     last_seq=drop.last_seq if drop else None,
+                                     reason=drop.reason if drop else ""))
+        outcomes = self.store.commit(incoming) if incoming else []
+        committed = duplicates = 0
+        for pos, outcome in zip(positions, outcomes, strict=True):
+            r = results[pos]
+            if outcome == COMMITTED:
+                r.disposition = pb.DISPOSITION_COMMITTED
+                committed += 1
+            elif outcome == DUPLICATE:
+                r.disposition = pb.DISPOSITION_DUPLICATE
+                duplicates += 1
+            else:
+                r.disposition = pb.DISPOSITION_REJECTED
+                r.reason = (f"{outcome}: this site already has {self.store.max_epochs_per_site}"
+                            " epochs (max_epochs_per_site)")
+                rejected.labels(outcome).inc()
+                n_rejected += 1
+        streams = self.store.ledger.streams
+        for key in sorted({(i.site_id, i.epoch) for i in incoming}):
+            if key in streams:
+                ack.watermarks.add(site_id=key[0], epoch=key[1],
+                                   committed_through=streams[key].watermark)
+        return ack, committed, duplicates, n_rejected
 
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
@@ -248,9 +286,13 @@ class IngestService(pb_grpc.IngestServicer):
                 st.gaps.add(first_seq=first, last_seq=last)
         return reply
 
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the store threads; True once the writer is idle, False after ``timeout``."""
+        done = threading.Event()
+        self._writer.submit(done.set)
+        self._writer.shutdown(wait=False, cancel_futures=False)
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        return done.wait(timeout)
 
 
 class IngestNode:
@@ -258,14 +300,15 @@ class IngestNode:
 
     def __init__(self, *, node: str, listen: str, tls: TlsConfig, store_path: Path,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
-                 metrics: IngestMetrics | None = None) -> None:
+                 metrics: IngestMetrics | None = None, limits: Limits | None = None,
+                 max_epochs_per_site: int = 256) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
-        self.store = Store(path=store_path)
+        self.store = Store(path=store_path, max_epochs_per_site=max_epochs_per_site)
         limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
             if rate_limit_per_s > 0 else None
         self.service = IngestService(node=node, store=self.store, metrics=self.metrics,
-                                     limiter=limiter)
+                                     limiter=limiter, limits=limits)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
@@ -281,18 +324,32 @@ class IngestNode:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         event("ingest.listening", node=self.node, port=self.port)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> bool:
+        """Stop within ``grace`` seconds; False if the store's writer was still busy then.
+
+        Nothing a busy writer holds has been acknowledged: SQLite rolls its transaction back
+        when the process exits, and the agent resends the batch elsewhere.
+        """
+        t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        self.service.close()
-        self.store.close()
-        event("ingest.stopped", node=self.node)
+        left = max(0.1, grace - (time.monotonic() - t0))
+        idle = await asyncio.get_running_loop().run_in_executor(
+            None, self.service.close, left)
+        if idle:
+            self.store.close()
+        event("ingest.stopped", node=self.node, clean=idle,
+              stop_s=round(time.monotonic() - t0, 3))
+        return idle
 
 
 async def run(config: IngestConfig) -> None:
     node = IngestNode(node=config.node, listen=config.listen, tls=config.tls,
                       store_path=config.store_path, rate_limit_per_s=config.rate_limit_per_s,
-                      rate_limit_burst=config.rate_limit_burst)
+                      rate_limit_burst=config.rate_limit_burst,
+                      limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
+                                    max_tombstone_span=config.max_tombstone_span),
+                      max_epochs_per_site=config.max_epochs_per_site)
     http = None
     if config.metrics_listen:
         http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,
@@ -305,6 +362,13 @@ async def run(config: IngestConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     event("ingest.stopping", node=config.node)
-    await node.stop()
+    clean = await node.stop()
     if http:
         http.stop()
+    if not clean:
+        # The writer is stuck (a hung disk, a held lock): its executor thread would hold up
+        # interpreter exit. Leave now; nothing it holds was acknowledged.
+        event("ingest.stop_forced", level=logging.ERROR, node=config.node,
+              reason="store writer still busy after the grace period")
+        logging.shutdown()
+        os._exit(1)

@@ -7,12 +7,12 @@ transaction per batch (``synchronous=FULL``) holds the new rows and the ledger c
 so after a crash the ledger and the rows agree. ``offset`` is this node's commit order, used to
 follow new commits; epochs are unsigned 64-bit on the wire and stored as signed 64-bit.
 
-The ledger's sparse set above the watermark is not stored separately: it is exactly the
-stream's readings (and tombstone ranges ``seq..last_seq``) above the watermark, read back
-through the unique index at open. Writing it as rows as well cost an insert and a later
-delete per out-of-order seq (the insert alone: 13.6 % of the ingest's py-spy samples in a 1M
-drain). Files from before this change still hold a ``ledger_above`` table; it is no longer
-read or written.
+The ledger's intervals above the watermark are not stored separately: they are exactly the
+stream's rows above the watermark (a reading is its seq, a tombstone its range
+``seq..last_seq``), read back through the unique index at open. Rows never overlap: a
+tombstone that overlaps known seqs is stored as its new sub-ranges only (``Store.commit``), so
+rows and ledger agree in either order of arrival and across a reopen. A stream is created by
+its first commit; at most ``max_epochs_per_site`` exist per site (``too_many_epochs``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge._pb import bridge_pb2 as pb
+from bridge.files import private_file
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 
 
@@ -54,13 +56,21 @@ class Row:
     commit_ns: int
 
 
+COMMITTED = "committed"
+DUPLICATE = "duplicate"
+
+
 class Store:
     """Single-writer; ``commit`` runs on one thread, readers use ``Reader`` connections."""
 
-    def __init__(self, *, path: Path) -> None:
+    def __init__(self, *, path: Path, max_epochs_per_site: int = 256,
+                 busy_timeout_s: float = 2.0) -> None:
         self.path = path
+        self.max_epochs_per_site = max_epochs_per_site
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        private_file(path)
+        db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                        timeout=busy_timeout_s)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("CREATE TABLE IF NOT EXISTS readings(offset INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -75,63 +85,81 @@ class Store:
             s = self.ledger.stream((site, to_u64(epoch)))
             s.watermark, s.committed = wm, committed
         for (site, epoch), stream in self.ledger.streams.items():
+            known = stream.committed
             for seq, last in db.execute("SELECT seq, last_seq FROM readings WHERE site_id=?"
-                                        " AND epoch=? AND seq>?",
+                                        " AND epoch=? AND seq>? ORDER BY seq",
                                         (site, to_i64(epoch), stream.watermark)):
-                stream.above.update(range(seq, (seq if last is None else last) + 1))
+                stream.add_range(seq, seq if last is None else last)
+            stream.committed = known  # the stored count already includes them
 
-    def commit(self, batch: Sequence[Incoming]) -> list[bool]:
-        """Commit what is new; returns, per item, True if newly committed, False if duplicate."""
-        fresh: list[bool] = []
+    def commit(self, batch: Sequence[Incoming]) -> list[str]:
+        """Commit what is new; per item ``COMMITTED``, ``DUPLICATE`` or a rejection reason.
+
+        A tombstone that overlaps seqs already known (readings or other tombstones, stored or
+        earlier in this batch) is stored as the sub-ranges that are new, each as a row of its
+        own, so the rows are always exactly the ledger's known set above the watermark and the
+        two agree after a reopen, whatever the order of arrival. A reading covered by a known
+        tombstone is a DUPLICATE: its seq is already accounted for.
+        """
+        out: list[str] = []
         rows = []
-        touched: dict[Key, list[tuple[int, int]]] = {}
-        seen_in_batch: set[tuple[str, int, int]] = set()
+        trials: dict[Key, StreamLedger] = {}
         now = time.time_ns()
         for item in batch:
             key = (item.site_id, item.epoch)
-            ident = (item.site_id, item.epoch, item.seq)
-            stream = self.ledger.streams.get(key)
+            trial = trials.get(key)
+            if trial is None:
+                cur = self.ledger.streams.get(key)
+                if cur is None:
+                    new_epochs = sum(1 for k in trials if k[0] == item.site_id
+                                     and k not in self.ledger.streams)
+                    if self.ledger.epochs(item.site_id) + new_epochs >= \
+                            self.max_epochs_per_site:
+                        out.append("too_many_epochs")
+                        continue
+                trial = trials[key] = StreamLedger() if cur is None else cur.copy()
             last = item.seq if item.last_seq is None else item.last_seq
-            dup = ident in seen_in_batch or (stream is not None and stream.has_all(item.seq,
-                                                                                  last))
-            fresh.append(not dup)
-            if not dup:
-                seen_in_batch.add(ident)
-                rows.append((item.site_id, to_i64(item.epoch), item.seq, item.envelope, now,
-                             item.last_seq, item.reason or None))
-                touched.setdefault(key, []).append((item.seq, last))
+            new = trial.missing(item.seq, last)
+            if not new:
+                out.append(DUPLICATE)
+                continue
+            out.append(COMMITTED)
+            for a, b in new:
+                trial.add_range(a, b)
+                blob = item.envelope if (a, b) == (item.seq, last) else \
+                    _narrow(item.envelope, a, b)
+                rows.append((item.site_id, to_i64(item.epoch), a, blob, now,
+                             None if item.last_seq is None else b, item.reason or None))
         if not rows:
-            return fresh
-        # Work out the ledger's new state before writing, apply it only after COMMIT.
-        updates = []
-        for key, seqs in touched.items():
-            cur = self.ledger.streams.get(key)
-            trial = StreamLedger() if cur is None else cur.copy()
-            for first, last in seqs:
-                if first == last:
-                    if not trial.has(first):
-                        trial.add(first)
-                else:
-                    trial.add_range(first, last)
-            updates.append((key, trial))
+            return out
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR IGNORE INTO readings(site_id, epoch, seq, envelope,"
+            db.executemany("INSERT INTO readings(site_id, epoch, seq, envelope,"
                            " commit_ns, last_seq, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
                            [(site, to_i64(epoch), trial.watermark, trial.committed)
-                            for (site, epoch), trial in updates])
+                            for (site, epoch), trial in trials.items()])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        for key, trial in updates:
-            self.ledger.streams[key] = trial
-        return fresh
+        for key, trial in trials.items():
+            self.ledger.put(key, trial)
+        return out
 
     def close(self) -> None:
         self._db.close()
+
+
+def _narrow(envelope: bytes, first: int, last: int) -> bytes:
+    """A tombstone's envelope for the sub-range ``first..last`` of its range."""
+    env = pb.Envelope.FromString(envelope)
+    env.seq = first
+    env.dropped.last_seq = last
+    env.dropped.count = last - first + 1
+    return env.SerializeToString()
 
 
 class Reader:
