@@ -155,8 +155,11 @@ def test_sigterm_stops_the_node_within_its_grace_while_the_store_is_locked(
             node.push([reading(1)], timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         assert "store unavailable" in (info.value.details() or "")  # type: ignore[attr-defined]
-        pushing = threading.Thread(target=lambda: pytest.raises(grpc.RpcError, node.push,
-                                                                [reading(2)], 10))
+        def push_stuck() -> None:
+            with pytest.raises(grpc.RpcError):
+                node.push([reading(2)], 10)
+
+        pushing = threading.Thread(target=push_stuck)
         pushing.start()
         t0 = time.monotonic()
         node.proc.proc.signal(signal.SIGTERM)
