@@ -251,6 +251,16 @@ class Agent:
         self._oldest_age: float | None = None
         up = config.uplink
         b = up.breaker
+        # Calls that time out end one deadline after they start: at most max_in_flight of them
+        # per deadline, so a window holds at most this many. A larger minimum could never be
+        # reached by a stalled endpoint, and its breaker would never open.
+        reachable = max(1, int(up.max_in_flight * b.window_s / up.deadline_s))
+        min_requests = min(b.min_requests, reachable)
+        if min_requests < b.min_requests:
+            event("uplink.breaker_minimum_lowered", level=logging.WARNING,
+                  configured=b.min_requests, effective=min_requests,
+                  reason=f"max_in_flight={up.max_in_flight} calls with a {up.deadline_s:g} s "
+                         f"deadline fill a {b.window_s:g} s window with at most {reachable}")
         self.proxies: dict[str, BindProxy] = {}
         for e in up.endpoints:
             iface = resolve_vlan(e.vlan) if e.vlan else e.interface
@@ -266,7 +276,7 @@ class Agent:
                                 backoff_max_s=up.backoff_max_s,
                                 breaker=CircuitBreaker(window_s=b.window_s,
                                                        error_rate=b.error_rate,
-                                                       min_requests=b.min_requests,
+                                                       min_requests=min_requests,
                                                        open_s=b.open_s,
                                                        half_open_probes=b.half_open_probes))
                        for e in up.endpoints],

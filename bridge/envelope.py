@@ -125,6 +125,37 @@ def _fill(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
     return env
 
 
+def identity(blob: bytes) -> tuple[int, int]:
+    """(epoch, seq) of a serialised envelope, without parsing the rest of it.
+
+    Fields are written in field-number order (site_id 1, epoch 2 as fixed64, seq 3 as varint),
+    so both sit right after the site id; anything else falls back to a full parse.
+    """
+    try:
+        if blob[0] == 0x0A:
+            n, i = _read_varint(blob, 1)
+            i += n
+            if blob[i] == 0x11 and blob[i + 9] == 0x18:
+                epoch = int.from_bytes(blob[i + 1:i + 9], "little")
+                seq, _ = _read_varint(blob, i + 10)
+                return epoch, seq
+    except IndexError:
+        pass
+    env = pb.Envelope.FromString(blob)
+    return env.epoch, env.seq
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        c = b[i]
+        out |= (c & 0x7F) << shift
+        i += 1
+        if c < 0x80:
+            return out, i
+        shift += 7
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:

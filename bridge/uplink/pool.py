@@ -9,6 +9,11 @@ of a call (UNAVAILABLE, or the endpoint going unhealthy while the call is in fli
 endpoint UNHEALTHY at once, and the batches in flight on it are resent elsewhere with the same
 request ids.
 
+Gray failure: a call that times out (DEADLINE_EXCEEDED, flag ``UT``) on an endpoint whose
+health checks pass marks it UNHEALTHY at once, like a connection failure: its batches move to
+the next endpoint with the same ids, within one call deadline of the stall. Health brings it
+back, but fail-back waits ``failback_after_s`` doubled per consecutive stall (up to 16x).
+
 Passive health: every call outcome feeds the endpoint's ``CircuitBreaker``; an OPEN breaker
 takes the endpoint out of rotation until its half-open probes succeed. Throttling does not count.
 
@@ -51,6 +56,7 @@ class Endpoint:
         self.last_ack_ns = 0
         self.healthy_since = 0.0
         self.ever_failed = False
+        self.gray_failures = 0  # consecutive calls that timed out while health passed
         self.srtt: float | None = None  # smoothed health-check round trip (RFC 6298)
         self.rttvar = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=backoff_max_s)
@@ -184,6 +190,7 @@ class EndpointPool:
             self._notify()
         if err is None:
             ep.last_ack_ns = time.time_ns()
+            ep.gray_failures = 0
             if self._awaiting_first_ack and ep is self.active:
                 self._awaiting_first_ack = False
                 self.failover_first_ack_ns = ep.last_ack_ns
@@ -191,11 +198,27 @@ class EndpointPool:
                       failover_s=round((ep.last_ack_ns - self.last_failover_ns) / 1e9, 3))
         elif err.code == "UNAVAILABLE":
             self._set(ep, EndpointState.UNHEALTHY, f"{err.code}: {err.detail}", flag=err.flag)
+        elif err.code == "DEADLINE_EXCEEDED" and ep.state is EndpointState.HEALTHY:
+            # Gray failure: health checks pass but a call made no progress for its whole
+            # deadline (a stalled store behind a healthy front). Take it out now, as a
+            # connection failure would; its other batches move with the same ids.
+            ep.gray_failures += 1
+            self.metrics.stalls.labels(ep.name).inc()
+            event("uplink.stall", level=logging.WARNING, endpoint=ep.name, flag="UT",
+                  reason=err.detail or "deadline exceeded", stalls=ep.gray_failures,
+                  failback_after_s=self._failback_s(ep))
+            self._set(ep, EndpointState.UNHEALTHY, "no acknowledgement within the call "
+                      "deadline while health checks pass (gray failure)", flag="UT")
 
     # -- choosing --------------------------------------------------------------------------
 
+    def _failback_s(self, ep: Endpoint) -> float:
+        """Fail-back delay: doubled per consecutive gray failure (up to 16x), so a node that
+        stalls every call but answers health checks does not pull traffic back each time."""
+        return self.failback_after_s * float(2 ** min(max(ep.gray_failures - 1, 0), 4))
+
     def _stable_at(self, ep: Endpoint) -> float:
-        return ep.healthy_since + (self.failback_after_s if ep.ever_failed else 0.0)
+        return ep.healthy_since + (self._failback_s(ep) if ep.ever_failed else 0.0)
 
     def _eligible(self, ep: Endpoint) -> bool:
         return ep.state is EndpointState.HEALTHY and ep.breaker.would_allow()

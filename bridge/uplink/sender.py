@@ -20,7 +20,7 @@ import uuid
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.config import UplinkConfig
-from bridge.envelope import encode_batch
+from bridge.envelope import encode_batch, identity
 from bridge.ingest.ratelimit import TokenBucket
 from bridge.spool import AsyncSpool, SpoolFull, SpoolReset
 from bridge.telemetry import AgentMetrics, event
@@ -134,9 +134,9 @@ class Sender:
         batch_id = str(uuid.uuid4())
         blob = encode_batch(batch_id, [b for _, b in rows])
         first, last = rows[0][0], rows[-1][0]  # rids: positions in the spool file
-        # Identities for the access log (two parses a batch, not one a reading).
-        first_seq = pb.Envelope.FromString(rows[0][1]).seq
-        last_seq = pb.Envelope.FromString(rows[-1][1]).seq
+        # What each ack result must echo (strict acks), read from the envelopes' heads.
+        ids = [identity(b) for _, b in rows]
+        first_seq, last_seq = ids[0][1], ids[-1][1]
         backoff = Backoff(base_s=0.05, cap_s=self.config.backoff_max_s)
         attempt = 0
         while True:
@@ -145,10 +145,7 @@ class Sender:
             t0 = time.perf_counter()
             try:
                 ack = await self._push(ep, blob, batch_id)
-                if len(ack.results) != len(rows):
-                    raise TransportError(code="INTERNAL", flag="UF", kind=ErrorKind.RETRYABLE,
-                                         detail=f"ack has {len(ack.results)} results for "
-                                                f"{len(rows)} envelopes")
+                self._check_ack(ep, ack, ids)
             except TransportError as err:
                 elapsed = time.perf_counter() - t0
                 self.pool.record(ep, err)
@@ -193,6 +190,30 @@ class Sender:
                   attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
             return
+
+    def _check_ack(self, ep: Endpoint, ack: pb.Ack, ids: list[tuple[int, int]]) -> None:
+        """Strict acks: one result per envelope, in order, echoing its (epoch, seq), with a
+        disposition we know. Anything else releases nothing: a protocol error, retried."""
+        kind = detail = ""
+        if len(ack.results) != len(ids):
+            kind, detail = "count", f"ack has {len(ack.results)} results for {len(ids)} " \
+                "envelopes"
+        else:
+            for i, (r, (epoch, seq)) in enumerate(zip(ack.results, ids, strict=True)):
+                if (r.epoch, r.seq) != (epoch, seq):
+                    kind, detail = "identity", f"result {i} is for ({r.epoch:016x}, {r.seq}), " \
+                        f"sent ({epoch:016x}, {seq})"
+                    break
+                if r.disposition not in _DISPOSITIONS:
+                    kind, detail = "disposition", f"result {i} (seq {seq}) has disposition " \
+                        f"{r.disposition}"
+                    break
+        if kind:
+            self.metrics.protocol_errors.labels(ep.name, kind).inc()
+            event("uplink.protocol_error", level=logging.ERROR, endpoint=ep.name, kind=kind,
+                  detail=detail, flag="UPE")
+            raise TransportError(code="PROTOCOL_ERROR", flag="UPE", kind=ErrorKind.RETRYABLE,
+                                 detail=detail)
 
     async def _release(self, first: int, last: int, rejected: list[tuple[int, str]],
                        generation: int) -> None:

@@ -21,14 +21,15 @@ from tests.uplink.fakes import ScriptedTransport
 
 class Rig:
     def __init__(self, tmp_path: Path, names: list[str], *, failback_after_s: float,
-                 deadline_s: float = 30.0, drain_max_per_s: float = 0.0) -> None:
+                 deadline_s: float = 30.0, drain_max_per_s: float = 0.0,
+                 min_requests: int = 5) -> None:
         self.metrics = AgentMetrics()
         self.spool = AsyncSpool(Spool(path=tmp_path / "spool.db", site_id="s",
                                       max_bytes=1 << 24))
         self.fakes = {n: ScriptedTransport(n) for n in names}
         self.pool = EndpointPool(
             endpoints=[Endpoint(name=n, target=n, transport=t, backoff_max_s=0.2,
-                                breaker=CircuitBreaker(min_requests=5, open_s=0.2))
+                                breaker=CircuitBreaker(min_requests=min_requests, open_s=0.2))
                        for n, t in self.fakes.items()],
             metrics=self.metrics, health_interval_s=0.05, health_timeout_s=0.2,
             failback_after_s=failback_after_s)
@@ -171,3 +172,66 @@ async def test_after_an_outage_live_readings_overtake_the_backlog_which_drains_p
     await rig.until(lambda: not rig.sender.draining)
     backlog_order = [s for s in a.committed if 10 < s <= 1010]
     assert backlog_order == sorted(backlog_order), "the backlog drains in order"
+
+
+def _answering(a: ScriptedTransport, rewrite) -> None:
+    """Make ``a`` answer with its normal ack passed through ``rewrite`` (a broken ingest)."""
+    original = a.push
+
+    async def push(batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
+        ack = await original(batch, batch_id=batch_id, timeout=timeout)
+        return rewrite(ack)
+
+    a.push = push  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("kind", ["disposition", "identity", "count"])
+async def test_an_ack_that_does_not_echo_what_was_sent_releases_nothing(rig_factory, kind):
+    rig: Rig = await rig_factory(["a", "b"], failback_after_s=30)
+    a, b = rig.fakes["a"], rig.fakes["b"]
+
+    def broken(ack: pb.Ack) -> pb.Ack:
+        if kind == "disposition":
+            ack.results[0].disposition = pb.DISPOSITION_UNSPECIFIED
+        elif kind == "identity":
+            ack.results[-1].seq += 1000
+        else:
+            del ack.results[-1]
+        return ack
+
+    _answering(a, broken)
+    await rig.append(10)
+    await rig.until(lambda: rig.metrics.protocol_errors.labels("a", kind)._value.get() >= 1)
+    assert rig.spool.spool.readings == 10  # not one row deleted on a bad ack
+    b.up = True
+    a.up = False  # the broken node goes away: the same readings are delivered elsewhere
+    await rig.until(lambda: rig.spool.spool.readings == 0)
+    assert set(b.committed) == set(range(1, 11))
+
+
+async def test_an_endpoint_healthy_to_probes_but_never_acking_is_left_within_one_deadline(
+        rig_factory):
+    # A breaker minimum the 4 calls in flight cannot reach in its window: only the stall
+    # detection can move the traffic.
+    rig: Rig = await rig_factory(["a", "b"], failback_after_s=30, deadline_s=0.3,
+                                 min_requests=1000)
+    a, b = rig.fakes["a"], rig.fakes["b"]
+    await rig.append(10)
+    await rig.until(lambda: len(a.committed) == 10)
+
+    async def stalled(batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
+        from bridge.uplink.transport import ErrorKind, TransportError
+        await asyncio.sleep(timeout)  # what grpc does at the deadline: the store never answers
+        raise TransportError(code="DEADLINE_EXCEEDED", flag="UT", kind=ErrorKind.RETRYABLE,
+                             detail="Deadline Exceeded")
+
+    a.push = stalled  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await rig.append(40)
+    await rig.until(lambda: set(b.committed) == set(range(11, 51)), timeout=5)
+    elapsed = loop.time() - t0
+    assert elapsed < 2 * 0.3 + 0.3, elapsed  # goal: within 2x the deadline (plus slack)
+    assert rig.metrics.stalls.labels("a")._value.get() >= 1
+    assert rig.pool.active is rig.pool.endpoints[1]
+    assert rig.pool.endpoints[0].gray_failures >= 1
