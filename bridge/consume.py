@@ -152,13 +152,16 @@ class Merger:
         for key in self._ordered_keys():
             held = self.held[key]
             n = self.cursors.get(key, 0)
-            start = n
+            jumped = False
             while n + 1 in held:
                 c = held.pop(n + 1)
                 out.append(c)
                 # A tombstone covers seq..dropped.last_seq: the gap is named, not waited for.
-                n = c.envelope.dropped.last_seq if c.envelope.HasField("dropped") else n + 1
-            if n - start > len(out):
+                if c.envelope.HasField("dropped"):
+                    n, jumped = max(n + 1, c.envelope.dropped.last_seq), True
+                else:
+                    n += 1
+            if jumped:  # readings held inside a tombstone's range are accounted for by it
                 for seq in [s for s in held if s <= n]:
                     del held[seq]
                     self.duplicates += 1

@@ -255,7 +255,11 @@ class Spool:
         self._on_evict = on_evict or (lambda n: None)
         self.max_age_s = max_age_s
         self.clock = clock or SpoolClock()
-        self.sent_through = 0  # highest rid handed to the uplink: never dropped (in flight)
+        self.sent_through = 0  # rids at or below were handed to the uplink: never dropped
+        # Batches in flight, first rid -> last rid: never dropped either, whichever lane
+        # (live or backlog) sent them. Written by ``read_after(hold=True)`` on the spool
+        # thread, removed by ``unhold`` when the batch is done.
+        self._held: dict[int, int] = {}
         self.site_id = site_id
         self.max_bytes = max_bytes
         self.reserve_bytes = reserve_bytes
@@ -411,6 +415,7 @@ class Spool:
                        unreadable=unreadable)
         self.quarantines.append(q)
         self.generation += 1
+        self._held = {}  # the old file's rids mean nothing now
         event("spool.quarantined", level=logging.ERROR, spool=str(self.path),
               moved_to=str(moved), reason=reason, salvaged=q.salvaged, unreadable=unreadable,
               new_epoch=f"{self.epoch:016x}")
@@ -422,8 +427,11 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             now = self.clock.now()
-            db.executemany("INSERT INTO readings VALUES (?, ?, 0, ?)",
-                           [(first + i, b, now) for i, b in enumerate(blobs)])
+            # A salvaged tombstone stays a tombstone (never dropped again, so its range
+            # survives); readings start over in the lowest class.
+            db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)",
+                           [(first + i, b, TOMBSTONE if _is_tombstone(b) else 0, now)
+                            for i, b in enumerate(blobs)])
             db.executemany("UPDATE meta SET value=? WHERE key=?", [
                 (self.readings + len(blobs), "readings"), (self.bytes + size, "bytes")])
             db.execute("COMMIT")
@@ -599,12 +607,13 @@ class Spool:
 
         def pick() -> list[tuple[int, bytes, int]]:
             out: list[tuple[int, bytes, int]] = []
+            held = self._holds()
             cur = self._db.execute("SELECT rid, envelope, prio, at FROM readings WHERE rid > ?"
                                    " ORDER BY rid LIMIT ?", (self.sent_through, limit))
             for rid, blob, prio, at in cur:
                 if at >= cutoff:  # rows are appended in clock order: the rest are younger
                     break
-                if prio != TOMBSTONE:
+                if prio != TOMBSTONE and not _within(rid, held):
                     out.append((rid, blob, prio))
             cur.close()
             return out
@@ -616,10 +625,13 @@ class Spool:
         def pick() -> list[tuple[int, bytes, int]]:
             out: list[tuple[int, bytes, int]] = []
             freed = 0
+            held = self._holds()
             for prio in sorted(PRIORITIES.values()):
                 cur = self._db.execute("SELECT rid, envelope FROM readings WHERE prio = ? AND "
                                        "rid > ? ORDER BY rid", (prio, self.sent_through))
                 for rid, blob in cur:
+                    if _within(rid, held):
+                        continue
                     out.append((rid, blob, prio))
                     freed += len(blob)
                     if freed >= need_bytes:
@@ -634,18 +646,25 @@ class Spool:
     def commit_dropped(self, pending: Sequence[Pending], reason: str) -> int:
         """``reject_new``: number the messages but keep only tombstones; returns how many."""
         def run() -> int:
+            # next_seq moves only with the transaction that records the tombstone: a failed
+            # commit must not leave numbered seqs that no row and no tombstone accounts for.
             first = self.next_seq
-            self.next_seq += len(pending)
-            return self._drop([], reason, extra=[(self.epoch, first, self.next_seq - 1)])
+            return self._drop([], reason, extra=[(self.epoch, first, first + len(pending) - 1)],
+                              next_seq=first + len(pending))
         return self._guard(run) if pending else 0
 
     def _drop(self, rows: list[tuple[int, bytes, int]], reason: str, *,
-              extra: Sequence[tuple[int, int, int]] = ()) -> int:
+              extra: Sequence[tuple[int, int, int]] = (), next_seq: int | None = None) -> int:
         """Replace rows (and ``extra`` new seq ranges) by tombstones, in one transaction."""
         seqs: dict[int, list[int]] = {}
-        for _, blob, _ in rows:
-            env = pb.Envelope.FromString(blob)
+        kept: list[tuple[int, bytes, int]] = []
+        for row in rows:
+            env = pb.Envelope.FromString(row[1])
+            if env.HasField("dropped"):
+                continue  # already a tombstone: re-dropping it would lose its range
+            kept.append(row)
             seqs.setdefault(env.epoch, []).append(env.seq)
+        rows = kept
         ranges: list[tuple[int, int, int]] = list(extra)
         for epoch, ss in seqs.items():
             ss.sort()
@@ -664,7 +683,8 @@ class Spool:
                                                     count=b - a + 1)).SerializeToString()
                   for e, a, b in ranges]
         try:
-            self._write_drop(rows, stones, ranges, reason, now_ns, at)
+            self._write_drop(rows, stones, ranges, reason, now_ns, at,
+                             self.next_seq if next_seq is None else next_seq)
         except sqlite3.OperationalError as exc:
             if _is_full(exc):
                 self._tight = True
@@ -678,7 +698,7 @@ class Spool:
 
     def _write_drop(self, rows: list[tuple[int, bytes, int]], stones: list[bytes],
                     ranges: list[tuple[int, int, int]], reason: str, now_ns: int,
-                    at: float) -> None:
+                    at: float, next_seq: int) -> None:
         rid = self._next_rid
         freed = sum(len(b) for _, b, _ in rows)
         added = sum(len(s) for s in stones)
@@ -694,12 +714,13 @@ class Spool:
             readings = self.readings - len(rows) + len(stones)
             size = self.bytes - freed + added
             db.executemany("UPDATE meta SET value=? WHERE key=?", [
-                (self.next_seq, "next_seq"), (readings, "readings"), (size, "bytes")])
+                (next_seq, "next_seq"), (readings, "readings"), (size, "bytes")])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.next_seq = next_seq
         self._next_rid += len(stones)
         self.readings, self.bytes = readings, size
         for _, a, b in ranges:
@@ -730,8 +751,19 @@ class Spool:
 
     # -- send side -------------------------------------------------------------------------
 
-    def read_after(self, rid: int, *, max_rows: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one)."""
+    def _holds(self) -> list[tuple[int, int]]:
+        return list(self._held.items())  # one C call: atomic against the loop's unhold
+
+    def unhold(self, first: int) -> None:
+        """The batch starting at rid ``first`` is done (acked or abandoned at shutdown)."""
+        self._held.pop(first, None)
+
+    def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
+                   hold: bool = False) -> list[tuple[int, bytes]]:
+        """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one).
+
+        ``hold``: the rows go into a batch; no bound drops them until ``unhold``.
+        """
         def read() -> list[tuple[int, bytes]]:
             cur = self._db.execute("SELECT rid, envelope FROM readings WHERE rid > ? "
                                    "ORDER BY rid LIMIT ?", (rid, max_rows))
@@ -743,6 +775,8 @@ class Spool:
                 out.append((r, blob))
                 total += len(blob)
             cur.close()
+            if hold and out:
+                self._held[out[0][0]] = out[-1][0]
             return out
         return self._guard(read)
 
@@ -847,6 +881,14 @@ def read_dead_letters(path: Path, *, limit: int = 100) -> list[tuple[int, DeadLe
         raise SpoolError(f"{path}: cannot read dead letters: {exc}") from exc
     return [(int(r[0]), DeadLetter(r[1], r[2], bytes(r[3]), r[4], r[5], int(r[6])))
             for r in rows]
+
+
+def _within(rid: int, held: list[tuple[int, int]]) -> bool:
+    return any(a <= rid <= b for a, b in held)
+
+
+def _is_tombstone(blob: bytes) -> bool:
+    return pb.Envelope.FromString(blob).HasField("dropped")
 
 
 def _salvage(path: Path, site_id: str) -> tuple[list[bytes], int]:

@@ -55,3 +55,20 @@ def test_completeness_merges_each_clouds_committed_ranges():
     assert committed_intervals(azure) == [(101, 140)]
     merged = union(committed_intervals(aws) + committed_intervals(azure))
     assert watermark_and_gaps(merged) == (140, [(141, 150)])
+
+
+def test_a_tombstone_releases_the_readings_it_covers_for_every_stream_not_only_the_first():
+    m = Merger()
+    for site in ("a", "b", "c"):
+        for seq in (1, 2, 3, 4, 5, 6):  # a run ahead of the tombstone in every stream
+            m.add(c(site, seq))
+        m.add(c(site, 9))  # a reading the tombstone below also covers (sent twice)
+        m.add(pb.Committed(envelope=pb.Envelope(
+            site_id=site, epoch=9, seq=7, gateway_time_ns=7,
+            dropped=pb.DropNotice(reason="ttl", last_seq=10, count=4))))
+        m.add(c(site, 11))
+    out = m.drain()
+    assert len(out) == 3 * 8
+    assert m.pending() == 0
+    assert m.cursors == {("a", 9): 11, ("b", 9): 11, ("c", 9): 11}
+    assert m.duplicates == 3

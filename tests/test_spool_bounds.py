@@ -146,3 +146,68 @@ def test_days_offline_expire_exactly_what_outlived_max_age(tmp_path: Path):
     assert kept == [7, 8, 9, 10, 11, 12]
     assert sp.drop_totals() == {"ttl": 6}
     assert sp.oldest_age_s() == 2 * 86400
+
+
+def test_a_salvaged_tombstone_is_never_dropped_again_so_its_range_survives(tmp_path: Path):
+    import sqlite3
+
+    c = Clocks()
+    sp = open_spool(tmp_path / "s.db", c, max_age_s=3600)
+    sp.commit(rows(10))
+    c.boottime += 4000
+    assert sp.expire() == 10  # one tombstone for seqs 1..10
+    sp.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")  # quarantine it
+    db.commit()
+    db.close()
+    sp = open_spool(tmp_path / "s.db", c, max_age_s=3600)
+    assert sp.quarantines and sp.quarantines[0].salvaged == 1
+    sp.commit(rows(5))
+    assert sp.make_room(1 << 30) == 5  # only the new readings go, never the tombstone
+    stones = [(e.seq, e.dropped.last_seq, e.dropped.reason) for e in envelopes(sp)]
+    assert (1, 10, "ttl") in stones
+    c.boottime += 4000
+    assert sp.expire() == 0
+
+
+def test_a_failed_reject_new_commit_leaves_no_numbered_gap(tmp_path: Path):
+    c = Clocks()
+    sp = open_spool(tmp_path / "s.db", c)
+    sp.commit(rows(3))
+    broken = sp._write_drop
+
+    def fail(*a, **kw):
+        import sqlite3
+        raise sqlite3.OperationalError("database or disk is full")
+
+    sp._write_drop = fail  # type: ignore[method-assign]
+    from bridge.spool import SpoolFull
+    try:
+        sp.commit_dropped(rows(4), "spool_full")
+    except SpoolFull:
+        pass
+    assert sp.next_seq == 4, "nothing was recorded, so nothing was numbered"
+    sp._write_drop = broken  # type: ignore[method-assign]
+    assert sp.commit_dropped(rows(4), "spool_full") == 4
+    sp.commit(rows(1))
+    seqs = [(e.seq, e.dropped.last_seq if e.HasField("dropped") else e.seq)
+            for e in envelopes(sp)]
+    assert seqs == [(1, 1), (2, 2), (3, 3), (4, 7), (8, 8)]
+
+
+def test_rows_held_for_a_batch_in_flight_are_never_dropped_whatever_the_lane(tmp_path: Path):
+    c = Clocks()
+    sp = open_spool(tmp_path / "s.db", c, max_age_s=3600)
+    sp.commit(rows(30))
+    # A drain: the backlog cursor is at 0, a live batch (rids 21..30) is in flight.
+    sp.sent_through = 0
+    batch = sp.read_after(20, max_rows=10, max_bytes=1 << 30, hold=True)
+    assert [r for r, _ in batch] == list(range(21, 31))
+    c.boottime += 4000
+    assert sp.expire() == 20
+    assert sp.make_room(1 << 30) == 0
+    kept = [e.seq for e in envelopes(sp) if not e.HasField("dropped")]
+    assert kept == list(range(21, 31))
+    sp.unhold(21)
+    assert sp.expire() == 10

@@ -80,7 +80,8 @@ class Sender:
                 try:
                     rows = await self.spool.run(sp.read_after, live,
                                                 max_rows=self.config.batch_max_readings,
-                                                max_bytes=self.config.batch_max_bytes)
+                                                max_bytes=self.config.batch_max_bytes,
+                                                hold=True)
                     if rows:
                         live = rows[-1][0]
                     elif backlog is not None:
@@ -115,7 +116,7 @@ class Sender:
             if wait > 0:
                 return [], wait
         rows = await self.spool.run(self.spool.spool.read_after, backlog[0], max_rows=want,
-                                    max_bytes=self.config.batch_max_bytes)
+                                    max_bytes=self.config.batch_max_bytes, hold=True)
         rows = [r for r in rows if r[0] <= backlog[1]]
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
@@ -126,6 +127,8 @@ class Sender:
         try:
             await self._deliver_until_acked(rows, generation)
         finally:
+            if generation == self.spool.spool.generation:
+                self.spool.spool.unhold(rows[0][0])
             self.in_flight -= 1
             slots.release()
 
