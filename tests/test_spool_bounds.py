@@ -182,11 +182,11 @@ def test_a_failed_reject_new_commit_leaves_no_numbered_gap(tmp_path: Path):
         raise sqlite3.OperationalError("database or disk is full")
 
     sp._write_drop = fail  # type: ignore[method-assign]
+    import contextlib
+
     from bridge.spool import SpoolFull
-    try:
+    with contextlib.suppress(SpoolFull):
         sp.commit_dropped(rows(4), "spool_full")
-    except SpoolFull:
-        pass
     assert sp.next_seq == 4, "nothing was recorded, so nothing was numbered"
     sp._write_drop = broken  # type: ignore[method-assign]
     assert sp.commit_dropped(rows(4), "spool_full") == 4
