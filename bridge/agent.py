@@ -265,7 +265,9 @@ class Agent:
         for e in up.endpoints:
             iface = resolve_vlan(e.vlan) if e.vlan else e.interface
             if iface:
-                self.proxies[e.name] = BindProxy(interface=iface, endpoint=e.name)
+                self.proxies[e.name] = BindProxy(
+                    interface=iface, endpoint=e.name, target=e.target,
+                    on_refused=self.metrics.netbind_refused.labels(e.name).inc)
         self.pool = EndpointPool(
             endpoints=[Endpoint(name=e.name, target=e.target,
                                 transport=GrpcTransport(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from bridge.telemetry import event
@@ -62,11 +63,25 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
+def _split_target(target: str) -> tuple[str, int]:
+    host, _, port = target.strip().rpartition(":")
+    try:
+        return host.strip("[]").lower(), int(port)
+    except ValueError:
+        return "", -1
+
+
 class BindProxy:
     """CONNECT proxy on 127.0.0.1 whose upstream connections are bound to ``interface``."""
 
-    def __init__(self, *, interface: str, endpoint: str) -> None:
+    def __init__(self, *, interface: str, endpoint: str, target: str,
+                 on_refused: Callable[[], None] | None = None) -> None:
+        """``target`` (``host:port``) is the only upstream this proxy will connect to: any
+        other local process asking it for another host gets 403, so the proxy is never a
+        way around the gateway's routing onto the WAN leg."""
         self.interface, self.endpoint = interface, endpoint
+        self.allowed = _split_target(target)
+        self._on_refused = on_refused or (lambda: None)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
@@ -106,8 +121,18 @@ class BindProxy:
             method, target, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             if method != "CONNECT":
                 raise BindError(f"unsupported proxy method {method}")
-            host, _, port_s = target.rpartition(":")
-            upstream = await self._connect(host.strip("[]"), int(port_s))
+            if _split_target(target) != self.allowed:
+                self._on_refused()
+                event("netbind.refused", level=logging.WARNING, endpoint=self.endpoint,
+                      interface=self.interface, requested=target[:200],
+                      allowed=f"{self.allowed[0]}:{self.allowed[1]}")
+                with contextlib.suppress(Exception):
+                    writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    writer.close()
+                return
+            host, port = self.allowed
+            upstream = await self._connect(host, port)
         except (BindError, OSError, ValueError, asyncio.IncompleteReadError,
                 TimeoutError) as exc:
             event("netbind.connect_failed", level=logging.WARNING, endpoint=self.endpoint,

@@ -117,6 +117,9 @@ class AgentMetrics:
             "bridge_uplink_protocol_errors", "Acks the agent could not accept (wrong count, "
             "unknown disposition, identity mismatch); the batch is retried, nothing released",
             ["endpoint", "kind"], registry=r)
+        self.netbind_refused = Counter(
+            "bridge_netbind_refused", "CONNECTs to a bind proxy for anything but its endpoint's "
+            "target (refused with 403)", ["endpoint"], registry=r)
         self.stalls = Counter(
             "bridge_uplink_stalls", "Calls that timed out on an endpoint whose health checks "
             "passed (gray failure): the endpoint is taken out and its batches moved",

@@ -106,3 +106,34 @@ def test_a_missing_interface_fails_closed_and_traffic_uses_the_next_endpoint(clu
     assert eps["aws"]["state"] == "unhealthy" and eps["azure"]["active"]
     assert "nosuchif0" in agent.proc.log.read_text()
     assert cluster.account(published) == (published, 0, 0)
+
+
+async def test_the_bind_proxy_tunnels_only_to_its_endpoints_target():
+    import asyncio
+
+    from bridge.netbind import BindProxy
+    from bridge.telemetry import AgentMetrics
+
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    metrics = AgentMetrics()
+    proxy = BindProxy(interface="lo", endpoint="aws", target=f"127.0.0.1:{port}",
+                      on_refused=metrics.netbind_refused.labels("aws").inc)
+    await proxy.start()
+
+    async def connect(target: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        return line
+
+    try:
+        assert (await connect(f"127.0.0.1:{port}")).startswith(b"HTTP/1.1 200")
+        for other in (f"127.0.0.1:{port + 1}", "ingest.example.invalid:443", f"localhost:{port}"):
+            assert (await connect(other)).startswith(b"HTTP/1.1 403"), other
+        assert metrics.netbind_refused.labels("aws")._value.get() == 3
+    finally:
+        await proxy.close()
+        server.close()
