@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBS := mosquitto mosquitto-clients nats-server
 N ?= 20000
+# Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/test_tahu.py.
+TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json
+TAHU_VERSION := 3.2.4
 
 .PHONY: demo test lint typecheck protos bench profile clean debs venv
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
 
-test: $(STAMP)
+test: $(STAMP) $(TAHU)
 	$(BIN)/ruff check bridge tests tools bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,6 +37,12 @@ protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
 venv: $(STAMP)
+
+$(TAHU): | $(STAMP)
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
+	  else echo "error: npm is missing (run: sudo apt-get install nodejs npm)"; exit 1; fi; }
+	npm install --prefix $(VENV)/tahu --no-audit --no-fund --silent sparkplug-client@$(TAHU_VERSION)
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

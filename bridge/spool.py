@@ -64,15 +64,18 @@ Bounds
 so readings wait in the broker's persistent session. ``PRAGMA max_page_count`` caps the file a
 little above ``max_bytes``, and a full disk (``SQLITE_FULL``, ENOSPC) is ``SpoolFull`` too.
 
-Headroom: deleting rows still writes to the WAL, and a WAL never shrinks by itself. When the
-disk is full, the spool checkpoints with ``TRUNCATE`` (the WAL's space goes back to the disk)
-and retries; ``<path>.reserve``, a preallocated file of ``reserve_bytes``, is given up if that
-is not enough: it must cover a checkpoint of the whole WAL, which is kept at or below 4 MiB
-(``wal_autocheckpoint`` 1000 pages, ``journal_size_limit``), so ``reserve_bytes`` >= 8 MiB.
-So the spool can always shrink, and a full disk never wedges it. While space is tight every
-release is followed by an incremental vacuum (the file is created with
-``auto_vacuum=INCREMENTAL``) and a truncating checkpoint; the reserve is put back once the disk
-has room for it twice over.
+Headroom: deleting rows still writes to the WAL, and a WAL never shrinks by itself. Appends
+are refused (``SpoolFull``, backpressure) while the filesystem has less than ``HEADROOM`` (8
+MiB, a whole WAL and its checkpoint) free beyond twice the append: the intake never takes the
+space deletes need, so acknowledged rows can always be released. When the disk is full anyway
+(another process filled it), the spool checkpoints with ``TRUNCATE`` (the WAL's space goes
+back to the disk) and retries; ``<path>.reserve``, a preallocated file of ``reserve_bytes``,
+is given up if that is not enough: it must cover a checkpoint of the whole WAL, which is kept
+at or below 4 MiB (``wal_autocheckpoint`` 1000 pages, ``journal_size_limit``), so
+``reserve_bytes`` >= 8 MiB. So the spool can always shrink, and a full disk never wedges it.
+While space is tight every release is followed by an incremental vacuum (the file is created
+with ``auto_vacuum=INCREMENTAL``) and a truncating checkpoint; the reserve is put back once
+the disk has room for it twice over.
 
 Recovery
 ========
@@ -124,6 +127,7 @@ SCHEMA_VERSION = 2
 DEAD_PAYLOAD_BYTES = 4096
 DEAD_MAX = 10_000
 WAL_LIMIT = 4 << 20
+HEADROOM = 2 * WAL_LIMIT  # free disk kept for deletes: a whole WAL and its checkpoint
 _PAGE = 4096
 _TABLES = {"meta", "readings", "dead_letters", "recent", "drops"}
 TOMBSTONE = 99
@@ -497,6 +501,8 @@ class Spool:
         if rows and self.bytes + self.dead_bytes + size > self.max_bytes:
             raise SpoolFull(f"{self.bytes + self.dead_bytes + size} bytes (dead letters "
                             f"included) would exceed max_bytes={self.max_bytes}")
+        if rows:
+            self._keep_headroom(size)
         ring_rows = []
         next_n: dict[str, int] = {}
         for p in pending:
@@ -544,6 +550,22 @@ class Spool:
         self.readings += len(rows)
         self.bytes += size
         return [r for r, _, _, _ in rows]
+
+    def _keep_headroom(self, size: int) -> None:
+        """Refuse an append that would leave the filesystem less than ``HEADROOM`` free.
+
+        Deletes of acknowledged rows need WAL space on the disk (see Headroom); pages freed
+        inside the file do not help them. The intake never takes that space, so however long
+        the disk stays full, the uplink can always release what the clouds acknowledged, and
+        the freed space lets the intake move again: the spool cannot wedge itself.
+        """
+        st = os.statvfs(self.path.parent)
+        free = st.f_bavail * st.f_frsize
+        # A commit of ``size`` bytes writes them to the WAL and later into the file's pages.
+        if free - 2 * size < HEADROOM:
+            self._tight = True
+            raise SpoolFull(f"disk: {free} bytes free; an append of {size} bytes would leave "
+                            f"less than the {HEADROOM} that deletes need")
 
     # -- dead letters -----------------------------------------------------------------------
 

@@ -193,6 +193,33 @@ def publish_raw(port: int, items: list[tuple[str, bytes]]) -> None:
         client.loop_stop()
 
 
+def blast(port: int, *, prefix: str, count: int, pad: int = 0) -> int:
+    """Publish ``count`` JSON readings (``seq`` 1..count, ``pad`` filler bytes) at QoS 1 as
+    fast as the broker takes them; returns how many the broker acknowledged."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    assert connected.wait(10), "no CONNACK from the test broker"
+    filler = "x" * pad
+    acked = 0
+    try:
+        # In chunks: paho's message ids wrap at 65,535 and a queued id cannot be reused.
+        for start in range(1, count + 1, 20_000):
+            infos = [client.publish(f"{prefix}/v{n % 10}", b'{"seq": %d, "value": %d, '
+                                    b'"pad": "%s"}' % (n, n, filler.encode()), qos=1)
+                     for n in range(start, min(start + 20_000, count + 1))]
+            for info in infos:
+                info.wait_for_publish(60)
+            acked += sum(1 for info in infos if info.is_published())
+        return acked
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 @pytest.fixture(scope="session")
 def rabbit_server() -> None:
     """The machine's RabbitMQ, started if it is down (tests share it, with unique names)."""

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, Publisher, idle, wait_for
+from tests.conftest import Cluster, Publisher, blast, idle, wait_for
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MiB tmpfs: a real filesystem that runs out of space (ENOSPC)."""
+def tiny_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A small tmpfs (32 MiB unless parametrized): a real filesystem that runs out of space."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
+    size = getattr(request, "param", "32m")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
@@ -46,8 +47,50 @@ def test_a_full_disk_applies_backpressure_and_the_agent_recovers_when_space_retu
              timeout=120, interval=0.2, what="everything delivered after space returned")
     assert cluster.account(published) == (published, 0, 0)
     log = agent.proc.log.read_text()
-    assert '"spool.full"' in log and '"spool.reserve_used"' in log and "Traceback" not in log
+    assert '"spool.full"' in log and "Traceback" not in log
+    assert '"spool.release_blocked"' not in log, "the intake never took the deletes' space"
     assert (tiny_fs / "spool-site-a.db.reserve").exists(), "headroom restored once drained"
+
+
+ROUND = 100_000
+
+
+@pytest.mark.parametrize("tiny_fs", ["12m"], indirect=True)
+def test_a_backlog_several_times_the_disk_recovers_every_time_without_a_restart(
+        cluster: Cluster, tiny_fs: Path):
+    """The wedge of issue 15: clouds down, disk full, the broker holding a backlog several
+    times the filesystem (100,000 readings of ~450 bytes, ~45 MB, against a 12 MiB tmpfs of
+    which the spool may use 4 MiB); the clouds return. Three rounds, one agent process."""
+    cluster.ingest("aws")
+    agent = cluster.agent(spool_dir=tiny_fs)  # default reserve: too big for this disk
+    pid = agent.proc.pid
+    published: dict[str, int] = {}
+    taken = 0
+    for rnd in range(3):
+        site = f"round{rnd}"
+        full_before = _metric(agent.metrics(), "bridge_spool_full_total")
+        cluster.nodes["aws"].proc.kill()
+        published[site] = blast(cluster.broker.port, prefix=f"plant/{site}", count=ROUND,
+                                pad=400)
+        assert published[site] == ROUND
+        wait_for(lambda b=full_before: _metric(agent.metrics(), "bridge_spool_full_total") > b,
+                 timeout=120, interval=0.2, what=f"round {rnd}: the disk to fill")
+        assert agent.status()["spool"]["readings"] < published[site], "the broker holds the rest"
+        cluster.restart_ingest("aws")
+        taken += published[site]
+        wait_for(lambda t=taken: idle(agent, t), timeout=180, interval=0.2,
+                 what=f"round {rnd}: everything delivered once the cloud was back")
+        assert agent.proc.alive() and agent.proc.pid == pid, "the same agent process"
+    stream, errors = cluster.consume()
+    assert not errors
+    seen: dict[str, list[int]] = {}
+    for c in stream:
+        env = c.envelope  # type: ignore[attr-defined]
+        seen.setdefault(env.source.topic.split("/")[1], []).append(env.source_seq)
+    for site, n in published.items():
+        assert sorted(seen[site]) == list(range(1, n + 1)), site  # each exactly once
+    log = agent.proc.log.read_text()
+    assert '"spool.release_blocked"' not in log and "Traceback" not in log
 
 
 def _metric(text: str, name: str) -> float:
