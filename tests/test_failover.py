@@ -194,3 +194,37 @@ def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster
     committed = [line for line in ingest_metrics.splitlines()
                  if line.startswith('bridge_ingest_readings_committed_total{site="site-a"}')]
     assert committed and float(committed[0].split()[-1]) == published
+
+
+def test_a_store_that_stalls_behind_a_healthy_front_is_left_within_two_deadlines(
+        cluster: Cluster):
+    """Gray failure: aws answers health checks but its store's write lock is held by another
+    process, so every push stalls. The agent must leave it, 0 lost and 0 doubled."""
+    import sqlite3
+
+    deadline = 1.0
+    cluster.ingest("aws")
+    cluster.ingest("azure")
+    agent = cluster.agent(uplink_extra=f"deadline_s = {deadline}\n")
+    pub = Publisher(cluster, count=3000, rate=500)
+    wait_active(agent, "aws")
+    wait_for(lambda: pub.progress.acked >= 800, what="publishing under way")
+    lock = sqlite3.connect(cluster.workdir / "store-aws.db", isolation_level=None, timeout=10)
+    lock.execute("BEGIN IMMEDIATE")  # aws's writer now waits; its health stays SERVING
+    stalled_ns = time.time_ns()
+    try:
+        wait_for(lambda: (agent.status()["uplink"]["failover_first_ack_ns"] or 0) > stalled_ns,
+                 timeout=15, interval=0.02, what="first ack elsewhere after the stall")
+        took = (agent.status()["uplink"]["failover_first_ack_ns"] - stalled_ns) / 1e9
+        published = pub.join()
+        wait_sent(agent, published)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert took < 2 * deadline, f"failover took {took:.3f} s"
+    assert active(agent) == ["azure"]
+    assert cluster.account(published) == (published, 0, 0)
+    assert 'bridge_uplink_stalls_total{endpoint="aws"}' in agent.metrics()
+    stalls = events(agent, "uplink.stall")
+    assert stalls and stalls[0]["flag"] == "UT"
+    assert any(e["flag"] == "UT" for e in events(agent, "uplink.batch"))
