@@ -120,8 +120,11 @@ def test_consume_without_a_certificate_is_a_usage_error():
     assert res.returncode == 2 and "consumer certificate" in res.stderr
 
 
-def test_the_example_configs_in_the_docs_parse():
-    from bridge.config import load_agent, load_consumer, load_ingest
+def test_the_example_configs_in_the_docs_parse(monkeypatch: pytest.MonkeyPatch):
+    from bridge.config import ConfigError, load_agent, load_consumer, load_ingest
+    from bridge.files import INSECURE_ENV
+
+    (Path(__file__).resolve().parent.parent / "examples" / "agent-amqp.toml").chmod(0o644)
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     agent = load_agent(examples / "agent.toml")
@@ -130,6 +133,10 @@ def test_the_example_configs_in_the_docs_parse():
     assert len(load_consumer(examples / "consumer.toml").targets) == 3
     spb = load_agent(examples / "agent-sparkplug.toml").sources[0]
     assert spb.decode.sparkplug is not None and spb.decode.sparkplug.host_id == "bridge-site-7"
+    # It holds a password and a checkout leaves it 0644: refused, unless the override is set.
+    with pytest.raises(ConfigError, match=r"holds a password, and .*mode 0644.*chmod 600"):
+        load_agent(examples / "agent-amqp.toml")
+    monkeypatch.setenv(INSECURE_ENV, "1")
     amqp = load_agent(examples / "agent-amqp.toml").sources
     assert [s.protocol for s in amqp] == ["amqp", "mqtt"]
     assert len(amqp[0].decode.mappings) == 1 and len(amqp[1].decode.mappings) == 2
@@ -141,3 +148,20 @@ def test_simulate_names_a_broker_it_cannot_reach_without_a_traceback():
     assert res.returncode == 1
     assert res.stderr.startswith("error: cannot publish to mqtt://127.0.0.1:")
     assert "Traceback" not in res.stderr
+
+
+def test_a_private_key_others_can_read_is_refused_at_start_with_the_fix(tmp_path: Path,
+                                                                      pkis: localrun.Pki):
+    import shutil
+
+    from bridge.config import ConfigError, TlsConfig
+
+    tls = pkis.site("site-a")
+    key = tmp_path / "site.key"
+    shutil.copy(tls.key, key)
+    key.chmod(0o640)
+    exposed = TlsConfig(ca=tls.ca, cert=tls.cert, key=key, file="agent.toml")
+    with pytest.raises(ConfigError, match=r"tls.key: private key .*mode 0640.*chmod 600"):
+        exposed.read()
+    key.chmod(0o600)
+    assert exposed.read()[2] == tls.key.read_bytes()

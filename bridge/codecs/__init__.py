@@ -2,7 +2,7 @@
 
 A decoder raises ``DecodeError`` with a short machine-readable ``reason`` (the dead-letter
 reason and metric label) and a human ``detail``. Nothing else may escape a decoder: the agent
-treats any other exception as a bug and still dead-letters the message (reason ``codec_bug``).
+treats any other exception as a bug and still dead-letters the message (reason ``intake_error``).
 
 ``json`` and ``raw`` are pure functions; ``sparkplug`` keeps birth certificates (see
 ``bridge.codecs.sparkplug``); JSON mappings (``bridge.codecs.mapping``) sit in front of a
