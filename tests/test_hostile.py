@@ -192,3 +192,18 @@ def test_a_burst_of_large_bad_messages_is_bounded_and_never_stops_readings(clust
     assert {d["topic"] for d in letters} == {f"plant/p3/x{i}" for i in range(250, 300)}
     assert all(d["bytes"] == 60_001 and d["truncated"] for d in letters)
     assert all(len(base64.b64decode(d["payload_b64"])) == 256 for d in letters)
+
+
+def test_the_broker_refuses_to_send_a_message_past_the_maximum_packet_size(cluster: Cluster):
+    cluster.ingest("aws")
+    agent = cluster.agent(sources=sources(cluster.broker.port))  # max_payload_bytes = 1024
+    huge = ("plant/p4/blob", b'{"value": "' + b"x" * 200_000 + b'"}')
+    small_oversize = ("plant/p4/mid", b'{"value": "' + b"y" * 5000 + b'"}')
+    tail = [(f"plant/p4/v{i}", orjson.dumps({"seq": i, "value": i})) for i in range(1, 11)]
+    publish_raw(cluster.broker.port, [huge, small_oversize, *tail])
+    wait_delivered(cluster, agent, len(tail))
+    metrics = agent.metrics()
+    # Past max_payload_bytes but within the packet bound: delivered, and dead-lettered here.
+    assert 'bridge_dead_letters_total{reason="oversize"} 1.0' in metrics
+    # Past the CONNECT Maximum Packet Size: the broker never sent it at all.
+    assert 'bridge_source_messages_total{source="json"} 11.0' in metrics

@@ -169,3 +169,23 @@ def test_births_survive_an_agent_restart(cluster: Cluster):
         ("Temp", 21.0)]
     assert "bridge_dead_letters_total" not in agent.metrics() or \
         'reason="data_before_birth"' not in agent.metrics()
+
+
+def test_the_primary_host_reasserts_online_when_it_sees_itself_reported_offline(
+        cluster: Cluster):
+    cluster.ingest("aws")
+    topic = f"spBv1.0/STATE/{HOST_ID}"
+    watcher = Watcher(cluster.broker.port, topic)
+    try:
+        agent = cluster.agent(sources=sparkplug_source(cluster.broker.port))
+        first = state(watcher)
+        assert first["online"] is True
+        # Another client (a stale will, an operator's tool) says this host is offline.
+        publish_raw(cluster.broker.port, [(topic, orjson.dumps(
+            {"online": False, "timestamp": first["timestamp"]}))])
+        assert state(watcher)["online"] is False
+        again = state(watcher)
+        assert again == {"online": True, "timestamp": first["timestamp"]}
+        wait_for(lambda: 'kind="state_reasserted"' in agent.metrics(), what="counted")
+    finally:
+        watcher.close()

@@ -346,3 +346,111 @@ def test_arbitrary_well_formed_message_sequences_never_raise_anything_but_decode
                 assert v.value is None or isinstance(v.value, bool | int | float | str)
     d.take_state()
     d.take_requests()
+
+
+def _wrapped(inner: bytes, algorithm: str | None, compress=None) -> bytes:
+    import gzip
+    import zlib
+
+    if compress is None:
+        compress = gzip.compress if algorithm == "GZIP" else zlib.compress
+    p = sp.Payload(uuid="SPBV1.0_COMPRESSED", body=compress(inner))
+    if algorithm is not None:
+        p.metrics.add(name="algorithm", datatype=sp.String, string_value=algorithm)
+    return p.SerializeToString()
+
+
+@pytest.mark.parametrize("algorithm", [None, "DEFLATE", "deflate", "GZIP", "raw-deflate"])
+def test_a_compressed_payload_decodes_as_the_payload_inside(algorithm: str | None):
+    import zlib
+
+    d = SparkplugDecoder()
+    raw = None
+    if algorithm == "raw-deflate":
+        def raw(b: bytes) -> bytes:
+            c = zlib.compressobj(wbits=-15)
+            return c.compress(b) + c.flush()
+        algorithm = "DEFLATE"
+    out = d.decode(NODE.format("NBIRTH"), _wrapped(nbirth(), algorithm, raw))
+    assert [(v.signal, v.value) for v in out.values] == [("bdSeq", 7), ("Uptime", 5)]
+    assert out.source_seq == 0 and out.source_time_ns == 1_700_000_000_000 * 10**6
+    data = d.decode(NODE.format("NDATA"), _wrapped(payload(
+        {"alias": 1, "int_value": 9}, seq=1), algorithm, raw))
+    assert [(v.signal, v.value) for v in data.values] == [("Uptime", 9)]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("bomb", "decompression_bomb"), ("BROTLI", "unknown_compression"),
+    ("corrupt", "bad_compression"), ("truncated", "bad_compression"),
+    ("nested", "nested_compression"), ("not_protobuf", "invalid_protobuf")])
+def test_hostile_compressed_payloads_are_refused_by_name(body: str, reason: str):
+    import zlib
+
+    d = SparkplugDecoder(max_decompressed_bytes=4096)
+    if body == "bomb":
+        blob = _wrapped(b"\0" * 10_000, "DEFLATE")
+    elif body == "BROTLI":
+        blob = _wrapped(b"x", "BROTLI", compress=lambda b: b)
+    elif body == "corrupt":
+        blob = _wrapped(b"", "GZIP", compress=lambda b: b"\x1f\x8b\x08garbage")
+    elif body == "truncated":
+        blob = _wrapped(nbirth(), "DEFLATE", compress=lambda b: zlib.compress(b)[:-6])
+    elif body == "nested":
+        blob = _wrapped(_wrapped(nbirth(), "DEFLATE"), "DEFLATE")
+    else:
+        blob = _wrapped(b"\xff\xff\xff", "DEFLATE")
+    with pytest.raises(DecodeError) as info:
+        d.decode(NODE.format("NBIRTH"), blob)
+    assert info.value.reason == reason
+    assert d.nodes == {}
+
+
+def test_unknown_edge_nodes_are_tracked_and_asked_to_rebirth_only_within_the_caps():
+    clock = Clock()
+    notices: list[tuple[str, dict[str, Any]]] = []
+    d = SparkplugDecoder(max_edge_nodes=3, rebirth_max_per_s=1.0, clock=clock,
+                         notice=lambda kind, f: notices.append((kind, f)))
+    for i in range(50):  # a flood of DATA from nodes that were never born
+        with pytest.raises(DecodeError):
+            d.decode(f"spBv1.0/G/NDATA/Ghost{i}", payload({"alias": 1, "int_value": 1}, seq=1))
+    assert len(d.nodes) == 3
+    assert len(d.take_requests()) == 3  # within the burst of 10; the rest are not tracked
+    assert sum(k == "rebirth_suppressed" for k, _ in notices) == 47
+    d2 = SparkplugDecoder(max_edge_nodes=1000, rebirth_max_per_s=1.0, clock=clock)
+    for i in range(50):
+        with pytest.raises(DecodeError):
+            d2.decode(f"spBv1.0/G/NDATA/Ghost{i}", payload({"alias": 1, "int_value": 1}, seq=1))
+    assert len(d2.take_requests()) == 10  # the burst, then at most 1 a second
+    clock.t += 3
+    with pytest.raises(DecodeError):
+        d2.decode("spBv1.0/G/NDATA/Late", payload({"alias": 1, "int_value": 1}, seq=1))
+    assert len(d2.take_requests()) == 1
+    for i in range(3):
+        d.decode(f"spBv1.0/G/NBIRTH/Ghost{i}", nbirth())
+    with pytest.raises(DecodeError) as info:
+        d.decode("spBv1.0/G/NBIRTH/OneTooMany", nbirth())
+    assert info.value.reason == "too_many_edge_nodes"
+
+
+def test_values_beyond_the_envelopes_int64_are_refused_not_wrapped():
+    d = SparkplugDecoder()
+    d.decode(NODE.format("NBIRTH"), payload(
+        {"name": "bdSeq", "datatype": sp.Int64, "long_value": 1},
+        {"name": "Count", "alias": 1, "datatype": sp.UInt64, "long_value": 2**63 - 1},
+        {"name": "At", "alias": 2, "datatype": sp.DateTime, "long_value": 1}, seq=0))
+    for alias, value, reason in [(1, 2**63, "bad_value"), (1, 2**64 - 1, "bad_value"),
+                                 (2, 2**63, "bad_timestamp")]:
+        with pytest.raises(DecodeError) as info:
+            d.decode(NODE.format("NDATA"), payload({"alias": alias, "long_value": value},
+                                                   seq=1))
+        assert info.value.reason == reason
+
+
+def test_only_payloads_with_seq_and_timestamp_count_as_stamped_by_the_publisher():
+    d = SparkplugDecoder()
+    assert d.stamped("t", payload(seq=3, ts=1_700_000_000_000))
+    assert not d.stamped("t", payload(seq=3))
+    assert not d.stamped("t", payload(ts=1))
+    assert d.stamped("t", _wrapped(payload(seq=3, ts=5), "GZIP"))
+    assert not d.stamped("t", b"\xff garbage")
+    assert d.nodes == {}
