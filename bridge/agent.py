@@ -257,7 +257,7 @@ class Agent:
         reachable = max(1, int(up.max_in_flight * b.window_s / up.deadline_s))
         min_requests = min(b.min_requests, reachable)
         if min_requests < b.min_requests:
-            event("uplink.breaker_minimum_lowered", level=logging.WARNING,
+            event("uplink.breaker_minimum_lowered",
                   configured=b.min_requests, effective=min_requests,
                   reason=f"max_in_flight={up.max_in_flight} calls with a {up.deadline_s:g} s "
                          f"deadline fill a {b.window_s:g} s window with at most {reachable}")
