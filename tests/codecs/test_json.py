@@ -79,3 +79,45 @@ def test_arbitrary_json_documents_either_decode_or_raise_decode_error(doc: objec
         return
     for v in decoded.values:
         assert isinstance(v.value, bool | int | float | str)
+    _fits_the_wire(decoded)
+
+
+def _fits_the_wire(decoded) -> None:
+    """Whatever the decoder accepted becomes an envelope: every value fits its wire type."""
+    from bridge._pb import bridge_pb2 as pb
+    from bridge.envelope import SourceInfo, prepare_envelope, seal
+    env = prepare_envelope(site_id="s", epoch=1, source=SourceInfo(name="n", protocol="mqtt",
+                                                                   broker="b"),
+                           topic="plant/x", decoded=decoded, codec="json", gateway_time_ns=1,
+                           clock_synced=True)
+    assert pb.Envelope.FromString(seal(env, 1, 1)).seq == 1
+
+
+@pytest.mark.parametrize(("ts", "ok"), [
+    ("2262-04-11T23:47:16.854775Z", True), ("2262-04-11T23:47:16.854776Z", False),
+    ("1677-09-21T00:12:43.145225Z", True), ("1677-09-21T00:12:43.145224Z", False),
+    ("9999-12-31T23:59:59Z", False), ("0001-01-01T00:00:00+01:00", False),
+    (9_223_372_036_854_775_807, True), (9_223_372_036_854_775_808, False),
+    (1e300, False), (-1e300, False), ("", False)])
+def test_timestamps_at_and_past_the_int64_nanosecond_range(ts: object, ok: bool):
+    import orjson
+    payload = orjson.dumps({"value": 1, "ts": ts}) if not isinstance(ts, int) or ts < 2**63 \
+        else b'{"value": 1, "ts": %d}' % ts
+    if ok:
+        _fits_the_wire(decode_json("plant/x", payload))
+        return
+    with pytest.raises(DecodeError) as info:
+        decode_json("plant/x", payload)
+    assert info.value.reason == "bad_timestamp"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-(2**70), max_value=2**70))
+def test_any_integer_value_either_fits_the_envelope_or_is_refused_by_name(n: int):
+    try:
+        decoded = decode_json("plant/x", b'{"value": %d, "seq": %d}' % (n, abs(n)))
+    except DecodeError as exc:
+        assert exc.reason in ("bad_value", "bad_seq", "invalid_json")
+        assert not (-(2**63) <= n < 2**63) or abs(n) >= 2**64
+        return
+    _fits_the_wire(decoded)
