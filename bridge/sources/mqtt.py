@@ -207,10 +207,13 @@ class MqttSource:
         event("source.connected", source=self.config.name, broker=self.info.broker,
               session_present=session, client_id=self.config.client_id)
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-        topics = list(self.config.topics)
-        if self.state_topic is not None and self.state_topic not in topics:
-            topics.append(self.state_topic)  # to see ourselves reported offline (re-assert)
-        client.subscribe([(t, opts) for t in topics])
+        subs = [(t, opts) for t in self.config.topics]
+        if self.state_topic is not None:
+            # To see ourselves reported offline (re-assert). QoS 0 and no-local: not a reading
+            # source (nothing to store or ack), and our own STATE publishes never come back.
+            subs.append((self.state_topic, SubscribeOptions(
+                qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)))
+        client.subscribe(subs)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -244,8 +247,11 @@ class MqttSource:
 
     def _on_publish_received(self, topic: str, payload: bytes, dup: bool, mid: int,
                              qos: int) -> None:
-        if topic == self.state_topic and not self._stopping:
-            self._reassert(payload)
+        if topic == self.state_topic:
+            if not self._stopping:
+                self._reassert(payload)
+            if qos == 0:
+                return  # our own STATE subscription: nothing to store, nothing to ack
         self._inbox.put(Message(topic=topic, payload=payload, redelivered=dup,
                                 generation=self.generation, token=mid, qos=qos))
 
@@ -257,6 +263,9 @@ class MqttSource:
             doc = None
         if not isinstance(doc, dict) or doc.get("online") is not False:
             return
+        ts = doc.get("timestamp")
+        if isinstance(ts, int) and ts < self._state_ts:
+            return  # an earlier session's will (queued in our session): already superseded
         assert self.state_topic is not None
         self.metrics.sparkplug_events.labels(self.config.name, "state_reasserted").inc()
         event("sparkplug.state_reasserted", level=logging.WARNING, source=self.config.name,
