@@ -91,15 +91,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = load_ingest(Path(args.config))
     config.tls.read()
     if args.check:
-        print(f"{args.config}: OK (node {config.node}, listen {config.listen})")
+        js = config.jetstream
+        store = f"JetStream stream {js.stream} on {', '.join(js.servers)}" if js else \
+            f"SQLite {config.store_path}"
+        print(f"{args.config}: OK (node {config.node}, listen {config.listen}, store {store})")
         return 0
     from bridge.ingest import server
+    from bridge.ingest.jetstream import StoreUnavailable
     from bridge.telemetry import setup_logging
 
     setup_logging(config.log_level, component="ingest")
     try:
         asyncio.run(server.run(config))
-    except OSError as exc:
+    except (OSError, StoreUnavailable) as exc:
         raise UsageError(f"ingest cannot start: {exc}") from exc
     return 0
 

@@ -356,12 +356,27 @@ class AgentConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class JetStreamSettings:
+    """``[store] kind = "jetstream"``: where the stream lives and how to reach it."""
+
+    servers: tuple[str, ...]
+    stream: str = "BRIDGE"
+    prefix: str = "bridge.r"
+    replicas: int = 3
+    ack_timeout_s: float = 5.0
+    creds: str | None = None        # a NATS user credentials file (JWT + nkey seed)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class IngestConfig:
     file: Path
     node: str
     listen: str
     tls: TlsConfig
-    store_path: Path
+    store_path: Path | None
     rate_limit_per_s: float
     rate_limit_burst: float
     metrics_listen: str | None
@@ -369,6 +384,7 @@ class IngestConfig:
     max_batch_envelopes: int = 10_000
     max_tombstone_span: int = 2**40
     max_epochs_per_site: int = 256
+    jetstream: JetStreamSettings | None = None
 
 
 def _read(path: Path) -> _Table:
@@ -619,7 +635,39 @@ def load_ingest(path: Path) -> IngestConfig:
     listen = _hostport(root, "listen", f"0.0.0.0:{DEFAULT_INGEST_PORT}", listen=True)
     tls = _tls(root.table("tls", required=True))
     store = root.table("store", required=True)
-    store_path = store.path("path")
+    kind = store.choice("kind", ("sqlite", "jetstream"), "sqlite")
+    store_path: Path | None = None
+    jetstream = None
+    if kind == "sqlite":
+        store_path = store.path("path")
+    else:
+        servers = store.str_list("servers", ())
+        if not servers:
+            raise store.error("servers", 'kind = "jetstream" needs the NATS servers, e.g. '
+                              '["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]')
+        for i, url in enumerate(servers):
+            if not re.fullmatch(r"(nats|tls)://[^/\s:]+:\d{1,5}", url):
+                raise store.error(f"servers[{i}]", f"expected nats://HOST:PORT or "
+                                  f"tls://HOST:PORT, got {url!r}")
+        name = store.string("stream", "BRIDGE")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise store.error("stream", f"{name!r}: letters, digits, '_' and '-' only")
+        prefix = store.string("subject_prefix", "bridge.r")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", prefix):
+            raise store.error("subject_prefix", f"{prefix!r} is not a NATS subject without "
+                              "wildcards")
+        paths = {}
+        for key in ("creds", "tls_ca", "tls_cert", "tls_key"):
+            p = store.path(key, None)
+            if p is not None and not p.is_file():
+                raise store.error(key, f"{p}: no such file")
+            paths[key] = str(p) if p is not None else None
+        if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+            raise store.error("tls_key", "tls_cert and tls_key go together")
+        jetstream = JetStreamSettings(
+            servers=tuple(servers), stream=name, prefix=prefix,
+            replicas=store.integer("replicas", 3, minimum=1, maximum=5),
+            ack_timeout_s=store.number("ack_timeout_s", 5.0, minimum=0.1), **paths)
     store.done()
     lim = root.table("limits")
     max_batch = lim.integer("max_batch_envelopes", 10_000, minimum=1, maximum=1_000_000)
@@ -636,7 +684,7 @@ def load_ingest(path: Path) -> IngestConfig:
                         rate_limit_per_s=rate, rate_limit_burst=burst,
                         metrics_listen=metrics_listen, log_level=log_level,
                         max_batch_envelopes=max_batch, max_tombstone_span=max_span,
-                        max_epochs_per_site=max_epochs)
+                        max_epochs_per_site=max_epochs, jetstream=jetstream)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -191,19 +191,29 @@ class IngestProc:
 
 def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "",
            tls: TlsConfig | None = None, host: str = "127.0.0.1",
-           netns: str | None = None) -> IngestProc:
-    """An ingest node's config and process (inside network namespace ``netns`` if given)."""
+           netns: str | None = None, jetstream: list[str] | None = None,
+           name: str | None = None) -> IngestProc:
+    """An ingest node's config and process (inside network namespace ``netns`` if given).
+
+    With ``jetstream`` (server URLs) the node is a stateless replica of the cloud ``node``
+    in front of that cluster; ``name`` then tells replicas of one cloud apart in file names.
+    """
     port = port or free_port()
-    cfg = workdir / f"ingest-{node}.toml"
-    cfg.write_text(f'node = "{node}"\nlisten = "{host}:{port}"\n'
-                   f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
+    label = name or node
+    cfg = workdir / f"ingest-{label}.toml"
+    if jetstream:
+        servers = ", ".join(f'"{u}"' for u in jetstream)
+        store = f'[store]\nkind = "jetstream"\nservers = [{servers}]\n'
+    else:
+        store = f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
+    cfg.write_text(f'node = "{node}"\nlisten = "{host}:{port}"\n' + store
                    + _tls_toml(tls or pkis.server()) + extra)
     argv = bridge_argv("ingest", "--config", str(cfg))
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     return IngestProc(node=node, port=port, config=cfg, host=host,
-                      proc=Proc(name=f"ingest-{node}", argv=argv,
-                                log=workdir / f"ingest-{node}.log"))
+                      proc=Proc(name=f"ingest-{label}", argv=argv,
+                                log=workdir / f"ingest-{label}.log"))
 
 
 def wait_healthy(target: str, tls: TlsConfig, timeout: float = 15.0) -> None:

@@ -10,14 +10,13 @@ is PERMISSION_DENIED, counted and logged, and nothing of the call is stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,15 +26,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.config import IngestConfig, TlsConfig, parse_hostport
+from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, parse_hostport
+from bridge.ingest.backend import Backend, SqliteBackend
+from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.limits import Limits
 from bridge.ingest.ratelimit import SiteLimiter
-from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Reader, Store
+from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
 from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
 from bridge.telemetry import HttpEndpoint, IngestMetrics, event
 
 SERVICE = "bridge.v1.Ingest"
-_PAGE = 1000
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Pair with the agent's keepalive (bridge.uplink.channel): pings every 10 s are welcome.
@@ -85,18 +85,32 @@ def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
     return tuple(out)
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A validated batch: the Ack so far, and the envelopes (with their positions) to commit."""
+
+    ack: pb.Ack
+    incoming: list[Incoming] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    rejected: int = 0
+
+
+def _head(blob: bytes) -> tuple[str, int, int]:
+    env = pb.Envelope.FromString(blob)
+    return env.site_id, env.epoch, env.seq
+
+
 class IngestService(pb_grpc.IngestServicer):
-    def __init__(self, *, node: str, store: Store, metrics: IngestMetrics,
+    def __init__(self, *, node: str, backend: Backend, metrics: IngestMetrics,
                  limiter: SiteLimiter | None = None, limits: Limits | None = None) -> None:
         self.node = node
         self.limits = limits or Limits()
         self.limiter = limiter
-        self.store = store
+        self.backend = backend
         self.metrics = metrics
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
+        # Validation and the Ack, proportional to the batch, run here, never on the loop.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
         self._identities: dict[bytes, PeerIdentity] = {}
-        self._committed = asyncio.Event()
 
     def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
         pems = list(context.auth_context().get("x509_pem_cert") or [])
@@ -141,12 +155,19 @@ class IngestService(pb_grpc.IngestServicer):
                                     f"site {ident.name} over its rate limit; retry in "
                                     f"{retry_ms} ms")
         loop = asyncio.get_running_loop()
+        # Validation and the Ack, proportional to the batch, run on a thread (the event loop
+        # keeps answering health checks and other sites); the backend owns the commit.
+        prepared = await loop.run_in_executor(self._cpu, self._validate, request, ident.name)
+        if isinstance(prepared, str):
+            self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, "site_mismatch",
+                             f"certificate is for site {ident.name!r}, batch carries "
+                             f"{prepared[:100]!r}", identity=ident.name, claimed=prepared[:100],
+                             batch_id=request.batch_id)
         c0 = time.perf_counter()
-        # Validation and the commit both run on the writer thread: the event loop keeps
-        # answering health checks and other sites whatever the size of this batch.
         try:
-            outcome = await loop.run_in_executor(self._writer, self._admit, request,
-                                                 ident.name)
+            outcomes = await self.backend.commit(prepared.incoming) if prepared.incoming \
+                else []
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never a traceback
             self.metrics.batches.labels("UNAVAILABLE").inc()
             self.metrics.store_errors.inc()
@@ -156,17 +177,10 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"store unavailable on {self.node}: {detail}")
         self.metrics.commit_seconds.observe(time.perf_counter() - c0)
-        if isinstance(outcome, str):
-            self.metrics.batches.labels("PERMISSION_DENIED").inc()
-            await self._deny(context, "site_mismatch",
-                             f"certificate is for site {ident.name!r}, batch carries "
-                             f"{outcome[:100]!r}", identity=ident.name, claimed=outcome[:100],
-                             batch_id=request.batch_id)
+        outcome = await loop.run_in_executor(self._cpu, self._finish, prepared, outcomes)
         ack, committed, duplicates, rejected = outcome
         if committed:
             self.metrics.committed.labels(ident.name).inc(committed)
-            ev, self._committed = self._committed, asyncio.Event()
-            ev.set()
         if duplicates:
             self.metrics.duplicates.labels(ident.name).inc(duplicates)
         self.metrics.batches.labels("OK").inc()
@@ -176,20 +190,16 @@ class IngestService(pb_grpc.IngestServicer):
               duration_ms=round((time.perf_counter() - t0) * 1000, 3))
         return ack
 
-    def _admit(self, request: pb.Batch, site: str) -> tuple[pb.Ack, int, int, int] | str:
-        """Validate every envelope, commit the valid ones; the Ack, with one result per
-        envelope in batch order, and the (committed, duplicate, rejected) counts.
+    def _validate(self, request: pb.Batch, site: str) -> _Prepared | str:
+        """Check every envelope; the Ack with the rejections filled in and what to commit.
 
         Returns the claimed site id instead when an envelope names another site (the whole
-        call is denied). Runs on the writer thread, like everything proportional to the batch.
+        call is denied).
         """
         limits = self.limits
-        ack = pb.Ack(batch_id=request.batch_id, node=self.node)
-        results = ack.results
-        incoming: list[Incoming] = []
-        positions: list[int] = []
+        p = _Prepared(ack=pb.Ack(batch_id=request.batch_id, node=self.node))
+        results = p.ack.results
         rejected = self.metrics.rejected
-        n_rejected = 0
         for i, env in enumerate(request.envelopes):
             if env.site_id != site:
                 return env.site_id
@@ -199,16 +209,22 @@ class IngestService(pb_grpc.IngestServicer):
                 r.disposition = pb.DISPOSITION_REJECTED
                 r.reason = reason
                 rejected.labels(reason.split(":", 1)[0]).inc()
-                n_rejected += 1
+                p.rejected += 1
                 continue
-            positions.append(i)
+            p.positions.append(i)
             drop = env.dropped if env.HasField("dropped") else None
-            incoming.append(Incoming(env.site_id, env.epoch, env.seq, env.SerializeToString(),
-                                     last_seq=drop.last_seq if drop else None,
-                                     reason=drop.reason if drop else ""))
-        outcomes = self.store.commit(incoming) if incoming else []
+            p.incoming.append(Incoming(env.site_id, env.epoch, env.seq,
+                                       env.SerializeToString(),
+                                       last_seq=drop.last_seq if drop else None,
+                                       reason=drop.reason if drop else ""))
+        return p
+
+    def _finish(self, p: _Prepared, outcomes: list[str]) -> tuple[pb.Ack, int, int, int]:
+        """The backend's outcomes into the Ack, with watermarks; (ack, committed, dup, rej)."""
+        results = p.ack.results
         committed = duplicates = 0
-        for pos, outcome in zip(positions, outcomes, strict=True):
+        n_rejected = p.rejected
+        for pos, outcome in zip(p.positions, outcomes, strict=True):
             r = results[pos]
             if outcome == COMMITTED:
                 r.disposition = pb.DISPOSITION_COMMITTED
@@ -218,16 +234,16 @@ class IngestService(pb_grpc.IngestServicer):
                 duplicates += 1
             else:
                 r.disposition = pb.DISPOSITION_REJECTED
-                r.reason = (f"{outcome}: this site already has {self.store.max_epochs_per_site}"
-                            " epochs (max_epochs_per_site)")
-                rejected.labels(outcome).inc()
+                r.reason = (f"{outcome}: this site already has "
+                            f"{self.backend.max_epochs_per_site} epochs (max_epochs_per_site)")
+                self.metrics.rejected.labels(outcome).inc()
                 n_rejected += 1
-        streams = self.store.ledger.streams
-        for key in sorted({(i.site_id, i.epoch) for i in incoming}):
+        streams = self.backend.ledger.streams
+        for key in sorted({(i.site_id, i.epoch) for i in p.incoming}):
             if key in streams:
-                ack.watermarks.add(site_id=key[0], epoch=key[1],
-                                   committed_through=streams[key].watermark)
-        return ack, committed, duplicates, n_rejected
+                p.ack.watermarks.add(site_id=key[0], epoch=key[1],
+                                     committed_through=streams[key].watermark)
+        return p.ack, committed, duplicates, n_rejected
 
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
@@ -238,27 +254,15 @@ class IngestService(pb_grpc.IngestServicer):
                              f"certificate {ident.name!r} (role {ident.role!r}) may not read",
                              identity=ident.name, role=ident.role)
         cursors = {(c.site_id, c.epoch): c.after_seq for c in request.cursors}
-        loop = asyncio.get_running_loop()
-        reader = Reader(self.store.path)
         self.metrics.subscribers.inc()
-        offset = 0
         try:
-            while True:
-                waiter = self._committed
-                rows = await loop.run_in_executor(self._readers, reader.page, offset, _PAGE)
-                for r in rows:
-                    offset = r.offset
-                    if r.seq > cursors.get((r.site_id, r.epoch), 0):
-                        yield pb.Committed(envelope=pb.Envelope.FromString(r.envelope),
-                                           commit_time_ns=r.commit_ns, node=self.node)
-                if len(rows) < _PAGE:
-                    if not request.follow:
-                        return
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter.wait(), timeout=1.0)
+            async for blob, commit_ns in self.backend.read(follow=request.follow):
+                site, epoch, seq = _head(blob)
+                if seq > cursors.get((site, epoch), 0):
+                    yield pb.Committed(envelope=pb.Envelope.FromString(blob),
+                                       commit_time_ns=commit_ns, node=self.node)
         finally:
             self.metrics.subscribers.dec()
-            await loop.run_in_executor(self._readers, reader.close)
 
     async def Status(self, request: pb.StatusRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusReply:
@@ -268,46 +272,50 @@ class IngestService(pb_grpc.IngestServicer):
                              f"certificate {ident.name!r} (role {ident.role!r}) may not read",
                              identity=ident.name, role=ident.role)
         reply = pb.StatusReply(node=self.node)
-        loop = asyncio.get_running_loop()
-        reader = Reader(self.store.path)
         try:
-            dropped = await loop.run_in_executor(self._readers, reader.dropped)
-        finally:
-            await loop.run_in_executor(self._readers, reader.close)
-        by_stream: dict[tuple[str, int], list[pb.DroppedRange]] = {}
-        for site, epoch, first, last, reason in dropped:
-            by_stream.setdefault((site, epoch), []).append(
-                pb.DroppedRange(first_seq=first, last_seq=last, reason=reason))
-        for (site, epoch), s in sorted(list(self.store.ledger.streams.items())):
+            streams = await self.backend.status()
+        except Exception as exc:  # noqa: BLE001 - a clear answer, never a traceback
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"store unavailable on {self.node}: {type(exc).__name__}: "
+                                f"{exc}"[:300])
+        for (site, epoch), s, dropped in streams:
             st = reply.streams.add(site_id=site, epoch=epoch, committed_through=s.watermark,
                                    highest_seq=s.highest, committed=s.committed,
-                                   dropped=by_stream.get((site, epoch), []))
+                                   dropped=[pb.DroppedRange(first_seq=f, last_seq=last,
+                                                            reason=r)
+                                            for f, last, r in dropped])
             for first, last in s.gaps():
                 st.gaps.add(first_seq=first, last_seq=last)
         return reply
 
-    def close(self, timeout: float = 5.0) -> bool:
-        """Stop the store threads; True once the writer is idle, False after ``timeout``."""
-        done = threading.Event()
-        self._writer.submit(done.set)
-        self._writer.shutdown(wait=False, cancel_futures=False)
-        self._readers.shutdown(wait=False, cancel_futures=True)
-        return done.wait(timeout)
+    async def close(self, timeout: float = 5.0) -> bool:
+        """Stop the threads and the backend; False if the store was still busy after
+        ``timeout`` (nothing it holds was acknowledged)."""
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+        return await self.backend.close(timeout)
 
 
 class IngestNode:
     """A running ingest node (server, health, store); used by the CLI and by tests."""
 
-    def __init__(self, *, node: str, listen: str, tls: TlsConfig, store_path: Path,
+    def __init__(self, *, node: str, listen: str, tls: TlsConfig, store_path: Path | None = None,
+                 jetstream: JetStreamSettings | None = None,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None, limits: Limits | None = None,
                  max_epochs_per_site: int = 256) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
-        self.store = Store(path=store_path, max_epochs_per_site=max_epochs_per_site)
+        self.backend: Backend
+        if jetstream is not None:
+            self.backend = JetStreamStore(settings=jetstream,
+                                          max_epochs_per_site=max_epochs_per_site)
+        else:
+            assert store_path is not None, "a SQLite store needs its path"
+            self.backend = SqliteBackend(store=Store(path=store_path,
+                                                     max_epochs_per_site=max_epochs_per_site))
         limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
             if rate_limit_per_s > 0 else None
-        self.service = IngestService(node=node, store=self.store, metrics=self.metrics,
+        self.service = IngestService(node=node, backend=self.backend, metrics=self.metrics,
                                      limiter=limiter, limits=limits)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -319,6 +327,7 @@ class IngestNode:
             raise OSError(f"cannot listen on {listen}")
 
     async def start(self) -> None:
+        await self.backend.start()
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -334,10 +343,7 @@ class IngestNode:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         left = max(0.1, grace - (time.monotonic() - t0))
-        idle = await asyncio.get_running_loop().run_in_executor(
-            None, self.service.close, left)
-        if idle:
-            self.store.close()
+        idle = await self.service.close(left)
         event("ingest.stopped", node=self.node, clean=idle,
               stop_s=round(time.monotonic() - t0, 3))
         return idle
@@ -345,7 +351,8 @@ class IngestNode:
 
 async def run(config: IngestConfig) -> None:
     node = IngestNode(node=config.node, listen=config.listen, tls=config.tls,
-                      store_path=config.store_path, rate_limit_per_s=config.rate_limit_per_s,
+                      store_path=config.store_path, jetstream=config.jetstream,
+                      rate_limit_per_s=config.rate_limit_per_s,
                       rate_limit_burst=config.rate_limit_burst,
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
                                     max_tombstone_span=config.max_tombstone_span),

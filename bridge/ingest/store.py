@@ -127,7 +127,7 @@ class Store:
             for a, b in new:
                 trial.add_range(a, b)
                 blob = item.envelope if (a, b) == (item.seq, last) else \
-                    _narrow(item.envelope, a, b)
+                    narrow(item.envelope, a, b)
                 rows.append((item.site_id, to_i64(item.epoch), a, blob, now,
                              None if item.last_seq is None else b, item.reason or None))
         if not rows:
@@ -153,7 +153,7 @@ class Store:
         self._db.close()
 
 
-def _narrow(envelope: bytes, first: int, last: int) -> bytes:
+def narrow(envelope: bytes, first: int, last: int) -> bytes:
     """A tombstone's envelope for the sub-range ``first..last`` of its range."""
     env = pb.Envelope.FromString(envelope)
     env.seq = first

@@ -62,7 +62,7 @@ async def test_a_site_pushing_another_sites_readings_is_denied_and_nothing_is_st
                 pb.Envelope(site_id="site-b", epoch=1, seq=1)]), timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "site-b" in (info.value.details() or "")
-    assert node.store.ledger.streams == {}
+    assert node.backend.ledger.streams == {}
     assert node.metrics.denied.labels("site_mismatch")._value.get() == 1
 
 
@@ -103,7 +103,7 @@ async def test_clients_without_a_certificate_or_from_another_ca_cannot_connect(
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await pb_grpc.IngestStub(ch).PushBatch(batch("site-a", [1]), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert node.store.ledger.streams == {}
+    assert node.backend.ledger.streams == {}
 
 
 async def test_subscribe_resumes_from_per_site_cursors_and_follows_new_commits(

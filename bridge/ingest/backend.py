@@ -1,0 +1,104 @@
+"""The seam between the ingest server and where committed readings live.
+
+``Backend`` is what ``IngestService`` calls; ``SqliteBackend`` (one node, one file: the
+embedded default) and ``bridge.ingest.jetstream.JetStreamStore`` (stateless replicas in front
+of a replicated stream) implement it. Both keep the same exact ledger per (site, epoch) and
+answer per item ``COMMITTED``, ``DUPLICATE`` or a rejection reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from bridge.ingest.ledger import Key, Ledger, StreamLedger
+from bridge.ingest.store import COMMITTED, Incoming, Reader, Store
+
+_PAGE = 1000
+
+StreamState = tuple[Key, StreamLedger, list[tuple[int, int, str]]]
+
+
+class Backend(Protocol):
+    max_epochs_per_site: int
+    ledger: Ledger
+
+    async def start(self) -> None: ...
+
+    async def commit(self, batch: Sequence[Incoming]) -> list[str]: ...
+
+    async def status(self) -> list[StreamState]: ...
+
+    def read(self, *, follow: bool) -> AsyncIterator[tuple[bytes, int]]: ...
+
+    async def close(self, timeout: float = 5.0) -> bool: ...
+
+
+class SqliteBackend:
+    """``Store`` behind the seam: one writer thread (every commit), a small reader pool."""
+
+    def __init__(self, *, store: Store) -> None:
+        self.store = store
+        self.max_epochs_per_site = store.max_epochs_per_site
+        self.ledger = store.ledger
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
+        self._committed = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    async def commit(self, batch: Sequence[Incoming]) -> list[str]:
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._writer, self.store.commit, batch)
+        if COMMITTED in out:
+            ev, self._committed = self._committed, asyncio.Event()
+            ev.set()
+        return out
+
+    async def status(self) -> list[StreamState]:
+        loop = asyncio.get_running_loop()
+        reader = Reader(self.store.path)
+        try:
+            dropped = await loop.run_in_executor(self._readers, reader.dropped)
+        finally:
+            await loop.run_in_executor(self._readers, reader.close)
+        by_key: dict[Key, list[tuple[int, int, str]]] = {}
+        for site, epoch, first, last, reason in dropped:
+            by_key.setdefault((site, epoch), []).append((first, last, reason))
+        return [(key, s.copy(), by_key.get(key, []))
+                for key, s in sorted(list(self.ledger.streams.items()))]
+
+    async def read(self, *, follow: bool) -> AsyncIterator[tuple[bytes, int]]:
+        loop = asyncio.get_running_loop()
+        reader = Reader(self.store.path)
+        offset = 0
+        try:
+            while True:
+                waiter = self._committed
+                rows = await loop.run_in_executor(self._readers, reader.page, offset, _PAGE)
+                for r in rows:
+                    offset = r.offset
+                    yield r.envelope, r.commit_ns
+                if len(rows) < _PAGE:
+                    if not follow:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter.wait(), timeout=1.0)
+        finally:
+            await loop.run_in_executor(self._readers, reader.close)
+
+    async def close(self, timeout: float = 5.0) -> bool:
+        """Stop the threads; True once the writer is idle (then the file is closed)."""
+        done = threading.Event()
+        self._writer.submit(done.set)
+        self._writer.shutdown(wait=False, cancel_futures=False)
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        idle = await asyncio.get_running_loop().run_in_executor(None, done.wait, timeout)
+        if idle:
+            self.store.close()
+        return idle

@@ -1,0 +1,195 @@
+"""The JetStream store with real processes: three nats-server nodes (R3, fsync always),
+stateless ingest replicas, the real agent. The stream itself is read back with plain nats-py,
+so "stored once" is checked in the log a cloud team reads, not only in our merge."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bridge import localrun
+from bridge._pb import bridge_pb2 as pb
+from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.jscluster import JetStreamCluster
+from tests.conftest import Cluster, Publisher, idle, wait_active, wait_for
+
+
+@pytest.fixture
+def js(tmp_path: Path) -> Iterator[JetStreamCluster]:
+    c = JetStreamCluster(tmp_path / "js").start()
+    yield c
+    c.stop()
+
+
+def stored(servers: list[str], subject: str = "bridge.r.>") -> list[tuple[str, int, int]]:
+    """(site, epoch, seq) of every message in the stream, read with a plain NATS client and
+    nothing of ours but the protobuf schema (docs/consuming.md)."""
+
+    async def read() -> list[tuple[str, int, int]]:
+        nc = await nats.connect(servers=servers)
+        try:
+            jsc = nc.jetstream()
+            for _ in range(30):  # a restarted node may still be electing a stream leader
+                try:
+                    info = await jsc.stream_info("BRIDGE")
+                    break
+                except nats.errors.TimeoutError:
+                    continue
+            else:
+                pytest.fail("the stream did not answer for 150 s")
+            total = info.state.messages
+            out: list[tuple[str, int, int]] = []
+            if total == 0:
+                return out
+            for _ in range(30):
+                try:
+                    sub = await jsc.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
+                        deliver_policy=DeliverPolicy.ALL))
+                    break
+                except nats.errors.TimeoutError:
+                    continue
+            else:
+                pytest.fail("no consumer could be created for 150 s")
+            while len(out) < total:
+                msg = await sub.next_msg(timeout=10)
+                env = pb.Envelope.FromString(msg.data)
+                h = msg.headers or {}
+                assert (h["Bridge-Site"], int(h["Bridge-Epoch"], 16), int(h["Bridge-Seq"])) == \
+                    (env.site_id, env.epoch, env.seq)
+                out.append((env.site_id, env.epoch, env.seq))
+            await sub.unsubscribe()
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def replicas(cluster: Cluster, js: JetStreamCluster, n: int) -> list[localrun.IngestProc]:
+    """``n`` ingest replicas of the cloud ``aws``, all in front of the one stream."""
+    out = []
+    for i in range(n):
+        name = f"aws-{i + 1}"
+        proc = localrun.ingest(cluster.workdir, cluster.pki, "aws", jetstream=js.servers,
+                               name=name).start()
+        cluster.nodes[name] = proc
+        localrun.wait_healthy(proc.target, cluster.pki.consumer())
+        out.append(proc)
+    return out
+
+
+def exactly_once(js: JetStreamCluster, published: int) -> None:
+    seqs = Counter(s for _, _, s in stored(js.servers))
+    assert sorted(seqs) == list(range(1, published + 1))
+    assert max(seqs.values()) == 1, "a seq stored twice in the stream"
+
+
+def test_replicas_share_one_stream_and_a_replica_killed_mid_load_doubles_nothing(
+        cluster: Cluster, js: JetStreamCluster):
+    first, _second = replicas(cluster, js, 2)
+    agent = cluster.agent(nodes=["aws-1", "aws-2"], names=["aws-1", "aws-2"],
+                          uplink_extra="deadline_s = 3.0\n")
+    pub = Publisher(cluster, count=6000, rate=1500)
+    wait_active(agent, "aws-1")
+    wait_for(lambda: pub.progress.acked >= 2000, what="publishing under way")
+    first.proc.kill()  # kill -9 mid-batch: the agent resends to the other replica
+    published = pub.join()
+    wait_for(lambda: idle(agent, published), timeout=90, interval=0.1, what="all delivered")
+    exactly_once(js, published)
+    cluster.nodes.pop("aws-1")  # dead: the merged read goes through the surviving replica
+    assert cluster.account(published) == (published, 0, 0)
+
+
+def test_two_replicas_handed_the_same_batch_at_the_same_moment_store_it_once(
+        cluster: Cluster, js: JetStreamCluster):
+    reps = replicas(cluster, js, 2)
+    ca, cert, key = cluster.pki.site("site-a").read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    stubs = [pb_grpc.IngestStub(grpc.secure_channel(r.target, creds)) for r in reps]
+    acks: list[pb.Ack] = []
+    for round_ in range(5):
+        batch = pb.Batch(batch_id=f"b{round_}", envelopes=[
+            pb.Envelope(site_id="site-a", epoch=5, seq=s)
+            for s in range(round_ * 1500 + 1, round_ * 1500 + 1501)])  # two atomic chunks
+        start = threading.Barrier(2)
+
+        def push(stub: pb_grpc.IngestStub, b: pb.Batch = batch,
+                 barrier: threading.Barrier = start) -> None:
+            barrier.wait()
+            acks.append(stub.PushBatch(b, timeout=20))
+
+        threads = [threading.Thread(target=push, args=(s,)) for s in stubs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(acks) == 10
+    for ack in acks:
+        assert all(r.disposition in (pb.DISPOSITION_COMMITTED, pb.DISPOSITION_DUPLICATE)
+                   for r in ack.results)
+    committed = sum(r.disposition == pb.DISPOSITION_COMMITTED for a in acks for r in a.results)
+    assert committed == 7500, "each reading committed by exactly one replica"
+    exactly_once(js, 7500)
+
+
+@pytest.mark.parametrize("victim", ["leader", "follower"])
+def test_a_jetstream_node_killed_under_load_loses_and_doubles_nothing(
+        cluster: Cluster, js: JetStreamCluster, victim: str):
+    replicas(cluster, js, 1)
+    agent = cluster.agent(nodes=["aws-1"], uplink_extra="deadline_s = 3.0\n")
+    pub = Publisher(cluster, count=5000, rate=1500)
+    wait_for(lambda: pub.progress.acked >= 1500, what="publishing under way")
+    leader = js.stream_leader("BRIDGE")
+    names = [n.name for n in js.nodes]
+    index = names.index(leader) if victim == "leader" else \
+        next(i for i, n in enumerate(names) if n != leader)
+    js.kill(index)
+    wait_for(lambda: pub.progress.acked >= 3500, what="publishing on")
+    js.restart(index)
+    published = pub.join()
+    wait_for(lambda: idle(agent, published), timeout=90, interval=0.1, what="all delivered")
+    exactly_once(js, published)
+
+
+def test_losing_quorum_stops_acks_the_agent_holds_the_readings_and_all_arrive_after(
+        cluster: Cluster, js: JetStreamCluster):
+    replicas(cluster, js, 1)
+    agent = cluster.agent(nodes=["aws-1"], uplink_extra="deadline_s = 2.0\n")
+    pub = Publisher(cluster, count=3000, rate=1000)
+    wait_for(lambda: pub.progress.acked >= 1000, what="publishing under way")
+    js.kill(1)
+    js.kill(2)  # one node of three: no quorum, no acks
+    wait_for(lambda: any(f'code="{c}"' in agent.metrics()
+                         for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED")),
+             timeout=30, what="the replica refusing to ack without quorum")
+    published = pub.join()
+    held = agent.status()["spool"]["readings"]
+    assert held > 0, "the agent keeps what JetStream could not acknowledge"
+    js.restart(1)
+    js.restart(2)
+    wait_for(lambda: idle(agent, published), timeout=120, interval=0.2,
+             what="everything delivered once quorum returned")
+    exactly_once(js, published)
+
+
+def test_a_whole_cluster_restart_keeps_every_acknowledged_reading(
+        cluster: Cluster, js: JetStreamCluster):
+    replicas(cluster, js, 1)
+    agent = cluster.agent(nodes=["aws-1"])
+    pub = Publisher(cluster, count=2000, rate=0)
+    published = pub.join()
+    wait_for(lambda: idle(agent, published), timeout=60, interval=0.1, what="all delivered")
+    for i in range(3):
+        js.kill(i)
+    for i in range(3):
+        js.restart(i)
+    js.wait_leader()
+    exactly_once(js, published)
