@@ -165,3 +165,41 @@ def test_a_private_key_others_can_read_is_refused_at_start_with_the_fix(tmp_path
         exposed.read()
     key.chmod(0o600)
     assert exposed.read()[2] == tls.key.read_bytes()
+
+
+def test_the_jetstream_example_checks_with_its_paths_resolved_next_to_it(tmp_path: Path):
+    import shutil
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    cfg = tmp_path / "ingest-jetstream.toml"
+    shutil.copy(examples / "ingest-jetstream.toml", cfg)
+    # Exactly what the example's header says to run next to it.
+    assert run_bridge("pki", "ca", "--dir", str(tmp_path / "pki")).returncode == 0
+    assert run_bridge("pki", "server", "--dir", str(tmp_path / "pki"), "--name", "ingest",
+                      "--dns", "ingest.aws.example").returncode == 0
+    res = run_bridge("ingest", "--config", str(cfg), "--check")
+    assert res.returncode == 0, res.stderr
+    assert "store JetStream stream BRIDGE on nats://nats-0.nats:4222" in res.stdout
+
+
+@pytest.mark.parametrize(("store", "key", "message"), [
+    ('kind = "jetstream"', "store.servers", "needs the NATS servers"),
+    ('kind = "jetstream"\nservers = ["http://x:1"]', "store.servers[0]", "nats://HOST:PORT"),
+    ('kind = "jetstream"\nservers = ["nats://x:1"]\nstream = "a.b"', "store.stream", "letters"),
+    ('kind = "jetstream"\nservers = ["nats://x:1"]\nsubject_prefix = "a.*"',
+     "store.subject_prefix", "wildcards"),
+    ('kind = "jetstream"\nservers = ["nats://x:1"]\ncreds = "missing.creds"', "store.creds",
+     "no such file"),
+    ('kind = "jetstream"\nservers = ["nats://x:1"]\npath = "x.db"', "store.path", ""),
+    ('kind = "kafka"', "store.kind", ""),
+])
+def test_jetstream_store_keys_are_checked_with_the_key_path(tmp_path: Path, pkis: localrun.Pki,
+                                                            store: str, key: str,
+                                                            message: str):
+    tls = pkis.server()
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(f'node = "aws"\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\n'
+                   f'key = "{tls.key}"\n[store]\n{store}\n')
+    res = run_bridge("ingest", "--config", str(cfg), "--check")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{cfg}: {key}" in res.stderr and message in res.stderr, res.stderr

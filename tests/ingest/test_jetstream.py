@@ -193,3 +193,34 @@ def test_a_whole_cluster_restart_keeps_every_acknowledged_reading(
         js.restart(i)
     js.wait_leader()
     exactly_once(js, published)
+
+
+def test_a_cloud_team_reads_the_stream_with_a_plain_nats_client_as_documented(
+        cluster: Cluster, js: JetStreamCluster, tmp_path: Path):
+    import subprocess
+    import sys
+
+    import orjson
+
+    replicas(cluster, js, 1)
+    agent = cluster.agent(nodes=["aws-1"])
+    pub = Publisher(cluster, count=300, rate=0)
+    published = pub.join()
+    wait_for(lambda: idle(agent, published), timeout=60, interval=0.1, what="all delivered")
+    # docs/consuming.md, literally: generate the module from the published schema, then run
+    # the example reader with nothing of the bridge's code on its path.
+    root = Path(__file__).resolve().parents[2]
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc",
+                    f"-I{root / 'protos/bridge/v1'}", f"--python_out={gen}",
+                    str(root / "protos/bridge/v1/bridge.proto")], check=True, timeout=60)
+    res = subprocess.run([sys.executable, str(root / "examples/read_jetstream.py"),
+                          *js.servers, "--subject", "bridge.r.site-a.>"],
+                         capture_output=True, text=True, timeout=60, cwd=gen,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(gen)}, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = [orjson.loads(x) for x in res.stdout.splitlines()]
+    assert sorted(x["seq"] for x in lines) == list(range(1, published + 1))
+    assert all(x["site"] == "site-a" and x["values"] for x in lines)
+    assert [x["stream_seq"] for x in lines] == sorted(x["stream_seq"] for x in lines)

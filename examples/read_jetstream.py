@@ -1,0 +1,56 @@
+"""Read a cloud's readings straight from JetStream with a plain NATS client (docs/consuming.md).
+
+Nothing of the bridge's code: only nats-py and the protobuf module generated from the bridge's
+published schema (`protoc -I protos/bridge/v1 --python_out=. protos/bridge/v1/bridge.proto`
+gives `bridge_pb2.py`). Prints one JSON line per reading, oldest first, and exits when it has
+read everything stored (or, with --follow, keeps going).
+
+    python read_jetstream.py nats://nats-0:4222 [--subject 'bridge.r.substation-7.>'] [--follow]
+"""
+
+import argparse
+import asyncio
+import json
+
+import bridge_pb2  # generated from the schema, see above
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+
+def reading(msg) -> dict:
+    env = bridge_pb2.Envelope.FromString(msg.data)
+    out = {"site": msg.headers["Bridge-Site"], "epoch": msg.headers["Bridge-Epoch"],
+           "seq": env.seq, "stream_seq": msg.metadata.sequence.stream,
+           "topic": env.source.topic,
+           "values": {v.signal: getattr(v, v.WhichOneof("kind")) if v.WhichOneof("kind")
+                      else None for v in env.values}}
+    if env.HasField("dropped"):  # a tombstone: seq..last_seq were dropped at the site
+        out["dropped"] = {"last_seq": env.dropped.last_seq, "reason": env.dropped.reason}
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("servers", nargs="+")
+    ap.add_argument("--subject", default="bridge.r.>")
+    ap.add_argument("--follow", action="store_true")
+    args = ap.parse_args()
+    nc = await nats.connect(servers=args.servers)
+    js = nc.jetstream()
+    sub = await js.subscribe(args.subject, ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=5)
+        except nats.errors.TimeoutError:
+            if args.follow:
+                continue
+            break
+        print(json.dumps(reading(msg)), flush=True)
+        if not args.follow and msg.metadata.num_pending == 0:
+            break
+    await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
