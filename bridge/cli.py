@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         summary = demo.run(readings=args.readings, rate=args.rate, keep=args.keep,
-                           source=args.source, payload=args.payload,
+                           source=args.source, payload=args.payload, store=args.store,
                            workdir=Path(args.workdir) if args.workdir else None)
     except demo.DemoError as exc:
         raise UsageError(str(exc)) from exc
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--source", choices=("mqtt", "amqp"), default="mqtt",
                    help="the plant broker: a local mosquitto, or the machine's RabbitMQ")
     d.add_argument("--payload", choices=("json", "sparkplug"), default="json")
+    d.add_argument("--store", choices=("sqlite", "jetstream"), default="sqlite",
+                   help="each cloud's store: a SQLite file, or a 3-node JetStream cluster")
     d.set_defaults(fn=cmd_demo)
 
     dl = sub.add_parser("dead-letters", help="messages the agent could not turn into readings")

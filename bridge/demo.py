@@ -6,6 +6,10 @@ killed with SIGKILL; the agent fails over. At the end ``aws`` is started again o
 (a cloud coming back), every node is consumed and merged, and every published reading is
 accounted for.
 
+With ``--store jetstream`` every cloud is a 3-node JetStream cluster (R3, fsync always) with
+one stateless ingest replica in front of it; the killed ``aws`` replica comes back without
+any state of its own, and what it had committed is read back from its cluster.
+
 The plant broker is a private mosquitto (``--source mqtt``) or the machine's RabbitMQ with an
 exchange and queue of the run's own (``--source amqp``). Payloads are JSON, accounted by their
 ``seq``, or Sparkplug B (``--payload sparkplug``, MQTT only), where every metric value counts as
@@ -29,6 +33,7 @@ from typing import Any, TextIO
 
 from bridge import consume, localrun, simulate
 from bridge._pb import bridge_pb2 as pb
+from bridge.jscluster import JetStreamCluster
 
 SITE = "demo-substation"
 NODES = ("aws", "azure", "gcp")
@@ -103,7 +108,7 @@ def account(stream: list[pb.Committed], payload: str,
 
 def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = None,
         keep: bool = False, out: TextIO = sys.stderr, source: str = "mqtt",
-        payload: str = "json") -> Summary:
+        payload: str = "json", store: str = "sqlite") -> Summary:
     if source == "amqp" and payload == "sparkplug":
         raise DemoError("Sparkplug B is an MQTT protocol: use --source mqtt with "
                         "--payload sparkplug")
@@ -123,7 +128,17 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
     progress.line(f"workdir {tmp}", final=True)
     pkis = localrun.Pki(tmp / "pki", [SITE])
     broker = localrun.Mosquitto(tmp).start()
-    nodes = {n: localrun.ingest(tmp, pkis, n) for n in NODES}
+    clusters: dict[str, JetStreamCluster] = {}
+    if store == "jetstream":
+        for cloud in NODES:  # one 3-node R3 cluster per cloud, fsync always
+            clusters[cloud] = JetStreamCluster(tmp / f"js-{cloud}", name=f"js-{cloud}")
+            clusters[cloud].start()
+        progress.line("JetStream clusters " + ", ".join(
+            f"{cloud} :{c.nodes[0].port}/:{c.nodes[1].port}/:{c.nodes[2].port}"
+            for cloud, c in clusters.items()), final=True)
+    nodes = {cloud: localrun.ingest(tmp, pkis, cloud,
+                                    jetstream=clusters[cloud].servers if clusters else None)
+             for cloud in NODES}
     sources = None
     if rabbit is not None:
         sources = rabbit.source_toml()
@@ -240,6 +255,8 @@ def run(*, readings: int = 20_000, rate: float = 0.0, workdir: Path | None = Non
             p.stop()
         for n in nodes.values():
             n.proc.stop()
+        for c in clusters.values():
+            c.stop()
         if rabbit is not None:
             with contextlib.suppress(Exception):
                 rabbit.cleanup()

@@ -35,6 +35,16 @@ def test_the_demo_runs_from_rabbitmq():
     assert "RabbitMQ exchange bridge-demo-" in res.stderr
 
 
+def test_the_demo_runs_on_three_jetstream_clusters():
+    res = demo("--readings", "3000", "--store", "jetstream")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["published"] == summary["committed"] == 3000
+    assert (summary["lost"], summary["duplicates"]) == (0, 0)
+    assert summary["failovers"] >= 1
+    assert "JetStream clusters aws :" in res.stderr
+
+
 def test_the_demo_counts_every_sparkplug_metric_value():
     res = demo("--readings", "5000", "--payload", "sparkplug")
     assert res.returncode == 0, res.stderr[-3000:]
