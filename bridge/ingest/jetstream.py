@@ -373,9 +373,12 @@ class JetStreamStore:
                 out.append((key, sub.ledger.copy(), list(sub.dropped)))
         return out
 
-    async def read(self, *, follow: bool) -> AsyncIterator[tuple[bytes, int]]:
+    async def read(self, *, follow: bool, cursors: dict[Key, int] | None = None
+                   ) -> AsyncIterator[tuple[bytes, int]]:
         """Every stored envelope with its commit time, in stream order; with ``follow`` also
-        what is committed later."""
+        what is committed later. The caller filters by cursor: a subject is in commit order,
+        not seq order, so a reading seq cannot be seeked to (a known limit: consumers that
+        read JetStream directly resume by stream sequence, docs/consuming.md)."""
         js = self._client().jetstream(timeout=self.settings.ack_timeout_s)
         sub = await js.subscribe(f"{self.settings.prefix}.>", ordered_consumer=True,
                                  config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))

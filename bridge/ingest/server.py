@@ -256,7 +256,8 @@ class IngestService(pb_grpc.IngestServicer):
         cursors = {(c.site_id, c.epoch): c.after_seq for c in request.cursors}
         self.metrics.subscribers.inc()
         try:
-            async for blob, commit_ns in self.backend.read(follow=request.follow):
+            async for blob, commit_ns in self.backend.read(follow=request.follow,
+                                                           cursors=cursors):
                 site, epoch, seq = _head(blob)
                 if seq > cursors.get((site, epoch), 0):
                     yield pb.Committed(envelope=pb.Envelope.FromString(blob),

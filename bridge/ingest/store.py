@@ -184,5 +184,21 @@ class Reader:
                                 (after_offset, limit)).fetchall()
         return [Row(o, s, to_u64(e), q, env, c) for o, s, e, q, env, c in rows]
 
+    KEY_PAGE = ("SELECT offset, site_id, epoch, seq, envelope, commit_ns FROM readings"
+                " WHERE site_id = ? AND epoch = ? AND seq > ? AND offset <= ?"
+                " ORDER BY seq LIMIT ?")
+
+    def key_page(self, site: str, epoch: int, after_seq: int, upto_offset: int,
+                 limit: int = 1000) -> list[Row]:
+        """One (site, epoch)'s rows with seq > ``after_seq``, by seq, through the unique
+        index: a cursor seeks, it never scans what it has already read."""
+        rows = self._db.execute(self.KEY_PAGE, (site, to_i64(epoch), after_seq, upto_offset,
+                                                limit)).fetchall()
+        return [Row(o, s, to_u64(e), q, env, c) for o, s, e, q, env, c in rows]
+
+    def plan(self, sql: str, args: tuple[object, ...]) -> str:
+        """SQLite's query plan for ``sql`` (tests check that cursors use the index)."""
+        return " ".join(str(r[-1]) for r in self._db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
     def close(self) -> None:
         self._db.close()

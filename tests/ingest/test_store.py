@@ -116,3 +116,17 @@ def test_a_site_gets_at_most_max_epochs_streams_even_from_one_batch(tmp_path: Pa
     assert out == [C, C, C, "too_many_epochs", "too_many_epochs", C]
     assert store.commit([Incoming("a", 2, 2, b"x")]) == [C]
     assert store.ledger.epochs("a") == 3
+
+
+def test_a_subscribe_cursor_seeks_through_the_index_instead_of_scanning(tmp_path: Path):
+    store = Store(path=tmp_path / "i.db")
+    for site in ("a", "b"):
+        store.commit(items(site, 7, list(range(1, 2001))))
+    reader = Reader(tmp_path / "i.db")
+    plan = reader.plan(Reader.KEY_PAGE, ("a", 7, 1990, 10**9, 1000))
+    assert "USING INDEX" in plan and "SCAN" not in plan, plan
+    rows = reader.key_page("a", 7, 1990, reader.max_offset())
+    assert [(r.site_id, r.seq) for r in rows] == [("a", s) for s in range(1991, 2001)]
+    assert [r.seq for r in reader.key_page("b", 7, 0, reader.max_offset(), limit=5)] == \
+        [1, 2, 3, 4, 5]
+    assert reader.key_page("b", 7, 0, 2000) == []  # nothing of b was committed by then
