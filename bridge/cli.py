@@ -118,6 +118,9 @@ def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Pat
         tls = cfg.tls
         cursor = cursor or cfg.cursor
     for t in args.sources or []:
+        if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
+            targets.append(t)
+            continue
         try:
             host, port = parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
         except ValueError as exc:

@@ -698,6 +698,8 @@ def load_consumer(path: Path) -> ConsumerConfig:
     root = _read(path)
     targets = root.str_list("from", ())
     for i, t in enumerate(targets):
+        if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
+            continue
         try:
             parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
         except ValueError as exc:

@@ -130,6 +130,65 @@ class NodeClient:
         await self.channel.close(grace=None)
 
 
+class JetStreamClient:
+    """A JetStream-backed cloud read straight from its stream (``nats://HOST:PORT[,...]``):
+    the same merge, no ingest node in between (subject layout in docs/consuming.md)."""
+
+    def __init__(self, *, target: str, stream: str = "BRIDGE",
+                 prefix: str = "bridge.r") -> None:
+        self.target = target
+        self.servers = [u.strip() for u in target.split(",") if u.strip()]
+        self.stream, self.prefix = stream, prefix
+        self._nc: Any = None
+
+    async def subscribe(self, cursors: dict[Key, int], *, follow: bool,
+                        timeout: float | None) -> AsyncIterator[pb.Committed]:
+        import nats
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        try:
+            self._nc = await nats.connect(servers=self.servers, connect_timeout=5,
+                                          max_reconnect_attempts=2)
+            js = self._nc.jetstream()
+            info = await js.stream_info(self.stream)
+            if info.state.messages == 0 and not follow:
+                return
+            sub = await js.subscribe(f"{self.prefix}.>", ordered_consumer=True,
+                                     config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise SourceUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout or 5.0)
+            except nats.errors.TimeoutError:
+                if follow:
+                    continue
+                raise SourceUnavailable("the stream stopped answering") from None
+            env = pb.Envelope.FromString(msg.data)
+            meta = msg.metadata
+            if env.seq > cursors.get((env.site_id, env.epoch), 0):
+                yield pb.Committed(envelope=env, node=f"jetstream:{self.stream}",
+                                   commit_time_ns=int(meta.timestamp.timestamp() * 1e9)
+                                   if meta.timestamp else 0)
+            if not follow and meta.num_pending == 0:
+                return
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+
+class SourceUnavailable(Exception):
+    """A cloud could not be read (reported per cloud, like an unreachable ingest node)."""
+
+
+def client_for(target: str, tls: TlsConfig) -> NodeClient | JetStreamClient:
+    if target.startswith(("nats://", "tls://")):
+        return JetStreamClient(target=target)
+    return NodeClient(target=target, tls=tls)
+
+
 @dataclass
 class Merger:
     """Per (site, epoch): cursor plus the readings held above it, emitted when contiguous."""
@@ -186,12 +245,16 @@ async def read_all(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
     errors: dict[str, str] = {}
 
     async def one(target: str) -> None:
-        client = NodeClient(target=target, tls=tls)
+        client = client_for(target, tls)
         try:
             async for c in client.subscribe(cursors, follow=False, timeout=timeout):
                 merger.add(c)
         except grpc.aio.AioRpcError as err:
             errors[target] = f"{err.code().name}: {err.details()}"
+            event("consume.node_unavailable", level=logging.WARNING, target=target,
+                  reason=errors[target])
+        except SourceUnavailable as err:
+            errors[target] = f"UNAVAILABLE: {err}"
             event("consume.node_unavailable", level=logging.WARNING, target=target,
                   reason=errors[target])
         finally:
@@ -208,7 +271,7 @@ async def follow(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
 
     async def one(target: str) -> None:
         backoff = Backoff(base_s=0.2, cap_s=10.0)
-        client = NodeClient(target=target, tls=tls)
+        client = client_for(target, tls)
         try:
             while not stop.is_set():
                 try:
@@ -219,6 +282,9 @@ async def follow(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
                 except grpc.aio.AioRpcError as err:
                     event("consume.node_unavailable", level=logging.WARNING, target=target,
                           reason=f"{err.code().name}: {err.details()}")
+                except SourceUnavailable as err:
+                    event("consume.node_unavailable", level=logging.WARNING, target=target,
+                          reason=str(err))
                 await backoff.sleep()
         finally:
             await client.close()
@@ -285,6 +351,10 @@ async def status(*, targets: list[str], tls: TlsConfig,
     replies: dict[str, pb.StatusReply | str] = {}
 
     async def one(target: str) -> None:
+        if target.startswith(("nats://", "tls://")):
+            replies[target] = ("UNIMPLEMENTED: completeness of a JetStream-backed cloud is "
+                               "asked of one of its ingest replicas (--from HOST:PORT)")
+            return
         client = NodeClient(target=target, tls=tls)
         try:
             replies[target] = await client.status(timeout=timeout)

@@ -224,3 +224,29 @@ def test_a_cloud_team_reads_the_stream_with_a_plain_nats_client_as_documented(
     assert sorted(x["seq"] for x in lines) == list(range(1, published + 1))
     assert all(x["site"] == "site-a" and x["values"] for x in lines)
     assert [x["stream_seq"] for x in lines] == sorted(x["stream_seq"] for x in lines)
+
+
+def test_bridge_consume_merges_a_jetstream_cloud_read_directly_with_a_sqlite_cloud(
+        cluster: Cluster, js: JetStreamCluster):
+    from bridge import consume
+
+    replicas(cluster, js, 1)
+    cluster.ingest("azure")  # the other cloud keeps its SQLite store
+    agent = cluster.agent(nodes=["aws-1", "azure"], names=["aws-1", "azure"],
+                          uplink_extra="deadline_s = 3.0\n")
+    pub = Publisher(cluster, count=4000, rate=1500)
+    wait_active(agent, "aws-1")
+    wait_for(lambda: pub.progress.acked >= 1500, what="publishing under way")
+    cluster.nodes["aws-1"].proc.kill()  # the rest goes to azure
+    published = pub.join()
+    wait_for(lambda: idle(agent, published), timeout=90, interval=0.1, what="all delivered")
+    merger = consume.Merger()
+    errors = asyncio.run(consume.read_all(
+        targets=[",".join(js.servers), cluster.nodes["azure"].target],
+        tls=cluster.pki.consumer(), merger=merger))
+    assert not errors
+    stream = merger.drain()
+    seen = Counter(c.envelope.source_seq for c in stream)
+    assert sorted(seen) == list(range(1, published + 1)) and max(seen.values()) == 1
+    nodes = Counter(c.node for c in stream)
+    assert nodes["jetstream:BRIDGE"] > 0 and nodes["azure"] > 0
