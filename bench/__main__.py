@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from bench import drain, failover, latency, memory, plots, throughput
+from bench import drain, failover, latency, memory, plots, stores, throughput
 from bench.results import Row, missing, validate
 from bench.systems import Bridge, System, peers
 
@@ -59,10 +59,14 @@ class Plan:
     big_backlog: int = 5_000_000
     drain_backlog: int = 1_000_000
     procs: int = 4
+    store_sites: int = 100
+    store_seconds: float = 10.0
+    store_configs: tuple[str, ...] = tuple(stores.CONFIGS)
 
 
 QUICK = Plan(throughput=20_000, sparkplug_messages=2_000, latency_s=2.0, fault_readings=4_000,
-             kills=3, big_backlog=1_000_000, drain_backlog=100_000)
+             kills=3, big_backlog=1_000_000, drain_backlog=100_000, store_sites=20,
+             store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"))
 
 
 def machine() -> str:
@@ -136,6 +140,15 @@ SCENARIOS = {
     "agent for the bridge (the site broker is the SCADA's and stays up), the bridging broker for "
     "the peers (it is also the site broker, so the publisher reconnects and resends what was "
     "not acknowledged).",
+    "ingest_stores": "The ingest's two stores under many sites at once: every site (its own "
+    "certificate and mTLS channel) pushes 100-reading batches back to back, one in flight, to "
+    "the SQLite store (one node) or to a JetStream R3 stream on a local 3-node cluster with "
+    "`sync_interval: always` (`js_always`: every write fsynced on each replica before the ack) "
+    "or nats-server's default (`js_default`: fsync every 2 min; the ack means a quorum holds "
+    "it in memory), behind 1 or 3 stateless ingest replicas. `ratio_to_sqlite` compares each "
+    "with the SQLite store in the same run. Servers, replicas and the Python load generator "
+    "share this machine's two cores, which bound every figure: the replica scaling is "
+    "reported, not a target.",
 }
 
 NOTES = [
@@ -299,6 +312,9 @@ def main() -> None:
                 kills=plan.kills, mode=m, log=log))
         attempt("drain", lambda: drain.run(work=work, backlog=plan.drain_backlog, live_rate=100,
                                            log=log))
+        attempt("ingest_stores", lambda: stores.run(
+            work=work / "stores", sites=plan.store_sites, seconds=plan.store_seconds,
+            batch=100, configs=list(plan.store_configs), log=log))
         attempt("memory", lambda: memory.idle_and_load(work=work, count=plan.throughput,
                                                        procs=plan.procs, log=log)
                 + memory.run(big=plan.big_backlog, log=log))

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SYSTEMS = {"bridge", "mosquitto_bridge", "mosquitto_bridge_durable", "nats", "nats_durable",
-           "paho_ceiling", "broker_ceiling", "load_generator"}
+           "paho_ceiling", "broker_ceiling", "load_generator", "ingest_sqlite",
+           "ingest_js_always_1", "ingest_js_always_3", "ingest_js_default_1",
+           "ingest_js_default_3"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "memory": ("bridge",),
     "faults_cloud_killed": PEERS,
     "faults_edge_killed": PEERS,
+    "ingest_stores": ("ingest_sqlite", "ingest_js_always_1"),
 }
 
 
