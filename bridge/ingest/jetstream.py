@@ -48,6 +48,7 @@ write exact.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -63,7 +64,6 @@ from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bridge._pb import bridge_pb2 as pb
 from bridge.config import JetStreamSettings
 from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
@@ -87,6 +87,9 @@ def site_of(token: str) -> str:
     return token.replace("_", ".")
 
 
+MARK_EVERY = 1000  # messages between two seek marks of a subject
+
+
 @dataclass
 class _Subject:
     ledger: StreamLedger = field(default_factory=StreamLedger)
@@ -94,6 +97,26 @@ class _Subject:
     stale: bool = True     # must catch up from ``last`` before the next append
     dropped: list[tuple[int, int, str]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Seek index for Subscribe: (stream seq, highest reading seq of every earlier message of
+    # the subject), one mark per ~MARK_EVERY messages. A subject is in commit order, not seq
+    # order, but the running maximum is monotonic, so a cursor can start at the last mark
+    # whose maximum it already has: nothing it still needs lies before it.
+    marks: list[tuple[int, int]] = field(default_factory=list)
+    top: int = 0
+    since_mark: int = MARK_EVERY
+
+    def note(self, first_stream_seq: int, count: int, highest: int) -> None:
+        """``count`` messages from ``first_stream_seq`` on (or later) were added."""
+        if self.since_mark >= MARK_EVERY:
+            self.marks.append((first_stream_seq, self.top))
+            self.since_mark = 0
+        self.top = max(self.top, highest)
+        self.since_mark += count
+
+    def start_for(self, cursor: int) -> int:
+        """The stream sequence to read from for readings above ``cursor``."""
+        i = bisect.bisect_right([m for _, m in self.marks], cursor) - 1
+        return self.marks[i][0] if i >= 0 else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +251,9 @@ class JetStreamStore:
         sub.ledger.add_range(seq, last)
         if "Bridge-Last-Seq" in h:
             sub.dropped.append((seq, last, h.get("Bridge-Reason", "")))
-        sub.last = max(sub.last, int(msg.metadata.sequence.stream))
+        stream_seq = int(msg.metadata.sequence.stream)
+        sub.note(stream_seq, 1, last)
+        sub.last = max(sub.last, stream_seq)
 
     async def _get(self, key: Key) -> _Subject:
         sub = self._subjects.get(key)
@@ -340,6 +365,8 @@ class JetStreamStore:
                 ours[out.item] = True
                 if "Bridge-Last-Seq" in out.headers:
                     sub.dropped.append((out.first, out.last, out.headers["Bridge-Reason"]))
+            # Every message of the batch lies after the subject's previous last: a safe mark.
+            sub.note(sub.last + 1, len(chunk), max(out.last for out in chunk))
             sub.last = int(ack["seq"])
         return None
 
@@ -375,31 +402,55 @@ class JetStreamStore:
 
     async def read(self, *, follow: bool, cursors: dict[Key, int] | None = None
                    ) -> AsyncIterator[tuple[bytes, int]]:
-        """Every stored envelope with its commit time, in stream order; with ``follow`` also
-        what is committed later. The caller filters by cursor: a subject is in commit order,
-        not seq order, so a reading seq cannot be seeked to (a known limit: consumers that
-        read JetStream directly resume by stream sequence, docs/consuming.md)."""
+        """What is stored, subject by subject from each cursor's seek mark (the cost grows
+        with what is read; a replica builds a subject's marks once, from its headers, the
+        first time it serves it); then, with ``follow``, every later commit in stream order.
+        The caller still filters by cursor: a mark is where reading may start, not where the
+        cursor's readings begin."""
+        cursors = cursors or {}
+        info = await self._api(f"$JS.API.STREAM.INFO.{self.settings.stream}", {})
+        if "error" in info:
+            raise StoreUnavailable(f"stream {self.settings.stream}: {info['error']}")
+        upto = int((info.get("state") or {}).get("last_seq") or 0)
         js = self._client().jetstream(timeout=self.settings.ack_timeout_s)
-        sub = await js.subscribe(f"{self.settings.prefix}.>", ordered_consumer=True,
-                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        for key in await self.keys():
+            sub = await self._get(key)
+            async with sub.lock:
+                await self._catch_up(key, sub)
+                self.ledger.put(key, sub.ledger)
+            start = sub.start_for(cursors.get(key, 0))
+            end = min(sub.last, upto)
+            if start > end:
+                continue
+            async for msg in self._messages(js, self.subject(key), start, end):
+                yield msg
+        if follow:
+            async for msg in self._messages(js, f"{self.settings.prefix}.>", upto + 1, None):
+                yield msg
+
+    async def _messages(self, js: Any, subject: str, start: int, end: int | None
+                        ) -> AsyncIterator[tuple[bytes, int]]:
+        """Messages on ``subject`` with stream sequence ``start``..``end`` (None: forever)."""
+        sub = await js.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start))
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    msg = await sub.next_msg(timeout=1.0 if end is None else
+                                             self.settings.ack_timeout_s)
                 except TimeoutError:
-                    if not follow and sub.pending_msgs == 0:
-                        return
-                    continue
+                    if end is None:
+                        continue
+                    raise StoreUnavailable(f"{subject}: stopped answering at {start}..{end}") \
+                        from None
                 meta = msg.metadata
+                stream_seq = int(meta.sequence.stream)
+                if end is not None and stream_seq > end:
+                    return
                 yield msg.data, int(meta.timestamp.timestamp() * 1e9) if meta.timestamp \
                     else 0
-                if not follow and meta.num_pending == 0:
+                if end is not None and stream_seq >= end:
                     return
         finally:
             with contextlib.suppress(NatsError, TimeoutError):
                 await sub.unsubscribe()
-
-
-def envelope_seq(blob: bytes) -> tuple[str, int, int]:
-    env = pb.Envelope.FromString(blob)
-    return env.site_id, env.epoch, env.seq

@@ -250,3 +250,33 @@ def test_bridge_consume_merges_a_jetstream_cloud_read_directly_with_a_sqlite_clo
     assert sorted(seen) == list(range(1, published + 1)) and max(seen.values()) == 1
     nodes = Counter(c.node for c in stream)
     assert nodes["jetstream:BRIDGE"] > 0 and nodes["azure"] > 0
+
+
+async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all(
+        js: JetStreamCluster):
+    from bridge.config import JetStreamSettings
+    from bridge.ingest.jetstream import MARK_EVERY, JetStreamStore
+    from bridge.ingest.store import Incoming
+
+    def batch(seqs: range) -> list[Incoming]:
+        return [Incoming("site-a", 9, s, pb.Envelope(site_id="site-a", epoch=9,
+                                                     seq=s).SerializeToString())
+                for s in seqs]
+
+    writer = JetStreamStore(settings=JetStreamSettings(servers=tuple(js.servers)))
+    await writer.start()
+    # A live lane ahead of a draining backlog (4001..5000, then 1..4000), then in order.
+    for lo in (4001, 1, 1001, 2001, 3001, 5001, 6001, 7001):
+        assert set(await writer.commit(batch(range(lo, lo + 1000)))) == {"committed"}
+    await writer.close()
+    reader = JetStreamStore(settings=JetStreamSettings(servers=tuple(js.servers)))
+    await reader.start()  # a replica that never served this subject builds its marks once
+    try:
+        got = [pb.Envelope.FromString(b).seq async for b, _ in
+               reader.read(follow=False, cursors={("site-a", 9): 7990})]
+        assert {s for s in got if s > 7990} == set(range(7991, 8001))
+        assert len(got) <= MARK_EVERY + 10, "read from the seek mark, not from the start"
+        everything = [b async for b, _ in reader.read(follow=False)]
+        assert len(everything) == 8000
+    finally:
+        await reader.close()
