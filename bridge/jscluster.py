@@ -39,8 +39,10 @@ def nats_server() -> str:
 
 
 class Node:
-    def __init__(self, workdir: Path, name: str, cluster: str, sync: str) -> None:
+    def __init__(self, workdir: Path, name: str, cluster: str, sync: str,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.name = name
+        self.tls = tls
         self.port, self.route_port, self.http_port = free_port(), free_port(), free_port()
         self.store = workdir / name
         self.conf = workdir / f"{name}.conf"
@@ -55,7 +57,12 @@ class Node:
     def write(self, peers: list[Node]) -> None:
         routes = ", ".join(f"nats://127.0.0.1:{p.route_port}" for p in peers if p is not self)
         sync = f"  sync_interval: {self.sync}\n" if self.sync != "default" else ""
-        self.conf.write_text(
+        tls = ""
+        if self.tls is not None:  # clients must present a certificate of this CA
+            ca, cert, key = self.tls
+            tls = (f'tls {{\n  ca_file: "{ca}"\n  cert_file: "{cert}"\n  key_file: "{key}"\n'
+                   "  verify: true\n}\n")
+        self.conf.write_text(tls +
             f"server_name: {self.name}\nlisten: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.http_port}\n"
             f"jetstream {{\n  store_dir: \"{self.store}\"\n{sync}}}\n"
@@ -77,10 +84,10 @@ class JetStreamCluster:
     ``sync_interval`` (``always`` fsyncs every write; ``default`` leaves nats-server's 2 min)."""
 
     def __init__(self, workdir: Path, *, name: str = "js", size: int = 3,
-                 sync: str = "always") -> None:
+                 sync: str = "always", tls: tuple[Path, Path, Path] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.exe = nats_server()
-        self.nodes = [Node(workdir, f"{name}-{i + 1}", name, sync) for i in range(size)]
+        self.nodes = [Node(workdir, f"{name}-{i + 1}", name, sync, tls) for i in range(size)]
         for n in self.nodes:
             n.write(self.nodes)
 

@@ -192,7 +192,7 @@ class IngestProc:
 def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "",
            tls: TlsConfig | None = None, host: str = "127.0.0.1",
            netns: str | None = None, jetstream: list[str] | None = None,
-           name: str | None = None) -> IngestProc:
+           name: str | None = None, store_extra: str = "") -> IngestProc:
     """An ingest node's config and process (inside network namespace ``netns`` if given).
 
     With ``jetstream`` (server URLs) the node is a stateless replica of the cloud ``node``
@@ -203,7 +203,7 @@ def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "
     cfg = workdir / f"ingest-{label}.toml"
     if jetstream:
         servers = ", ".join(f'"{u}"' for u in jetstream)
-        store = f'[store]\nkind = "jetstream"\nservers = [{servers}]\n'
+        store = f'[store]\nkind = "jetstream"\nservers = [{servers}]\n{store_extra}'
     else:
         store = f'[store]\npath = "{workdir / f"store-{node}.db"}"\n'
     cfg.write_text(f'node = "{node}"\nlisten = "{host}:{port}"\n' + store

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
@@ -26,6 +26,12 @@ StreamState = tuple[Key, StreamLedger, list[tuple[int, int, str]]]
 class Backend(Protocol):
     max_epochs_per_site: int
     ledger: Ledger
+    # A store bound to one thread offers its synchronous commit and that thread, so the
+    # server validates, commits and answers in one hop there; None for an async store.
+    inline_commit: Callable[[Sequence[Incoming]], list[str]] | None
+    executor: Executor
+
+    def committed_now(self) -> None: ...
 
     async def start(self) -> None: ...
 
@@ -49,6 +55,13 @@ class SqliteBackend:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
         self._committed = asyncio.Event()
+        self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = store.commit
+        self.executor: Executor = self._writer
+
+    def committed_now(self) -> None:
+        """Wake followers after an inline commit (called on the event loop)."""
+        ev, self._committed = self._committed, asyncio.Event()
+        ev.set()
 
     async def start(self) -> None:
         return None

@@ -53,7 +53,8 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,12 @@ class JetStreamStore:
         self._nc: NATS | None = None
         self._batches = 0
         self.committed = asyncio.Event()
+        self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
+        # Validation and Acks run here (the commit itself is async network I/O).
+        self.executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
+
+    def committed_now(self) -> None:
+        return None
 
     def subject(self, key: Key) -> str:
         return f"{self.settings.prefix}.{subject_token(key[0])}.{key[1]:016x}"
@@ -155,14 +162,17 @@ class JetStreamStore:
             if s.tls_cert:
                 tls.load_cert_chain(s.tls_cert, s.tls_key)
         try:
+            # A few tries at start (a refused certificate or no server is a clear error at
+            # once, and the service manager restarts us), then reconnect for ever.
             self._nc = await nats.connect(servers=list(s.servers), tls=tls,
-                                          user_credentials=s.creds, max_reconnect_attempts=-1,
+                                          user_credentials=s.creds, max_reconnect_attempts=2,
                                           reconnect_time_wait=0.5, connect_timeout=5,
                                           error_cb=self._on_error,
                                           disconnected_cb=self._on_disconnect)
         except (NatsError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to JetStream at {', '.join(s.servers)}: "
                                    f"{type(exc).__name__}: {exc}") from exc
+        self._nc.options["max_reconnect_attempts"] = -1
         await self._ensure_stream()
         event("jetstream.connected", servers=list(s.servers), stream=s.stream)
 
@@ -209,6 +219,7 @@ class JetStreamStore:
               subjects=f"{s.prefix}.>")
 
     async def close(self, timeout: float = 5.0) -> bool:
+        self.executor.shutdown(wait=False, cancel_futures=True)
         if self._nc is not None:
             with contextlib.suppress(NatsError, TimeoutError):
                 await asyncio.wait_for(self._nc.drain(), timeout)

@@ -14,8 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -108,8 +107,6 @@ class IngestService(pb_grpc.IngestServicer):
         self.limiter = limiter
         self.backend = backend
         self.metrics = metrics
-        # Validation and the Ack, proportional to the batch, run here, never on the loop.
-        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
         self._identities: dict[bytes, PeerIdentity] = {}
 
     def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
@@ -156,18 +153,16 @@ class IngestService(pb_grpc.IngestServicer):
                                     f"{retry_ms} ms")
         loop = asyncio.get_running_loop()
         # Validation and the Ack, proportional to the batch, run on a thread (the event loop
-        # keeps answering health checks and other sites); the backend owns the commit.
-        prepared = await loop.run_in_executor(self._cpu, self._validate, request, ident.name)
-        if isinstance(prepared, str):
-            self.metrics.batches.labels("PERMISSION_DENIED").inc()
-            await self._deny(context, "site_mismatch",
-                             f"certificate is for site {ident.name!r}, batch carries "
-                             f"{prepared[:100]!r}", identity=ident.name, claimed=prepared[:100],
-                             batch_id=request.batch_id)
+        # keeps answering health checks and other sites); the backend owns the commit. A
+        # thread-bound store (SQLite) does all three in one hop on its writer thread.
+        inline = self.backend.inline_commit
         c0 = time.perf_counter()
         try:
-            outcomes = await self.backend.commit(prepared.incoming) if prepared.incoming \
-                else []
+            if inline is not None:
+                result = await loop.run_in_executor(self.backend.executor, self._admit_inline,
+                                                    inline, request, ident.name)
+            else:
+                result = await self._admit_async(request, ident.name)
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never a traceback
             self.metrics.batches.labels("UNAVAILABLE").inc()
             self.metrics.store_errors.inc()
@@ -176,9 +171,15 @@ class IngestService(pb_grpc.IngestServicer):
                   batch_id=request.batch_id, reason=detail, flag="UF")
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"store unavailable on {self.node}: {detail}")
+        if isinstance(result, str):
+            self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, "site_mismatch",
+                             f"certificate is for site {ident.name!r}, batch carries "
+                             f"{result[:100]!r}", identity=ident.name, claimed=result[:100],
+                             batch_id=request.batch_id)
+        self.backend.committed_now()
         self.metrics.commit_seconds.observe(time.perf_counter() - c0)
-        outcome = await loop.run_in_executor(self._cpu, self._finish, prepared, outcomes)
-        ack, committed, duplicates, rejected = outcome
+        ack, committed, duplicates, rejected = result
         if committed:
             self.metrics.committed.labels(ident.name).inc(committed)
         if duplicates:
@@ -218,6 +219,24 @@ class IngestService(pb_grpc.IngestServicer):
                                        last_seq=drop.last_seq if drop else None,
                                        reason=drop.reason if drop else ""))
         return p
+
+    async def _admit_async(self, request: pb.Batch, site: str
+                           ) -> tuple[pb.Ack, int, int, int] | str:
+        """Validate and answer on a thread, commit through the (async) backend."""
+        loop = asyncio.get_running_loop()
+        p = await loop.run_in_executor(self.backend.executor, self._validate, request, site)
+        if isinstance(p, str):
+            return p
+        outcomes = await self.backend.commit(p.incoming) if p.incoming else []
+        return await loop.run_in_executor(self.backend.executor, self._finish, p, outcomes)
+
+    def _admit_inline(self, commit: Callable[[Sequence[Incoming]], list[str]],
+                      request: pb.Batch, site: str) -> tuple[pb.Ack, int, int, int] | str:
+        """Validate, commit and build the Ack in one go, on the store's own thread."""
+        p = self._validate(request, site)
+        if isinstance(p, str):
+            return p
+        return self._finish(p, commit(p.incoming) if p.incoming else [])
 
     def _finish(self, p: _Prepared, outcomes: list[str]) -> tuple[pb.Ack, int, int, int]:
         """The backend's outcomes into the Ack, with watermarks; (ack, committed, dup, rej)."""
@@ -292,7 +311,6 @@ class IngestService(pb_grpc.IngestServicer):
     async def close(self, timeout: float = 5.0) -> bool:
         """Stop the threads and the backend; False if the store was still busy after
         ``timeout`` (nothing it holds was acknowledged)."""
-        self._cpu.shutdown(wait=False, cancel_futures=True)
         return await self.backend.close(timeout)
 
 

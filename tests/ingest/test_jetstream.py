@@ -280,3 +280,34 @@ async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all
         assert len(everything) == 8000
     finally:
         await reader.close()
+
+
+def test_the_store_reaches_a_cluster_that_requires_tls_and_a_client_certificate(
+        cluster: Cluster, tmp_path: Path):
+    pki = cluster.pki
+    server = pki.server()  # the CA's certificate for 127.0.0.1 serves NATS too
+    tls_js = JetStreamCluster(tmp_path / "js-tls", tls=(pki.ca, server.cert, server.key))
+    tls_js.start()
+    try:
+        client = pki.consumer()
+        servers = [u.replace("nats://", "tls://") for u in tls_js.servers]
+        extra = (f'tls_ca = "{pki.ca}"\ntls_cert = "{client.cert}"\n'
+                 f'tls_key = "{client.key}"\n')
+        proc = localrun.ingest(cluster.workdir, pki, "aws", jetstream=servers, name="aws-tls",
+                               store_extra=extra).start()
+        cluster.nodes["aws-tls"] = proc
+        localrun.wait_healthy(proc.target, pki.consumer())
+        ca, cert, key = pki.site("site-a").read()
+        stub = pb_grpc.IngestStub(grpc.secure_channel(
+            proc.target, grpc.ssl_channel_credentials(ca, key, cert)))
+        ack = stub.PushBatch(pb.Batch(batch_id="t", envelopes=[
+            pb.Envelope(site_id="site-a", epoch=3, seq=s) for s in (1, 2, 3)]), timeout=20)
+        assert [r.disposition for r in ack.results] == [pb.DISPOSITION_COMMITTED] * 3
+        # Without a client certificate the cluster refuses the connection: the replica
+        # cannot start and says why in one line.
+        bad = localrun.ingest(cluster.workdir, pki, "aws", jetstream=servers, name="aws-nocert",
+                              store_extra=f'tls_ca = "{pki.ca}"\n').start()
+        assert bad.proc.wait(30) == 2
+        assert "ingest cannot start: cannot connect to JetStream" in bad.proc.tail()
+    finally:
+        tls_js.stop()
