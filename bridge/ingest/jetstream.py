@@ -53,7 +53,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,11 +131,19 @@ class _Out:
     headers: dict[str, str]
 
 
+async def _ignore(_: bool) -> None:
+    return None
+
+
 class JetStreamStore:
     """Commits batches to JetStream with the invariant above; one instance per replica."""
 
-    def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256) -> None:
+    def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256,
+                 on_health: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        """``on_health(False)`` when the connection to the cluster is lost, ``(True)`` when it
+        is back: the node's gRPC health follows, so agents move on at their next probe."""
         self.settings = settings
+        self.on_health = on_health or _ignore
         self.max_epochs_per_site = max_epochs_per_site
         self.ledger = Ledger()
         self._subjects: dict[Key, _Subject] = {}
@@ -168,7 +176,8 @@ class JetStreamStore:
                                           user_credentials=s.creds, max_reconnect_attempts=2,
                                           reconnect_time_wait=0.5, connect_timeout=5,
                                           error_cb=self._on_error,
-                                          disconnected_cb=self._on_disconnect)
+                                          disconnected_cb=self._on_disconnect,
+                                          reconnected_cb=self._on_reconnect)
         except (NatsError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to JetStream at {', '.join(s.servers)}: "
                                    f"{type(exc).__name__}: {exc}") from exc
@@ -183,6 +192,11 @@ class JetStreamStore:
         for sub in self._subjects.values():
             sub.stale = True  # outcomes in flight are unknown now
         event("jetstream.disconnected", level=logging.WARNING)
+        await self.on_health(False)
+
+    async def _on_reconnect(self) -> None:
+        event("jetstream.reconnected")
+        await self.on_health(True)
 
     def _client(self) -> NATS:
         if self._nc is None or not self._nc.is_connected:

@@ -327,7 +327,8 @@ class IngestNode:
         self.backend: Backend
         if jetstream is not None:
             self.backend = JetStreamStore(settings=jetstream,
-                                          max_epochs_per_site=max_epochs_per_site)
+                                          max_epochs_per_site=max_epochs_per_site,
+                                          on_health=self._store_health)
         else:
             assert store_path is not None, "a SQLite store needs its path"
             self.backend = SqliteBackend(store=Store(path=store_path,
@@ -344,6 +345,15 @@ class IngestNode:
         self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
+
+    async def _store_health(self, ok: bool) -> None:
+        """Health follows the store's connection: NOT_SERVING while it is lost."""
+        status = health_pb2.HealthCheckResponse.SERVING if ok else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE, status)
+        await self.health.set("", status)
+        event("ingest.health", node=self.node, serving=ok, reason="store connection "
+              + ("restored" if ok else "lost"), level=logging.INFO if ok else logging.WARNING)
 
     async def start(self) -> None:
         await self.backend.start()

@@ -311,3 +311,27 @@ def test_the_store_reaches_a_cluster_that_requires_tls_and_a_client_certificate(
         assert "ingest cannot start: cannot connect to JetStream" in bad.proc.tail()
     finally:
         tls_js.stop()
+
+
+def test_a_replica_cut_off_from_its_cluster_says_not_serving_until_it_is_back(
+        cluster: Cluster, js: JetStreamCluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    (rep,) = replicas(cluster, js, 1)
+    ca, cert, key = cluster.pki.consumer().read()
+    health = health_pb2_grpc.HealthStub(grpc.secure_channel(
+        rep.target, grpc.ssl_channel_credentials(ca, key, cert)))
+
+    def status() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service="bridge.v1.Ingest"),
+                            timeout=2).status
+
+    assert status() == health_pb2.HealthCheckResponse.SERVING
+    for i in range(3):
+        js.kill(i)
+    wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30,
+             what="NOT_SERVING once the cluster is gone (agents move on at their next probe)")
+    for i in range(3):
+        js.restart(i)
+    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=60,
+             what="SERVING again once reconnected")
