@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import grpc
 import orjson
+from google.protobuf.message import DecodeError
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
@@ -164,8 +165,13 @@ class JetStreamClient:
                 if follow:
                     continue
                 raise SourceUnavailable("the stream stopped answering") from None
-            env = pb.Envelope.FromString(msg.data)
             meta = msg.metadata
+            try:
+                env = pb.Envelope.FromString(msg.data)
+            except DecodeError:  # another publisher's message on our subjects: not a reading
+                event("consume.unreadable_record", level=logging.WARNING, target=self.target,
+                      stream_seq=meta.sequence.stream)
+                continue
             if env.seq > cursors.get((env.site_id, env.epoch), 0):
                 yield pb.Committed(envelope=env, node=f"jetstream:{self.stream}",
                                    commit_time_ns=int(meta.timestamp.timestamp() * 1e9)

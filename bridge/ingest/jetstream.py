@@ -271,12 +271,22 @@ class JetStreamStore:
 
     def _fold(self, key: Key, sub: _Subject, msg: Msg) -> None:
         h = msg.headers or {}
-        seq = int(h["Bridge-Seq"])
-        last = int(h.get("Bridge-Last-Seq", seq))
+        stream_seq = int(msg.metadata.sequence.stream)
+        try:
+            seq = int(h["Bridge-Seq"])
+            last = int(h.get("Bridge-Last-Seq", seq))
+            if not 0 < seq <= last < 2**63:
+                raise ValueError(f"seq {seq}..{last}")
+        except (KeyError, ValueError) as exc:
+            # Not written by a replica (another publisher on our subjects): it holds no
+            # reading of ours. Skipped, said once per message, and never a wedge.
+            event("jetstream.foreign_message", level=logging.WARNING,
+                  subject=self.subject(key), stream_seq=stream_seq, reason=str(exc)[:100])
+            sub.last = max(sub.last, stream_seq)
+            return
         sub.ledger.add_range(seq, last)
         if "Bridge-Last-Seq" in h:
             sub.dropped.append((seq, last, h.get("Bridge-Reason", "")))
-        stream_seq = int(msg.metadata.sequence.stream)
         sub.note(stream_seq, 1, last)
         sub.last = max(sub.last, stream_seq)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -92,11 +93,6 @@ class _Prepared:
     incoming: list[Incoming] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     rejected: int = 0
-
-
-def _head(blob: bytes) -> tuple[str, int, int]:
-    env = pb.Envelope.FromString(blob)
-    return env.site_id, env.epoch, env.seq
 
 
 class IngestService(pb_grpc.IngestServicer):
@@ -277,10 +273,13 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             async for blob, commit_ns in self.backend.read(follow=request.follow,
                                                            cursors=cursors):
-                site, epoch, seq = _head(blob)
-                if seq > cursors.get((site, epoch), 0):
-                    yield pb.Committed(envelope=pb.Envelope.FromString(blob),
-                                       commit_time_ns=commit_ns, node=self.node)
+                try:
+                    env = pb.Envelope.FromString(blob)
+                except DecodeError:  # not ours (another publisher on the stream): skipped
+                    event("ingest.unreadable_record", level=logging.WARNING, bytes=len(blob))
+                    continue
+                if env.seq > cursors.get((env.site_id, env.epoch), 0):
+                    yield pb.Committed(envelope=env, commit_time_ns=commit_ns, node=self.node)
         finally:
             self.metrics.subscribers.dec()
 

@@ -335,3 +335,29 @@ def test_a_replica_cut_off_from_its_cluster_says_not_serving_until_it_is_back(
         js.restart(i)
     wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=60,
              what="SERVING again once reconnected")
+
+
+def test_a_foreign_message_on_a_subject_is_skipped_not_a_wedge(cluster: Cluster,
+                                                                js: JetStreamCluster):
+    async def intrude() -> None:
+        nc = await nats.connect(servers=js.servers)
+        jsc = nc.jetstream()
+        await jsc.add_stream(name="BRIDGE", subjects=["bridge.r.>"], num_replicas=3)
+        await jsc.publish(f"bridge.r.site-a.{7:016x}", b"not an envelope, no headers")
+        await nc.close()
+
+    asyncio.run(intrude())
+    (rep,) = replicas(cluster, js, 1)
+    ca, cert, key = cluster.pki.site("site-a").read()
+    stub = pb_grpc.IngestStub(grpc.secure_channel(rep.target,
+                                                  grpc.ssl_channel_credentials(ca, key, cert)))
+    ack = stub.PushBatch(pb.Batch(batch_id="x", envelopes=[
+        pb.Envelope(site_id="site-a", epoch=7, seq=s) for s in (1, 2)]), timeout=20)
+    assert [r.disposition for r in ack.results] == [pb.DISPOSITION_COMMITTED] * 2
+    from bridge import consume
+
+    merger = consume.Merger()
+    assert not asyncio.run(consume.read_all(targets=[rep.target], tls=cluster.pki.consumer(),
+                                            merger=merger))
+    assert [c.envelope.seq for c in merger.drain()] == [1, 2]
+    assert '"jetstream.foreign_message"' in rep.proc.log.read_text()
