@@ -16,12 +16,12 @@ demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
 
 test: $(STAMP) $(TAHU)
-	$(BIN)/ruff check bridge tests tools bench
+	$(BIN)/ruff check bridge tests tools bench examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge tests tools bench
+	$(BIN)/ruff check bridge tests tools bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

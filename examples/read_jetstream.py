@@ -11,15 +11,18 @@ read everything stored (or, with --follow, keeps going).
 import argparse
 import asyncio
 import json
+from typing import Any
 
 import bridge_pb2  # generated from the schema, see above
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 
-def reading(msg) -> dict:
+def reading(msg: Msg) -> dict[str, Any]:
     env = bridge_pb2.Envelope.FromString(msg.data)
-    out = {"site": msg.headers["Bridge-Site"], "epoch": msg.headers["Bridge-Epoch"],
+    headers = msg.headers or {}
+    out: dict[str, Any] = {"site": headers["Bridge-Site"], "epoch": headers["Bridge-Epoch"],
            "seq": env.seq, "stream_seq": msg.metadata.sequence.stream,
            "topic": env.source.topic,
            "values": {v.signal: getattr(v, v.WhichOneof("kind")) if v.WhichOneof("kind")
