@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.results import Row
 from bridge import localrun, simulate
 from bridge.codecs.json import decode_json
-from bridge.envelope import SourceInfo, build_envelope
+from bridge.envelope import SourceInfo, prepare_envelope, seal
 from bridge.spool import Pending, Spool
 
 SITE = "bench-site"
@@ -32,10 +32,12 @@ def fill(path: Path, n: int) -> int:
     decoded = decode_json(topic, payload)
     now = time.time_ns()
 
+    env = prepare_envelope(site_id=SITE, epoch=sp.epoch, source=info, topic=topic,
+                           decoded=decoded, codec="json", gateway_time_ns=now,
+                           clock_synced=True)
+
     def build(seq: int) -> bytes:
-        return build_envelope(site_id=SITE, epoch=sp.epoch, seq=seq, source=info, topic=topic,
-                              decoded=decoded, codec="json", gateway_time_ns=now,
-                              clock_synced=True)
+        return seal(env, sp.epoch, seq)
 
     chunk = [Pending(source="plant", digest=b"", build=build)] * 10_000
     done = 0

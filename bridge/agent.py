@@ -306,7 +306,7 @@ class Agent:
         counter = self.metrics.sparkplug_events
 
         def notice(kind: str, fields: dict[str, Any]) -> None:
-            counter.labels(source.name, kind).inc()
+            counter.labels(source.name, kind).inc(fields.get("count", 1))
             event(f"sparkplug.{kind}", level=logging.WARNING, source=source.name, **fields)
 
         if sp is None:

@@ -80,14 +80,6 @@ def seal(env: pb.Envelope, epoch: int, seq: int) -> bytes:
     return env.SerializeToString()
 
 
-def build_envelope(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
-                   decoded: Decoded, codec: str, gateway_time_ns: int,
-                   clock_synced: bool) -> bytes:
-    return seal(prepare_envelope(site_id=site_id, epoch=epoch, source=source, topic=topic,
-                                 decoded=decoded, codec=codec, gateway_time_ns=gateway_time_ns,
-                                 clock_synced=clock_synced), epoch, seq)
-
-
 def _fill(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
           decoded: Decoded, codec: str, gateway_time_ns: int,
           clock_synced: bool) -> pb.Envelope:

@@ -39,8 +39,8 @@ All are dead letters: never a reading made of the wrapper.
 **Bounds**: at most ``max_edge_nodes`` edge nodes are tracked per source (a birth from one more
 is ``too_many_edge_nodes``; data from an unknown node beyond the bound is dead-lettered
 without tracking it), and rebirth requests leave at most ``rebirth_max_per_s`` a second (a
-burst of ten times that), so a flood of unknown nodes grows neither state nor NCMDs; each
-suppressed request is a ``rebirth_suppressed`` notice.
+burst of ten times that), so a flood of unknown nodes grows neither state nor NCMDs; the
+suppressed requests are one ``rebirth_suppressed`` notice per commit group, with their count.
 
 The alias tables are the decoder's state: ``take_state`` hands the changed nodes to the intake,
 which commits them with the messages that changed them; ``restore`` reloads them at start.
@@ -52,6 +52,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,6 +267,7 @@ class SparkplugDecoder:
         self.nodes: dict[tuple[str, str], _Node] = {}
         self._changed: set[tuple[str, str]] = set()
         self._requests: list[Publish] = []
+        self._suppressed: Counter[str] = Counter()  # rebirth requests not sent, by reason
 
     # -- state and requests (see bridge.codecs._base.Decoder) ----------------------------------
 
@@ -285,6 +287,11 @@ class SparkplugDecoder:
                 self._notice("state_unreadable", {"node": key, "detail": str(exc)[:200]})
 
     def take_requests(self) -> list[Publish]:
+        """Rebirth requests to send; suppressed ones are reported here, once per commit
+        group with their count (a flood must not log once per message)."""
+        for reason, n in sorted(self._suppressed.items()):
+            self._notice("rebirth_suppressed", {"reason": reason, "count": n})
+        self._suppressed.clear()
         out, self._requests = self._requests, []
         return out
 
@@ -441,15 +448,13 @@ class SparkplugDecoder:
         now = self._clock()
         if node is None:
             if len(self.nodes) >= self.max_edge_nodes:
-                self._notice("rebirth_suppressed", {"group": group, "edge_node": node_id,
-                                                    "reason": "max_edge_nodes"})
+                self._suppressed["max_edge_nodes"] += 1
                 return
             node = self.nodes[(group, node_id)] = _Node()
         if now - node.last_rebirth < self.rebirth_interval_s:
             return
         if self._rebirths is not None and self._rebirths.take(1) > 0:
-            self._notice("rebirth_suppressed", {"group": group, "edge_node": node_id,
-                                                "reason": "rebirth_max_per_s"})
+            self._suppressed["rebirth_max_per_s"] += 1
             return
         node.last_rebirth = now
         cmd = sp.Payload(timestamp=time.time_ns() // 1_000_000)

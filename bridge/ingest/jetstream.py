@@ -149,7 +149,6 @@ class JetStreamStore:
         self._subjects: dict[Key, _Subject] = {}
         self._nc: NATS | None = None
         self._batches = 0
-        self.committed = asyncio.Event()
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
         # Validation and Acks run here (the commit itself is async network I/O).
         self.executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
@@ -316,9 +315,6 @@ class JetStreamStore:
                                                                   [batch[i] for i in idx]),
                                       strict=True):
                     out[i] = outcome
-        if COMMITTED in out:
-            ev, self.committed = self.committed, asyncio.Event()
-            ev.set()
         return out
 
     async def _commit_key(self, key: Key, sub: _Subject, items: list[Incoming]) -> list[str]:

@@ -414,8 +414,10 @@ def test_unknown_edge_nodes_are_tracked_and_asked_to_rebirth_only_within_the_cap
         with pytest.raises(DecodeError):
             d.decode(f"spBv1.0/G/NDATA/Ghost{i}", payload({"alias": 1, "int_value": 1}, seq=1))
     assert len(d.nodes) == 3
+    assert not [k for k, _ in notices if k == "rebirth_suppressed"], "none per message"
     assert len(d.take_requests()) == 3  # within the burst of 10; the rest are not tracked
-    assert sum(k == "rebirth_suppressed" for k, _ in notices) == 47
+    suppressed = [f for k, f in notices if k == "rebirth_suppressed"]
+    assert suppressed == [{"reason": "max_edge_nodes", "count": 47}]  # one per commit group
     d2 = SparkplugDecoder(max_edge_nodes=1000, rebirth_max_per_s=1.0, clock=clock)
     for i in range(50):
         with pytest.raises(DecodeError):
