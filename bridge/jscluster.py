@@ -101,7 +101,18 @@ class JetStreamCluster:
         for n in self.nodes:
             wait_port(n.port)
         self.wait_leader(timeout)
+        self.check_sync()
         return self
+
+    def check_sync(self) -> None:
+        """Every node runs with the ``sync_interval`` asked for (``/jsz`` says so): a figure
+        labelled fsync-always must come from servers that fsync every write."""
+        for n in self.nodes:
+            cfg = n.jsz().get("config") or {}
+            always = bool(cfg.get("sync_always")) if isinstance(cfg, dict) else False
+            if always != (n.sync == "always"):
+                raise RuntimeError(f"{n.name}: /jsz reports sync_always={always}, asked for "
+                                   f"sync_interval {n.sync!r}")
 
     def wait_leader(self, timeout: float = 30.0) -> None:
         """Until every running node agrees on a JetStream meta leader."""

@@ -104,6 +104,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import os
 import secrets
@@ -589,15 +590,15 @@ class Spool:
         return added, self._evict_dead(added)
 
     def _evict_dead(self, added: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        queue = list(self._dead) + added
-        count, size = len(queue), self.dead_bytes + sum(n for _, n in added)
+        count = len(self._dead) + len(added)
+        size = self.dead_bytes + sum(n for _, n in added)
         evicted: list[tuple[int, int]] = []
-        i = 0
-        while i < len(queue) and (count > self.dead_max or size > self.dead_max_bytes):
-            evicted.append(queue[i])
+        for item in itertools.chain(self._dead, added):  # oldest first
+            if count <= self.dead_max and size <= self.dead_max_bytes:
+                break
+            evicted.append(item)
             count -= 1
-            size -= queue[i][1]
-            i += 1
+            size -= item[1]
         if evicted:
             self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (evicted[-1][0],))
         return evicted
