@@ -24,6 +24,7 @@ from bridge.config import (
     load_agent,
     load_consumer,
     load_ingest,
+    nats_servers,
     parse_hostport,
 )
 from bridge.consume import CursorError
@@ -118,10 +119,10 @@ def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Pat
         tls = cfg.tls
         cursor = cursor or cfg.cursor
     for t in args.sources or []:
-        if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
-            targets.append(t)
-            continue
         try:
+            if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
+                targets.append(",".join(nats_servers(t)))
+                continue
             host, port = parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
         except ValueError as exc:
             raise ConfigError("command line", "--from", str(exc)) from exc

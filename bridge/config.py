@@ -355,6 +355,18 @@ class AgentConfig:
     log_level: str
 
 
+NATS_URL = re.compile(r"(nats|tls)://[^/\s:,]+:\d{1,5}")
+
+
+def nats_servers(target: str) -> list[str]:
+    """The servers of a ``nats://HOST:PORT[,nats://HOST:PORT...]`` target (ValueError)."""
+    servers = [u.strip() for u in target.split(",")]
+    bad = [u for u in servers if not NATS_URL.fullmatch(u)]
+    if bad:
+        raise ValueError(f"expected nats://HOST:PORT[,nats://HOST:PORT...], got {bad[0]!r}")
+    return servers
+
+
 @dataclass(frozen=True, kw_only=True)
 class JetStreamSettings:
     """``[store] kind = "jetstream"``: where the stream lives and how to reach it."""
@@ -646,7 +658,7 @@ def load_ingest(path: Path) -> IngestConfig:
             raise store.error("servers", 'kind = "jetstream" needs the NATS servers, e.g. '
                               '["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]')
         for i, url in enumerate(servers):
-            if not re.fullmatch(r"(nats|tls)://[^/\s:]+:\d{1,5}", url):
+            if not NATS_URL.fullmatch(url):
                 raise store.error(f"servers[{i}]", f"expected nats://HOST:PORT or "
                                   f"tls://HOST:PORT, got {url!r}")
         name = store.string("stream", "BRIDGE")
@@ -698,9 +710,10 @@ def load_consumer(path: Path) -> ConsumerConfig:
     root = _read(path)
     targets = root.str_list("from", ())
     for i, t in enumerate(targets):
-        if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
-            continue
         try:
+            if t.startswith(("nats://", "tls://")):  # a JetStream-backed cloud, read directly
+                nats_servers(t)
+                continue
             parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
         except ValueError as exc:
             raise ConfigError(str(path), f"from[{i}]", str(exc)) from exc

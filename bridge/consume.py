@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.config import TlsConfig
+from bridge.config import TlsConfig, nats_servers
 from bridge.telemetry import event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.transport import channel_options
@@ -138,7 +138,7 @@ class JetStreamClient:
     def __init__(self, *, target: str, stream: str = "BRIDGE",
                  prefix: str = "bridge.r") -> None:
         self.target = target
-        self.servers = [u.strip() for u in target.split(",") if u.strip()]
+        self.servers = nats_servers(target)
         self.stream, self.prefix = stream, prefix
         self._nc: Any = None
 

@@ -203,3 +203,14 @@ def test_jetstream_store_keys_are_checked_with_the_key_path(tmp_path: Path, pkis
     res = run_bridge("ingest", "--config", str(cfg), "--check")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{cfg}: {key}" in res.stderr and message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("target", ["nats://", "nats://h:1,", "nats://h:1,http://x:2",
+                                    "nats://h"])
+def test_a_malformed_jetstream_consume_target_is_one_clear_error(target: str,
+                                                                 pkis: localrun.Pki):
+    tls = pkis.consumer()
+    res = run_bridge("consume", "--from", target, "--ca", str(tls.ca), "--cert",
+                     str(tls.cert), "--key", str(tls.key))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--from: expected nats://HOST:PORT" in res.stderr, res.stderr
