@@ -158,6 +158,9 @@ class IngestMetrics:
                                   ["site"], registry=r)
         self.rejected = Counter("bridge_ingest_rejected", "Readings rejected, by reason",
                                 ["reason"], registry=r)
+        self.foreign_records = Counter(
+            "bridge_ingest_foreign_records", "Messages on the store's subjects that no replica "
+            "wrote (not an envelope, or no identity headers): skipped", registry=r)
         self.store_errors = Counter("bridge_ingest_store_errors", "Batches the store failed to "
                                     "commit (answered UNAVAILABLE, nothing acked)", registry=r)
         self.throttled = Counter("bridge_ingest_throttled", "Batches refused over the rate limit",

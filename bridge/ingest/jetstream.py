@@ -69,7 +69,7 @@ from bridge.config import JetStreamSettings
 from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
-from bridge.telemetry import event
+from bridge.telemetry import IngestMetrics, event
 
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
 # Wrong last (subject) sequence: 10071 names the actual one, 10164 (atomic batches) does not.
@@ -139,11 +139,13 @@ class JetStreamStore:
     """Commits batches to JetStream with the invariant above; one instance per replica."""
 
     def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256,
-                 on_health: Callable[[bool], Awaitable[None]] | None = None) -> None:
+                 on_health: Callable[[bool], Awaitable[None]] | None = None,
+                 metrics: IngestMetrics | None = None) -> None:
         """``on_health(False)`` when the connection to the cluster is lost, ``(True)`` when it
         is back: the node's gRPC health follows, so agents move on at their next probe."""
         self.settings = settings
         self.on_health = on_health or _ignore
+        self.metrics = metrics or IngestMetrics()
         self.max_epochs_per_site = max_epochs_per_site
         self.ledger = Ledger()
         self._subjects: dict[Key, _Subject] = {}
@@ -279,6 +281,7 @@ class JetStreamStore:
         except (KeyError, ValueError) as exc:
             # Not written by a replica (another publisher on our subjects): it holds no
             # reading of ours. Skipped, said once per message, and never a wedge.
+            self.metrics.foreign_records.inc()
             event("jetstream.foreign_message", level=logging.WARNING,
                   subject=self.subject(key), stream_seq=stream_seq, reason=str(exc)[:100])
             sub.last = max(sub.last, stream_seq)

@@ -276,6 +276,7 @@ class IngestService(pb_grpc.IngestServicer):
                 try:
                     env = pb.Envelope.FromString(blob)
                 except DecodeError:  # not ours (another publisher on the stream): skipped
+                    self.metrics.foreign_records.inc()
                     event("ingest.unreadable_record", level=logging.WARNING, bytes=len(blob))
                     continue
                 if env.seq > cursors.get((env.site_id, env.epoch), 0):
@@ -327,7 +328,8 @@ class IngestNode:
         if jetstream is not None:
             self.backend = JetStreamStore(settings=jetstream,
                                           max_epochs_per_site=max_epochs_per_site,
-                                          on_health=self._store_health)
+                                          on_health=self._store_health,
+                                          metrics=self.metrics)
         else:
             assert store_path is not None, "a SQLite store needs its path"
             self.backend = SqliteBackend(store=Store(path=store_path,
