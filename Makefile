@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBS := mosquitto mosquitto-clients nats-server
+DEBS := mosquitto mosquitto-clients nats-server prometheus systemd
 N ?= 20000
 # Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/test_tahu.py.
 TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json

@@ -27,6 +27,7 @@ from bridge.codecs import DecodeError, Decoder, make_decoder
 from bridge.config import DEFAULT_MAX_PAYLOAD, AgentConfig, SourceConfig
 from bridge.envelope import ClockSync, prepare_envelope, seal
 from bridge.netbind import BindProxy, resolve_vlan
+from bridge.service import Notifier
 from bridge.sources import make_source
 from bridge.sources.base import Message, Source
 from bridge.spool import (
@@ -38,7 +39,7 @@ from bridge.spool import (
     SpoolFull,
     SpoolReset,
 )
-from bridge.telemetry import AgentMetrics, HttpEndpoint, event
+from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
 from bridge.uplink.backoff import Backoff
 from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.pool import Endpoint, EndpointPool
@@ -237,6 +238,8 @@ class Agent:
     def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or AgentMetrics()
+        self.metrics.registry.register(CertExpiry(files={"client": config.tls.cert,
+                                                         "ca": config.tls.ca}))
         ring_sizes = {s.name: 2 * s.window for s in config.sources}
         sc = config.spool
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
@@ -286,6 +289,7 @@ class Agent:
             health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,
             failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
+        self.notifier = Notifier(component="agent")
         clock = ClockSync()
         self.sources = [make_source(s, self.metrics) for s in config.sources]
         self.intakes = [Intake(source=src, spool=self.spool, site_id=config.site_id,
@@ -318,6 +322,20 @@ class Agent:
                             rebirth_max_per_s=sp.rebirth_max_per_s,
                             max_edge_nodes=sp.max_edge_nodes,
                             max_decompressed_bytes=sp.max_decompressed_bytes)
+
+    def _waiting_for(self) -> str | None:
+        """What keeps the agent from being ready: the spool is open (``__init__``) and at
+        least one source must be subscribed."""
+        if any(s.subscribed.is_set() for s in self.sources):
+            return None
+        return "no source subscribed yet (" + ", ".join(
+            f"{s.info.name} at {s.info.broker}" for s in self.sources) + ")"
+
+    def _status_line(self) -> str:
+        sp = self.spool.spool
+        up = sum(s.subscribed.is_set() for s in self.sources)
+        return (f"spooled {sp.readings} readings; {up}/{len(self.sources)} sources subscribed; "
+                f"{self.sender.in_flight} batches in flight")
 
     def status(self) -> dict[str, Any]:
         sp = self.spool.spool
@@ -372,6 +390,9 @@ class Agent:
         self.metrics.spool_bytes.set_function(lambda: sp.bytes)
         self.metrics.spool_quarantines.set_function(lambda: len(sp.quarantines))
         self.metrics.spool_salvaged.set_function(lambda: sum(q.salvaged for q in sp.quarantines))
+        self.metrics.spool_max_bytes.set(sp.max_bytes)
+        self.metrics.spool_fill.set_function(lambda: (sp.bytes + sp.dead_bytes) / sp.max_bytes)
+        self.metrics.site.labels(self.config.site_id).set(1)
         for name, proxy in self.proxies.items():
             await proxy.start()
             event("netbind.proxy", endpoint=name, interface=proxy.interface, url=proxy.url)
@@ -383,6 +404,9 @@ class Agent:
                             for i in self.intakes]
             for src in self.sources:
                 await src.start()
+            notify_task = tg.create_task(
+                self.notifier.run(waiting_for=self._waiting_for, status=self._status_line),
+                name="service-notify")
             await stop.wait()
             t0 = time.monotonic()
             event("agent.stopping", spooled=sp.readings, in_flight=self.sender.in_flight)
@@ -401,6 +425,7 @@ class Agent:
                 sender_task.cancel()
             pool_task.cancel()
             bounds_task.cancel()
+            notify_task.cancel()
         await self.pool.close()
         for proxy in self.proxies.values():
             await proxy.close()

@@ -10,15 +10,37 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from bridge import __version__
 from bridge.config import parse_hostport
+
+# A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
+# it (the process start time is process_start_time_seconds).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+del PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the global registry is unused: one per component
 
 _log = logging.getLogger("bridge")
 
@@ -57,11 +79,78 @@ def event(name: str, *, level: int = logging.INFO, **fields: Any) -> None:
         _log.log(level, name, extra={"event": name, "fields": fields})
 
 
+def _subject(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else cert.subject.rfc4514_string()
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+class CertExpiry(Collector):
+    """``bridge_cert_expiry_seconds``: seconds until each held certificate's notAfter.
+
+    Read from the files at scrape time (parsed again only when a file's mtime changes), so the
+    figure follows a rotated certificate and goes negative once one has expired. A file that
+    cannot be read or parsed yields ``bridge_cert_unreadable{cert} 1`` instead of a stale value.
+    """
+
+    def __init__(self, *, files: Mapping[str, Path], clock: Callable[[], float] = time.time
+                 ) -> None:
+        self._files = dict(files)
+        self._clock = clock
+        self._cache: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+
+    def _read(self, role: str, path: Path) -> list[tuple[str, float]] | None:
+        try:
+            mtime = path.stat().st_mtime
+            hit = self._cache.get(role)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        out = [(_subject(c), c.not_valid_after_utc.timestamp()) for c in certs]
+        self._cache[role] = (mtime, out)
+        return out
+
+    def collect(self) -> Iterable[Metric]:
+        expiry = GaugeMetricFamily("bridge_cert_expiry_seconds", "Seconds until the "
+                                   "certificate's notAfter (negative once expired), by the "
+                                   "role it plays here (client, server, ca) and its subject",
+                                   labels=["cert", "subject"])
+        bad = GaugeMetricFamily("bridge_cert_unreadable", "1 when a configured certificate file "
+                                "cannot be read or parsed", labels=["cert"])
+        now = self._clock()
+        for role, path in self._files.items():
+            certs = self._read(role, path)
+            bad.add_metric([role], 0.0 if certs is not None else 1.0)
+            for subject, not_after in certs or ():
+                expiry.add_metric([role, subject], not_after - now)
+        yield expiry
+        yield bad
+
+
+def _component_registry(component: str, registry: CollectorRegistry | None) -> CollectorRegistry:
+    """A registry with the process metrics (CPU, RSS, fds, start time) and build info."""
+    r = registry or CollectorRegistry()
+    ProcessCollector(registry=r)
+    Gauge("bridge_build_info", "1, labelled with the component and its version",
+          ["component", "version", "python"], registry=r).labels(
+        component, __version__, sys.version.split()[0]).set(1)
+    return r
+
+
 class AgentMetrics:
     """The agent's metrics; names documented in docs/metrics.md."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
+        r = self.registry = _component_registry("agent", registry)
+        self.site = Gauge("bridge_agent_site", "1, labelled with the site id this agent "
+                          "ships for (join on instance to name a gateway's series)",
+                          ["site_id"], registry=r)
+        self.spool_max_bytes = Gauge("bridge_spool_max_bytes", "The spool's bound on envelope "
+                                     "and dead-letter bytes (max_bytes)", registry=r)
+        self.spool_fill = Gauge("bridge_spool_fill_ratio", "Envelope plus dead-letter bytes "
+                                "held, as a fraction of max_bytes (1.0 is full)", registry=r)
         self.source_messages = Counter("bridge_source_messages", "Messages taken from a broker",
                                        ["source"], registry=r)
         self.source_redelivered_skipped = Counter(
@@ -148,8 +237,15 @@ class AgentMetrics:
 
 
 class IngestMetrics:
+    """The ingest node's metrics; names documented in docs/metrics.md."""
+
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
+        r = self.registry = _component_registry("ingest", registry)
+        self.requests = Counter("bridge_ingest_requests", "gRPC calls answered, by method and "
+                                "status code (the autoscaler's per-pod request rate)",
+                                ["method", "code"], registry=r)
+        self.in_flight = Gauge("bridge_ingest_requests_in_flight", "gRPC calls being served "
+                               "(Subscribe streams count while open)", ["method"], registry=r)
         self.batches = Counter("bridge_ingest_batches", "PushBatch calls by outcome",
                                ["code"], registry=r)
         self.committed = Counter("bridge_ingest_readings_committed", "Readings newly committed",
