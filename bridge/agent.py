@@ -289,6 +289,7 @@ class Agent:
             health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,
             failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
+        self._zero_series()
         self.notifier = Notifier(component="agent")
         clock = ClockSync()
         self.sources = [make_source(s, self.metrics) for s in config.sources]
@@ -322,6 +323,25 @@ class Agent:
                             rebirth_max_per_s=sp.rebirth_max_per_s,
                             max_edge_nodes=sp.max_edge_nodes,
                             max_decompressed_bytes=sp.max_decompressed_bytes)
+
+    def _zero_series(self) -> None:
+        """Create the labelled series alerts and dashboards read at 0, so that ``rate()`` and
+        ``increase()`` see the first event (a series born at 1 has no increase)."""
+        m, names = self.metrics, [e.name for e in self.config.uplink.endpoints]
+        for reason in ("ttl", "spool_full"):
+            m.spool_dropped.labels(reason)
+        for name in names:
+            m.throttled.labels(name)
+            m.stalls.labels(name)
+            m.breaker_trips.labels(name)
+            for other in names:
+                if other != name:
+                    m.failovers.labels(name, other)
+        for s in self.config.sources:
+            m.source_messages.labels(s.name)
+            m.source_up.labels(s.name)
+            for kind in ("connect_failed", "lost"):
+                m.source_failures.labels(s.name, kind)
 
     def _waiting_for(self) -> str | None:
         """What keeps the agent from being ready: the spool is open (``__init__``) and at

@@ -27,6 +27,15 @@ def wait_for(cond: Callable[[], bool], *, timeout: float = 30.0, what: str = "co
         time.sleep(interval)
 
 
+def metric_value(text: str, series: str) -> float:
+    """The value of one series (name with its labels, as exposed) in Prometheus text; 0 if
+    absent. Labelled series are created at 0, so tests compare values, never presence."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 @pytest.fixture(scope="session")
 def pkis(tmp_path_factory: pytest.TempPathFactory) -> localrun.Pki:
     return localrun.Pki(tmp_path_factory.mktemp("pki"), ["site-a", "site-b"])

@@ -215,6 +215,8 @@ class IngestService(pb_grpc.IngestServicer):
         self.metrics = metrics
         self._identities: dict[bytes, PeerIdentity] = {}
         self.last_commit: dict[str, float] = {}
+        for reason in ("not_a_site_certificate", "site_mismatch", "not_a_consumer_certificate"):
+            metrics.denied.labels(reason)
 
     def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
         pems = list(context.auth_context().get("x509_pem_cert") or [])
@@ -226,6 +228,10 @@ class IngestService(pb_grpc.IngestServicer):
             if len(self._identities) > 10_000:
                 self._identities.clear()
             ident = self._identities[pem] = identity_from_pem(pem)
+            if ident.role == ROLE_SITE:  # a site's series start at 0 (rate() sees its first)
+                for counter in (self.metrics.committed, self.metrics.duplicates,
+                                self.metrics.throttled):
+                    counter.labels(ident.name)
         return ident
 
     async def _deny(self, context: grpc.aio.ServicerContext[Any, Any], reason: str,
