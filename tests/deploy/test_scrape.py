@@ -128,11 +128,12 @@ def test_prometheus_scrapes_every_metric_the_rules_and_the_dashboard_use(
         wait_for(lambda: bool(evaluated()), timeout=30, what="every rule evaluated once")
         bad = [(r["name"], r.get("lastError")) for r in evaluated() if r["health"] != "ok"]
         assert not bad
-        for expr in _panel_exprs():
+        for panel_expr in _panel_exprs():
+            query = panel_expr
             for var, value in VARIABLES.items():
-                expr = expr.replace(var, value)
-            res = _get(prom_port, "/api/v1/query", query=expr)
-            assert res["resultType"] in {"vector", "scalar", "matrix"}, expr
+                query = query.replace(var, value)
+            res = _get(prom_port, "/api/v1/query", query=query)
+            assert res["resultType"] in {"vector", "scalar", "matrix"}, query
         # The per-site recording rules see the site through the agent's site series.
         res = _get(prom_port, "/api/v1/query", query="site_id:bridge_spool_readings:max")
         assert [r["metric"]["site_id"] for r in res["result"]] == ["site-a"]
