@@ -397,6 +397,7 @@ class IngestConfig:
     max_tombstone_span: int = 2**40
     max_epochs_per_site: int = 256
     jetstream: JetStreamSettings | None = None
+    health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
 
 
 def _read(path: Path) -> _Table:
@@ -690,9 +691,17 @@ def load_ingest(path: Path) -> IngestConfig:
     rate = rl.number("readings_per_s", 0.0, minimum=0.0)
     burst = rl.number("burst", max(rate, 1.0) * 2, minimum=1.0)
     rl.done()
+    health = root.table("health")
+    health_listen = _hostport(health, "listen", None, listen=True)
+    health.done()
     metrics_listen, log_level = _common(root)
     root.done()
+    health_port = parse_hostport(health_listen, listen=True)[1] if health_listen else 0
+    if health_port and health_port == parse_hostport(listen, listen=True)[1]:
+        raise ConfigError(str(path), "health.listen", "must not share the port of listen "
+                          "(the gRPC port is mTLS only; the health port is plaintext)")
     return IngestConfig(file=path, node=node, listen=listen, tls=tls, store_path=store_path,
+                        health_listen=health_listen,
                         rate_limit_per_s=rate, rate_limit_burst=burst,
                         metrics_listen=metrics_listen, log_level=log_level,
                         max_batch_envelopes=max_batch, max_tombstone_span=max_span,

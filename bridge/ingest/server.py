@@ -439,7 +439,7 @@ class IngestNode:
                  jetstream: JetStreamSettings | None = None,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None, limits: Limits | None = None,
-                 max_epochs_per_site: int = 256) -> None:
+                 max_epochs_per_site: int = 256, health_listen: str | None = None) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
         self.backend: Backend
@@ -468,22 +468,38 @@ class IngestNode:
         self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
+        # Kubelet gRPC probes speak plaintext and carry no client certificate: a second server
+        # on its own port answers grpc.health.v1 only (the Ingest service is never plaintext).
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if health_listen:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            hhost, hport = parse_hostport(health_listen, listen=True)
+            self.health_port = self.health_server.add_insecure_port(f"{hhost}:{hport}")
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_listen} (health.listen)")
 
     async def _store_health(self, ok: bool) -> None:
-        """Health follows the store's connection: NOT_SERVING while it is lost."""
+        """The Ingest service's health follows the store's connection: NOT_SERVING while it
+        is lost (agents and readiness probes leave the node). The server's own status ("")
+        stays SERVING: it is what a liveness probe asks, and a lost NATS connection is not
+        cured by restarting the pod."""
         status = health_pb2.HealthCheckResponse.SERVING if ok else \
             health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(SERVICE, status)
-        await self.health.set("", status)
         event("ingest.health", node=self.node, serving=ok, reason="store connection "
               + ("restored" if ok else "lost"), level=logging.INFO if ok else logging.WARNING)
 
     async def start(self) -> None:
         await self.backend.start()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        event("ingest.listening", node=self.node, port=self.port)
+        event("ingest.listening", node=self.node, port=self.port,
+              health_port=self.health_port or None)
 
     async def stop(self, grace: float = 5.0) -> bool:
         """Stop within ``grace`` seconds; False if the store's writer was still busy then.
@@ -494,6 +510,8 @@ class IngestNode:
         t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         left = max(0.1, grace - (time.monotonic() - t0))
         idle = await self.service.close(left)
         event("ingest.stopped", node=self.node, clean=idle,
@@ -508,7 +526,8 @@ async def run(config: IngestConfig) -> None:
                       rate_limit_burst=config.rate_limit_burst,
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
                                     max_tombstone_span=config.max_tombstone_span),
-                      max_epochs_per_site=config.max_epochs_per_site)
+                      max_epochs_per_site=config.max_epochs_per_site,
+                      health_listen=config.health_listen)
     http = None
     if config.metrics_listen:
         http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,

@@ -73,13 +73,14 @@ def stored(servers: list[str], subject: str = "bridge.r.>") -> list[tuple[str, i
     return asyncio.run(read())
 
 
-def replicas(cluster: Cluster, js: JetStreamCluster, n: int) -> list[localrun.IngestProc]:
+def replicas(cluster: Cluster, js: JetStreamCluster, n: int, *, extra: str = ""
+             ) -> list[localrun.IngestProc]:
     """``n`` ingest replicas of the cloud ``aws``, all in front of the one stream."""
     out = []
     for i in range(n):
         name = f"aws-{i + 1}"
         proc = localrun.ingest(cluster.workdir, cluster.pki, "aws", jetstream=js.servers,
-                               name=name).start()
+                               name=name, extra=extra).start()
         cluster.nodes[name] = proc
         localrun.wait_healthy(proc.target, cluster.pki.consumer())
         out.append(proc)
@@ -317,20 +318,28 @@ def test_a_replica_cut_off_from_its_cluster_says_not_serving_until_it_is_back(
         cluster: Cluster, js: JetStreamCluster):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    (rep,) = replicas(cluster, js, 1)
+    probe_port = localrun.free_port()
+    (rep,) = replicas(cluster, js, 1, extra=f'[health]\nlisten = "127.0.0.1:{probe_port}"\n')
     ca, cert, key = cluster.pki.consumer().read()
     health = health_pb2_grpc.HealthStub(grpc.secure_channel(
         rep.target, grpc.ssl_channel_credentials(ca, key, cert)))
+    # The kubelet's view: plaintext, no certificate, on the health port only.
+    probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{probe_port}"))
 
-    def status() -> int:
-        return health.Check(health_pb2.HealthCheckRequest(service="bridge.v1.Ingest"),
-                            timeout=2).status
+    def status(stub: health_pb2_grpc.HealthStub = health, service: str = "bridge.v1.Ingest"
+               ) -> int:
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
     assert status() == health_pb2.HealthCheckResponse.SERVING
+    assert status(probe) == health_pb2.HealthCheckResponse.SERVING
     for i in range(3):
         js.kill(i)
     wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30,
              what="NOT_SERVING once the cluster is gone (agents move on at their next probe)")
+    # Readiness (the service) follows the store; liveness (the server) does not: restarting
+    # the pod would not bring NATS back.
+    assert status(probe) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert status(probe, "") == health_pb2.HealthCheckResponse.SERVING
     for i in range(3):
         js.restart(i)
     wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=60,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge import localrun, pki
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.config import TlsConfig
+from bridge.config import ConfigError, TlsConfig, load_ingest
 from bridge.ingest.server import IngestNode
 
 
@@ -121,3 +122,31 @@ async def test_subscribe_resumes_from_per_site_cursors_and_follows_new_commits(
         nxt = await asyncio.wait_for(call.read(), 5)
         assert nxt.envelope.seq == 4 and nxt.node == "aws"
         call.cancel()
+
+
+def test_the_plaintext_health_port_answers_health_checks_and_nothing_else(
+        tmp_path: Path, pkis: localrun.Pki) -> None:
+    probe_port = localrun.free_port()
+    node = localrun.ingest(tmp_path, pkis, "aws",
+                           extra=f'[health]\nlisten = "127.0.0.1:{probe_port}"\n').start()
+    try:
+        localrun.wait_healthy(node.target, pkis.consumer())
+        with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="bridge.v1.Ingest"), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.IngestStub(ch).PushBatch(pb.Batch(batch_id="x"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        node.proc.stop()
+
+
+def test_the_health_port_may_not_be_the_grpc_port(tmp_path: Path) -> None:
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text('node = "aws"\nlisten = "0.0.0.0:6443"\n[store]\npath = "s.db"\n'
+                   '[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
+                   '[health]\nlisten = "0.0.0.0:6443"\n')
+    cfg.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"health\.listen: must not share the port"):
+        load_ingest(cfg)
