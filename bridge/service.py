@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ class Notifier:
     async def _run(self, waiting_for: Callable[[], str | None],
                    status: Callable[[], str]) -> None:
         t0 = time.monotonic()
-        last_status = 0.0
+        last_status = -math.inf
         while True:
             now = time.monotonic()
             if not self.ready:
@@ -88,9 +89,11 @@ class Notifier:
                               component=self.component, reason=missing,
                               waited_s=round(now - t0, 1))
                     self._send(self._wd.ready)
+                    watchdog = self._wd.timeout_td / timedelta(seconds=1)
                     event("service.ready", component=self.component,
-                          startup_s=round(now - t0, 3), watchdog_s=self.ping_interval_s * 4)
-                    last_status = 0.0
+                          startup_s=round(now - t0, 3),
+                          watchdog_s=watchdog if watchdog < 86_400 else None)
+                    last_status = -math.inf
                 elif now - last_status >= _STATUS_EVERY_S:
                     last_status = now
                     self._send(self._wd.status, f"starting: {missing}")

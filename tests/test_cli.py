@@ -130,6 +130,7 @@ def test_the_example_configs_in_the_docs_parse(monkeypatch: pytest.MonkeyPatch):
     agent = load_agent(examples / "agent.toml")
     assert [e.name for e in agent.uplink.endpoints] == ["aws", "azure", "gcp"]
     assert load_ingest(examples / "ingest.toml").listen == "0.0.0.0:6443"
+    assert load_ingest(examples / "ingest-jetstream.toml").health_listen == "0.0.0.0:8086"
     assert len(load_consumer(examples / "consumer.toml").targets) == 3
     spb = load_agent(examples / "agent-sparkplug.toml").sources[0]
     assert spb.decode.sparkplug is not None and spb.decode.sparkplug.host_id == "bridge-site-7"
