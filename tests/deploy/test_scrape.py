@@ -110,7 +110,11 @@ def test_prometheus_scrapes_every_metric_the_rules_and_the_dashboard_use(
             return float(got["result"][0]["value"][1]) if got["result"] else 0.0
 
         def health() -> list[str]:
-            return sorted(t["health"] for t in _get(prom_port, "/api/v1/targets")["activeTargets"])
+            try:  # 503 until the TSDB is open: not up yet
+                targets = _get(prom_port, "/api/v1/targets")["activeTargets"]
+            except OSError:
+                return []
+            return sorted(t["health"] for t in targets)
 
         wait_for(lambda: health() == ["up", "up", "up"], timeout=30, what="three targets up")
         wait_for(lambda: wanted <= scraped() and committed() >= published, timeout=90,

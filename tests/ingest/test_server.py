@@ -150,3 +150,27 @@ def test_the_health_port_may_not_be_the_grpc_port(tmp_path: Path) -> None:
     cfg.chmod(0o600)
     with pytest.raises(ConfigError, match=r"health\.listen: must not share the port"):
         load_ingest(cfg)
+
+
+async def test_every_call_is_counted_by_method_and_code_and_per_site_progress_is_exported(
+        node: IngestNode, pkis: localrun.Pki):
+    from prometheus_client import generate_latest
+
+    ch, s = stub(node, pkis.site("site-a"))
+    async with ch:
+        await s.PushBatch(batch("site-a", [1, 2, 3]), timeout=5)
+        await s.PushBatch(batch("site-a", [4]), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await s.Status(pb.StatusRequest(), timeout=5)  # a site may not read
+        await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    text = generate_latest(node.metrics.registry).decode()
+    assert 'bridge_ingest_requests_total{code="OK",method="PushBatch"} 2.0' in text
+    assert 'bridge_ingest_requests_total{code="PERMISSION_DENIED",method="Status"} 1.0' in text
+    assert 'bridge_ingest_requests_in_flight{method="PushBatch"} 0.0' in text
+    assert 'bridge_ingest_site_committed_through{site="site-a"} 4.0' in text
+    assert 'bridge_ingest_site_epochs{site="site-a"} 1.0' in text
+    assert "bridge_ingest_site_last_commit_timestamp_seconds{site=\"site-a\"}" in text
+    assert "Check" not in text  # health checks are not requests
+    assert 'bridge_cert_expiry_seconds{cert="server",subject=' in text
+    assert "_created" not in text
+    assert "process_cpu_seconds_total" in text
