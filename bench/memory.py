@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.results import Row
-from bridge import localrun, simulate
 from bridge.codecs.json import decode_json
+from bridge.dev import localrun, simulate
 from bridge.envelope import SourceInfo, prepare_envelope, seal
 from bridge.spool import Pending, Spool
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 
 from bench.results import Row, percentile
-from bridge import localrun
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.jscluster import JetStreamCluster
+from bridge.dev import localrun
+from bridge.dev.jscluster import JetStreamCluster
 
 SCENARIO = "ingest_stores"
 # system -> (sync_interval or None for SQLite, replicas)

@@ -39,8 +39,9 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from bridge import consume, localrun
+from bridge import consume
 from bridge._pb import bridge_pb2 as pb
+from bridge.dev import localrun
 
 
 class Record(NamedTuple):

@@ -25,7 +25,7 @@ from bench import until
 from bench.load import Blast
 from bench.results import Row
 from bench.systems import Bridge, System, peers
-from bridge import localrun
+from bridge.dev import localrun
 
 SITE = "bench-site"
 Log = Callable[[str], None]

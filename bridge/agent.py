@@ -1,237 +1,40 @@
-"""The edge agent: sources -> intake (decode, spool commit, broker ack) -> sender -> ingest.
+"""The edge agent: wires sources -> intake (``bridge.intake``) -> spool -> sender -> ingest.
 
 Ownership hand-offs (DESIGN.md "Data flows one way"): a broker message is acked only after the
-spool transaction holding its envelope or its dead letter committed; a spool row is released
-only after an ingest node acknowledged it. Shutdown runs in the reverse order of the flow:
-stop taking from the brokers (after acking everything committed), let in-flight batches finish
-within the grace period, then close the uplink and the spool. Whatever was not acknowledged
-stays in the spool or in the broker's session for the next start.
+spool transaction holding its envelope or its dead letter committed (the intake's invariant); a
+spool row is released only after an ingest node acknowledged it. Shutdown runs in the reverse
+order of the flow: stop taking from the brokers (after acking everything committed), let
+in-flight batches finish within the grace period, then close the uplink and the spool.
+Whatever was not acknowledged stays in the spool or in the broker's session for the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import signal
 import time
-from collections import Counter
-from functools import partial
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
-from bridge._pb import bridge_pb2 as pb
-from bridge.codecs import DecodeError, Decoder, make_decoder
-from bridge.config import DEFAULT_MAX_PAYLOAD, AgentConfig, SourceConfig
-from bridge.envelope import ClockSync, prepare_envelope, seal
+from bridge.codecs import Decoder, make_decoder
+from bridge.config import AgentConfig, SourceConfig
+from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.service import Notifier
 from bridge.sources import make_source
-from bridge.sources.base import Message, Source
 from bridge.spool import (
-    PRIORITIES,
     AsyncSpool,
-    DeadLetter,
-    Pending,
     Spool,
     SpoolFull,
     SpoolReset,
 )
 from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
-from bridge.uplink.backoff import Backoff
 from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.pool import Endpoint, EndpointPool
 from bridge.uplink.sender import Sender
 from bridge.uplink.transport import GrpcTransport
 
 SHUTDOWN_GRACE_S = 5.0
-
-
-def digest(topic: str, payload: bytes) -> bytes:
-    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
-
-
-class Intake:
-    """One source's path into the spool: group commit, then ack in receive order."""
-
-    def __init__(self, *, source: Source, spool: AsyncSpool, site_id: str, decoder: Decoder,
-                 commit_max: int, metrics: AgentMetrics, clock: ClockSync,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
-                 priority: tuple[tuple[str, str], ...] = (), backpressure_s: float = 60.0,
-                 full_policy: str = "drop_oldest", dedupe_retransmissions: bool = True) -> None:
-        self.dedupe_retransmissions = dedupe_retransmissions
-        self.priority = priority
-        self.backpressure_s = backpressure_s
-        self.full_policy = full_policy
-        self._prio_cache: dict[str, int] = {}
-        self.source, self.spool, self.site_id = source, spool, site_id
-        self.decoder = decoder
-        self.max_payload_bytes = max_payload_bytes
-        self.commit_max = commit_max
-        self.metrics = metrics
-        self.clock = clock
-        self._stopping = asyncio.Event()
-        self.committed_messages = 0
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        name = self.source.info.name
-        self.decoder.restore(await self.spool.run(self.spool.spool.load_state, name))
-        backoff = Backoff(base_s=0.05, cap_s=2.0)
-        full_since: float | None = None
-        while not self._stopping.is_set():
-            take = asyncio.ensure_future(self.source.take(self.commit_max))
-            stop = asyncio.ensure_future(self._stopping.wait())
-            done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if take not in done:
-                take.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await take
-                # The source may have handed us messages as we stopped: commit and ack them.
-                if take.cancelled() or take.exception() is not None:
-                    break
-            stop.cancel()
-            messages = take.result()
-            pending, dead, skipped, ignored = self._prepare(messages)
-            state = {f"{name}/{k}": v for k, v in self.decoder.take_state().items()}
-            taken = len(pending)  # stored, or numbered and dropped by reject_new
-            while True:
-                try:
-                    await self.spool.run(self.spool.spool.commit, pending, dead, state)
-                    backoff.reset()
-                    full_since = None
-                    break
-                except SpoolReset:
-                    continue  # the file was replaced (see bridge.spool Recovery): commit again
-                except SpoolFull as exc:
-                    # Backpressure: nothing acked, so the broker holds the rest.
-                    if self._stopping.is_set():
-                        return
-                    self.metrics.spool_full.inc()
-                    now = time.monotonic()
-                    if full_since is None:
-                        full_since = now
-                        event("spool.full", level=logging.WARNING, source=name,
-                              reason=str(exc), waiting=len(messages),
-                              policy_after_s=self.backpressure_s, policy=self.full_policy)
-                    if now - full_since >= self.backpressure_s and await self._apply_policy(
-                            pending):
-                        if self.full_policy == "reject_new":
-                            pending = []
-                        continue
-                    await backoff.sleep()
-                except Exception as exc:  # noqa: BLE001 - never let the intake task die
-                    # Nothing was written or acked; the broker keeps the messages. Visible,
-                    # retried with backoff, and the agent stays up to send what it holds.
-                    if self._stopping.is_set():
-                        return
-                    self.metrics.spool_commit_errors.inc()
-                    event("spool.commit_failed", level=logging.ERROR, source=name,
-                          reason=f"{type(exc).__name__}: {exc}"[:300], waiting=len(messages))
-                    await backoff.sleep()
-            await self.source.ack(messages)
-            self.committed_messages += taken
-            self.metrics.source_messages.labels(name).inc(len(messages))
-            self.metrics.spool_commits.inc()
-            if skipped:
-                self.metrics.source_redelivered_skipped.labels(name).inc(skipped)
-                event("source.redelivery_skipped", source=name, messages=skipped,
-                      reason="already in spool")
-            for reason, n in ignored.items():
-                if reason == "retransmission":
-                    self.metrics.source_retransmissions.labels(name).inc(n)
-                self.metrics.source_skipped.labels(name, reason).inc(n)
-                event("source.skipped", source=name, messages=n, reason=reason)
-            for req in self.decoder.take_requests():
-                self.source.publish(req)
-            for d in dead:
-                self.metrics.dead_letters.labels(d.reason).inc()
-            if dead:
-                event("intake.dead_lettered", level=logging.WARNING, source=name,
-                      messages=len(dead), reason=dead[0].reason, detail=dead[0].detail,
-                      topic=dead[0].topic)
-            self.spool.appended.set()
-
-    async def _apply_policy(self, pending: list[Pending]) -> bool:
-        """The spool stayed full past the backpressure window: drop by policy (recorded)."""
-        spool = self.spool.spool
-        try:
-            if self.full_policy == "reject_new":
-                n = await self.spool.run(spool.commit_dropped, pending, "spool_full")
-            else:
-                need = max(spool.max_bytes // 20, 1)  # free 5 %: not one drop per message
-                n = await self.spool.run(spool.make_room, need)
-        except (SpoolFull, SpoolReset):
-            return False  # the disk itself is full: keep applying backpressure
-        if n:
-            self.metrics.spool_dropped.labels("spool_full").inc(n)
-            self.spool.appended.set()  # tombstones to send
-        return n > 0
-
-    def _prio(self, topic: str) -> int:
-        prio = self._prio_cache.get(topic)
-        if prio is None:
-            prio = next((PRIORITIES[cls] for pattern, cls in self.priority
-                         if mqtt.topic_matches_sub(pattern, topic)), 0)
-            if len(self._prio_cache) < 100_000:
-                self._prio_cache[topic] = prio
-        return prio
-
-    def _prepare(self, messages: list[Message]
-                 ) -> tuple[list[Pending], list[DeadLetter], int, Counter[str]]:
-        """Decode a batch: envelopes to append, dead letters, redeliveries, skips by reason."""
-        info = self.source.info
-        now = time.time_ns()
-        synced = self.clock.synced()
-        pending: list[Pending] = []
-        dead: list[DeadLetter] = []
-        skipped = 0
-        ignored: Counter[str] = Counter()
-        spool = self.spool.spool
-        limit = self.max_payload_bytes
-        batch: set[bytes] = set()
-        for m in messages:
-            try:
-                d = digest(m.topic, m.payload)
-                if m.redelivered and spool.claim_redelivery(info.name, d):
-                    skipped += 1
-                    continue
-                if self.dedupe_retransmissions and (
-                        d in batch or spool.recently_committed(info.name, d)) and \
-                        self.decoder.stamped(m.topic, m.payload):
-                    # The same bytes with the publisher's own seq: its QoS 1 resend after a
-                    # broker restart, not a new reading (see docs/architecture.md).
-                    ignored["retransmission"] += 1
-                    continue
-                if len(m.payload) > limit:
-                    dead.append(DeadLetter(info.name, m.topic, m.payload, "oversize",
-                                           f"{len(m.payload)} bytes > max_payload_bytes={limit}"))
-                    continue
-                decoded = self.decoder.decode(m.topic, m.payload)
-                if decoded.skip is not None:
-                    ignored[decoded.skip] += 1
-                    continue
-                env = prepare_envelope(site_id=self.site_id, epoch=spool.epoch, source=info,
-                                       topic=m.topic, decoded=decoded, codec=self.decoder.codec,
-                                       gateway_time_ns=now, clock_synced=synced)
-            except DecodeError as exc:
-                dead.append(DeadLetter(info.name, m.topic, m.payload, exc.reason, exc.detail))
-                continue
-            except Exception as exc:  # noqa: BLE001 - one message's bug must not stop the queue
-                dead.append(DeadLetter(info.name, m.topic, m.payload, "intake_error",
-                                       f"{type(exc).__name__}: {exc}"[:300]))
-                continue
-            batch.add(d)
-            pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
-                                   build=partial(self._seal, env)))
-        return pending, dead, skipped, ignored
-
-    def _seal(self, env: pb.Envelope, seq: int) -> bytes:
-        return seal(env, self.spool.spool.epoch, seq)
 
 
 class Agent:
@@ -294,14 +97,8 @@ class Agent:
         clock = ClockSync()
         self.sources = [make_source(s, self.metrics) for s in config.sources]
         self.intakes = [Intake(source=src, spool=self.spool, site_id=config.site_id,
-                               decoder=self._decoder(s),
-                               max_payload_bytes=s.decode.max_payload_bytes,
-                               commit_max=config.spool.commit_max_messages,
-                               metrics=self.metrics, clock=clock,
-                               priority=config.spool.priority,
-                               backpressure_s=config.spool.backpressure_s,
-                               full_policy=config.spool.full_policy,
-                               dedupe_retransmissions=s.decode.dedupe_retransmissions)
+                               decoder=self._decoder(s), metrics=self.metrics, clock=clock,
+                               policy=IntakePolicy.of(config.spool, s))
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
 

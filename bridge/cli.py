@@ -184,7 +184,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from bridge import simulate
+    from bridge.dev import simulate
 
     parts = urlsplit(args.broker)
     if parts.scheme not in ("mqtt", "amqp") or not parts.hostname:
@@ -234,7 +234,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bridge import demo
+    from bridge.dev import demo
 
     try:
         summary = demo.run(readings=args.readings, rate=args.rate, keep=args.keep,

@@ -28,10 +28,9 @@ from google.protobuf.message import DecodeError
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import Backoff, channel_options
 from bridge.config import TlsConfig, nats_servers
 from bridge.telemetry import event
-from bridge.uplink.backoff import Backoff
-from bridge.uplink.transport import channel_options
 
 Key = tuple[str, int]
 _QUALITY = {0: None, 1: "good", 2: "uncertain", 3: "bad"}

@@ -6,9 +6,6 @@ module is the only place that composes it into bytes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import time
 from dataclasses import dataclass
 
 from bridge._pb import bridge_pb2 as pb
@@ -170,29 +167,3 @@ def encode_batch(batch_id: str, envelopes: list[bytes]) -> bytes:
         parts.append(_varint(len(blob)))
         parts.append(blob)
     return b"".join(parts)
-
-
-class ClockSync:
-    """Whether the kernel considers the wall clock synchronised (adjtimex), cached for 10 s."""
-
-    _TIME_ERROR = 5
-
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("c")
-        self._libc = ctypes.CDLL(name, use_errno=True) if name else None
-        self._checked = 0.0
-        self._synced = False
-
-    def synced(self) -> bool:
-        now = time.monotonic()
-        if now - self._checked > 10.0:
-            self._checked = now
-            self._synced = self._query()
-        return self._synced
-
-    def _query(self) -> bool:
-        if self._libc is None:
-            return False
-        buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
-        state = self._libc.adjtimex(buf)
-        return bool(state >= 0 and state != self._TIME_ERROR)

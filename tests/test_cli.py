@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import localrun
+from bridge.dev import localrun
 
 GOOD_AGENT = """
 site_id = "site-a"

@@ -8,8 +8,9 @@ import urllib.request
 
 import orjson
 
-from bridge import localrun, pki
+from bridge import pki
 from bridge.config import TlsConfig
+from bridge.dev import localrun
 from tests.conftest import (
     Cluster,
     Publisher,

@@ -8,7 +8,7 @@ import subprocess
 import orjson
 
 from bridge._pb import sparkplug_b_pb2 as sp
-from bridge.localrun import bridge_argv
+from bridge.dev.localrun import bridge_argv
 from tests.conftest import Cluster, publish_raw, wait_delivered, wait_for
 
 

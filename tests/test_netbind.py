@@ -11,8 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bridge import localrun, pki
+from bridge import pki
 from bridge.config import TlsConfig
+from bridge.dev import localrun
 from bridge.netbind import BindError, resolve_vlan
 from tests.conftest import Cluster, Publisher, idle, wait_for
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bridge import localrun
+from bridge.dev import localrun
 from bridge.service import Notifier
 
 

@@ -11,9 +11,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge import simulate
 from bridge._pb import sparkplug_b_pb2 as sp
 from bridge.codecs.sparkplug import REBIRTH_METRIC
+from bridge.dev import simulate
 from tests.conftest import Cluster, publish_raw, wait_delivered, wait_for
 
 HOST_ID = "bridge-test"

@@ -62,7 +62,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from bridge._pb import sparkplug_b_pb2 as sp
 from bridge.codecs._base import Decoded, DecodedValue, DecodeError, Publish, Scalar
-from bridge.ingest.ratelimit import TokenBucket
+from bridge.common import TokenBucket
 
 NAMESPACE = "spBv1.0"
 NODE_TYPES = {"NBIRTH", "NDEATH", "NDATA", "NCMD"}

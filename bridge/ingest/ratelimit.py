@@ -11,24 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-
-class TokenBucket:
-    def __init__(self, *, rate: float, burst: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self.tokens = burst
-        self._at = clock()
-
-    def take(self, n: int) -> float:
-        """Take ``n`` tokens; 0.0 if done, else the seconds to wait before asking again."""
-        now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
-        self._at = now
-        need = min(float(n), self.burst)
-        if self.tokens >= need:
-            self.tokens -= n
-            return 0.0
-        return (need - self.tokens) / self.rate
+from bridge.common import TokenBucket
 
 
 class SiteLimiter:

@@ -8,7 +8,7 @@
 * Acks go out as one ``basic_ack(tag, multiple=True)`` per spool commit, for the last message
   of the batch; tags are delivered in order on a channel, so this acks exactly the batch.
 * aiormq does not reconnect. ``_run`` rebuilds connection, channel, qos and consumer after any
-  failure, with capped, jittered, wakeable backoff (``bridge.uplink.backoff``). A new
+  failure, with capped, jittered, wakeable backoff (``bridge.common``). A new
   connection is a new *generation*: tags of a dead channel are never acked on the new one
   (RabbitMQ would close the channel with PRECONDITION_FAILED); those messages come back with
   ``redelivered`` set and the spool's redelivery ring recognises the ones already stored.
@@ -25,11 +25,11 @@ import aiormq.abc
 from yarl import URL
 
 from bridge.codecs import Publish
+from bridge.common import Backoff
 from bridge.config import AmqpSourceConfig
 from bridge.envelope import SourceInfo
 from bridge.sources.base import Inbox, Message
 from bridge.telemetry import AgentMetrics, event
-from bridge.uplink.backoff import Backoff
 
 _CONNECT_TIMEOUT_S = 10.0
 

@@ -33,8 +33,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from bridge.common import Backoff
 from bridge.telemetry import AgentMetrics, event
-from bridge.uplink.backoff import Backoff
 from bridge.uplink.breaker import BreakerState, CircuitBreaker
 from bridge.uplink.transport import ErrorKind, Transport, TransportError
 

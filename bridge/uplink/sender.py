@@ -19,12 +19,11 @@ import time
 import uuid
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.common import Backoff, TokenBucket
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch, identity
-from bridge.ingest.ratelimit import TokenBucket
 from bridge.spool import AsyncSpool, SpoolFull, SpoolReset
 from bridge.telemetry import AgentMetrics, event
-from bridge.uplink.backoff import Backoff
 from bridge.uplink.pool import Endpoint, EndpointPool
 from bridge.uplink.transport import ErrorKind, TransportError
 

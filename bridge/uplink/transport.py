@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.common import channel_options
 from bridge.config import TlsConfig
 
 PUSH_METHOD = "/bridge.v1.Ingest/PushBatch"
@@ -73,19 +74,6 @@ class Transport(Protocol):
     async def healthy(self, *, timeout: float) -> bool: ...
 
     async def close(self) -> None: ...
-
-
-def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
-        ("grpc.enable_retries", 0),  # retries are ours: same request ids, other endpoints
-    ]
 
 
 class GrpcTransport:

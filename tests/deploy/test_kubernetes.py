@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bridge.config import load_ingest
-from bridge.jscluster import nats_server
+from bridge.dev.jscluster import nats_server
 from bridge.telemetry import IngestMetrics
 from tests.deploy import kustomize
 from tools import gen_prometheusrule

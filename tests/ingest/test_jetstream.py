@@ -15,10 +15,10 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bridge import localrun
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.jscluster import JetStreamCluster
+from bridge.dev import localrun
+from bridge.dev.jscluster import JetStreamCluster
 from tests.conftest import Cluster, Publisher, idle, wait_active, wait_for
 
 

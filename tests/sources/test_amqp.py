@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.localrun import RabbitMQ as Rabbit
+from bridge.dev.localrun import RabbitMQ as Rabbit
 from tests.conftest import Cluster, Publisher, wait_delivered, wait_for
 
 SOURCE_NAME = "bridge plant"  # the connection name the agent gives RabbitMQ

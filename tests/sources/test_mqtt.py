@@ -16,11 +16,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.agent import Intake
 from bridge.codecs import Publish, make_decoder
 from bridge.config import MqttSourceConfig
-from bridge.envelope import ClockSync
-from bridge.localrun import Mosquitto
+from bridge.dev.localrun import Mosquitto
+from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.sources.base import Message
 from bridge.sources.mqtt import MqttSource, _Client
 from bridge.spool import AsyncSpool, Spool
@@ -67,8 +66,8 @@ async def wait_until(cond, timeout: float = 20.0) -> None:
 @contextlib.asynccontextmanager
 async def running(source, spool: AsyncSpool, metrics: AgentMetrics):
     intake = Intake(source=source, spool=spool, site_id="site-a",
-                    decoder=make_decoder(codec="json"),
-                    commit_max=50, metrics=metrics, clock=ClockSync())
+                    decoder=make_decoder(codec="json"), metrics=metrics, clock=ClockSync(),
+                    policy=IntakePolicy(commit_max=50))
     await source.start()
     task = asyncio.create_task(intake.run())
     try:

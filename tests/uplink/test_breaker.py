@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from bridge.ingest.ratelimit import TokenBucket
+from bridge.common import TokenBucket
 from bridge.uplink.breaker import BreakerState, CircuitBreaker
 
 

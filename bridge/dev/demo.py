@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bridge import consume, localrun, simulate
+from bridge import consume
 from bridge._pb import bridge_pb2 as pb
-from bridge.jscluster import JetStreamCluster
+from bridge.dev import localrun, simulate
+from bridge.dev.jscluster import JetStreamCluster
 
 SITE = "demo-substation"
 NODES = ("aws", "azure", "gcp")

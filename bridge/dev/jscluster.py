@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bridge.localrun import Proc, free_port, wait_port
+from bridge.dev.localrun import Proc, free_port, wait_port
 
 MIN_VERSION = (2, 12)
 

@@ -1,0 +1,79 @@
+"""Helpers that several stages share, so that none imports another stage for them.
+
+* ``Backoff``: capped, fully jittered, wakeable backoff, one per retry loop (the sender, the
+  endpoint pool's probes, the AMQP source's reconnects, the consumer).
+* ``TokenBucket``: a rate limit that may go into debt, so a request larger than the burst is
+  never refused forever (the ingest's per-site limits, the sender's drain pacing, Sparkplug
+  rebirth requests).
+* ``channel_options``: the gRPC client channel settings of every client of the ingest (the
+  agent's uplink, the consumer): keepalive, reconnect backoff, no library retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class Backoff:
+    """``sleep()`` waits uniform(0, min(cap, base * 2**attempt)); ``wake()`` cuts it short."""
+
+    def __init__(self, *, base_s: float = 0.05, cap_s: float = 10.0) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self.attempt = 0
+        self._wake = asyncio.Event()
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def next_delay(self) -> float:
+        delay = random.uniform(0, min(self.cap_s, self.base_s * 2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return delay
+
+    async def sleep(self, delay: float | None = None) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.next_delay() if delay is None
+                                   else delay)
+
+
+class TokenBucket:
+    def __init__(self, *, rate: float, burst: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self.tokens = burst
+        self._at = clock()
+
+    def take(self, n: int) -> float:
+        """Take ``n`` tokens; 0.0 if done, else the seconds to wait before asking again."""
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        need = min(float(n), self.burst)
+        if self.tokens >= need:
+            self.tokens -= n
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+
+def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
+    """Keepalive pings every 10 s (the ingest permits 5 s), reconnects capped at
+    ``backoff_max_s``, and no gRPC retries: ours resend with the same ids, elsewhere."""
+    return [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
+        ("grpc.enable_retries", 0),  # retries are ours: same request ids, other endpoints
+    ]
