@@ -70,7 +70,7 @@ def _rank(name: str) -> tuple[str, int | None]:
 MODULES = sorted(p for p in PKG.rglob("*.py") if "_pb" not in p.parts)
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module(p))
+@pytest.mark.parametrize("path", MODULES, ids=_module)
 def test_no_module_imports_against_the_flow(path: Path) -> None:
     me = _module(path)
     kind, rank = _rank(me)
