@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.spool import PRIORITIES, Pending, Spool
-from bridge.spoolclock import SpoolClock
+from bridge.spool.clock import SpoolClock
 from tests.test_spool import EPOCH
 
 
