@@ -18,16 +18,12 @@ from typing import Any
 
 from bridge.codecs import Decoder, make_decoder
 from bridge.config import AgentConfig, SourceConfig
+from bridge.errors import SpoolFull, SpoolReset
 from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.service import Notifier
 from bridge.sources import make_source
-from bridge.spool import (
-    AsyncSpool,
-    Spool,
-    SpoolFull,
-    SpoolReset,
-)
+from bridge.spool import AsyncSpool, Spool
 from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
 from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.pool import Endpoint, EndpointPool

@@ -19,7 +19,6 @@ import orjson
 from bridge import __version__
 from bridge.config import (
     DEFAULT_INGEST_PORT,
-    ConfigError,
     TlsConfig,
     load_agent,
     load_consumer,
@@ -27,9 +26,7 @@ from bridge.config import (
     nats_servers,
     parse_hostport,
 )
-from bridge.consume import CursorError
-from bridge.netbind import BindError
-from bridge.spool import SpoolError
+from bridge.errors import ConfigError, DemoError, StoreUnavailable, UsageError, UserError
 
 EXIT_USAGE = 2
 
@@ -39,10 +36,6 @@ if TYPE_CHECKING:
 
 # Imported by the commands that use them: cryptography (pki) and aiormq cost the long-running
 # agent about 11 MB of RSS it never needs (measured with VmRSS before and after each import).
-
-
-class UsageError(Exception):
-    pass
 
 
 def _print_issued(what: str, issued: pki.Issued) -> None:
@@ -98,7 +91,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK (node {config.node}, listen {config.listen}, store {store})")
         return 0
     from bridge.ingest import server
-    from bridge.ingest.jetstream import StoreUnavailable
     from bridge.telemetry import setup_logging
 
     setup_logging(config.log_level, component="ingest")
@@ -240,7 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = demo.run(readings=args.readings, rate=args.rate, keep=args.keep,
                            source=args.source, payload=args.payload, store=args.store,
                            workdir=Path(args.workdir) if args.workdir else None)
-    except demo.DemoError as exc:
+    except DemoError as exc:
         raise UsageError(str(exc)) from exc
     if args.json:
         print(orjson.dumps(summary.as_dict()).decode())
@@ -391,18 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    errors: tuple[type[Exception], ...] = (ConfigError, SpoolError, CursorError, UsageError,
-                                           BindError)
-    pki = sys.modules.get("bridge.pki")  # only a command that loaded it can raise PkiError
-    return (*errors, pki.PkiError) if pki is not None else errors
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.fn(args)
-    except _user_errors() as exc:
+    except UserError as exc:  # one line, exit 2 (bridge.errors)
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from bridge.codecs import CODECS, JsonMapping
-from bridge.codecs.mapping import MappingError
+from bridge.errors import ConfigError, MappingError
 from bridge.files import exposure
 
 _REQUIRED: Any = object()
@@ -38,15 +38,6 @@ SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 def valid_site_id(site_id: str) -> bool:
     return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
-
-
-class ConfigError(Exception):
-    """A user mistake in a config file or flags: names where, says what."""
-
-    def __init__(self, file: str, key: str, message: str) -> None:
-        self.file, self.key, self.message = file, key, message
-        where = f"{file}: {key}" if key else file
-        super().__init__(f"{where}: {message}")
 
 
 class _Table:

@@ -30,15 +30,12 @@ from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.common import Backoff, channel_options
 from bridge.config import TlsConfig, nats_servers
+from bridge.errors import CursorError, SourceUnavailable
 from bridge.telemetry import event
 
 Key = tuple[str, int]
 _QUALITY = {0: None, 1: "good", 2: "uncertain", 3: "bad"}
 _PROTOCOL = {0: None, 1: "mqtt", 2: "amqp"}
-
-
-class CursorError(Exception):
-    pass
 
 
 def load_cursors(path: Path | None) -> dict[Key, int]:
@@ -182,10 +179,6 @@ class JetStreamClient:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
-
-
-class SourceUnavailable(Exception):
-    """A cloud could not be read (reported per cloud, like an unreachable ingest node)."""
 
 
 def client_for(target: str, tls: TlsConfig) -> NodeClient | JetStreamClient:

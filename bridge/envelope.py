@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.codecs import Decoded, DecodeError
+from bridge.codecs import Decoded
+from bridge.errors import DecodeError
 
 PROTOCOLS = {"mqtt": pb.PROTOCOL_MQTT, "amqp": pb.PROTOCOL_AMQP}
 

@@ -23,19 +23,13 @@ from functools import partial
 import paho.mqtt.client as mqtt
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.codecs import DecodeError, Decoder
+from bridge.codecs import Decoder
 from bridge.common import Backoff
 from bridge.config import DEFAULT_MAX_PAYLOAD, SourceConfig, SpoolConfig
 from bridge.envelope import prepare_envelope, seal
+from bridge.errors import DecodeError, SpoolFull, SpoolReset
 from bridge.sources.base import Message, Source
-from bridge.spool import (
-    PRIORITIES,
-    AsyncSpool,
-    DeadLetter,
-    Pending,
-    SpoolFull,
-    SpoolReset,
-)
+from bridge.spool import PRIORITIES, AsyncSpool, DeadLetter, Pending
 from bridge.telemetry import AgentMetrics, event
 
 

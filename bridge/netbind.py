@@ -20,14 +20,11 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from bridge.errors import BindError
 from bridge.telemetry import event
 
 VLAN_CONFIG = Path("/proc/net/vlan/config")
 _CONNECT_TIMEOUT_S = 5.0
-
-
-class BindError(Exception):
-    """An interface or VLAN cannot be used (missing, no kernel support)."""
 
 
 def resolve_vlan(vid: int, *, config: Path = VLAN_CONFIG) -> str:

@@ -25,15 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bridge.config import valid_site_id
+from bridge.errors import PkiError
 
 ROLE_SITE = "bridge-site"
 ROLE_CONSUMER = "bridge-consumer"
 ROLE_SERVER = "bridge-server"
-
-
-
-class PkiError(Exception):
-    """A user-facing PKI problem (existing file, bad name, unreadable CA)."""
 
 
 @dataclass(frozen=True, kw_only=True)

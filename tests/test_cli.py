@@ -121,7 +121,8 @@ def test_consume_without_a_certificate_is_a_usage_error():
 
 
 def test_the_example_configs_in_the_docs_parse(monkeypatch: pytest.MonkeyPatch):
-    from bridge.config import ConfigError, load_agent, load_consumer, load_ingest
+    from bridge.config import load_agent, load_consumer, load_ingest
+    from bridge.errors import ConfigError
     from bridge.files import INSECURE_ENV
 
     (Path(__file__).resolve().parent.parent / "examples" / "agent-amqp.toml").chmod(0o644)
@@ -155,7 +156,8 @@ def test_a_private_key_others_can_read_is_refused_at_start_with_the_fix(tmp_path
                                                                       pkis: localrun.Pki):
     import shutil
 
-    from bridge.config import ConfigError, TlsConfig
+    from bridge.config import TlsConfig
+    from bridge.errors import ConfigError
 
     tls = pkis.site("site-a")
     key = tmp_path / "site.key"

@@ -6,7 +6,6 @@ import pytest
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.consume import (
-    CursorError,
     Merger,
     committed_intervals,
     load_cursors,
@@ -14,6 +13,7 @@ from bridge.consume import (
     union,
     watermark_and_gaps,
 )
+from bridge.errors import CursorError
 
 
 def c(site: str, seq: int, node: str = "aws", epoch: int = 9) -> pb.Committed:

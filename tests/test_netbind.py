@@ -14,7 +14,8 @@ import pytest
 from bridge import pki
 from bridge.config import TlsConfig
 from bridge.dev import localrun
-from bridge.netbind import BindError, resolve_vlan
+from bridge.errors import BindError
+from bridge.netbind import resolve_vlan
 from tests.conftest import Cluster, Publisher, idle, wait_for
 
 VLAN_CONFIG = """VLAN Dev name    | VLAN ID

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.spool import DeadLetter, Pending, RedeliveryRing, Spool, SpoolError, SpoolFull
+from bridge.errors import SpoolError, SpoolFull
+from bridge.spool import DeadLetter, Pending, RedeliveryRing, Spool
 
 EPOCH = 77  # what the agent's envelopes carry: the spool's epoch (fixed here for the tests)
 

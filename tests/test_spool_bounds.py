@@ -184,7 +184,7 @@ def test_a_failed_reject_new_commit_leaves_no_numbered_gap(tmp_path: Path):
     sp._write_drop = fail  # type: ignore[method-assign]
     import contextlib
 
-    from bridge.spool import SpoolFull
+    from bridge.errors import SpoolFull
     with contextlib.suppress(SpoolFull):
         sp.commit_dropped(rows(4), "spool_full")
     assert sp.next_seq == 4, "nothing was recorded, so nothing was numbered"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.spool import Spool, SpoolReset
+from bridge.errors import SpoolReset
+from bridge.spool import Spool
 from tests.test_spool import EPOCH, pending
 
 ROWS = 3000
@@ -100,7 +101,7 @@ def test_damaged_pages_are_found_at_runtime_and_what_is_readable_is_salvaged(
 
 
 def test_a_spool_of_another_site_is_a_configuration_error_not_corruption(tmp_path: Path):
-    from bridge.spool import SpoolError
+    from bridge.errors import SpoolError
     path, _ = filled(tmp_path)
     with pytest.raises(SpoolError, match="belongs to site"):
         Spool(path=path, site_id="other", max_bytes=1 << 26)

@@ -13,18 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bridge.codecs._base import (
-    Decoded,
-    DecodedValue,
-    DecodeError,
-    Decoder,
-    Publish,
-    StatelessDecoder,
-)
+from bridge.codecs._base import Decoded, DecodedValue, Decoder, Publish, StatelessDecoder
 from bridge.codecs.json import decode_json
 from bridge.codecs.mapping import JsonMapping, MappedJson
 from bridge.codecs.raw import decode_raw
 from bridge.codecs.sparkplug import Notice, SparkplugDecoder
+from bridge.errors import DecodeError
 
 CODECS = ("json", "raw", "sparkplug")
 DECODERS: dict[str, Callable[[str, bytes], Decoded]] = {"json": decode_json, "raw": decode_raw}

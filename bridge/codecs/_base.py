@@ -6,14 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-class DecodeError(Exception):
-    """The payload cannot become a reading; ``reason`` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}")
-
+from bridge.errors import DecodeError
 
 Scalar = float | int | bool | str
 

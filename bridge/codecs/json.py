@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from bridge.codecs._base import Decoded, DecodedValue, DecodeError
+from bridge.codecs._base import Decoded, DecodedValue
+from bridge.errors import DecodeError
 
 QUALITY = {"good": 1, "uncertain": 2, "bad": 3, "GOOD": 1, "UNCERTAIN": 2, "BAD": 3}
 _MAX_VALUES = 10_000

@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.codecs._base import Decoded, DecodedValue, DecodeError, Scalar
+from bridge.codecs._base import Decoded, DecodedValue, Scalar
 from bridge.codecs.json import QUALITY, load_json, parse_timestamp, scalar
+from bridge.errors import DecodeError, MappingError
 
 TIMESTAMP_FORMATS = ("auto", "s", "ms", "us", "ns", "rfc3339")
 QUALITY_CODES = ("opc_da", "opc_ua")
@@ -39,10 +40,6 @@ _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]|(\.)")
 _I64 = 2**63
 
 Path = tuple[str | int, ...]
-
-
-class MappingError(ValueError):
-    """A mapping in the config is not well formed; the message names the field."""
 
 
 def compile_path(text: str, field: str) -> tuple[bool, Path]:

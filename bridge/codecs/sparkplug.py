@@ -61,8 +61,9 @@ import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from bridge._pb import sparkplug_b_pb2 as sp
-from bridge.codecs._base import Decoded, DecodedValue, DecodeError, Publish, Scalar
+from bridge.codecs._base import Decoded, DecodedValue, Publish, Scalar
 from bridge.common import TokenBucket
+from bridge.errors import DecodeError
 
 NAMESPACE = "spBv1.0"
 NODE_TYPES = {"NBIRTH", "NDEATH", "NDATA", "NCMD"}

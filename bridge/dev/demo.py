@@ -35,6 +35,7 @@ from bridge import consume
 from bridge._pb import bridge_pb2 as pb
 from bridge.dev import localrun, simulate
 from bridge.dev.jscluster import JetStreamCluster
+from bridge.errors import DemoError
 
 SITE = "demo-substation"
 NODES = ("aws", "azure", "gcp")
@@ -72,10 +73,6 @@ class _Progress:
 
 SPARKPLUG_METRICS = 10  # values per Sparkplug message in the demo
 SPARKPLUG_DEVICES = 4
-
-
-class DemoError(Exception):
-    """The demo cannot run as asked (a flag combination, a missing broker)."""
 
 
 def account(stream: list[pb.Committed], payload: str,

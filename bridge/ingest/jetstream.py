@@ -66,6 +66,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bridge.config import JetStreamSettings
+from bridge.errors import StoreUnavailable
 from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
@@ -74,10 +75,6 @@ from bridge.telemetry import IngestMetrics, event
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
 # Wrong last (subject) sequence: 10071 names the actual one, 10164 (atomic batches) does not.
 WRONG_LAST = (10071, 10164)
-
-
-class StoreUnavailable(Exception):
-    """JetStream did not acknowledge the write (no quorum, no connection): nothing is acked."""
 
 
 def subject_token(site: str) -> str:

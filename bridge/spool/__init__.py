@@ -109,6 +109,7 @@ dedicated thread so fsyncs never block the event loop).
 
 from __future__ import annotations
 
+from bridge.errors import SpoolError, SpoolFull, SpoolReset
 from bridge.spool.base import (
     DEAD_MAX,
     DEAD_PAYLOAD_BYTES,
@@ -120,9 +121,6 @@ from bridge.spool.base import (
     DeadLetter,
     Pending,
     Quarantine,
-    SpoolError,
-    SpoolFull,
-    SpoolReset,
     transaction,
 )
 from bridge.spool.core import Spool

@@ -29,18 +29,6 @@ _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_C
             "SQLITE_CORRUPT_VTAB", "SQLITE_IOERR_SHORT_READ"}
 
 
-class SpoolError(Exception):
-    """The spool file cannot be used (it belongs to another site, or its directory is unusable)."""
-
-
-class SpoolFull(Exception):
-    """The commit would exceed ``max_bytes`` or the disk is full; nothing was written."""
-
-
-class SpoolReset(Exception):
-    """The file was found corrupt and replaced (see Recovery); positions (rids) are void."""
-
-
 class _Corrupt(Exception):
     pass
 

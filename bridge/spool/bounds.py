@@ -8,11 +8,11 @@ import time
 from collections.abc import Sequence
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.errors import SpoolFull
 from bridge.spool.base import (
     PRIORITIES,
     TOMBSTONE,
     Pending,
-    SpoolFull,
     SpoolState,
     _is_full,
     _within,

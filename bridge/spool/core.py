@@ -12,14 +12,13 @@ from typing import TypeVar
 
 import orjson
 
+from bridge.errors import SpoolError, SpoolFull
 from bridge.spool.base import (
     DEAD_MAX,
     DEAD_PAYLOAD_BYTES,
     DeadLetter,
     Pending,
     Quarantine,
-    SpoolError,
-    SpoolFull,
     _Corrupt,
     _is_full,
     transaction,

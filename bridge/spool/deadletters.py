@@ -9,7 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridge.spool.base import DeadLetter, SpoolError, SpoolState, _text
+from bridge.errors import SpoolError
+from bridge.spool.base import DeadLetter, SpoolState, _text
 from bridge.telemetry import event
 
 

@@ -7,7 +7,8 @@ import logging
 import os
 import sqlite3
 
-from bridge.spool.base import HEADROOM, SpoolFull, SpoolState
+from bridge.errors import SpoolFull
+from bridge.spool.base import HEADROOM, SpoolState
 from bridge.telemetry import event
 
 

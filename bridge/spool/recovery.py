@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.errors import SpoolError, SpoolReset
 from bridge.spool.base import (
     TOMBSTONE,
     Quarantine,
-    SpoolError,
-    SpoolReset,
     SpoolState,
     _Corrupt,
     _is_corruption,

@@ -9,13 +9,13 @@ from collections import Counter, deque
 
 import orjson
 
+from bridge.errors import SpoolError
 from bridge.files import private_file
 from bridge.spool.base import (
     _PAGE,
     _TABLES,
     SCHEMA_VERSION,
     WAL_LIMIT,
-    SpoolError,
     SpoolState,
     _Corrupt,
     _is_corruption,

@@ -6,7 +6,8 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
-from bridge.spool.base import DeadLetter, SpoolFull, SpoolState, _is_full, transaction
+from bridge.errors import SpoolFull
+from bridge.spool.base import DeadLetter, SpoolState, _is_full, transaction
 
 
 class SendSide(SpoolState):

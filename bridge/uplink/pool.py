@@ -34,9 +34,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from bridge.common import Backoff
+from bridge.errors import ErrorKind, TransportError
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.breaker import BreakerState, CircuitBreaker
-from bridge.uplink.transport import ErrorKind, Transport, TransportError
+from bridge.uplink.transport import Transport
 
 
 class EndpointState(enum.Enum):

@@ -22,10 +22,10 @@ from bridge._pb import bridge_pb2 as pb
 from bridge.common import Backoff, TokenBucket
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch, identity
-from bridge.spool import AsyncSpool, SpoolFull, SpoolReset
+from bridge.errors import ErrorKind, SpoolFull, SpoolReset, TransportError
+from bridge.spool import AsyncSpool
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.pool import Endpoint, EndpointPool
-from bridge.uplink.transport import ErrorKind, TransportError
 
 _DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE: "duplicate",
                  pb.DISPOSITION_REJECTED: "rejected"}

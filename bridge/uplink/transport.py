@@ -9,7 +9,6 @@ usable again within about a second, and a deadline on every call.
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Protocol
 
 import grpc
@@ -18,24 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge._pb import bridge_pb2 as pb
 from bridge.common import channel_options
 from bridge.config import TlsConfig
+from bridge.errors import ErrorKind, TransportError
 
 PUSH_METHOD = "/bridge.v1.Ingest/PushBatch"
 HEALTH_SERVICE = "bridge.v1.Ingest"
-
-
-class ErrorKind(enum.Enum):
-    RETRYABLE = "retryable"   # try again, on another endpoint if there is one
-    THROTTLED = "throttled"   # the endpoint is fine but asks us to slow down
-
-
-class TransportError(Exception):
-    """A failed call: ``code`` (gRPC status name), Envoy-style ``flag``, classification."""
-
-    def __init__(self, *, code: str, flag: str, kind: ErrorKind, detail: str,
-                 retry_after_s: float | None = None) -> None:
-        self.code, self.flag, self.kind, self.detail = code, flag, kind, detail
-        self.retry_after_s = retry_after_s
-        super().__init__(f"{code} ({flag}): {detail}")
 
 
 # Call-level errors never drop data: the batch stays in the spool and is retried. Only

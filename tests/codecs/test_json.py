@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.codecs import DecodeError
 from bridge.codecs.json import decode_json, parse_timestamp
+from bridge.errors import DecodeError
 
 T = 1_700_000_000  # 2023-11-14T22:13:20Z
 

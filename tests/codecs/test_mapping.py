@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.codecs import DecodeError, JsonMapping
+from bridge.codecs import JsonMapping
 from bridge.codecs.json import decode_json
-from bridge.codecs.mapping import MappedJson, MappingError, compile_path
+from bridge.codecs.mapping import MappedJson, compile_path
+from bridge.errors import DecodeError, MappingError
 
 CORPUS = Path(__file__).parent / "corpus" / "json"
 T_NS = 1_700_000_000 * 10**9

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge._pb import sparkplug_b_pb2 as sp
-from bridge.codecs import DecodeError
 from bridge.codecs.sparkplug import REBIRTH_METRIC, SparkplugDecoder
+from bridge.errors import DecodeError
 
 NODE = "spBv1.0/Plant/{}/Edge1"
 DEV = "spBv1.0/Plant/{}/Edge1/Pump1"

@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge import pki
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.config import ConfigError, TlsConfig, load_ingest
+from bridge.config import TlsConfig, load_ingest
 from bridge.dev import localrun
+from bridge.errors import ConfigError
 from bridge.ingest.server import IngestNode
 
 

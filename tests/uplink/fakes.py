@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.uplink.transport import ErrorKind, TransportError
+from bridge.errors import ErrorKind, TransportError
 
 
 class ScriptedTransport:

@@ -141,7 +141,7 @@ async def test_a_failing_endpoint_trips_its_breaker_and_traffic_moves(rig_factor
 
     async def flaky(batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
         nonlocal failures
-        from bridge.uplink.transport import ErrorKind, TransportError
+        from bridge.errors import ErrorKind, TransportError
         failures += 1
         raise TransportError(code="INTERNAL", flag="UF", kind=ErrorKind.RETRYABLE,
                              detail="disk error")
@@ -220,7 +220,7 @@ async def test_an_endpoint_healthy_to_probes_but_never_acking_is_left_within_one
     await rig.until(lambda: len(a.committed) == 10)
 
     async def stalled(batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
-        from bridge.uplink.transport import ErrorKind, TransportError
+        from bridge.errors import ErrorKind, TransportError
         await asyncio.sleep(timeout)  # what grpc does at the deadline: the store never answers
         raise TransportError(code="DEADLINE_EXCEEDED", flag="UT", kind=ErrorKind.RETRYABLE,
                              detail="Deadline Exceeded")
