@@ -69,6 +69,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     config = load_agent(Path(args.config))
     if args.check:
         config.tls.read()
+        if any(s.protocol == "mqtt" for s in config.sources):
+            from bridge.sources.paho import check_paho
+
+            check_paho()
         print(f"{args.config}: OK (site {config.site_id}, {len(config.sources)} source(s), "
               f"{len(config.uplink.endpoints)} endpoint(s))")
         return 0

@@ -10,6 +10,7 @@
     │   ├── SpoolError       a spool file that cannot be used (another site's, no directory)
     │   ├── CursorError      a consumer cursor file that cannot be read or written
     │   ├── BindError        an interface or VLAN that cannot be bound
+    │   ├── DependencyError  an installed library lacks what the bridge relies on
     │   └── DemoError        ``bridge demo`` cannot run as asked
     ├── SpoolCondition       states of a working spool that its callers handle
     │   ├── SpoolFull        the commit would exceed max_bytes or the disk is full
@@ -67,6 +68,10 @@ class CursorError(UserError):
 
 class BindError(UserError):
     """An interface or VLAN cannot be used (missing, no kernel support)."""
+
+
+class DependencyError(UserError):
+    """An installed library is not the version the bridge relies on (paho's internals)."""
 
 
 class DemoError(UserError):

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -21,7 +22,8 @@ from bridge.config import MqttSourceConfig
 from bridge.dev.localrun import Mosquitto
 from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.sources.base import Message
-from bridge.sources.mqtt import MqttSource, _Client
+from bridge.sources.mqtt import MqttSource
+from bridge.sources.paho import FastClient
 from bridge.spool import AsyncSpool, Spool
 from bridge.telemetry import AgentMetrics
 from tests.conftest import publish_raw
@@ -245,12 +247,12 @@ def test_acks_queued_during_a_long_burst_go_out_before_the_burst_ends():
     and the agent's RSS with them)."""
     ours, broker = socket.socketpair()
     ours.setblocking(False)
-    client = _Client(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
+    client = FastClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
                      manual_ack=True)
     client._sock = ours
     client._thread = threading.current_thread()  # as under loop_start: acks are only queued
     burst = b"".join(publish_packet(mid, b"x" * 97) for mid in range(1, 1801))  # ~200 KiB
-    assert len(burst) > 3 * _Client._BUF
+    assert len(burst) > 3 * FastClient._BUF
     broker.sendall(burst)
     acked_by: dict[int, bytes] = {}
 
@@ -266,3 +268,24 @@ def test_acks_queued_during_a_long_burst_go_out_before_the_burst_ends():
     assert acked_by.get(1500, b"")[:4] == bytes([0x40, 0x02, 0x00, 0x01]), "PUBACK for mid 1"
     ours.close()
     broker.close()
+
+
+def test_the_installed_paho_has_every_internal_the_fast_client_uses() -> None:
+    import importlib.metadata
+
+    from bridge.sources import paho
+
+    paho.check_paho()
+    assert importlib.metadata.version("paho-mqtt") == paho.TESTED
+
+
+def test_a_paho_without_an_internal_is_one_clear_error_naming_its_version() -> None:
+    from bridge.errors import DependencyError
+    from bridge.sources import paho
+
+    class Renamed(mqtt.Client):
+        _packet_read = None  # type: ignore[assignment]  # as if a release renamed it
+
+    with pytest.raises(DependencyError, match=r"paho-mqtt 2\.2\.0 lacks internals .*"
+                                              r"_packet_read.*paho-mqtt==2\.2\.0"):
+        paho.check_paho(Renamed)
