@@ -296,12 +296,12 @@ async def follow(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
             if out:
                 emit(out)
 
-    tasks = [asyncio.create_task(one(t), name=f"consume-{t}") for t in targets]
-    pump_task = asyncio.create_task(pump(), name="consume-pump")
-    await stop.wait()
-    for t in [*tasks, pump_task]:
-        t.cancel()
-    await asyncio.gather(*tasks, pump_task, return_exceptions=True)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(t), name=f"consume-{t}") for t in targets]
+        tasks.append(tg.create_task(pump(), name="consume-pump"))
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
     emit(merger.drain())
 
 

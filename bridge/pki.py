@@ -1,6 +1,6 @@
 """Certificates for the bridge: one CA, ingest server certificates, site and consumer certificates.
 
-Identity rules (what the ingest checks, see ``bridge.ingest.auth``):
+Identity rules (what the ingest checks, see ``bridge.ingest.server``):
 
 * a **site** certificate has CN = site id, a DNS SAN = site id and OU = ``bridge-site``; it may
   push readings only for that site id;

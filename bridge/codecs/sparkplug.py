@@ -84,7 +84,7 @@ Notice = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(slots=True)
-class _Table:
+class _MetricTable:
     """One birth certificate: alias -> (name, datatype), and name -> datatype."""
 
     by_alias: dict[int, tuple[str, int]] = field(default_factory=dict)
@@ -104,7 +104,7 @@ class _Table:
         return [[name, aliased.get(name), dtype] for name, dtype in self.types.items()]
 
     @classmethod
-    def load(cls, rows: list[list[Any]]) -> _Table:
+    def load(cls, rows: list[list[Any]]) -> _MetricTable:
         t = cls()
         for name, alias, dtype in rows:
             t.types[name] = dtype
@@ -117,8 +117,8 @@ class _Table:
 class _Node:
     bd_seq: int | None = None
     online: bool = False
-    table: _Table = field(default_factory=_Table)
-    devices: dict[str, _Table] = field(default_factory=dict)  # born devices only
+    table: _MetricTable = field(default_factory=_MetricTable)
+    devices: dict[str, _MetricTable] = field(default_factory=dict)  # born devices only
     last_seq: int | None = None  # not persisted: after a restart the next seq is accepted
     last_rebirth: float = float("-inf")
 
@@ -129,8 +129,8 @@ class _Node:
     @classmethod
     def load(cls, blob: bytes) -> _Node:
         doc = orjson.loads(blob)
-        return cls(bd_seq=doc["bd"], online=doc["online"], table=_Table.load(doc["m"]),
-                   devices={k: _Table.load(v) for k, v in doc["d"].items()})
+        return cls(bd_seq=doc["bd"], online=doc["online"], table=_MetricTable.load(doc["m"]),
+                   devices={k: _MetricTable.load(v) for k, v in doc["d"].items()})
 
 
 def _float32(v: float) -> float:
@@ -354,7 +354,7 @@ class SparkplugDecoder:
             self._changed.add(key)
             return self._decoded(msg, labels, [], None)
         elif mtype in ("NCMD", "DCMD"):
-            table = _Table()  # commands name their metrics; typed by their own datatype
+            table = _MetricTable()  # commands name their metrics; typed by their own datatype
         else:
             if node is None or not node.online:
                 self._request_rebirth(group, node_id, node, "data_before_birth")
@@ -363,7 +363,7 @@ class SparkplugDecoder:
             self._check_seq(topic, group, node_id, node, seq)
             if mtype == "DBIRTH":
                 assert device is not None
-                table = node.devices[device] = _Table()
+                table = node.devices[device] = _MetricTable()
                 table.learn(msg.metrics)
                 self._changed.add(key)
             elif mtype == "DDEATH":
@@ -384,7 +384,7 @@ class SparkplugDecoder:
         return self._decoded(msg, labels, self._metrics(msg, table, group, node_id, node), seq,
                              payload=payload)
 
-    def _metrics(self, msg: Any, table: _Table, group: str, node_id: str,
+    def _metrics(self, msg: Any, table: _MetricTable, group: str, node_id: str,
                  node: _Node | None) -> list[tuple[Any, str, int]]:
         out = []
         for m in msg.metrics:

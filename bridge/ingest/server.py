@@ -38,7 +38,8 @@ from bridge.service import Notifier
 from bridge.telemetry import CertExpiry, HttpEndpoint, IngestMetrics, event
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    # Pair with the agent's keepalive (bridge.uplink.channel): pings every 10 s are welcome.
+    # Pair with the agent's keepalive (bridge.common.channel_options): pings every 10 s are
+    # welcome.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -29,7 +29,7 @@ def test_duplicates_are_recognised_within_a_batch_across_batches_and_after_reope
     assert rows[0].epoch == big_epoch
 
 
-def test_ledger_above_the_watermark_is_persisted(tmp_path: Path):
+def test_the_ledger_above_the_watermark_is_rebuilt_from_the_rows_at_open(tmp_path: Path):
     store = Store(path=tmp_path / "i.db")
     store.commit(items("a", 7, [1, 3, 10]))
     store.close()
