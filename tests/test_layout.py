@@ -84,7 +84,7 @@ def test_no_module_imports_against_the_flow(path: Path) -> None:
             continue
         if kind == "neutral":
             # config validates codec names and JSON mappings with the codecs' own parser.
-            assert me == "bridge.config" and dep.startswith("bridge.codecs"), (me, dep)
+            assert me.startswith("bridge.config") and dep.startswith("bridge.codecs"), (me, dep)
             continue
         assert drank is not None and rank is not None
         same_side = (rank <= 4) == (drank <= 4)

@@ -1,407 +1,41 @@
-"""TOML configuration to frozen dataclasses.
-
-Every error names the file and the key path (``uplink.endpoints[1].target``) and the CLI turns it
-into one line and exit status 2. Unknown keys are errors too: a typo in a bound such as
-``max_bytes`` must not silently fall back to a default. Relative paths are resolved against the
-config file's directory, so a config works whatever the current directory of the service is.
-Every key is documented in docs/configuration.md.
-"""
+"""The loaders: a file's tables, read through ``table._Table``, into the ``model`` dataclasses,
+with the checks that span keys (duplicates, combinations, files that must exist)."""
 
 from __future__ import annotations
 
 import re
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from bridge.codecs import CODECS, JsonMapping
+from bridge.config.model import (
+    DEFAULT_AMQP_PORT,
+    DEFAULT_INGEST_PORT,
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_MQTT_PORT,
+    NATS_URL,
+    SPARKPLUG_TOPICS,
+    AgentConfig,
+    AmqpSourceConfig,
+    BreakerConfig,
+    ConsumerConfig,
+    DecodeConfig,
+    EndpointConfig,
+    IngestConfig,
+    JetStreamSettings,
+    MqttSourceConfig,
+    SourceConfig,
+    SparkplugConfig,
+    SpoolConfig,
+    TlsConfig,
+    UplinkConfig,
+    nats_servers,
+    parse_hostport,
+    valid_site_id,
+)
+from bridge.config.table import _REQUIRED, _hostport, _read, _Table
 from bridge.errors import ConfigError, MappingError
 from bridge.files import exposure
-
-_REQUIRED: Any = object()
-
-DEFAULT_INGEST_PORT = 6443
-DEFAULT_MQTT_PORT = 1883
-DEFAULT_AMQP_PORT = 5672
-DEFAULT_MAX_PAYLOAD = 1 << 20
-SPARKPLUG_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/NDEATH/+", "spBv1.0/+/NDATA/+",
-                    "spBv1.0/+/DBIRTH/+/+", "spBv1.0/+/DDEATH/+/+", "spBv1.0/+/DDATA/+/+")
-
-
-#: Site ids double as DNS SANs (see bridge.pki), so they follow DNS label rules (lower case,
-#: digits, '-', '.'). Defined here so that loading a config never loads cryptography.
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-
-
-def valid_site_id(site_id: str) -> bool:
-    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
-
-
-class _Table:
-    """One TOML table being read; tracks consumed keys to report unknown ones."""
-
-    def __init__(self, data: dict[str, Any], *, file: str, path: str, base: Path) -> None:
-        self._data, self._file, self._path, self._base = data, file, path, base
-        self._seen: set[str] = set()
-
-    @property
-    def file(self) -> str:
-        return self._file
-
-    @property
-    def where(self) -> str:
-        return self._path
-
-    def _key(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self._file, self._key(key) if key else self._path, message)
-
-    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
-        self._seen.add(key)
-        if key not in self._data:
-            if default is _REQUIRED:
-                raise self.error(key, "required key is missing")
-            return default
-        value = self._data[key]
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(key, f"expected {what}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise self.error(key, f"expected {what}, got {type(value).__name__} {value!r}")
-        return value
-
-    def string(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self._get(key, default, (str,), "a string")
-        if isinstance(value, str) and not value.strip():
-            raise self.error(key, "must not be empty")
-        return value
-
-    def integer(self, key: str, default: Any = _REQUIRED, *, minimum: int | None = None,
-            maximum: int | None = None) -> Any:
-        value = self._get(key, default, (int,), "an integer")
-        if isinstance(value, int):
-            if minimum is not None and value < minimum:
-                raise self.error(key, f"must be >= {minimum}, got {value}")
-            if maximum is not None and value > maximum:
-                raise self.error(key, f"must be <= {maximum}, got {value}")
-        return value
-
-    def number(self, key: str, default: Any = _REQUIRED, *, minimum: float | None = None) -> Any:
-        value = self._get(key, default, (int, float), "a number")
-        if value is not None:
-            value = float(value)
-            if minimum is not None and value < minimum:
-                raise self.error(key, f"must be >= {minimum}, got {value}")
-        return value
-
-    def boolean(self, key: str, default: Any = _REQUIRED) -> Any:
-        return self._get(key, default, (bool,), "true or false")
-
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> Any:
-        value = self.string(key, default)
-        if value is not None and value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def path(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self.string(key, default)
-        if isinstance(value, str):
-            p = Path(value).expanduser()
-            return p if p.is_absolute() else (self._base / p)
-        return value
-
-    def str_list(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self._get(key, default, (list,), "a list of strings")
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                if not isinstance(item, str) or not item:
-                    raise ConfigError(self._file, f"{self._key(key)}[{i}]",
-                                      f"expected a non-empty string, got {item!r}")
-            return tuple(value)
-        return value
-
-    def table(self, key: str, *, required: bool = False) -> _Table:
-        value = self._get(key, _REQUIRED if required else {}, (dict,), "a table")
-        return _Table(value, file=self._file, path=self._key(key), base=self._base)
-
-    def tables(self, key: str) -> list[_Table]:
-        value = self._get(key, [], (list,), "an array of tables ([[...]])")
-        out = []
-        for i, item in enumerate(value):
-            path = f"{self._key(key)}[{i}]"
-            if not isinstance(item, dict):
-                raise ConfigError(self._file, path, "expected a table")
-            out.append(_Table(item, file=self._file, path=path, base=self._base))
-        return out
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def done(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (see docs/configuration.md)")
-
-
-def parse_hostport(value: str, *, default_port: int | None = None,
-                   listen: bool = False) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message.
-
-    Port 0 ("any free port") is valid only for addresses we listen on.
-    """
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s/]+)(?::(\d+))?", value)
-    if not m:
-        raise ValueError(f'expected "host:port", got {value!r}')
-    host = m.group(1) or m.group(3)
-    port_s = m.group(2) or m.group(4)
-    if port_s is None:
-        if default_port is None:
-            raise ValueError(f'expected "host:port", got {value!r} (no port)')
-        return host, default_port
-    port = int(port_s)
-    if not (0 if listen else 1) <= port < 65536:
-        raise ValueError(f"port {port} out of range in {value!r}")
-    return host, port
-
-
-def _hostport(t: _Table, key: str, default: Any = _REQUIRED, *,
-              default_port: int | None = None, listen: bool = False) -> Any:
-    value = t.string(key, default)
-    if value is None:
-        return None
-    try:
-        parse_hostport(value, default_port=default_port, listen=listen)
-    except ValueError as exc:
-        raise t.error(key, str(exc)) from exc
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class TlsConfig:
-    ca: Path
-    cert: Path
-    key: Path
-    file: str = ""
-    section: str = "tls"
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """(ca, cert, key) PEM bytes; a missing or unreadable file is a ConfigError."""
-        out = []
-        for name in ("ca", "cert", "key"):
-            path: Path = getattr(self, name)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise ConfigError(self.file, f"{self.section}.{name}",
-                                  f"cannot read {path}: {exc.strerror}") from exc
-            if b"-----BEGIN" not in data:
-                raise ConfigError(self.file, f"{self.section}.{name}", f"{path} is not PEM")
-            if name == "key" and (problem := exposure(path)):
-                raise ConfigError(self.file, f"{self.section}.key", f"private key {problem}")
-            out.append(data)
-        return out[0], out[1], out[2]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SparkplugConfig:
-    host_id: str | None          # publish spBv1.0/STATE/<host_id>: the Primary Host Application
-    rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
-    rebirth_on_gap: bool         # ... and for a seq gap
-    rebirth_interval_s: float    # at most one request per edge node per this interval
-    rebirth_max_per_s: float = 10.0  # rebirth requests per second for the whole source
-    max_edge_nodes: int = 10_000     # edge nodes tracked per source
-    max_decompressed_bytes: int = 16 << 20  # a compressed payload inflates to at most this
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecodeConfig:
-    """How a source's payloads become readings; the same for every protocol."""
-
-    codec: str = "json"
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
-    mappings: tuple[JsonMapping, ...] = ()
-    sparkplug: SparkplugConfig | None = None
-    dedupe_retransmissions: bool = True  # byte-identical repeats that carry the publisher's seq
-
-
-@dataclass(frozen=True, kw_only=True)
-class MqttSourceConfig:
-    name: str
-    host: str
-    port: int
-    topics: tuple[str, ...]
-    client_id: str
-    session_expiry_s: int
-    receive_maximum: int
-    keepalive_s: int
-    username: str | None
-    password: str | None
-    decode: DecodeConfig = DecodeConfig()
-    protocol: str = "mqtt"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def window(self) -> int:
-        return self.receive_maximum
-
-
-@dataclass(frozen=True, kw_only=True)
-class AmqpSourceConfig:
-    name: str
-    host: str
-    port: int
-    vhost: str
-    username: str
-    password: str
-    queue: str
-    durable: bool
-    exchange: str | None
-    exchange_type: str
-    bindings: tuple[str, ...]
-    prefetch: int
-    heartbeat_s: int
-    reconnect_max_s: float
-    decode: DecodeConfig = DecodeConfig()
-    protocol: str = "amqp"
-
-    @property
-    def url(self) -> str:
-        """For logs and envelopes: never the password."""
-        vhost = "" if self.vhost == "/" else "/" + self.vhost
-        return f"amqp://{self.host}:{self.port}{vhost}"
-
-    @property
-    def window(self) -> int:
-        return self.prefetch
-
-
-SourceConfig = MqttSourceConfig | AmqpSourceConfig
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpoolConfig:
-    path: Path
-    max_bytes: int
-    commit_max_messages: int
-    reserve_bytes: int
-    max_age_s: float = 0.0
-    backpressure_s: float = 60.0
-    full_policy: str = "drop_oldest"
-    priority: tuple[tuple[str, str], ...] = ()  # (topic filter, class)
-    dead_letter_payload_bytes: int = 4096  # the prefix of a bad message kept
-    dead_letters_max: int = 10_000         # rows
-    dead_letters_max_bytes: int = 16 << 20  # and at most max_bytes / 10
-
-
-@dataclass(frozen=True, kw_only=True)
-class EndpointConfig:
-    name: str
-    target: str
-    priority: int
-    interface: str | None = None
-    vlan: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class BreakerConfig:
-    window_s: float
-    error_rate: float
-    min_requests: int
-    open_s: float
-    half_open_probes: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class UplinkConfig:
-    endpoints: tuple[EndpointConfig, ...]
-    batch_max_readings: int
-    batch_max_bytes: int
-    max_in_flight: int
-    deadline_s: float
-    health_interval_s: float
-    health_timeout_s: float
-    health_timeout_min_s: float
-    failback_after_s: float
-    backoff_max_s: float
-    breaker: BreakerConfig
-    drain_max_per_s: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class AgentConfig:
-    file: Path
-    site_id: str
-    tls: TlsConfig
-    spool: SpoolConfig
-    sources: tuple[SourceConfig, ...]
-    uplink: UplinkConfig
-    metrics_listen: str | None
-    log_level: str
-
-
-NATS_URL = re.compile(r"(nats|tls)://[^/\s:,]+:\d{1,5}")
-
-
-def nats_servers(target: str) -> list[str]:
-    """The servers of a ``nats://HOST:PORT[,nats://HOST:PORT...]`` target (ValueError)."""
-    servers = [u.strip() for u in target.split(",")]
-    bad = [u for u in servers if not NATS_URL.fullmatch(u)]
-    if bad:
-        raise ValueError(f"expected nats://HOST:PORT[,nats://HOST:PORT...], got {bad[0]!r}")
-    return servers
-
-
-@dataclass(frozen=True, kw_only=True)
-class JetStreamSettings:
-    """``[store] kind = "jetstream"``: where the stream lives and how to reach it."""
-
-    servers: tuple[str, ...]
-    stream: str = "BRIDGE"
-    prefix: str = "bridge.r"
-    replicas: int = 3
-    ack_timeout_s: float = 5.0
-    creds: str | None = None        # a NATS user credentials file (JWT + nkey seed)
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngestConfig:
-    file: Path
-    node: str
-    listen: str
-    tls: TlsConfig
-    store_path: Path | None
-    rate_limit_per_s: float
-    rate_limit_burst: float
-    metrics_listen: str | None
-    log_level: str
-    max_batch_envelopes: int = 10_000
-    max_tombstone_span: int = 2**40
-    max_epochs_per_site: int = 256
-    jetstream: JetStreamSettings | None = None
-    health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
-
-
-def _read(path: Path) -> _Table:
-    file = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(file, "", "file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(file, "", f"cannot read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "", f"invalid TOML: {exc}") from exc
-    return _Table(data, file=file, path="", base=path.resolve().parent)
 
 
 def _tls(t: _Table) -> TlsConfig:
@@ -697,13 +331,6 @@ def load_ingest(path: Path) -> IngestConfig:
                         metrics_listen=metrics_listen, log_level=log_level,
                         max_batch_envelopes=max_batch, max_tombstone_span=max_span,
                         max_epochs_per_site=max_epochs, jetstream=jetstream)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConsumerConfig:
-    targets: tuple[str, ...]
-    tls: TlsConfig
-    cursor: Path | None
 
 
 def load_consumer(path: Path) -> ConsumerConfig:

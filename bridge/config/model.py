@@ -1,0 +1,276 @@
+"""What a config file becomes: frozen dataclasses the rest of the bridge reads, and the
+parsers of values they hold (host:port, NATS URLs, site ids)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.codecs import JsonMapping
+from bridge.errors import ConfigError
+from bridge.files import exposure
+
+DEFAULT_INGEST_PORT = 6443
+
+
+DEFAULT_MQTT_PORT = 1883
+
+
+DEFAULT_AMQP_PORT = 5672
+
+
+DEFAULT_MAX_PAYLOAD = 1 << 20
+
+
+SPARKPLUG_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/NDEATH/+", "spBv1.0/+/NDATA/+",
+                    "spBv1.0/+/DBIRTH/+/+", "spBv1.0/+/DDEATH/+/+", "spBv1.0/+/DDATA/+/+")
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+
+
+SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+def valid_site_id(site_id: str) -> bool:
+    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
+
+
+def parse_hostport(value: str, *, default_port: int | None = None,
+                   listen: bool = False) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message.
+
+    Port 0 ("any free port") is valid only for addresses we listen on.
+    """
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s/]+)(?::(\d+))?", value)
+    if not m:
+        raise ValueError(f'expected "host:port", got {value!r}')
+    host = m.group(1) or m.group(3)
+    port_s = m.group(2) or m.group(4)
+    if port_s is None:
+        if default_port is None:
+            raise ValueError(f'expected "host:port", got {value!r} (no port)')
+        return host, default_port
+    port = int(port_s)
+    if not (0 if listen else 1) <= port < 65536:
+        raise ValueError(f"port {port} out of range in {value!r}")
+    return host, port
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+    file: str = ""
+    section: str = "tls"
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert, key) PEM bytes; a missing or unreadable file is a ConfigError."""
+        out = []
+        for name in ("ca", "cert", "key"):
+            path: Path = getattr(self, name)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(self.file, f"{self.section}.{name}",
+                                  f"cannot read {path}: {exc.strerror}") from exc
+            if b"-----BEGIN" not in data:
+                raise ConfigError(self.file, f"{self.section}.{name}", f"{path} is not PEM")
+            if name == "key" and (problem := exposure(path)):
+                raise ConfigError(self.file, f"{self.section}.key", f"private key {problem}")
+            out.append(data)
+        return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparkplugConfig:
+    host_id: str | None          # publish spBv1.0/STATE/<host_id>: the Primary Host Application
+    rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
+    rebirth_on_gap: bool         # ... and for a seq gap
+    rebirth_interval_s: float    # at most one request per edge node per this interval
+    rebirth_max_per_s: float = 10.0  # rebirth requests per second for the whole source
+    max_edge_nodes: int = 10_000     # edge nodes tracked per source
+    max_decompressed_bytes: int = 16 << 20  # a compressed payload inflates to at most this
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How a source's payloads become readings; the same for every protocol."""
+
+    codec: str = "json"
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    mappings: tuple[JsonMapping, ...] = ()
+    sparkplug: SparkplugConfig | None = None
+    dedupe_retransmissions: bool = True  # byte-identical repeats that carry the publisher's seq
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSourceConfig:
+    name: str
+    host: str
+    port: int
+    topics: tuple[str, ...]
+    client_id: str
+    session_expiry_s: int
+    receive_maximum: int
+    keepalive_s: int
+    username: str | None
+    password: str | None
+    decode: DecodeConfig = DecodeConfig()
+    protocol: str = "mqtt"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def window(self) -> int:
+        return self.receive_maximum
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmqpSourceConfig:
+    name: str
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: str
+    queue: str
+    durable: bool
+    exchange: str | None
+    exchange_type: str
+    bindings: tuple[str, ...]
+    prefetch: int
+    heartbeat_s: int
+    reconnect_max_s: float
+    decode: DecodeConfig = DecodeConfig()
+    protocol: str = "amqp"
+
+    @property
+    def url(self) -> str:
+        """For logs and envelopes: never the password."""
+        vhost = "" if self.vhost == "/" else "/" + self.vhost
+        return f"amqp://{self.host}:{self.port}{vhost}"
+
+    @property
+    def window(self) -> int:
+        return self.prefetch
+
+
+SourceConfig = MqttSourceConfig | AmqpSourceConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolConfig:
+    path: Path
+    max_bytes: int
+    commit_max_messages: int
+    reserve_bytes: int
+    max_age_s: float = 0.0
+    backpressure_s: float = 60.0
+    full_policy: str = "drop_oldest"
+    priority: tuple[tuple[str, str], ...] = ()  # (topic filter, class)
+    dead_letter_payload_bytes: int = 4096  # the prefix of a bad message kept
+    dead_letters_max: int = 10_000         # rows
+    dead_letters_max_bytes: int = 16 << 20  # and at most max_bytes / 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    name: str
+    target: str
+    priority: int
+    interface: str | None = None
+    vlan: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig:
+    window_s: float
+    error_rate: float
+    min_requests: int
+    open_s: float
+    half_open_probes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class UplinkConfig:
+    endpoints: tuple[EndpointConfig, ...]
+    batch_max_readings: int
+    batch_max_bytes: int
+    max_in_flight: int
+    deadline_s: float
+    health_interval_s: float
+    health_timeout_s: float
+    health_timeout_min_s: float
+    failback_after_s: float
+    backoff_max_s: float
+    breaker: BreakerConfig
+    drain_max_per_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    file: Path
+    site_id: str
+    tls: TlsConfig
+    spool: SpoolConfig
+    sources: tuple[SourceConfig, ...]
+    uplink: UplinkConfig
+    metrics_listen: str | None
+    log_level: str
+
+
+NATS_URL = re.compile(r"(nats|tls)://[^/\s:,]+:\d{1,5}")
+
+
+def nats_servers(target: str) -> list[str]:
+    """The servers of a ``nats://HOST:PORT[,nats://HOST:PORT...]`` target (ValueError)."""
+    servers = [u.strip() for u in target.split(",")]
+    bad = [u for u in servers if not NATS_URL.fullmatch(u)]
+    if bad:
+        raise ValueError(f"expected nats://HOST:PORT[,nats://HOST:PORT...], got {bad[0]!r}")
+    return servers
+
+
+@dataclass(frozen=True, kw_only=True)
+class JetStreamSettings:
+    """``[store] kind = "jetstream"``: where the stream lives and how to reach it."""
+
+    servers: tuple[str, ...]
+    stream: str = "BRIDGE"
+    prefix: str = "bridge.r"
+    replicas: int = 3
+    ack_timeout_s: float = 5.0
+    creds: str | None = None        # a NATS user credentials file (JWT + nkey seed)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    file: Path
+    node: str
+    listen: str
+    tls: TlsConfig
+    store_path: Path | None
+    rate_limit_per_s: float
+    rate_limit_burst: float
+    metrics_listen: str | None
+    log_level: str
+    max_batch_envelopes: int = 10_000
+    max_tombstone_span: int = 2**40
+    max_epochs_per_site: int = 256
+    jetstream: JetStreamSettings | None = None
+    health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerConfig:
+    targets: tuple[str, ...]
+    tls: TlsConfig
+    cursor: Path | None
