@@ -60,8 +60,10 @@ def test_a_good_agent_config_passes_check(tmp_path: Path, pkis: localrun.Pki):
     (("[[uplink.endpoints]]\nname = \"aws\"\ntarget = \"127.0.0.1:6443\"\n", ""),
      "uplink.endpoints", "at least one"),
     (('url = "mqtt://127.0.0.1:1883"', 'url = "amqp://x"'), "sources[0].url", "mqtt://"),
-    (('url = "mqtt://127.0.0.1:1883"', 'type = "amqp"\nurl = "mqtt://x"'), "sources[0].url",
-     "amqp://"),
+    (('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]',
+      'type = "amqp"\nurl = "mqtt://x"\nqueue = "q"'), "sources[0].url", "amqp://"),
+    (('url = "mqtt://127.0.0.1:1883"', 'type = "amqp"\nurl = "amqp://h/"\nqueue = "q"'),
+     "sources[0].topics", "unknown key"),  # an MQTT key on an AMQP source
     (('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]', 'type = "amqp"\nurl = "amqp://h/"'),
      "sources[0].queue", "required key is missing"),
     (('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]',

@@ -1,97 +1,136 @@
-"""docs/configuration.md's tables agree with what the loaders read: every key a loader reads is
-documented in its section, every documented key is read, and documented defaults are the
-loaders' defaults."""
+"""docs/configuration.md's tables agree with the schemas (bridge/config/schema.py): every key
+of a schema is documented in its section, every documented key is in the schema, and the
+documented defaults are the schema's."""
 
 from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterator
+import typing
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from bridge.config import load_agent, load_consumer, load_ingest, table
-from bridge.files import INSECURE_ENV
+from bridge.config import schema
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "configuration.md"
-EXAMPLES = ROOT / "examples"
-SECTIONS = {"agent": "## Agent", "ingest": "## Ingest node", "consumer": "## Consumer"}
-Seen = dict[str, tuple[str, list[Any]]]  # key -> (kind, every default it was read with)
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+SECTIONS = {"agent": ("## Agent", schema.AgentFile), "ingest": ("## Ingest node",
+                                                                schema.IngestFile),
+            "consumer": ("## Consumer", schema.ConsumerFile)}
+Keys = dict[str, list[Any]]  # key -> its defaults (MQTT and AMQP sources share key names)
+# How the type column names each schema type.
+WORDS: dict[Any, tuple[str, ...]] = {int: ("integer",), float: ("number",), bool: ("boolean",),
+                                     str: ("string", "path", "HOST", "`", "filter", "subject"),
+                                     list: ("list", "array")}
 
 
-def _documented() -> dict[str, dict[str, list[str]]]:
-    """Section -> key -> the texts of its default column (MQTT and AMQP share key names)."""
+def _structs(t: Any) -> list[type[msgspec.Struct]]:
+    return [u for u in schema._unwrap(t)
+            if isinstance(u, type) and issubclass(u, msgspec.Struct)]
+
+
+def _keys(struct: type[msgspec.Struct], prefix: str = "") -> Keys:
+    out: Keys = {}
+    for f in msgspec.structs.fields(struct):
+        key = f"{prefix}{f.encode_name}"
+        nested = _structs(f.type)
+        if nested:
+            is_list = typing.get_origin(f.type) is list
+            if is_list:  # an array of tables is documented itself, then its keys
+                out.setdefault(key, []).append([])
+            for sub in nested:
+                for k, v in _keys(sub, f"{key}[]." if is_list else f"{key}.").items():
+                    out.setdefault(k, []).extend(v)
+            if any(issubclass(s, schema.MqttSourceFile | schema.AmqpSourceFile)
+                   for s in nested):
+                out.setdefault(f"{key}[].type", []).append("mqtt")
+            continue
+        default = None if f.default is msgspec.NODEFAULT else f.default
+        if f.default_factory is not msgspec.NODEFAULT:
+            default = f.default_factory()
+        out.setdefault(key, []).append(default)
+    return out
+
+
+def _types(struct: type[msgspec.Struct], prefix: str = "") -> dict[str, set[Any]]:
+    """key -> the base types a value may have (lists as ``list``, choices as ``str``)."""
+    out: dict[str, set[Any]] = {}
+    for f in msgspec.structs.fields(struct):
+        key = f"{prefix}{f.encode_name}"
+        nested = _structs(f.type)
+        if nested:
+            sep = "[]." if typing.get_origin(f.type) is list else "."
+            for sub in nested:
+                for k, v in _types(sub, f"{key}{sep}").items():
+                    out.setdefault(k, set()).update(v)
+            continue
+        kinds = {list if typing.get_origin(t) is list else
+                 str if typing.get_origin(t) is typing.Literal else t
+                 for t in schema._unwrap(f.type) if t is not type(None)}
+        if typing.get_origin(f.type) is list or any(
+                typing.get_origin(a) is list for a in typing.get_args(f.type)):
+            kinds = {list}
+        out.setdefault(key, set()).update(kinds)
+    return out
+
+
+def _type_column() -> dict[str, dict[str, list[str]]]:
     text = DOCS.read_text()
+    starts = sorted((text.index(h), name) for name, (h, _) in SECTIONS.items())
     out: dict[str, dict[str, list[str]]] = {}
-    starts = sorted((text.index(h), name) for name, h in SECTIONS.items())
     for i, (start, name) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
         rows: dict[str, list[str]] = {}
         for line in text[start:end].splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) < 4 or not cells[0].startswith("`"):
-                continue
-            for key in re.findall(r"`([^`]+)`", cells[0]):
-                rows.setdefault(key, []).append(cells[2])
+            if len(cells) >= 4 and cells[0].startswith("`"):
+                for key in re.findall(r"`([^`]+)`", cells[0]):
+                    rows.setdefault(key, []).append(cells[1])
         out[name] = rows
     return out
 
 
-@pytest.fixture(scope="module")
-def seen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Seen]]:
-    """What each loader reads, over the examples plus a config with the rarer tables."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(INSECURE_ENV, "1")
-    d = tmp_path_factory.mktemp("cfg")
-    for name in ("ca.pem", "c.pem", "k.pem"):
-        (d / name).write_text("")
-    extra = d / "agent.toml"
-    extra.write_text('site_id = "s"\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
-                     '[spool]\npath = "s.db"\n[[spool.priority]]\ntopic = "a/#"\n'
-                     'class = "alarm"\n[[sources]]\ntopics = ["#"]\n[uplink]\n'
-                     '[[uplink.endpoints]]\nname = "a"\ntarget = "h:1"\n')
-    out: dict[str, Seen] = {"agent": {}, "ingest": {}, "consumer": {}}
-    current: Seen = {}
-
-    def observe(key: str, what: str, default: Any) -> None:
-        current.setdefault(key, (what, []))[1].append(default)
-
-    table.observer = observe
-    try:
-        for kind, loader, files in (
-                ("agent", load_agent, [EXAMPLES / "agent.toml", EXAMPLES / "agent-amqp.toml",
-                                       EXAMPLES / "agent-sparkplug.toml", extra]),
-                ("ingest", load_ingest, [EXAMPLES / "ingest.toml",
-                                         EXAMPLES / "ingest-jetstream.toml"]),
-                ("consumer", load_consumer, [EXAMPLES / "consumer.toml"])):
-            current = out[kind]
-            for f in files:
-                loader(f)  # type: ignore[operator]
-        yield out
-    finally:
-        table.observer = None
-        mp.undo()
+@pytest.mark.parametrize("section", SECTIONS)
+def test_documented_types_are_the_schemas_types(section: str) -> None:
+    columns = _type_column()[section]
+    wrong = []
+    for key, kinds in _types(SECTIONS[section][1]).items():
+        for kind in kinds:
+            words = WORDS[kind]
+            if key in columns and not any(w in c for c in columns[key] for w in words):
+                wrong.append((key, kind.__name__, columns[key]))
+    assert not wrong, f"{section}: docs type != schema type: {wrong}"
 
 
-def _tables(seen: Seen) -> set[str]:
-    """Plain tables (``[tls]``) are containers, documented by their keys."""
-    return {k for k, (what, _) in seen.items() if what == "a table"}
+def _documented() -> dict[str, dict[str, list[str]]]:
+    """Section -> key -> the texts of its default column."""
+    text = DOCS.read_text()
+    starts = sorted((text.index(h), name) for name, (h, _) in SECTIONS.items())
+    out: dict[str, dict[str, list[str]]] = {}
+    for i, (start, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
+        rows: dict[str, list[str]] = {}
+        for line in text[start:end].splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 4 and cells[0].startswith("`"):
+                for key in re.findall(r"`([^`]+)`", cells[0]):
+                    rows.setdefault(key, []).append(cells[2])
+        out[name] = rows
+    return out
 
 
 @pytest.mark.parametrize("section", SECTIONS)
-def test_every_key_a_loader_reads_is_documented(seen: dict[str, Seen], section: str) -> None:
-    documented = _documented()[section]
-    missing = sorted(set(seen[section]) - _tables(seen[section]) - set(documented))
-    assert not missing, f"{section}: read but not in docs/configuration.md: {missing}"
+def test_every_key_of_the_schema_is_documented(section: str) -> None:
+    missing = sorted(set(_keys(SECTIONS[section][1])) - set(_documented()[section]))
+    assert not missing, f"{section}: in the schema but not in docs/configuration.md: {missing}"
 
 
 @pytest.mark.parametrize("section", SECTIONS)
-def test_every_documented_key_is_read(seen: dict[str, Seen], section: str) -> None:
-    stale = sorted(set(_documented()[section]) - set(seen[section]))
-    assert not stale, f"{section}: documented but never read: {stale}"
+def test_every_documented_key_is_in_the_schema(section: str) -> None:
+    stale = sorted(set(_documented()[section]) - set(_keys(SECTIONS[section][1])))
+    assert not stale, f"{section}: documented but not in the schema: {stale}"
 
 
 def _literal(token: str) -> Any:
@@ -102,29 +141,35 @@ def _literal(token: str) -> Any:
 
 
 def _same(doc: Any, default: Any) -> bool:
-    if isinstance(default, tuple):
-        default = list(default)
     if isinstance(default, float) and not isinstance(doc, bool):
         return isinstance(doc, (int, float)) and float(doc) == default
     return bool(doc == default)
 
 
 @pytest.mark.parametrize("section", SECTIONS)
-def test_documented_defaults_are_the_loaders_defaults(seen: dict[str, Seen],
-                                                      section: str) -> None:
+def test_documented_defaults_are_the_schemas_defaults(section: str) -> None:
     documented = _documented()[section]
     wrong = []
-    for key, (_, defaults) in seen[section].items():
+    for key, defaults in _keys(SECTIONS[section][1]).items():
         for default in defaults:
-            if key not in documented or default in (None, (), [], {}):
-                continue
+            if default is None or default == [] or key not in documented:
+                continue  # required, optional or computed: the docs say so in words
             literals = []
             for text in documented[key]:
                 tokens = re.findall(r"`([^`]+)`", text)
                 if not text.startswith("`") or "<" in tokens[0] or " x " in tokens[0]:
-                    literals = []  # described in words or computed: nothing literal to compare
+                    literals = []
                     break
                 literals.append(_literal(tokens[0]))
-            if literals and not any(_same(doc, default) for doc in literals):
+            if not literals or not any(_same(doc, default) for doc in literals):
                 wrong.append((key, documented[key], default))
-    assert not wrong, f"{section}: docs default != loader default: {wrong}"
+    assert not wrong, f"{section}: docs default != schema default: {wrong}"
+
+
+def test_a_wrong_documented_default_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _documented()
+    doctored = {k: dict(v) for k, v in real.items()}
+    doctored["agent"]["uplink.max_in_flight"] = ["`5`"]
+    monkeypatch.setitem(globals(), "_documented", lambda: doctored)
+    with pytest.raises(AssertionError, match=r"uplink\.max_in_flight"):
+        test_documented_defaults_are_the_schemas_defaults("agent")

@@ -7,8 +7,9 @@ config file's directory, so a config works whatever the current directory of the
 Every key is documented in docs/configuration.md.
 
 
-The package: ``model`` (the dataclasses and value parsers), ``table`` (the TOML reader that
-names key paths and refuses unknown keys), ``load`` (one loader per file kind).
+The package: ``schema`` (the files' keys, types, bounds and defaults as msgspec Structs,
+declared once), ``model`` (the dataclasses the rest of the bridge reads, and value parsers),
+``load`` (one loader per file kind: schema, then the checks that span keys).
 """
 
 from __future__ import annotations
