@@ -215,8 +215,8 @@ class Agent:
             sender_task = tg.create_task(self.sender.run(), name="sender")
             intake_tasks = [tg.create_task(i.run(), name=f"intake-{i.source.info.name}")
                             for i in self.intakes]
-            for src in self.sources:
-                await src.start()
+            source_tasks = [tg.create_task(src.run(), name=f"source-{src.info.name}")
+                            for src in self.sources]
             notify_task = tg.create_task(
                 self.notifier.run(waiting_for=self._waiting_for, status=self._status_line),
                 name="service-notify")
@@ -229,6 +229,7 @@ class Agent:
             await asyncio.gather(*intake_tasks)
             for src in self.sources:
                 await src.stop()
+            await asyncio.gather(*source_tasks)  # each run() returns once its stop() is done
             # 2. Let batches in flight finish, within the grace period.
             self.sender.stop()
             remaining = max(0.5, SHUTDOWN_GRACE_S - (time.monotonic() - t0))

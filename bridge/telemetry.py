@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from prometheus_client import (
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
@@ -34,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from bridge import __version__
+from bridge import __version__, certinfo
 from bridge.config import parse_hostport
 
 # A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
@@ -79,12 +77,6 @@ def event(name: str, *, level: int = logging.INFO, **fields: Any) -> None:
         _log.log(level, name, extra={"event": name, "fields": fields})
 
 
-def _subject(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else cert.subject.rfc4514_string()
-    return value if isinstance(value, str) else value.decode(errors="replace")
-
-
 class CertExpiry(Collector):
     """``bridge_cert_expiry_seconds``: seconds until each held certificate's notAfter.
 
@@ -105,10 +97,9 @@ class CertExpiry(Collector):
             hit = self._cache.get(role)
             if hit is not None and hit[0] == mtime:
                 return hit[1]
-            certs = x509.load_pem_x509_certificates(path.read_bytes())
+            out = certinfo.read_pem(path.read_bytes())
         except (OSError, ValueError):
             return None
-        out = [(_subject(c), c.not_valid_after_utc.timestamp()) for c in certs]
         self._cache[role] = (mtime, out)
         return out
 

@@ -8,7 +8,7 @@
 * Acks go out as one ``basic_ack(tag, multiple=True)`` per spool commit, for the last message
   of the batch; tags are delivered in order on a channel, so this acks exactly the batch.
 * aiormq does not reconnect. ``_run`` rebuilds connection, channel, qos and consumer after any
-  failure, with capped, jittered, wakeable backoff (``bridge.common``). A new
+  failure, with capped, jittered, wakeable backoff (``bridge.common.Backoff``). A new
   connection is a new *generation*: tags of a dead channel are never acked on the new one
   (RabbitMQ would close the channel with PRECONDITION_FAILED); those messages come back with
   ``redelivered`` set and the spool's redelivery ring recognises the ones already stored.
@@ -44,7 +44,8 @@ class AmqpSource:
         self._inbox = Inbox()
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._finished = asyncio.Event()
         self._backoff = Backoff(base_s=0.2, cap_s=config.reconnect_max_s)
 
     def _url(self) -> URL:
@@ -54,9 +55,14 @@ class AmqpSource:
                          query={"heartbeat": str(c.heartbeat_s), "name": f"bridge {c.name}"},
                          encoded=False)
 
-    async def start(self) -> None:
+    async def run(self) -> None:
+        """Connect, consume and reconnect until ``stop``; returns once the connection closed."""
         self._inbox.bind(asyncio.get_running_loop())
-        self._task = asyncio.create_task(self._run(), name=f"amqp-{self.config.name}")
+        self._running = True
+        try:
+            await self._run()
+        finally:
+            self._finished.set()
 
     async def _run(self) -> None:
         name = self.config.name
@@ -146,8 +152,8 @@ class AmqpSource:
     async def stop(self) -> None:
         self._stopping.set()
         self._backoff.wake()
-        if self._task is not None:
-            await self._task
+        if self._running:
+            await self._finished.wait()
 
 
 def _reason(fut: asyncio.Future[object]) -> str:

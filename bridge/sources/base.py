@@ -32,7 +32,10 @@ class Source(Protocol):
     info: SourceInfo
     subscribed: asyncio.Event  # set while connected and consuming
 
-    async def start(self) -> None: ...
+    async def run(self) -> None:
+        """Connect, consume and reconnect until ``stop``; returns once stopped (a task of the
+        agent's TaskGroup)."""
+        ...
 
     async def take(self, max_messages: int) -> list[Message]:
         """Wait for at least one message; return up to ``max_messages`` in receive order."""

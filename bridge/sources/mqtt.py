@@ -57,6 +57,7 @@ class MqttSource:
         sp = config.decode.sparkplug
         self.state_topic = f"spBv1.0/STATE/{sp.host_id}" if sp and sp.host_id else None
         self._state_ts = 0
+        self._stopped = asyncio.Event()  # set at the end of stop(): run() returns
         self._stopping = False  # our own offline STATE at stop must not be re-asserted
         self.generation = 0
         self.subscribed = asyncio.Event()
@@ -81,6 +82,11 @@ class MqttSource:
         if self.state_topic is not None:
             self._state_ts = time.time_ns() // 1_000_000
             self._client.will_set(self.state_topic, self._state(False), qos=1, retain=True)
+
+    async def run(self) -> None:
+        """Connect (paho's network thread then reads and reconnects) until ``stop``."""
+        await self.start()
+        await self._stopped.wait()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -216,3 +222,4 @@ class MqttSource:
         self._inbox.close()  # a put blocked on a full inbox must not hold up loop_stop
         await asyncio.to_thread(_stop)
         self.metrics.source_up.labels(self.config.name).set(0)
+        self._stopped.set()
