@@ -90,3 +90,20 @@ def test_no_module_imports_against_the_flow(path: Path) -> None:
         same_side = (rank <= 4) == (drank <= 4)
         assert same_side and drank <= rank + 1, \
             f"{me} (stage {rank}) imports {dep} (stage {drank})"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_module)
+def test_no_module_is_over_500_lines(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= 500, f"{_module(path)}: {lines} lines"
+
+
+def test_the_module_map_names_every_module() -> None:
+    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("## Module map"):doc.index("## Decisions")]
+    for path in MODULES:
+        rel = path.relative_to(PKG.parent).as_posix()
+        parent = f"{path.parent.relative_to(PKG.parent).as_posix()}/"
+        named = f"`{rel}`" in table or f"`{path.name}`" in table or \
+            f"`{path.stem}`" in table or path.name == "__init__.py"
+        assert named and (parent == "bridge/" or f"`{parent}" in table or parent in table), rel
