@@ -177,16 +177,15 @@ class Agent:
 
     async def _bounds(self, interval_s: float = 2.0) -> None:
         """Expire readings past ``max_age_s``; refresh the spool figures /status shows."""
-        sp = self.spool.spool
         while True:
             n = 0
             try:
-                n = await self.spool.run(sp.expire)
+                n = await self.spool.expire()
                 if n:
                     self.metrics.spool_dropped.labels("ttl").inc(n)
                     self.spool.appended.set()  # tombstones to send
-                self._drops = await self.spool.run(sp.drop_totals)
-                self._oldest_age = await self.spool.run(sp.oldest_age_s)
+                self._drops = await self.spool.drop_totals()
+                self._oldest_age = await self.spool.oldest_age_s()
                 self.metrics.spool_oldest_age.set(self._oldest_age or 0.0)
             except (SpoolFull, SpoolReset) as exc:
                 # A full disk delays expiry (deletes come first); a replaced file restarts it.

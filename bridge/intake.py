@@ -84,7 +84,7 @@ class Intake:
 
     async def run(self) -> None:
         name = self.source.info.name
-        self.decoder.restore(await self.spool.run(self.spool.spool.load_state, name))
+        self.decoder.restore(await self.spool.load_state(name))
         backoff = Backoff(base_s=0.05, cap_s=2.0)
         full_since: float | None = None
         while not self._stopping.is_set():
@@ -105,7 +105,7 @@ class Intake:
             taken = len(pending)  # stored, or numbered and dropped by reject_new
             while True:
                 try:
-                    await self.spool.run(self.spool.spool.commit, pending, dead, state)
+                    await self.spool.commit(pending, dead, state)
                     backoff.reset()
                     full_since = None
                     break
@@ -162,13 +162,12 @@ class Intake:
 
     async def _apply_policy(self, pending: list[Pending]) -> bool:
         """The spool stayed full past the backpressure window: drop by policy (recorded)."""
-        spool = self.spool.spool
         try:
             if self.full_policy == "reject_new":
-                n = await self.spool.run(spool.commit_dropped, pending, "spool_full")
+                n = await self.spool.commit_dropped(pending, "spool_full")
             else:
-                need = max(spool.max_bytes // 20, 1)  # free 5 %: not one drop per message
-                n = await self.spool.run(spool.make_room, need)
+                # Free 5 % of the bound at a time: not one drop per message.
+                n = await self.spool.make_room(max(self.spool.max_bytes // 20, 1))
         except (SpoolFull, SpoolReset):
             return False  # the disk itself is full: keep applying backpressure
         if n:
@@ -235,7 +234,7 @@ class Intake:
         return pending, dead, skipped, ignored
 
     def _seal(self, env: pb.Envelope, seq: int) -> bytes:
-        return seal(env, self.spool.spool.epoch, seq)
+        return seal(env, self.spool.epoch, seq)
 
 
 class ClockSync:

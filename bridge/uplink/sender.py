@@ -77,10 +77,10 @@ class Sender:
                     event("uplink.drain_started", readings=backlog[1] - backlog[0],
                           max_per_s=self.config.drain_max_per_s or None)
                 try:
-                    rows = await self.spool.run(sp.read_after, live,
-                                                max_rows=self.config.batch_max_readings,
-                                                max_bytes=self.config.batch_max_bytes,
-                                                hold=True)
+                    rows = await self.spool.read_after(live,
+                                                       max_rows=self.config.batch_max_readings,
+                                                       max_bytes=self.config.batch_max_bytes,
+                                                       hold=True)
                     if rows:
                         live = rows[-1][0]
                     elif backlog is not None:
@@ -114,8 +114,8 @@ class Sender:
             wait = pace.take(want)
             if wait > 0:
                 return [], wait
-        rows = await self.spool.run(self.spool.spool.read_after, backlog[0], max_rows=want,
-                                    max_bytes=self.config.batch_max_bytes, hold=True)
+        rows = await self.spool.read_after(backlog[0], max_rows=want,
+                                           max_bytes=self.config.batch_max_bytes, hold=True)
         rows = [r for r in rows if r[0] <= backlog[1]]
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
@@ -126,8 +126,8 @@ class Sender:
         try:
             await self._deliver_until_acked(rows, generation)
         finally:
-            if generation == self.spool.spool.generation:
-                self.spool.spool.unhold(rows[0][0])
+            if generation == self.spool.generation:
+                self.spool.unhold(rows[0][0])
             self.in_flight -= 1
             slots.release()
 
@@ -223,8 +223,7 @@ class Sender:
         backoff = Backoff(base_s=0.1, cap_s=self.config.backoff_max_s)
         while True:
             try:
-                await self.spool.run(self.spool.spool.release, first, last, rejected,
-                                     generation=generation)
+                await self.spool.release(first, last, rejected, generation=generation)
                 return
             except SpoolReset:
                 return  # the file was replaced: these rids are gone anyway
