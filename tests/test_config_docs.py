@@ -77,19 +77,7 @@ def _types(struct: type[msgspec.Struct], prefix: str = "") -> dict[str, set[Any]
 
 
 def _type_column() -> dict[str, dict[str, list[str]]]:
-    text = DOCS.read_text()
-    starts = sorted((text.index(h), name) for name, (h, _) in SECTIONS.items())
-    out: dict[str, dict[str, list[str]]] = {}
-    for i, (start, name) in enumerate(starts):
-        end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
-        rows: dict[str, list[str]] = {}
-        for line in text[start:end].splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) >= 4 and cells[0].startswith("`"):
-                for key in re.findall(r"`([^`]+)`", cells[0]):
-                    rows.setdefault(key, []).append(cells[1])
-        out[name] = rows
-    return out
+    return _column(1)
 
 
 @pytest.mark.parametrize("section", SECTIONS)
@@ -104,8 +92,9 @@ def test_documented_types_are_the_schemas_types(section: str) -> None:
     assert not wrong, f"{section}: docs type != schema type: {wrong}"
 
 
-def _documented() -> dict[str, dict[str, list[str]]]:
-    """Section -> key -> the texts of its default column."""
+def _column(index: int) -> dict[str, dict[str, list[str]]]:
+    """Section -> key -> the texts of column ``index`` of its rows (MQTT and AMQP sources
+    share key names, so a key may have several rows)."""
     text = DOCS.read_text()
     starts = sorted((text.index(h), name) for name, (h, _) in SECTIONS.items())
     out: dict[str, dict[str, list[str]]] = {}
@@ -116,9 +105,14 @@ def _documented() -> dict[str, dict[str, list[str]]]:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) >= 4 and cells[0].startswith("`"):
                 for key in re.findall(r"`([^`]+)`", cells[0]):
-                    rows.setdefault(key, []).append(cells[2])
+                    rows.setdefault(key, []).append(cells[index])
         out[name] = rows
     return out
+
+
+def _documented() -> dict[str, dict[str, list[str]]]:
+    """Section -> key -> the texts of its default column."""
+    return _column(2)
 
 
 @pytest.mark.parametrize("section", SECTIONS)

@@ -5,7 +5,8 @@ the ledger at scrape time."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -37,6 +38,22 @@ class Metered(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, *, metrics: IngestMetrics) -> None:
         self._metrics = metrics
 
+    @contextlib.contextmanager
+    def _counted(self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+                 ) -> Iterator[None]:
+        """One call in flight while the block runs; counted by its final status code."""
+        in_flight = self._metrics.in_flight.labels(method)
+        in_flight.inc()
+        exc: BaseException | None = None
+        try:
+            yield
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            in_flight.dec()
+            self._metrics.requests.labels(method, _code(context, exc)).inc()
+
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
             details: grpc.HandlerCallDetails) -> Any:
@@ -46,21 +63,12 @@ class Metered(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or not path.startswith(f"/{SERVICE}/"):
             return handler
         method = path.rsplit("/", 1)[-1]
-        requests, in_flight = self._metrics.requests, self._metrics.in_flight.labels(method)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                in_flight.inc()
-                exc: BaseException | None = None
-                try:
+                with self._counted(method, context):
                     return await inner(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    in_flight.dec()
-                    requests.labels(method, _code(context, exc)).inc()
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
@@ -70,17 +78,9 @@ class Metered(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                                 ) -> AsyncIterator[Any]:
-                in_flight.inc()
-                exc: BaseException | None = None
-                try:
+                with self._counted(method, context):
                     async for item in stream(request, context):
                         yield item
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    in_flight.dec()
-                    requests.labels(method, _code(context, exc)).inc()
 
             return grpc.unary_stream_rpc_method_handler(
                 streaming, request_deserializer=handler.request_deserializer,
