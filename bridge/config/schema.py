@@ -218,7 +218,7 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
     """The file's TOML as ``schema`` (and as parsed, for keys whose presence matters); any
     mistake is one ``ConfigError`` with its key path."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(str(path), "", "file not found") from exc
     except OSError as exc:
