@@ -18,8 +18,6 @@ from typing import Any
 
 import orjson
 from prometheus_client import (
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -38,7 +36,6 @@ from bridge.config import parse_hostport
 # A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
 # it (the process start time is process_start_time_seconds).
 disable_created_metrics()  # type: ignore[no-untyped-call]
-del PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the global registry is unused: one per component
 
 _log = logging.getLogger("bridge")
 
@@ -90,6 +87,7 @@ class CertExpiry(Collector):
         self._files = dict(files)
         self._clock = clock
         self._cache: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+        self._unreadable: dict[str, str] = {}
 
     def _read(self, role: str, path: Path) -> list[tuple[str, float]] | None:
         try:
@@ -98,8 +96,13 @@ class CertExpiry(Collector):
             if hit is not None and hit[0] == mtime:
                 return hit[1]
             out = certinfo.read_pem(path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if self._unreadable.get(role) != str(exc):  # once per cause, not per scrape
+                self._unreadable[role] = str(exc)
+                event("telemetry.cert_unreadable", level=logging.WARNING, cert=role,
+                      path=str(path), reason=f"{type(exc).__name__}: {exc}"[:200])
             return None
+        self._unreadable.pop(role, None)
         self._cache[role] = (mtime, out)
         return out
 

@@ -66,3 +66,28 @@ def test_truncated_certificates_are_value_errors_not_crashes() -> None:
     for n in range(0, len(der), 7):
         with pytest.raises(ValueError):
             certinfo.read(der[:n])
+
+
+def test_an_unreadable_certificate_is_a_metric_and_one_warning_not_one_per_scrape(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bridge.telemetry import CertExpiry
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    reg = CollectorRegistry()
+    reg.register(CertExpiry(files={"client": bad}))
+    log = logging.getLogger("bridge")
+    propagate, log.propagate = log.propagate, True
+    try:
+        with caplog.at_level(logging.WARNING, logger="bridge"):
+            for _ in range(3):
+                text = generate_latest(reg).decode()
+    finally:
+        log.propagate = propagate
+    assert 'bridge_cert_unreadable{cert="client"} 1.0' in text
+    assert "bridge_cert_expiry_seconds{" not in text
+    assert [r.getMessage() for r in caplog.records].count("telemetry.cert_unreadable") == 1

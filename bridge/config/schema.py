@@ -11,6 +11,7 @@ loader (a source's ``name``, an endpoint's ``priority``, the rate limit's ``burs
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 import typing
@@ -225,6 +226,9 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), "", f"invalid TOML: {exc}") from exc
+    if (bad := _non_finite(raw)) is not None:
+        raise ConfigError(str(path), bad, "must be a finite number (inf and nan mean nothing "
+                          "for a bound or a duration)")
     for source in raw.get("sources", []) if isinstance(raw.get("sources"), list) else []:
         if isinstance(source, dict):
             source.setdefault("type", "mqtt")
@@ -232,6 +236,20 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
         return msgspec.convert(raw, schema, strict=True), raw
     except msgspec.ValidationError as exc:
         raise _error(str(path), schema, str(exc), raw) from None
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The key path of the first inf or nan in the parsed TOML, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else
+                            f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def _value_at(raw: Any, where: str) -> Any:
@@ -255,8 +273,9 @@ def _error(file: str, schema: type[Any], message: str, raw: Any) -> ConfigError:
         return ConfigError(file, key(m[1]), "unknown key (see docs/configuration.md)")
     if m := re.fullmatch(r"Object missing required field `(.+)`", text):
         return ConfigError(file, key(m[1]), "required key is missing")
-    if m := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", text):
-        return ConfigError(file, where, f"expected {_WHAT.get(m[1], m[1])}, got {m[2]}")
+    if m := re.fullmatch(r"Expected `([^`]+)`, got `(\w+)`", text):
+        kinds = [_WHAT.get(k, k) for k in m[1].split(" | ") if k != "null"]
+        return ConfigError(file, where, f"expected {' or '.join(kinds)}, got {m[2]}")
     if m := re.fullmatch(r"Expected `(\w+)` (>=|<=|<|>) (\S+)", text):
         return ConfigError(file, where, f"must be {m[2]} {m[3]}, got {_value_at(raw, where)!r}")
     if re.fullmatch(r"Expected `str` matching regex .*", text):
