@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from bridge.telemetry import event
 
 _STATUS_EVERY_S = 10.0
 _PING_MAX_S = 5.0
+_PING_MIN_S = 0.05
 
 
 class Notifier:
@@ -38,22 +40,29 @@ class Notifier:
         self.component = component
         self.ready_within_s = ready_within_s
         self._sock: socket.socket | None = None
-        if watchdog is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            watchdog = WatchDog(sock=self._sock)
-        self._wd = watchdog
+        self._given = watchdog  # the real one is made (with its socket) by run()
         self.ready = False
         self.pings = 0
         self._failed = False
 
     @property
+    def _wd(self) -> WatchDog:
+        if self._given is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._given = WatchDog(sock=self._sock)
+        return self._given
+
+    @property
     def enabled(self) -> bool:
-        return self._wd.is_enabled
+        return bool(os.environ.get("NOTIFY_SOCKET")) if self._given is None \
+            else self._given.is_enabled
 
     @property
     def ping_interval_s(self) -> float:
-        """A quarter of ``WatchdogSec`` (systemd advises half; a busy loop gets slack)."""
-        return min(self._wd.timeout_td / timedelta(seconds=1) / 4, _PING_MAX_S)
+        """A quarter of ``WatchdogSec`` (systemd advises half; a busy loop gets slack), at
+        least 50 ms: a ``WATCHDOG_USEC=0`` set by hand must not spin the loop."""
+        return max(min(self._wd.timeout_td / timedelta(seconds=1) / 4, _PING_MAX_S),
+                   _PING_MIN_S)
 
     def _send(self, what: Callable[..., None], *args: str) -> None:
         try:

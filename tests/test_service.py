@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from systemd_watchdog.systemd_watchdog import WatchDog
 
 from bridge.dev import localrun
 from bridge.service import Notifier
@@ -143,3 +144,13 @@ def test_outside_systemd_the_notifier_does_nothing(monkeypatch: pytest.MonkeyPat
     assert not notifier.enabled
     asyncio.run(notifier.run(waiting_for=lambda: "never", status=lambda: "ok"))
     assert not notifier.ready and notifier.pings == 0
+
+
+def test_a_zero_watchdog_interval_set_by_hand_does_not_spin_the_loop(
+        notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    _notify_here(notify_socket, monkeypatch)
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        notifier = Notifier(component="test", watchdog=WatchDog(sock=sock))
+        assert notifier.enabled
+        assert notifier.ping_interval_s == pytest.approx(0.05)
