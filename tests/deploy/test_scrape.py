@@ -143,8 +143,14 @@ def test_prometheus_scrapes_every_metric_the_rules_and_the_dashboard_use(
             res = _get(prom_port, "/api/v1/query", query=query)
             assert res["resultType"] in {"vector", "scalar", "matrix"}, query
         # The per-site recording rules see the site through the agent's site series.
-        res = _get(prom_port, "/api/v1/query", query="site_id:bridge_spool_readings:max")
-        assert [r["metric"]["site_id"] for r in res["result"]] == ["site-a"]
+        # The recording group runs every 30 s: its first run may precede the agent's first
+        # scrape, so wait for a run that saw it.
+        def sites() -> list[str]:
+            res = _get(prom_port, "/api/v1/query", query="site_id:bridge_spool_readings:max")
+            return [r["metric"]["site_id"] for r in res["result"]]
+
+        wait_for(lambda: sites() == ["site-a"], timeout=90,
+                 what="the per-site recording rule to name site-a")
     finally:
         prom.stop()
         agent.proc.stop()
