@@ -218,7 +218,7 @@ def test_a_corrupted_spool_is_salvaged_and_the_agent_keeps_running(cluster: Clus
     agent.wait_subscribed()
     cluster.restart_ingest("aws")
     second = Publisher(cluster, count=200, rate=0).join()
-    wait_for(lambda: idle(agent) and agent.status()["spool"]["quarantined"] != [],
+    wait_for(lambda: idle(agent, taken=second) and agent.status()["spool"]["quarantined"] != [],
              timeout=60, what="salvage and delivery")
     (q,) = agent.status()["spool"]["quarantined"]
     assert 0 < q["salvaged"] < first and Path(q["moved_to"]).exists()
