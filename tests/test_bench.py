@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.results import missing, validate
+from bench.results import PEERS, missing, validate
 
 
 def test_the_quick_benchmark_suite_runs_and_its_results_validate(tmp_path: Path):
@@ -21,6 +21,23 @@ def test_the_quick_benchmark_suite_runs_and_its_results_validate(tmp_path: Path)
     for scenario in ("throughput_json", "latency", "faults_cloud_killed", "drain", "memory"):
         assert f"### {scenario}" in text
     assert "| throughput_json | msgs_per_s | >= 25,000 |" in text
+    # Every system's guarantee was checked in every scenario it ran in, not assumed.
+    checked = {(r["system"], r["metric"].partition(".")[0]) for r in rows
+               if r["scenario"] == "guarantees"}
+    for system in PEERS:
+        for scenario in ("throughput_json", "throughput_sparkplug", "latency",
+                         "faults_cloud_killed", "faults_edge_killed"):
+            assert (system, scenario) in checked, f"{system} unchecked in {scenario}"
+    sync = {(r["system"], r["metric"].rpartition(".")[2]): r["value"] for r in rows
+            if r["scenario"] == "guarantees" and r["metric"].endswith("sync_always")}
+    assert sync[("nats_durable", "cloud_sync_always")] == 1
+    assert sync[("nats", "cloud_sync_always")] == 0
+    assert "## Guarantees" in text and "mosquitto_bridge<br>*snapshot/1 s*" in text
+    cpu = {(r["scenario"], r["system"], r["metric"]): r["value"] for r in rows}
+    for system in (*PEERS, "paho_ceiling"):
+        assert cpu[("throughput_json", system, "cpu_s_per_M")] > 0
+    assert cpu[("throughput_json", "bridge", "client_cpu_s_per_M")] > 0
+    assert cpu[("throughput_json", "paho_ceiling", "client_cpu_s_per_M")] > 0
     for png in ("throughput_json.png", "latency_5k.png", "faults.png"):
         assert (tmp_path / "bench" / png).read_bytes()[:4] == b"\x89PNG"
 
