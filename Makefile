@@ -31,7 +31,7 @@ bench: $(STAMP)
 
 profile: $(STAMP)
 	$(BIN)/python -m pip install -q py-spy
-	$(BIN)/python -m bench.profile
+	$(BIN)/python -m bench.profile $(if $(LOAD),--load $(LOAD),)
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

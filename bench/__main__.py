@@ -114,8 +114,9 @@ SCENARIOS = {
     "every system); for the bridge every metric value is a reading, decoded, typed and "
     "committed. The peers forward each message as opaque bytes: their figure is the metric "
     "values carried by the messages their cloud side holds, none decoded, so it is an upper "
-    "bound on what they would give a consumer that needs readings. CPU per million metric "
-    "values as for JSON.",
+    "bound on what they would give a consumer that needs readings. A peer that has not "
+    "committed every message after max(120 s, messages / 50 msgs/s) is rated on its share "
+    "of the values by then. CPU per million metric values as for JSON.",
     "latency": "A paced paho publisher at 1k and 5k msgs/s; each payload carries its publish "
     "time (microseconds) and each cloud-side record its commit time, so every reading's "
     "publish-to-commit latency is measured. `offered_msgs_per_s_*` is the rate the publisher "
@@ -148,6 +149,9 @@ SCENARIOS = {
     "agent for the bridge (the site broker is the SCADA's and stays up), the bridging broker for "
     "the peers (it is also the site broker, so the publisher reconnects and resends what was "
     "not acknowledged).",
+    "guarantees": "The evidence behind the Guarantees table, per scenario and system: "
+    "`*_writes` distinct states of the persistence files seen while the run was polled, "
+    "`*_bytes_max` the largest file, `*_sync_always` what each nats-server's `/jsz` reported.",
     "ingest_stores": "The ingest's two stores under many sites at once: every site (its own "
     "certificate and mTLS channel) pushes 100-reading batches back to back, one in flight, to "
     "the SQLite store (one node) or to a JetStream R3 stream on a local 3-node cluster with "
@@ -186,7 +190,9 @@ NOTES = [
     "intake. The source now reads through a buffer, takes QoS 0/1 PUBLISHes straight from the "
     "packet and holds at most `receive_maximum` messages. What remains is spread over SQLite "
     "inserts and fsynced commits (spool and ingest), decoding and envelopes, and gRPC; the "
-    "agent, the ingest, the brokers and the load generator share the machine's CPUs.",
+    "agent, the ingest, the brokers and the load generator share the machine's CPUs. Each "
+    "goal, and the profile behind each gap (`make profile LOAD=json|sparkplug|drain`, "
+    "`python -m bench.stages`, `python -m bench.trace`): docs/performance.md.",
     "Durability differs even where throughput is compared: the bridge acknowledges the site "
     "broker only after an fsynced SQLite commit, and the cloud acknowledges only after its own "
     "commit. The peers acknowledge the publisher before anything reaches a disk; the fsync "
@@ -197,6 +203,11 @@ NOTES = [
 def _fmt(v: float) -> str:
     v = v + 0.0  # no "-0"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:g}"
+
+
+def _ratio(r: float) -> str:
+    """Two decimals, or two significant digits below 0.01 (a ratio never reads 0.00)."""
+    return f"{r:.2f}" if r >= 0.01 or r == 0 else f"{r:.2g}"
 
 
 def guarantees(rows: list[Row]) -> list[str]:
@@ -232,7 +243,8 @@ def guarantees(rows: list[Row]) -> list[str]:
         extra = (f" (`/jsz` sync_always = {got['sync_always']:g})"
                  if "sync_always" in got else "")
         lines.append(f"| {system} | {text}{extra} | {len(runs[system])} | "
-                     f"{got.get('writes', 0):,.0f} | {_fmt(got.get('bytes', 0))} |")
+                     f"{got.get('writes', 0):,.0f} | "
+                     f"{_fmt(got['bytes']) if 'bytes' in got else 'not measured'} |")
     return lines
 
 
@@ -274,7 +286,7 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
             if own.unit == "readings" or not other.value:  # counts: a ratio says nothing
                 ratios.append(f"{peer}: {_fmt(other.value)}")
             else:
-                ratios.append(f"{peer} {own.value / other.value:.2f}")
+                ratios.append(f"{peer} {_ratio(own.value / other.value)}")
         lines.append(f"| {scenario} | {metric} | {op} {_fmt(bound)} | {_fmt(own.value)} "
                      f"{own.unit} | {'yes' if ok else '**no**'} | {', '.join(ratios)} |")
     for (scenario, metric, peer), (op, least) in RELATIVE.items():
@@ -283,7 +295,7 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
             continue
         ratio = own.value / other.value
         ok = ratio >= least if op == ">=" else ratio <= least
-        lines.append(f"| {scenario} | {metric} / {peer} | {op} {least:g} | {ratio:.2f} | "
+        lines.append(f"| {scenario} | {metric} / {peer} | {op} {least:g} | {_ratio(ratio)} | "
                      f"{'yes' if ok else '**no**'} | |")
     lines += guarantees(rows)
     lines += ["", "## Results", ""]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class MosquittoBridge:
                 "log_dest stderr\nlog_type error\nlog_type warning\n")
         if self.durable:
             text += "autosave_on_changes true\n"
+        if role == "cloud":
+            text += "log_type notice\n"  # one line per connection: start() waits for two
         if role == "edge":
             text += (f"connection cloud\naddress 127.0.0.1:{self.cloud_port}\n"
                      "topic substation/# out 1\ntopic spBv1.0/# out 1\n"
@@ -107,6 +110,15 @@ class MosquittoBridge:
     def start(self) -> None:
         self.start_cloud()
         self.start_edge()
+        # The load must not begin before the collector's session and the bridge are up: a
+        # message forwarded before the collector first subscribed would be lost to the
+        # harness, not to the peer.
+        log, deadline = self.work / "cloud.log", time.monotonic() + 30
+        while not all(f" as {cid} ".encode() in log.read_bytes()
+                      for cid in ("cloud-collector", "edge-bridge")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: collector or bridge not connected in 30 s")
+            time.sleep(0.01)
         for watch in self._watches.values():
             watch.begin()
 

@@ -5,6 +5,10 @@ for ``seconds`` in the middle of the run measures each process's CPU share (from
 /proc/<pid>/stat) and records the agent with py-spy (``pip install py-spy``; needs ptrace,
 so root or CAP_SYS_PTRACE). Prints the CPU table, the agent's rate meanwhile, and the hottest
 frames (own time and inclusive), so a claim about the bottleneck comes with its evidence.
+
+``--load sparkplug`` profiles the Sparkplug scenario's load instead (2 ``bridge simulate``
+processes, 50 metrics a message), ``--load drain`` a 1M-reading backlog drained with no live
+traffic (the spool filled before the agent starts, as ``make bench``'s drain scenario does).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench import memory
 from bench.load import Blast
 from bench.systems import Bridge
+from bench.throughput import sparkplug_load
 
 
 def cpu_ticks(pid: int) -> int:
@@ -52,21 +58,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.profile")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--load", choices=("json", "sparkplug", "drain"), default="json")
+    ap.add_argument("--backlog", type=int, default=1_000_000, help="readings, for --load drain")
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         work = Path(tmp)
-        bridge = Bridge(workdir=work)
+        bridge = Bridge(workdir=work, codec="sparkplug" if args.load == "sparkplug" else "json")
+        if args.load == "drain":
+            memory.fill(bridge.work / "spool-bench-site.db", args.backlog)
         bridge.start()
         assert bridge.agent is not None and bridge.broker.proc is not None
         pids = {"agent": bridge.agent.proc.pid, "ingest": bridge.node.proc.pid,
                 "site mosquitto": bridge.broker.proc.pid}
         count = int(args.seconds * 20_000) + 40_000
+        load: list[subprocess.Popen[bytes]] = []
         blast = Blast(workdir=work, port=bridge.mqtt_port, site="bench-site", count=count)
         try:
-            blast.start()
+            if args.load == "json":
+                blast.start()
+            elif args.load == "sparkplug":
+                load = sparkplug_load(bridge.mqtt_port, int(args.seconds * 3_000) + 6_000, 2,
+                                      output=subprocess.DEVNULL)
             while bridge.committed() < 5_000:  # past start-up, into the steady state
                 time.sleep(0.05)
             before = {k: cpu_ticks(p) for k, p in pids.items()}
@@ -80,9 +95,12 @@ def main() -> None:
             rate = (bridge.committed() - c0) / elapsed
         finally:
             blast.stop()
+            for proc in load:
+                proc.kill()
             bridge.stop()
         hz = os.sysconf("SC_CLK_TCK")
-        print(f"agent committed {rate:,.0f} msgs/s over {elapsed:.1f} s "
+        unit = "messages (one envelope each)" if args.load == "sparkplug" else "readings"
+        print(f"[{args.load}] agent committed {rate:,.0f} {unit}/s over {elapsed:.1f} s "
               f"({os.cpu_count()} CPUs on this machine)")
         for name in pids:
             print(f"  {name:<15} {(after[name] - before[name]) / hz / elapsed * 100:5.0f}% CPU")

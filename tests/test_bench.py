@@ -75,3 +75,18 @@ def test_the_trace_prints_a_line_a_second_and_the_total():
     assert lines[-1].startswith("3,000 readings in ")
     assert all("committed/s" in line and "RSS anon" in line for line in lines[:-1])
     assert len(lines) >= 2
+
+
+def test_the_stage_breakdown_splits_every_reading_and_measures_the_idle_floor():
+    res = subprocess.run([sys.executable, "-m", "bench.stages", "--rate", "200", "--seconds",
+                          "2", "--calls", "50"], capture_output=True, text=True, timeout=180,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert out.startswith("400 readings at 200/s"), out
+    for stage in ("publish -> intake", "intake -> ingest commit", "publish -> ingest commit",
+                  "agent's call (uplink)", "ingest's handler"):
+        assert f"  {stage}" in out, stage
+    floor = [line for line in out.splitlines()
+             if line.lstrip().startswith(("health check", "PushBatch, 1 reading"))]
+    assert len(floor) == 2 and all("(n=50), ingest CPU" in line for line in floor), out
