@@ -48,6 +48,16 @@ def _print_issued(what: str, issued: pki.Issued) -> None:
 def cmd_pki(args: argparse.Namespace) -> int:
     from bridge import pki
 
+    if args.pki_cmd == "revoke":
+        if not args.cert and not args.serial:
+            raise UsageError("pki revoke: name a certificate (CERT.pem) or --serial")
+        lines = pki.revoke(Path(args.deny_list), [Path(c) for c in args.cert],
+                           serials=args.serial)
+        for line in lines:
+            print(line)
+        print(f"appended to {args.deny_list}; ingest nodes reading it refuse these within a "
+              "second")
+        return 0
     ca_dir = Path(args.dir)
     out = Path(args.out) if getattr(args, "out", None) else ca_dir
     if args.pki_cmd == "ca":
@@ -341,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
             kp.add_argument("--site", required=True)
         else:
             kp.add_argument("--name", required=True)
+    kr = ksub.add_parser("revoke", help="append certificates to an ingest deny-list")
+    kr.add_argument("--deny-list", required=True,
+                    help="the file [revocation] deny_list names (created if missing)")
+    kr.add_argument("cert", nargs="*", help="certificate PEM files to revoke")
+    kr.add_argument("--serial", action="append", default=[],
+                    help="a serial number in hex (when the certificate file is gone)")
     k.set_defaults(fn=cmd_pki)
 
     s = sub.add_parser("simulate", help="publish realistic SCADA readings over MQTT or AMQP")

@@ -195,11 +195,14 @@ class PeerIdentity:
 
     name: str
     role: str
+    serial: int = 0
+    fingerprint: str = ""  # SHA-256 of the DER, lower-case hex (what a deny-list names)
 
 
 def identity_from_pem(pem: bytes) -> PeerIdentity:
     """Derive the identity from a verified peer certificate: CN and DNS SAN must agree."""
     cert = x509.load_pem_x509_certificate(pem)
+    serial, fingerprint = cert.serial_number, cert.fingerprint(hashes.SHA256()).hex()
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     cn = str(cns[0].value) if cns else ""
@@ -210,5 +213,33 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
     except x509.ExtensionNotFound:
         dns = []
     if dns and cn not in dns:
-        return PeerIdentity(name="", role=role)
-    return PeerIdentity(name=cn, role=role)
+        return PeerIdentity(name="", role=role, serial=serial, fingerprint=fingerprint)
+    return PeerIdentity(name=cn, role=role, serial=serial, fingerprint=fingerprint)
+
+
+def revoke(deny_list: Path, certs: list[Path], *, serials: list[str]) -> list[str]:
+    """Append each certificate's serial and fingerprint (and each bare serial) to the deny-list
+    the ingest reloads (``bridge.ingest.denylist``); returns the lines written."""
+    lines: list[str] = []
+    now = f"{_now():%Y-%m-%d %H:%M:%S} UTC"
+    for path in certs:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"{path}: not a readable PEM certificate ({exc})") from exc
+        lines += [f"# {cert.subject.rfc4514_string()} ({path.name}), revoked {now}",
+                  f"serial:{cert.serial_number:x}",
+                  f"sha256:{cert.fingerprint(hashes.SHA256()).hex()}"]
+    for serial in serials:
+        value = serial.lower().removeprefix("0x").replace(":", "")
+        try:
+            int(value, 16)
+        except ValueError:
+            raise PkiError(f"--serial {serial!r}: not a hex serial number") from None
+        lines += [f"# serial given by hand, revoked {now}", f"serial:{value}"]
+    deny_list.parent.mkdir(parents=True, exist_ok=True)
+    with deny_list.open("a", encoding="utf-8") as out:
+        out.write("".join(line + "\n" for line in lines))
+        out.flush()
+        os.fsync(out.fileno())
+    return lines

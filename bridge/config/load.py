@@ -273,6 +273,10 @@ def load_ingest(path: Path) -> IngestConfig:
     if health_port and health_port == parse_hostport(listen, listen=True)[1]:
         raise f.error("health.listen", "must not share the port of listen "
                       "(the gRPC port is mTLS only; the health port is plaintext)")
+    deny_list = f.path(c.revocation.deny_list) if c.revocation.deny_list is not None else None
+    if deny_list is not None and not deny_list.is_file():
+        raise f.error("revocation.deny_list", f"{deny_list}: no such file (create it empty: "
+                      "an empty list revokes nothing)")
     rate = c.rate_limit.readings_per_s
     return IngestConfig(
         file=path, node=c.node, listen=listen, tls=_tls(f, c.tls), store_path=store_path,
@@ -282,7 +286,8 @@ def load_ingest(path: Path) -> IngestConfig:
         metrics_listen=_listen(f, "metrics.listen", c.metrics.listen), log_level=c.log.level,
         max_batch_envelopes=c.limits.max_batch_envelopes,
         max_tombstone_span=c.limits.max_tombstone_span,
-        max_epochs_per_site=c.limits.max_epochs_per_site, jetstream=jetstream)
+        max_epochs_per_site=c.limits.max_epochs_per_site, jetstream=jetstream,
+        deny_list=deny_list)
 
 
 def load_consumer(path: Path) -> ConsumerConfig:

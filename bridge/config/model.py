@@ -267,6 +267,7 @@ class IngestConfig:
     max_epochs_per_site: int = 256
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
+    deny_list: Path | None = None  # revoked serials/fingerprints (bridge.ingest.denylist)
 
 
 @dataclass(frozen=True, kw_only=True)

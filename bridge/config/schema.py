@@ -191,6 +191,10 @@ class HealthFile(_Table, kw_only=True):
     listen: Text | None = None
 
 
+class RevocationFile(_Table, kw_only=True):
+    deny_list: Text | None = None
+
+
 class IngestFile(_Table, kw_only=True):
     node: Text
     listen: Text = "0.0.0.0:6443"
@@ -199,6 +203,7 @@ class IngestFile(_Table, kw_only=True):
     limits: LimitsFile = msgspec.field(default_factory=LimitsFile)
     rate_limit: RateLimitFile = msgspec.field(default_factory=RateLimitFile)
     health: HealthFile = msgspec.field(default_factory=HealthFile)
+    revocation: RevocationFile = msgspec.field(default_factory=RevocationFile)
     metrics: MetricsFile = msgspec.field(default_factory=MetricsFile)
     log: LogFile = msgspec.field(default_factory=LogFile)
 

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import Any
 
 import grpc
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge.ingest.backend import Backend
+from bridge.ingest.denylist import DenyList
 from bridge.telemetry import IngestMetrics
 
 SERVICE = "bridge.v1.Ingest"
@@ -123,3 +124,22 @@ class SiteProgress(Collector):
         yield mark
         yield epochs
         yield last
+
+
+class DenyListMetrics(Collector):
+    """The deny-list's size and reloads, read at scrape time (``bridge.ingest.denylist``)."""
+
+    def __init__(self, *, deny_list: DenyList) -> None:
+        self._deny_list = deny_list
+
+    def collect(self) -> Iterable[Metric]:
+        entries = GaugeMetricFamily("bridge_ingest_deny_list_entries", "Revoked serials and "
+                                    "fingerprints in force")
+        entries.add_metric([], float(len(self._deny_list.entries)))
+        reloads = CounterMetricFamily("bridge_ingest_deny_list_reloads", "Changes of the "
+                                      "deny-list file taken (ok) or refused, keeping the "
+                                      "previous entries (error)", labels=["outcome"])
+        for outcome, n in sorted(self._deny_list.reloads.items()):
+            reloads.add_metric([outcome], float(n))
+        yield entries
+        yield reloads

@@ -28,9 +28,10 @@ from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, parse_hostport
 from bridge.ingest.backend import Backend, SqliteBackend
+from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.limits import Limits
-from bridge.ingest.observe import SERVICE, Metered, SiteProgress
+from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
 from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
 from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
@@ -98,15 +99,18 @@ class _Prepared:
 
 class IngestService(pb_grpc.IngestServicer):
     def __init__(self, *, node: str, backend: Backend, metrics: IngestMetrics,
-                 limiter: SiteLimiter | None = None, limits: Limits | None = None) -> None:
+                 limiter: SiteLimiter | None = None, limits: Limits | None = None,
+                 deny_list: DenyList | None = None) -> None:
         self.node = node
+        self.deny_list = deny_list
         self.limits = limits or Limits()
         self.limiter = limiter
         self.backend = backend
         self.metrics = metrics
         self._identities: dict[bytes, PeerIdentity] = {}
         self.last_commit: dict[str, float] = {}
-        for reason in ("not_a_site_certificate", "site_mismatch", "not_a_consumer_certificate"):
+        for reason in ("not_a_site_certificate", "site_mismatch", "not_a_consumer_certificate",
+                       "revoked"):
             metrics.denied.labels(reason)
 
     def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
@@ -125,6 +129,28 @@ class IngestService(pb_grpc.IngestServicer):
                     counter.labels(ident.name)
         return ident
 
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any], role: str
+                      ) -> PeerIdentity:
+        """The caller's identity, if its certificate is not revoked and has ``role``; otherwise
+        the call is aborted with PERMISSION_DENIED (a site pushes, a consumer reads)."""
+        ident = self._identity(context)
+        push = role == ROLE_SITE
+        if self.deny_list is not None and self.deny_list.revoked(ident.serial,
+                                                                 ident.fingerprint):
+            if push:
+                self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, "revoked", f"certificate {ident.name!r} (serial "
+                             f"{ident.serial:x}) is revoked", identity=ident.name,
+                             serial=f"{ident.serial:x}", fingerprint=ident.fingerprint)
+        if ident.role != role or not ident.name:
+            if push:
+                self.metrics.batches.labels("PERMISSION_DENIED").inc()
+            await self._deny(context, f"not_a_{role.removeprefix('bridge-')}_certificate",
+                             f"certificate {ident.name!r} (role {ident.role!r}) may not "
+                             f"{'push' if push else 'read'}", identity=ident.name,
+                             role=ident.role)
+        return ident
+
     async def _deny(self, context: grpc.aio.ServicerContext[Any, Any], reason: str,
                     message: str, **fields: Any) -> NoReturn:
         self.metrics.denied.labels(reason).inc()
@@ -135,12 +161,7 @@ class IngestService(pb_grpc.IngestServicer):
     async def PushBatch(self, request: pb.Batch,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.Ack:
         t0 = time.perf_counter()
-        ident = self._identity(context)
-        if ident.role != ROLE_SITE or not ident.name:
-            self.metrics.batches.labels("PERMISSION_DENIED").inc()
-            await self._deny(context, "not_a_site_certificate",
-                             f"certificate {ident.name!r} (role {ident.role!r}) may not push",
-                             identity=ident.name, role=ident.role)
+        ident = await self._caller(context, ROLE_SITE)
         if self.limiter is not None:
             wait = self.limiter.take(ident.name, len(request.envelopes))
             if wait > 0:
@@ -272,11 +293,7 @@ class IngestService(pb_grpc.IngestServicer):
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
                             pb.Committed]:
-        ident = self._identity(context)
-        if ident.role != ROLE_CONSUMER:
-            await self._deny(context, "not_a_consumer_certificate",
-                             f"certificate {ident.name!r} (role {ident.role!r}) may not read",
-                             identity=ident.name, role=ident.role)
+        await self._caller(context, ROLE_CONSUMER)
         cursors = {(c.site_id, c.epoch): c.after_seq for c in request.cursors}
         self.metrics.subscribers.inc()
         try:
@@ -295,11 +312,7 @@ class IngestService(pb_grpc.IngestServicer):
 
     async def Status(self, request: pb.StatusRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusReply:
-        ident = self._identity(context)
-        if ident.role != ROLE_CONSUMER:
-            await self._deny(context, "not_a_consumer_certificate",
-                             f"certificate {ident.name!r} (role {ident.role!r}) may not read",
-                             identity=ident.name, role=ident.role)
+        await self._caller(context, ROLE_CONSUMER)
         reply = pb.StatusReply(node=self.node)
         try:
             streams = await self.backend.status()
@@ -330,7 +343,8 @@ class IngestNode:
                  jetstream: JetStreamSettings | None = None,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None, limits: Limits | None = None,
-                 max_epochs_per_site: int = 256, health_listen: str | None = None) -> None:
+                 max_epochs_per_site: int = 256, health_listen: str | None = None,
+                 deny_list: Path | None = None) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
         self.backend: Backend
@@ -345,8 +359,11 @@ class IngestNode:
                                                      max_epochs_per_site=max_epochs_per_site))
         limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
             if rate_limit_per_s > 0 else None
+        denied = DenyList(path=deny_list) if deny_list is not None else None
         self.service = IngestService(node=node, backend=self.backend, metrics=self.metrics,
-                                     limiter=limiter, limits=limits)
+                                     limiter=limiter, limits=limits, deny_list=denied)
+        if denied is not None:
+            self.metrics.registry.register(DenyListMetrics(deny_list=denied))
         self.health = health_aio.HealthServicer()
         self.metrics.registry.register(SiteProgress(backend=self.backend,
                                                      last_commit=self.service.last_commit))
@@ -418,7 +435,7 @@ async def run(config: IngestConfig) -> None:
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
                                     max_tombstone_span=config.max_tombstone_span),
                       max_epochs_per_site=config.max_epochs_per_site,
-                      health_listen=config.health_listen)
+                      health_listen=config.health_listen, deny_list=config.deny_list)
     http = None
     if config.metrics_listen:
         http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,
