@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 def _print_issued(what: str, issued: pki.Issued) -> None:
     print(f"{what}: {issued.subject}")
     print(f"  certificate {issued.cert_path}")
-    print(f"  key         {issued.key_path} (mode 0600)")
+    if issued.key_path is not None:
+        print(f"  key         {issued.key_path} (mode 0600)")
     print(f"  expires     {issued.not_after:%Y-%m-%d %H:%M:%S} UTC")
 
 
@@ -58,8 +59,17 @@ def cmd_pki(args: argparse.Namespace) -> int:
         print(f"appended to {args.deny_list}; ingest nodes reading it refuse these within a "
               "second")
         return 0
+    if args.pki_cmd == "csr":
+        csr, key = pki.site_csr(Path(args.out), site_id=args.site, force=args.force)
+        print(f"request {csr} (send it to the CA host: bridge pki sign --csr ...)")
+        print(f"  key     {key} (mode 0600; stays on this gateway)")
+        return 0
     ca_dir = Path(args.dir)
     out = Path(args.out) if getattr(args, "out", None) else ca_dir
+    if args.pki_cmd == "sign":
+        _print_issued("site", pki.sign_site(ca_dir, Path(args.csr), out, site_id=args.site,
+                                            days=args.days, force=args.force))
+        return 0
     if args.pki_cmd == "ca":
         _print_issued("CA", pki.create_ca(ca_dir, name=args.name, days=args.days,
                                           force=args.force))
@@ -351,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
             kp.add_argument("--site", required=True)
         else:
             kp.add_argument("--name", required=True)
+    kc = ksub.add_parser("csr", help="on the gateway: a new site key and a request to sign")
+    kc.add_argument("--site", required=True)
+    kc.add_argument("--out", required=True, help="where to write the key and the request")
+    kc.add_argument("--force", action="store_true", help="overwrite existing files")
+    ks = ksub.add_parser("sign", help="on the CA host: a site certificate for a request")
+    ks.add_argument("--dir", required=True, help="the CA directory (ca.pem, ca.key)")
+    ks.add_argument("--csr", required=True, help="the request bridge pki csr wrote")
+    ks.add_argument("--site", help="refuse a request for any other site id")
+    ks.add_argument("--out", help="where to write the certificate (default: --dir)")
+    ks.add_argument("--days", type=int, default=825)
+    ks.add_argument("--force", action="store_true", help="overwrite an existing certificate")
     kr = ksub.add_parser("revoke", help="append certificates to an ingest deny-list")
     kr.add_argument("--deny-list", required=True,
                     help="the file [revocation] deny_list names (created if missing)")

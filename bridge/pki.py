@@ -37,7 +37,7 @@ class Issued:
     """What was written, for the CLI to print."""
 
     cert_path: Path
-    key_path: Path
+    key_path: Path | None  # None when signed from a CSR (the key stayed where it was made)
     subject: str
     not_after: dt.datetime
 
@@ -122,11 +122,15 @@ def create_ca(ca_dir: Path, *, name: str = "bridge CA", days: int = 3650,
 
 def _issue(ca_dir: Path, out_dir: Path, *, stem: str, common_name: str, role: str,
            sans: list[x509.GeneralName], eku: x509.ObjectIdentifier, days: int,
-           force: bool) -> Issued:
+           force: bool, public_key: ec.EllipticCurvePublicKey | None = None) -> Issued:
+    """A certificate for a new key (written next to it), or for ``public_key`` (from a CSR:
+    the private key stays where it was made)."""
     ca_cert, ca_key = _load_ca(ca_dir)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-    _check_free([cert_path, key_path], force=force)
-    key = ec.generate_private_key(ec.SECP256R1())
+    _check_free([cert_path] if public_key is not None else [cert_path, key_path], force=force)
+    key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
+    pub = key.public_key() if key is not None else public_key
+    assert pub is not None
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
@@ -136,7 +140,7 @@ def _issue(ca_dir: Path, out_dir: Path, *, stem: str, common_name: str, role: st
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(pub)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -150,10 +154,11 @@ def _issue(ca_dir: Path, out_dir: Path, *, stem: str, common_name: str, role: st
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    _write_key(key_path, key)
+    if key is not None:
+        _write_key(key_path, key)
     _write_cert(cert_path, cert)
-    return Issued(cert_path=cert_path, key_path=key_path, subject=subject.rfc4514_string(),
-                  not_after=cert.not_valid_after_utc)
+    return Issued(cert_path=cert_path, key_path=key_path if key is not None else None,
+                  subject=subject.rfc4514_string(), not_after=cert.not_valid_after_utc)
 
 
 def issue_server(ca_dir: Path, out_dir: Path, *, name: str, dns: list[str], ips: list[str],
@@ -172,12 +177,57 @@ def issue_server(ca_dir: Path, out_dir: Path, *, name: str, dns: list[str], ips:
 
 def issue_site(ca_dir: Path, out_dir: Path, *, site_id: str, days: int = 825,
                force: bool = False) -> Issued:
+    return _issue(ca_dir, out_dir, stem=f"site-{_site_id(site_id)}", common_name=site_id,
+                  role=ROLE_SITE, sans=[x509.DNSName(site_id)],
+                  eku=ExtendedKeyUsageOID.CLIENT_AUTH, days=days, force=force)
+
+
+def _site_id(site_id: str) -> str:
     if not valid_site_id(site_id):
         raise PkiError(f"site id {site_id!r} must be a DNS-style name: lower-case letters, "
                        "digits, '-' and '.'")
-    return _issue(ca_dir, out_dir, stem=f"site-{site_id}", common_name=site_id, role=ROLE_SITE,
-                  sans=[x509.DNSName(site_id)], eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-                  days=days, force=force)
+    return site_id
+
+
+def site_csr(out_dir: Path, *, site_id: str, force: bool = False) -> tuple[Path, Path]:
+    """On the gateway: a new key (mode 0600, never leaves it) and a CSR for ``site_id``, for
+    ``sign_site`` on the CA host. Returns (csr path, key path)."""
+    _site_id(site_id)
+    csr_path, key_path = out_dir / f"site-{site_id}.csr", out_dir / f"site-{site_id}.key"
+    _check_free([csr_path, key_path], force=force)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([
+               x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ROLE_SITE),
+               x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName(site_id)]), critical=False)
+           .sign(key, hashes.SHA256()))
+    _write_key(key_path, key)
+    csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return csr_path, key_path
+
+
+def sign_site(ca_dir: Path, csr_path: Path, out_dir: Path, *, site_id: str | None = None,
+              days: int = 825, force: bool = False) -> Issued:
+    """On the CA host: a site certificate for the key in a CSR. Only the CSR's public key and
+    common name are taken (the CA sets role, names and usage); ``site_id``, when given, must
+    be that common name, so a renewal cannot change a site's identity by accident."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{csr_path}: not a readable PEM certificate request ({exc})") from exc
+    if not csr.is_signature_valid:
+        raise PkiError(f"{csr_path}: the request's signature does not verify")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else ""
+    if site_id is not None and cn != site_id:
+        raise PkiError(f"{csr_path}: the request is for {cn!r}, not site {site_id!r}")
+    pub = csr.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise PkiError(f"{csr_path}: expected an EC key (bridge pki csr makes P-256)")
+    return _issue(ca_dir, out_dir, stem=f"site-{_site_id(cn)}", common_name=cn, role=ROLE_SITE,
+                  sans=[x509.DNSName(cn)], eku=ExtendedKeyUsageOID.CLIENT_AUTH, days=days,
+                  force=force, public_key=pub)
 
 
 def issue_consumer(ca_dir: Path, out_dir: Path, *, name: str, days: int = 825,

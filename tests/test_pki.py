@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from bridge import pki
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def test_ca_and_site_certificates_carry_the_site_identity_in_cn_and_san(tmp_path: Path):
@@ -84,3 +86,70 @@ def test_revoke_refuses_what_is_not_a_certificate_or_a_serial(tmp_path: Path):
     with pytest.raises(pki.PkiError, match=r"--serial 'xyz': not a hex serial number"):
         pki.revoke(deny, [], serials=["xyz"])
     assert not deny.exists()
+
+
+def test_a_site_renews_through_a_csr_and_its_key_never_leaves_the_gateway(tmp_path: Path):
+    ca, gateway, out = tmp_path / "ca", tmp_path / "gateway", tmp_path / "signed"
+    pki.create_ca(ca)
+    csr, key = pki.site_csr(gateway, site_id="substation-7")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    issued = pki.sign_site(ca, csr, out, site_id="substation-7")
+    assert issued.key_path is None and sorted(p.name for p in out.iterdir()) == [
+        "site-substation-7.pem"]
+    cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    assert cert.public_key().public_bytes(*_SPKI) == private.public_key().public_bytes(*_SPKI)
+    ident = pki.identity_from_pem(issued.cert_path.read_bytes())
+    assert (ident.name, ident.role) == ("substation-7", pki.ROLE_SITE)
+    ca_cert = x509.load_pem_x509_certificate((ca / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca_cert)
+
+
+def test_signing_refuses_another_site_a_forged_request_and_a_bad_name(tmp_path: Path):
+    ca, gateway = tmp_path / "ca", tmp_path / "gateway"
+    pki.create_ca(ca)
+    csr, _ = pki.site_csr(gateway, site_id="substation-7")
+    with pytest.raises(pki.PkiError, match="is for 'substation-7', not site 'substation-8'"):
+        pki.sign_site(ca, csr, tmp_path, site_id="substation-8")
+    # A request whose bytes were altered after signing does not verify.
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    other = ec.generate_private_key(ec.SECP256R1())
+    good = x509.load_pem_x509_csr(csr.read_bytes())
+    forged = (x509.CertificateSigningRequestBuilder().subject_name(good.subject)
+              .sign(other, hashes.SHA256()))
+    der = bytearray(forged.public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0xFF  # the signature's last byte
+    bad = tmp_path / "forged.csr"
+    bad.write_bytes(x509.load_der_x509_csr(bytes(der)).public_bytes(
+        serialization.Encoding.PEM))
+    with pytest.raises(pki.PkiError, match="signature does not verify"):
+        pki.sign_site(ca, bad, tmp_path)
+    with pytest.raises(pki.PkiError, match="must be a DNS-style name"):
+        pki.site_csr(gateway, site_id="Bad Site")
+    (tmp_path / "junk.csr").write_text("junk")
+    with pytest.raises(pki.PkiError, match="not a readable PEM certificate request"):
+        pki.sign_site(ca, tmp_path / "junk.csr", tmp_path)
+
+
+def test_the_cli_renews_a_site_through_csr_and_sign(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]):
+    from bridge import cli
+
+    ca, gateway = tmp_path / "ca", tmp_path / "gateway"
+    pki.create_ca(ca)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["pki", "csr", "--site", "s1", "--out", str(gateway)])
+    assert done.value.code == 0
+    assert "stays on this gateway" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["pki", "sign", "--dir", str(ca), "--csr", str(gateway / "site-s1.csr"),
+                  "--site", "s1", "--out", str(gateway)])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"certificate {gateway / 'site-s1.pem'}" in out and "key " not in out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["pki", "sign", "--dir", str(ca), "--csr", str(gateway / "site-s1.csr"),
+                  "--out", str(gateway)])
+    assert done.value.code == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
