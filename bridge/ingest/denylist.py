@@ -30,6 +30,7 @@ from bridge.errors import ConfigError
 from bridge.telemetry import event
 
 _HEX = re.compile(r"[0-9a-f]+")
+_MISSING = (0, 0, 0)  # the stamp of a file that is not there
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class DenyList:
         self.interval_s = interval_s
         self.reloads = {"ok": 0, "error": 0}
         try:
-            self._stamp: tuple[int, int, int] | None = self._stat()
+            self._stamp = self._stat()
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(str(path), "", f"cannot read the deny-list: {exc}") from exc
@@ -84,25 +85,24 @@ class DenyList:
 
     def refresh(self) -> None:
         """Re-read the file if it changed (at most every ``interval_s``); a bad state of the
-        file is reported and counted once, and the previous entries stay in force."""
+        file (a missing file included) is reported and counted once, and the previous entries
+        stay in force."""
         now = time.monotonic()
         if now < self._next_check:
             return
         self._next_check = now + self.interval_s
         try:
-            stamp: tuple[int, int, int] | None = self._stat()
+            stamp = self._stat()
         except OSError:
-            stamp = None
-        if stamp == self._stamp or (stamp is not None and stamp == self._failed):
+            stamp = _MISSING
+        if stamp in (self._stamp, self._failed):
             return
         try:
-            if stamp is None:
+            if stamp == _MISSING:
                 raise OSError(f"{self.path}: no such file")
             entries = parse(self.path.read_text(encoding="utf-8"), source=str(self.path))
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            if stamp is None and self._failed == (0, 0, 0):
-                return  # still missing: reported already
-            self._failed = stamp or (0, 0, 0)
+            self._failed = stamp
             self.reloads["error"] += 1
             event("ingest.deny_list_failed", level=logging.ERROR, path=str(self.path),
                   reason=str(exc)[:300], kept=len(self.entries))

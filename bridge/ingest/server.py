@@ -134,22 +134,22 @@ class IngestService(pb_grpc.IngestServicer):
         """The caller's identity, if its certificate is not revoked and has ``role``; otherwise
         the call is aborted with PERMISSION_DENIED (a site pushes, a consumer reads)."""
         ident = self._identity(context)
-        push = role == ROLE_SITE
+        fields: dict[str, Any]
         if self.deny_list is not None and self.deny_list.revoked(ident.serial,
                                                                  ident.fingerprint):
-            if push:
-                self.metrics.batches.labels("PERMISSION_DENIED").inc()
-            await self._deny(context, "revoked", f"certificate {ident.name!r} (serial "
-                             f"{ident.serial:x}) is revoked", identity=ident.name,
-                             serial=f"{ident.serial:x}", fingerprint=ident.fingerprint)
-        if ident.role != role or not ident.name:
-            if push:
-                self.metrics.batches.labels("PERMISSION_DENIED").inc()
-            await self._deny(context, f"not_a_{role.removeprefix('bridge-')}_certificate",
-                             f"certificate {ident.name!r} (role {ident.role!r}) may not "
-                             f"{'push' if push else 'read'}", identity=ident.name,
-                             role=ident.role)
-        return ident
+            reason = "revoked"
+            message = f"certificate {ident.name!r} (serial {ident.serial:x}) is revoked"
+            fields = {"serial": f"{ident.serial:x}", "fingerprint": ident.fingerprint}
+        elif ident.role != role or not ident.name:
+            reason = f"not_a_{role.removeprefix('bridge-')}_certificate"
+            message = (f"certificate {ident.name!r} (role {ident.role!r}) may not "
+                       f"{'push' if role == ROLE_SITE else 'read'}")
+            fields = {"role": ident.role}
+        else:
+            return ident
+        if role == ROLE_SITE:
+            self.metrics.batches.labels("PERMISSION_DENIED").inc()
+        return await self._deny(context, reason, message, identity=ident.name, **fields)
 
     async def _deny(self, context: grpc.aio.ServicerContext[Any, Any], reason: str,
                     message: str, **fields: Any) -> NoReturn:
