@@ -26,6 +26,7 @@ from bridge.sources import make_source
 from bridge.spool import AsyncSpool, Spool
 from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
 from bridge.uplink.breaker import CircuitBreaker
+from bridge.uplink.credentials import CredentialWatcher, Pem
 from bridge.uplink.pool import Endpoint, EndpointPool
 from bridge.uplink.sender import Sender
 from bridge.uplink.transport import GrpcTransport
@@ -72,11 +73,7 @@ class Agent:
                     on_refused=self.metrics.netbind_refused.labels(e.name).inc)
         self.pool = EndpointPool(
             endpoints=[Endpoint(name=e.name, target=e.target,
-                                transport=GrpcTransport(
-                                    target=e.target, tls=config.tls,
-                                    backoff_max_s=up.backoff_max_s,
-                                    proxy_url=self.proxies[e.name].url
-                                    if e.name in self.proxies else None),
+                                transport=self._transport(e.name, None),
                                 backoff_max_s=up.backoff_max_s,
                                 breaker=CircuitBreaker(window_s=b.window_s,
                                                        error_rate=b.error_rate,
@@ -88,6 +85,9 @@ class Agent:
             health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,
             failback_after_s=up.failback_after_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
+        self.credentials = CredentialWatcher(
+            tls=config.tls, site_id=config.site_id, metrics=self.metrics,
+            check_s=config.tls_check_s, on_change=self._rotate)
         self._zero_series()
         self.notifier = Notifier(component="agent")
         clock = ClockSync()
@@ -97,6 +97,18 @@ class Agent:
                                policy=IntakePolicy.of(config.spool, s))
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
+
+    def _transport(self, name: str, pem: Pem | None) -> GrpcTransport:
+        e = next(e for e in self.config.uplink.endpoints if e.name == name)
+        proxy = self.proxies.get(name)
+        return GrpcTransport(target=e.target, tls=self.config.tls, pem=pem,
+                             backoff_max_s=self.config.uplink.backoff_max_s,
+                             proxy_url=proxy.url if proxy else None)
+
+    async def _rotate(self, pem: Pem) -> None:
+        """New credentials: new channels; calls in flight finish within one deadline."""
+        self.pool.rebuild(lambda ep: self._transport(ep.name, pem),
+                          grace_s=self.config.uplink.deadline_s)
 
     def _decoder(self, source: SourceConfig) -> Decoder:
         dc = source.decode
@@ -212,6 +224,8 @@ class Agent:
             pool_task = tg.create_task(self.pool.run(), name="endpoint-pool")
             bounds_task = tg.create_task(self._bounds(), name="spool-bounds")
             sender_task = tg.create_task(self.sender.run(), name="sender")
+            self.credentials.expiry()
+            creds_task = tg.create_task(self.credentials.run(), name="credentials")
             intake_tasks = [tg.create_task(i.run(), name=f"intake-{i.source.info.name}")
                             for i in self.intakes]
             source_tasks = [tg.create_task(src.run(), name=f"source-{src.info.name}")
@@ -237,6 +251,7 @@ class Agent:
             except TimeoutError:
                 sender_task.cancel()
             pool_task.cancel()
+            creds_task.cancel()
             bounds_task.cancel()
             notify_task.cancel()
         await self.pool.close()

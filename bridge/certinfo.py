@@ -1,4 +1,4 @@
-"""A certificate's subject CN and notAfter, read straight from its DER, for the expiry metric.
+"""A certificate's subject CN, notAfter and serial, read straight from its DER (expiry, reload).
 
 Why not ``cryptography``: importing its x509 module costs the long-running agent about 8 MB of
 resident memory (measured: VmRSS before and after the import, next to paho and grpc), a sixth
@@ -17,7 +17,7 @@ import re
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.S)
 _CN = bytes([0x06, 0x03, 0x55, 0x04, 0x03])  # OID 2.5.4.3, commonName
-_SEQUENCE, _SET, _UTC, _GENERALIZED = 0x30, 0x31, 0x17, 0x18
+_INTEGER, _SEQUENCE, _SET, _UTC, _GENERALIZED = 0x02, 0x30, 0x31, 0x17, 0x18
 
 
 def _tlv(der: bytes, at: int) -> tuple[int, int, int]:
@@ -87,6 +87,28 @@ def read(der: bytes) -> tuple[str, float]:
         raise ValueError("bad validity")
     tag, t0, t1 = times[1]
     return _common_name(der, subject[1], subject[2]), _time(tag, der[t0:t1])
+
+
+def serial(der: bytes) -> int:
+    """The serialNumber of one DER certificate (the first field after the version)."""
+    tag, vs, _ = _tlv(der, 0)
+    if tag != _SEQUENCE:
+        raise ValueError("not a certificate")
+    _, tbs0, tbs1 = _tlv(der, vs)
+    fields = _children(der, tbs0, tbs1)
+    if fields and fields[0][0] == 0xA0:
+        fields = fields[1:]
+    if not fields or fields[0][0] != _INTEGER:
+        raise ValueError("no serial number")
+    return int.from_bytes(der[fields[0][1]:fields[0][2]], "big", signed=True)
+
+
+def serial_pem(pem: bytes) -> int:
+    """The serialNumber of the first certificate in a PEM file."""
+    blocks = _PEM.findall(pem)
+    if not blocks:
+        raise ValueError("no PEM certificate")
+    return serial(base64.b64decode(b"".join(blocks[0].split()), validate=True))
 
 
 def read_pem(pem: bytes) -> list[tuple[str, float]]:

@@ -228,6 +228,9 @@ class AgentMetrics:
         self.endpoint_healthy = Gauge("bridge_uplink_endpoint_healthy",
                                       "1 when the endpoint is considered healthy",
                                       ["endpoint"], registry=r)
+        self.tls_reloads = Counter("bridge_tls_reloads", "Changed uplink certificate files "
+                                   "loaded into new channels (ok) or refused (failed)",
+                                   ["outcome"], registry=r)
 
 
 class IngestMetrics:

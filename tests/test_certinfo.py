@@ -36,6 +36,14 @@ def test_the_project_certificates_read_as_cryptography_reads_them(pkis: localrun
         assert certinfo.read_pem(pem) == want, path
 
 
+def test_the_serial_reads_as_cryptography_reads_it(pkis: localrun.Pki) -> None:
+    for path in [pkis.ca, pkis.site("site-a").cert, pkis.server().cert]:
+        pem = Path(path).read_bytes()
+        assert certinfo.serial_pem(pem) == x509.load_pem_x509_certificate(pem).serial_number
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        certinfo.serial_pem(b"not a certificate")
+
+
 @pytest.mark.parametrize("when", [dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
                                   dt.datetime(2050, 1, 1, tzinfo=dt.UTC),  # GeneralizedTime
                                   dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)])

@@ -209,7 +209,7 @@ def load_agent(path: Path) -> AgentConfig:
                          spool=_spool(f, a.spool), sources=tuple(sources),
                          uplink=_uplink(f, a.uplink),
                          metrics_listen=_listen(f, "metrics.listen", a.metrics.listen),
-                         log_level=a.log.level)
+                         log_level=a.log.level, tls_check_s=a.tls.check_s)
     secret = next((s.name for s in sources if s.password not in (None, "guest")), None)
     if secret is not None and (problem := exposure(path)):
         raise f.error(f"sources[{secret}]", f"holds a password, and {problem}")

@@ -222,6 +222,7 @@ class AgentConfig:
     uplink: UplinkConfig
     metrics_listen: str | None
     log_level: str
+    tls_check_s: float = 5.0  # how often the uplink's TLS files are checked for a rotation
 
 
 NATS_URL = re.compile(r"(nats|tls)://[^/\s:,]+:\d{1,5}")

@@ -38,6 +38,10 @@ class TlsFile(_Table, kw_only=True):
     key: Text
 
 
+class AgentTlsFile(TlsFile, kw_only=True):
+    check_s: Annotated[float, Meta(ge=0.1)] = 5.0  # how often the files are checked for change
+
+
 class MetricsFile(_Table, kw_only=True):
     listen: Text | None = None
 
@@ -153,7 +157,7 @@ class UplinkFile(_Table, kw_only=True):
 
 class AgentFile(_Table, kw_only=True):
     site_id: Text
-    tls: TlsFile
+    tls: AgentTlsFile
     spool: SpoolFile
     sources: list[Union[MqttSourceFile, AmqpSourceFile]] = msgspec.field(  # noqa: UP007
         default_factory=list)

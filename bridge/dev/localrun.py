@@ -274,7 +274,8 @@ def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: lis
           topics: tuple[str, ...] = ("#",), extra: str = "", uplink_extra: str = "",
           http_port: int = 0, interfaces: dict[str, str] | None = None,
           names: list[str] | None = None, spool_extra: str = "",
-          spool_dir: Path | None = None, sources: str | None = None) -> AgentProc:
+          spool_dir: Path | None = None, sources: str | None = None,
+          tls_extra: str = "") -> AgentProc:
     """An agent's config and process; ``names`` renames endpoints (to list one node twice).
 
     ``sources`` replaces the default source (MQTT on ``mqtt_port``) with these TOML tables.
@@ -290,7 +291,7 @@ def agent(workdir: Path, pkis: Pki, site: str, *, mqtt_port: int, endpoints: lis
     cfg.write_text(
         f'site_id = "{site}"\n{extra}'
         f'[spool]\npath = "{(spool_dir or workdir) / f"spool-{site}.db"}"\n{spool_extra}'
-        + _tls_toml(pkis.site(site))
+        + _tls_toml(pkis.site(site)) + tls_extra
         + (sources if sources is not None else
            f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{mqtt_port}"\n'
            f"topics = [{topic_list}]\n")

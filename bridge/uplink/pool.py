@@ -84,6 +84,7 @@ class EndpointPool:
         self._awaiting_first_ack = False
         self._changed = asyncio.Event()
         self._none_healthy_since: float | None = None
+        self._retiring: set[asyncio.Future[None]] = set()  # old transports closing (rebuild)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -285,7 +286,19 @@ class EndpointPool:
                  "last_error": e.last_error or None, "last_ack_ns": e.last_ack_ns or None}
                 for e in self.endpoints]
 
+    def rebuild(self, make: Callable[[Endpoint], Transport], *, grace_s: float) -> None:
+        """Give every endpoint a new transport (rotated credentials): calls and probes from now
+        on use it; calls in flight finish on the old one, closed within ``grace_s``."""
+        for ep in self.endpoints:
+            old, ep.transport = ep.transport, make(ep)
+            task = asyncio.ensure_future(old.close(grace=grace_s))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        event("uplink.channels_rebuilt", endpoints=[ep.name for ep in self.endpoints],
+              grace_s=grace_s)
+
     async def close(self) -> None:
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for ep in self.endpoints:
             await ep.transport.close()
 

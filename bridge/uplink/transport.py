@@ -58,13 +58,17 @@ class Transport(Protocol):
 
     async def healthy(self, *, timeout: float) -> bool: ...
 
-    async def close(self) -> None: ...
+    async def close(self, grace: float | None = None) -> None:
+        """Close; with ``grace``, calls in flight may finish for up to that long first."""
 
 
 class GrpcTransport:
     def __init__(self, *, target: str, tls: TlsConfig, backoff_max_s: float,
-                 proxy_url: str | None = None) -> None:
-        ca, cert, key = tls.read()
+                 proxy_url: str | None = None,
+                 pem: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """``pem`` (ca, cert, key), already read and checked, takes the place of reading
+        ``tls``'s files (a credential rotation, ``bridge.uplink.credentials``)."""
+        ca, cert, key = pem or tls.read()
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                              certificate_chain=cert)
         options = channel_options(backoff_max_s=backoff_max_s)
@@ -91,5 +95,5 @@ class GrpcTransport:
             raise classify(err) from err
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
-    async def close(self) -> None:
-        await self._channel.close(grace=None)
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace=grace)

@@ -49,5 +49,5 @@ class ScriptedTransport:
             raise self._unavailable()
         return True
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
         self._hang.set()

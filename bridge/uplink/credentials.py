@@ -1,0 +1,160 @@
+"""The agent's certificate, key and CA, watched: rotation without a restart, expiry warned of.
+
+A renewal (``bridge pki csr`` + ``sign``, certbot, an MDM) replaces the three PEM files, rarely
+all in the same instant. Every ``check_s`` the watcher stats them (mtime, size, inode); when a
+stamp changed it reads the set and checks it the way TLS will use it before anything switches:
+
+* each file is PEM and the key is private (``TlsConfig.read``);
+* the key belongs to the certificate and the CA parses (``ssl.SSLContext.load_cert_chain`` and
+  ``load_verify_locations``, the same OpenSSL checks the channel would fail on later);
+* the certificate names this site (its CN is ``site_id``: the ingest would refuse another) and
+  has not expired;
+* no stamp moved while it was being read (a half-replaced set is read again next time).
+
+A set that fails is reported once (``tls.reload_failed``, ``bridge_tls_reloads_total
+{outcome="failed"}``) and the channels keep the credentials they have: a bad edit never takes
+the uplink down. A set that passes becomes new channels for every endpoint
+(``EndpointPool.rebuild``): new calls and probes use them at once, calls in flight finish on the
+old channel, which closes when they are done or after one call deadline (``tls.reloaded``).
+
+Expiry: after every load and then every ``check_s``, each certificate held (the client
+certificate, the CA, and any plant-side client certificates) is compared with the clock:
+inside ``WARN_DAYS`` a ``tls.cert_expiring`` WARNING, inside ``ERROR_DAYS`` (or expired) an
+ERROR, once when it enters the band and again once a day while it stays there.
+``bridge_cert_expiry_seconds`` (``bridge.telemetry.CertExpiry``) carries the figure itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from bridge import certinfo
+from bridge.config import TlsConfig
+from bridge.errors import ConfigError
+from bridge.telemetry import AgentMetrics, event
+
+WARN_DAYS = 30.0
+ERROR_DAYS = 7.0
+REMIND_S = 86400.0
+Pem = tuple[bytes, bytes, bytes]  # ca, cert, key
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+def _stamp(paths: tuple[Path, ...]) -> Stamp:
+    out: list[tuple[int, int, int] | None] = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def load(tls: TlsConfig, *, site_id: str, now: float) -> Pem:
+    """The checked (ca, cert, key) PEM of ``tls``; ``ConfigError`` naming what is wrong."""
+    ca, cert, key = tls.read()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(tls.file, f"{tls.section}.key", f"{tls.key} does not belong to "
+                          f"{tls.cert} ({exc.__class__.__name__}: {exc})") from exc
+    try:
+        ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise ConfigError(tls.file, f"{tls.section}.ca", f"{tls.ca}: {exc}") from exc
+    try:
+        subject, not_after = certinfo.read_pem(cert)[0]
+    except ValueError as exc:
+        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert}: {exc}") from exc
+    if subject != site_id:
+        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert} is for {subject!r}, "
+                          f"not this site ({site_id!r}): the ingest would refuse it")
+    if not_after <= now:
+        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert} expired "
+                          f"{(now - not_after) / 86400:.1f} days ago")
+    return ca, cert, key
+
+
+class CredentialWatcher:
+    """Polls the uplink's TLS files; calls ``on_change(pem)`` with every new set that passes."""
+
+    def __init__(self, *, tls: TlsConfig, site_id: str, metrics: AgentMetrics,
+                 on_change: Callable[[Pem], Awaitable[None]], check_s: float = 5.0,
+                 also: Mapping[str, Path] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``also``: further certificates held (role -> file) whose expiry is watched."""
+        self.tls, self.site_id, self.metrics = tls, site_id, metrics
+        self._on_change = on_change
+        self.check_s = check_s
+        self._clock = clock
+        self._paths = (tls.ca, tls.cert, tls.key)
+        self._stamp = _stamp(self._paths)
+        self._failed: Stamp | None = None
+        self._watched = {"client": tls.cert, "ca": tls.ca, **(also or {})}
+        self._bands: dict[str, tuple[str, float]] = {}  # role -> (band, when last said)
+        self.reloads = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_s)
+            await self.check()
+
+    async def check(self) -> bool:
+        """One poll: reload if the files changed; say what is near expiry. True if reloaded."""
+        reloaded = False
+        stamp = _stamp(self._paths)
+        if stamp not in (self._stamp, self._failed):
+            reloaded = await self._reload(stamp)
+        self.expiry()
+        return reloaded
+
+    async def _reload(self, stamp: Stamp) -> bool:
+        try:
+            pem = load(self.tls, site_id=self.site_id, now=self._clock())
+            if _stamp(self._paths) != stamp:
+                return False  # still being replaced: read it again at the next poll
+        except ConfigError as exc:
+            self._failed = stamp
+            self.metrics.tls_reloads.labels("failed").inc()
+            event("tls.reload_failed", level=logging.ERROR, reason=str(exc),
+                  keeping="the credentials already in use")
+            return False
+        self._stamp, self._failed = stamp, None
+        await self._on_change(pem)
+        self.reloads += 1
+        self.metrics.tls_reloads.labels("ok").inc()
+        subject, not_after = certinfo.read_pem(pem[1])[0]
+        event("tls.reloaded", cert=str(self.tls.cert), subject=subject,
+              serial=f"{certinfo.serial_pem(pem[1]):x}",
+              expires_in_days=round((not_after - self._clock()) / 86400, 1))
+        return True
+
+    def expiry(self) -> None:
+        now = self._clock()
+        for role, path in self._watched.items():
+            try:
+                certs = certinfo.read_pem(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # bridge_cert_unreadable and telemetry.cert_unreadable say so
+            left = min(not_after for _, not_after in certs) - now
+            band = ("expired" if left <= 0 else "error" if left < ERROR_DAYS * 86400
+                    else "warning" if left < WARN_DAYS * 86400 else "")
+            said = self._bands.get(role)
+            if not band:
+                self._bands.pop(role, None)
+                continue
+            if said is not None and said[0] == band and now - said[1] < REMIND_S:
+                continue
+            self._bands[role] = (band, now)
+            event("tls.cert_expiring",
+                  level=logging.WARNING if band == "warning" else logging.ERROR,
+                  cert=role, path=str(path), band=band, days_left=round(left / 86400, 2),
+                  action="renew it: bridge pki csr on the gateway, bridge pki sign on the CA "
+                         "host (docs/deployment.md, Renewing a site certificate)")
