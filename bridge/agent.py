@@ -72,7 +72,7 @@ class Agent:
                     interface=iface, endpoint=e.name, target=e.target,
                     on_refused=self.metrics.netbind_refused.labels(e.name).inc)
         self.pool = EndpointPool(
-            endpoints=[Endpoint(name=e.name, target=e.target,
+            endpoints=[Endpoint(name=e.name, target=e.target, leg=e.leg,
                                 transport=self._transport(e.name, None),
                                 backoff_max_s=up.backoff_max_s,
                                 breaker=CircuitBreaker(window_s=b.window_s,

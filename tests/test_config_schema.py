@@ -43,3 +43,38 @@ def test_edge_values_are_one_clear_error_with_the_key_path(
         _decode(tmp_path, text)
     assert err.value.key == key, err.value
     assert message in str(err.value)
+
+
+def _load_uplink(tmp_path: Path, endpoints: str) -> list[tuple[str, str | None, str, int]]:
+    from bridge.config import load_agent
+
+    path = tmp_path / "agent.toml"
+    path.write_text(BASE.split("[[uplink.endpoints]]")[0] + endpoints)
+    return [(e.name, e.interface, e.cloud, e.priority)
+            for e in load_agent(path).uplink.endpoints]
+
+
+def test_an_endpoint_with_several_legs_becomes_one_endpoint_per_leg_before_the_next_cloud(
+        tmp_path: Path) -> None:
+    got = _load_uplink(tmp_path, '[[uplink.endpoints]]\nname = "aws"\ntarget = "a:1"\n'
+                                 'interface = ["wan0", "lte0"]\n'
+                                 '[[uplink.endpoints]]\nname = "azure"\ntarget = "b:1"\n'
+                                 'interface = "wan0"\n')
+    assert got == [("aws/wan0", "wan0", "aws", 0), ("aws/lte0", "lte0", "aws", 0),
+                   ("azure", "wan0", "azure", 1)]
+
+
+@pytest.mark.parametrize(("legs", "message"), [
+    ('interface = []', "an empty list binds to nothing"),
+    ('interface = ["wan0", "wan0"]', "leg 'wan0' is listed twice"),
+    ('vlan = [200, 4095]', "must be <= 4094"),
+    ('interface = ["wan0"]\nvlan = 200', "give either interface or vlan, not both"),
+])
+def test_bad_legs_are_one_clear_error(tmp_path: Path, legs: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load_uplink(tmp_path, f'[[uplink.endpoints]]\nname = "aws"\ntarget = "a:1"\n{legs}\n')
+
+
+def test_a_slash_in_an_endpoint_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'/' separates an endpoint from its leg"):
+        _load_uplink(tmp_path, '[[uplink.endpoints]]\nname = "a/b"\ntarget = "a:1"\n')

@@ -161,6 +161,35 @@ def _spool(f: _File, s: schema.SpoolFile) -> SpoolConfig:
         dead_letters_max=s.dead_letters_max, dead_letters_max_bytes=s.dead_letters_max_bytes)
 
 
+def _legs(f: _File, e: schema.EndpointFile, where: str
+          ) -> list[tuple[str | None, str | None, int | None]]:
+    """(leg name, interface, vlan id) per leg of one endpoint, in order; one unbound leg if
+    it names none."""
+    if isinstance(e.interface, list):
+        if not e.interface:
+            raise f.error(f"{where}.interface", "an empty list binds to nothing; leave the "
+                          "key out to use the gateway's routing")
+        legs: list[tuple[str | None, str | None, int | None]] = [
+            (i, i, None) for i in e.interface]
+    elif isinstance(e.vlan, list):
+        if not e.vlan:
+            raise f.error(f"{where}.vlan", "an empty list binds to nothing; leave the key "
+                          "out to use the gateway's routing")
+        legs = [(f"vlan{v}", None, v) for v in e.vlan]
+    elif e.interface is not None:
+        legs = [(e.interface, e.interface, None)]
+    elif e.vlan is not None:
+        legs = [(f"vlan{e.vlan}", None, e.vlan)]
+    else:
+        return [(None, None, None)]
+    names = [leg for leg, _, _ in legs]
+    for n in names:
+        if names.count(n) > 1:
+            raise f.error(f"{where}.interface" if e.interface else f"{where}.vlan",
+                          f"leg {n!r} is listed twice")
+    return legs
+
+
 def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
     endpoints = []
     seen: set[str] = set()
@@ -168,14 +197,19 @@ def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
         where = f"uplink.endpoints[{i}]"
         if e.interface and e.vlan:
             raise f.error(f"{where}.vlan", "give either interface or vlan, not both")
-        if e.name in seen:
-            raise f.error(f"{where}.name", f"duplicate endpoint name {e.name!r}")
-        seen.add(e.name)
-        endpoints.append(EndpointConfig(
-            name=e.name, target=f.hostport(f"{where}.target", e.target,
-                                           default_port=DEFAULT_INGEST_PORT),
-            priority=i if e.priority is None else e.priority, interface=e.interface,
-            vlan=e.vlan))
+        if "/" in e.name:
+            raise f.error(f"{where}.name", f"{e.name!r}: '/' separates an endpoint from its "
+                          "leg in metrics and logs; choose a name without it")
+        legs = _legs(f, e, where)
+        target = f.hostport(f"{where}.target", e.target, default_port=DEFAULT_INGEST_PORT)
+        for leg, iface, vid in legs:
+            name = f"{e.name}/{leg}" if len(legs) > 1 else e.name
+            if name in seen:
+                raise f.error(f"{where}.name", f"duplicate endpoint name {name!r}")
+            seen.add(name)
+            endpoints.append(EndpointConfig(
+                name=name, target=target, priority=i if e.priority is None else e.priority,
+                interface=iface, vlan=vid, cloud=e.name, leg=leg))
     if not endpoints:
         raise f.error("uplink.endpoints", "needs at least one [[uplink.endpoints]] table")
     b = u.breaker

@@ -180,11 +180,16 @@ class SpoolConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
+    """One way to one cloud. A configured endpoint that lists several legs becomes one of
+    these per leg, named ``<cloud>/<leg>``, in the listed order, next to each other."""
+
     name: str
     target: str
     priority: int
     interface: str | None = None
     vlan: int | None = None
+    cloud: str = ""  # the configured endpoint's name (= name when it has one leg or none)
+    leg: str | None = None  # the interface (or "vlan<id>") its connections are bound to
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -124,12 +124,15 @@ class SpoolFile(_Table, kw_only=True):
     dead_letters_max_bytes: Annotated[int, Meta(ge=0)] = 16 << 20
 
 
+VlanId = Annotated[int, Meta(ge=1, le=4094)]
+
+
 class EndpointFile(_Table, kw_only=True):
     name: Text
     target: Text
     priority: Annotated[int, Meta(ge=0)] | None = None
-    interface: Text | None = None
-    vlan: Annotated[int, Meta(ge=1, le=4094)] | None = None
+    interface: Text | Texts | None = None  # a list: the legs this endpoint may use, in order
+    vlan: VlanId | list[VlanId] | None = None
 
 
 class BreakerFile(_Table, kw_only=True):

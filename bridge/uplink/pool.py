@@ -48,8 +48,9 @@ class EndpointState(enum.Enum):
 
 class Endpoint:
     def __init__(self, *, name: str, target: str, transport: Transport, backoff_max_s: float,
-                 breaker: CircuitBreaker) -> None:
-        self.name, self.target, self.transport = name, target, transport
+                 breaker: CircuitBreaker, leg: str | None = None) -> None:
+        """``leg``: the interface its connections are bound to (None: the host's routing)."""
+        self.name, self.target, self.transport, self.leg = name, target, transport, leg
         self.breaker = breaker
         self.state = EndpointState.CONNECTING
         self.last_error = ""
@@ -169,7 +170,8 @@ class EndpointPool:
         self.metrics.endpoint_healthy.labels(ep.name).set(1 if state is EndpointState.HEALTHY
                                                           else 0)
         level = logging.INFO if state is EndpointState.HEALTHY else logging.WARNING
-        event("uplink.endpoint_state", level=level, endpoint=ep.name, target=ep.target,
+        event("uplink.endpoint_state", level=level, endpoint=ep.name, leg=ep.leg,
+              target=ep.target,
               old=old.value, new=state.value, reason=reason or None, flag=flag or None)
         self._notify()
 
@@ -281,7 +283,7 @@ class EndpointPool:
                   f"fail-back: healthy for {self.failback_after_s:g} s")
 
     def snapshot(self) -> list[dict[str, object]]:
-        return [{"name": e.name, "target": e.target, "state": e.state.value,
+        return [{"name": e.name, "target": e.target, "leg": e.leg, "state": e.state.value,
                  "breaker": e.breaker.state.value, "active": e is self.active,
                  "last_error": e.last_error or None, "last_ack_ns": e.last_ack_ns or None}
                 for e in self.endpoints]

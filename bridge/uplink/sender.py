@@ -153,7 +153,7 @@ class Sender:
                 self.pool.record(ep, err)
                 self.metrics.batches.labels(ep.name, err.code).inc()
                 self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
-                event("uplink.batch", level=logging.WARNING, endpoint=ep.name,
+                event("uplink.batch", level=logging.WARNING, endpoint=ep.name, leg=ep.leg,
                       batch_id=batch_id, first_seq=first_seq, last_seq=last_seq,
                       readings=len(rows),
                       status=err.code, flag=err.flag, attempt=attempt,
@@ -187,7 +187,8 @@ class Sender:
             self.metrics.batches.labels(ep.name, "OK").inc()
             self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
             self.acked_readings += len(rows)
-            event("uplink.batch", endpoint=ep.name, batch_id=batch_id, first_seq=first_seq,
+            event("uplink.batch", endpoint=ep.name, leg=ep.leg, batch_id=batch_id,
+                  first_seq=first_seq,
                   last_seq=last_seq, readings=len(rows), status="OK", flag="-",
                   attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
