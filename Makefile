@@ -10,18 +10,18 @@ N ?= 20000
 TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json
 TAHU_VERSION := 3.2.4
 
-.PHONY: demo test lint typecheck protos bench profile clean debs venv
+.PHONY: demo test lint typecheck protos bench profile hil clean debs venv
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
 
 test: $(STAMP) $(TAHU)
-	$(BIN)/ruff check bridge tests tools bench examples
+	$(BIN)/ruff check bridge tests tools bench examples hil
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge tests tools bench examples
+	$(BIN)/ruff check bridge tests tools bench examples hil
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -32,6 +32,10 @@ bench: $(STAMP)
 profile: $(STAMP)
 	$(BIN)/python -m pip install -q py-spy
 	$(BIN)/python -m bench.profile $(if $(LOAD),--load $(LOAD),)
+
+# Every hil/ scenario at full size in network namespaces (root); the table goes to docs/hil.md.
+hil: $(STAMP)
+	$(BIN)/python -m hil run all --write
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

@@ -49,7 +49,7 @@ def _load_uplink(tmp_path: Path, endpoints: str) -> list[tuple[str, str | None, 
     from bridge.config import load_agent
 
     path = tmp_path / "agent.toml"
-    path.write_text(BASE.split("[[uplink.endpoints]]")[0] + endpoints)
+    path.write_text(BASE.split("[[uplink.endpoints]]", maxsplit=1)[0] + endpoints)
     return [(e.name, e.interface, e.cloud, e.priority)
             for e in load_agent(path).uplink.endpoints]
 

@@ -190,8 +190,10 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
         payload: str = "json", metrics_per_message: int = 10, devices: int = 4,
         group: str = SPARKPLUG_GROUP, mqtt_version: str = "5", births: bool = True,
         progress: Progress | None = None,
-        stop: threading.Event | None = None, timeout_s: float = 60.0) -> Progress:
-    """Publish ``count`` messages at ``rate`` per second (0 = as fast as the broker takes)."""
+        stop: threading.Event | None = None, timeout_s: float = 60.0,
+        first: int = 1) -> Progress:
+    """Publish ``count`` messages at ``rate`` per second (0 = as fast as the broker takes);
+    JSON messages carry seq ``first``, ``first + 1``, ... (a second run can follow a first)."""
     prog = progress or Progress()
     lock = threading.Condition()
     done = threading.Event()
@@ -205,7 +207,7 @@ def run(*, host: str, port: int, site: str, count: int, rate: float, profile: st
                              metrics_per_message=metrics_per_message, rng=rng, group=group)
         source = edge.messages(rebirth, wall0, births=births)
     else:
-        source = json_messages(profile=profile, site=site, rng=rng, t0=wall0)
+        source = json_messages(profile=profile, site=site, rng=rng, t0=wall0, first=first)
 
     def on_publish(client: mqtt.Client, userdata: object, mid: int, reason: object,
                    properties: object) -> None:

@@ -213,7 +213,7 @@ class IngestService(pb_grpc.IngestServicer):
         self.metrics.batches.labels("OK").inc()
         event("ingest.batch", site=ident.name, batch_id=request.batch_id,
               readings=len(request.envelopes), committed=committed, duplicates=duplicates,
-              rejected=rejected, status="OK", flag="-",
+              rejected=rejected, status="OK", flag="-", peer=context.peer(),
               duration_ms=round((time.perf_counter() - t0) * 1000, 3))
         return ack
 
