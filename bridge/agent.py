@@ -38,8 +38,13 @@ class Agent:
     def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or AgentMetrics()
-        self.metrics.registry.register(CertExpiry(files={"client": config.tls.cert,
-                                                         "ca": config.tls.ca}))
+        held = {"client": config.tls.cert, "ca": config.tls.ca}
+        for src in config.sources:  # plant-side certificates count too
+            if src.tls is not None and src.tls.cert is not None:
+                held[f"source:{src.name}"] = src.tls.cert
+            if src.tls is not None and src.tls.ca is not None:
+                held[f"source-ca:{src.name}"] = src.tls.ca
+        self.metrics.registry.register(CertExpiry(files=held))
         ring_sizes = {s.name: 2 * s.window for s in config.sources}
         sc = config.spool
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
@@ -87,7 +92,8 @@ class Agent:
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         self.credentials = CredentialWatcher(
             tls=config.tls, site_id=config.site_id, metrics=self.metrics,
-            check_s=config.tls_check_s, on_change=self._rotate)
+            check_s=config.tls_check_s, on_change=self._rotate,
+            also={k: v for k, v in held.items() if k not in ("client", "ca")})
         self._zero_series()
         self.notifier = Notifier(component="agent")
         clock = ClockSync()

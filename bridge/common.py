@@ -7,6 +7,8 @@
   rebirth requests).
 * ``channel_options``: the gRPC client channel settings of every client of the ingest (the
   agent's uplink, the consumer): keepalive, reconnect backoff, no library retries.
+* ``connect_bound``: a TCP connection pinned to one interface (``SO_BINDTODEVICE``), failing
+  closed: the plant side's OT leg and the uplink's bind proxy both use it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,3 +80,32 @@ def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
         ("grpc.enable_retries", 0),  # retries are ours: same request ids, other endpoints
     ]
+
+
+def connect_bound(host: str, port: int, *, interface: str, timeout: float) -> socket.socket:
+    """A blocking TCP connection to ``host:port`` that can only leave by ``interface``.
+
+    If the interface is missing or down, or has no route to the host, the connect fails
+    (``OSError`` naming the interface): it never falls back to another route. Needs
+    CAP_NET_RAW.
+    """
+    try:
+        socket.if_nametoindex(interface)
+    except OSError as exc:
+        raise OSError(f"interface {interface!r} does not exist") from exc
+    last: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except PermissionError as exc:
+            sock.close()
+            raise OSError(f"binding to {interface} needs CAP_NET_RAW") from exc
+        except OSError as exc:
+            sock.close()
+            last = OSError(f"connect to {host}:{port} via {interface} failed: "
+                           f"{exc.strerror or type(exc).__name__}")
+    raise last

@@ -140,7 +140,7 @@ class Site:
             f'[spool]\npath = "{self.workdir / "spool.db"}"\n{self.spool_extra}'
             f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
             f'[[sources]]\nname = "plant"\nurl = "mqtt://{t.plant_ot}:{MQTT_PORT}"\n'
-            'topics = ["#"]\nkeepalive_s = 5\n'
+            'topics = ["#"]\nkeepalive_s = 5\ninterface = "ot0"\n'
             f"[uplink]\nfailback_after_s = 3.0\n{self.uplink_extra}{eps}"
             f'[metrics]\nlisten = "{t.gateway_mgmt}:{STATUS_PORT}"\n')
         return localrun.Proc(name="agent", log=self.workdir / "agent.log",

@@ -17,6 +17,7 @@ from bridge.config.model import (
     DEFAULT_MQTT_PORT,
     NATS_URL,
     SPARKPLUG_TOPICS,
+    TLS_PORTS,
     AgentConfig,
     AmqpSourceConfig,
     BreakerConfig,
@@ -27,6 +28,7 @@ from bridge.config.model import (
     JetStreamSettings,
     MqttSourceConfig,
     SourceConfig,
+    SourceTls,
     SparkplugConfig,
     SpoolConfig,
     TlsConfig,
@@ -104,20 +106,52 @@ def _decode(f: _File, s: schema.MqttSourceFile | schema.AmqpSourceFile, where: s
 
 def _broker_url(f: _File, url: str, where: str, *, scheme: str, port: int,
                 shape: str) -> tuple[SplitResult, str, int]:
-    """(parts, host, port) of a source's ``url``; errors name the key."""
+    """(parts, host, port) of a source's ``url`` (``scheme`` or its TLS form ``<scheme>s``);
+    errors name the key."""
     parts = urlsplit(url)
-    if parts.scheme != scheme or not parts.hostname:
-        raise f.error(f"{where}.url", f'expected "{shape}", got {url!r}')
+    if parts.scheme not in (scheme, f"{scheme}s") or not parts.hostname:
+        raise f.error(f"{where}.url", f'expected "{shape}" (or {scheme}s:// for TLS), '
+                      f"got {url!r}")
     try:
-        return parts, parts.hostname, parts.port or port
+        return parts, parts.hostname, parts.port or TLS_PORTS.get(parts.scheme, port)
     except ValueError as exc:
         raise f.error(f"{where}.url", f"bad port in {url!r}") from exc
+
+
+def _source_tls(f: _File, s: schema.MqttSourceFile | schema.AmqpSourceFile, scheme: str,
+                where: str) -> SourceTls | None:
+    """The source's TLS settings; a ``[sources.tls]`` table needs the TLS scheme, so a
+    plaintext URL never silently ignores the certificates meant to protect it."""
+    t = s.tls
+    if not scheme.endswith("s"):
+        if t is not None:
+            raise f.error(f"{where}.tls", f"TLS is configured but the url is {scheme}://; "
+                          f"use {scheme}s://")
+        return None
+    t = t or schema.SourceTlsFile()
+    if (t.cert is None) != (t.key is None):
+        raise f.error(f"{where}.tls.key", "cert and key go together")
+    paths: dict[str, Path | None] = {}
+    for key in ("ca", "cert", "key"):
+        value = getattr(t, key)
+        p = f.path(value) if value is not None else None
+        if p is not None and not p.is_file():
+            raise f.error(f"{where}.tls.{key}", f"{p}: no such file")
+        paths[key] = p
+    key_path = paths["key"]
+    if key_path is not None and (problem := exposure(key_path)):
+        raise f.error(f"{where}.tls.key", f"private key {problem}")
+    tls = SourceTls(ca=paths["ca"], cert=paths["cert"], key=paths["key"], file=f.name,
+                    section=f"{where}.tls")
+    tls.context()  # loads now: a key that does not match its certificate fails at start
+    return tls
 
 
 def _amqp_source(f: _File, s: schema.AmqpSourceFile, i: int) -> AmqpSourceConfig:
     where = f"sources[{i}]"
     parts, host, port = _broker_url(f, s.url, where, scheme="amqp", port=DEFAULT_AMQP_PORT,
                                     shape="amqp://USER:PASSWORD@HOST[:PORT]/VHOST")
+    tls = _source_tls(f, s, parts.scheme, where)
     bindings = tuple(s.bindings) if s.bindings is not None else \
         (("#",) if s.exchange else ())
     if bindings and not s.exchange:
@@ -128,14 +162,16 @@ def _amqp_source(f: _File, s: schema.AmqpSourceFile, i: int) -> AmqpSourceConfig
         username=unquote(parts.username or "guest"), password=unquote(parts.password or "guest"),
         queue=s.queue, durable=s.durable, exchange=s.exchange, exchange_type=s.exchange_type,
         bindings=bindings, prefetch=s.prefetch, heartbeat_s=s.heartbeat_s,
-        reconnect_max_s=s.reconnect_max_s, decode=_decode(f, s, where, separator="."))
+        reconnect_max_s=s.reconnect_max_s, decode=_decode(f, s, where, separator="."),
+        tls=tls)
 
 
 def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> MqttSourceConfig:
     where = f"sources[{i}]"
     name = s.name or f"mqtt{i}"
-    _, host, port = _broker_url(f, s.url, where, scheme="mqtt", port=DEFAULT_MQTT_PORT,
-                                shape="mqtt://HOST[:PORT]")
+    parts, host, port = _broker_url(f, s.url, where, scheme="mqtt", port=DEFAULT_MQTT_PORT,
+                                    shape="mqtt://HOST[:PORT]")
+    tls = _source_tls(f, s, parts.scheme, where)
     decode = _decode(f, s, where, separator="/")
     if s.topics is None and decode.codec != "sparkplug":
         raise f.error(f"{where}.topics", "required key is missing")
@@ -146,7 +182,8 @@ def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> Mq
         name=name, host=host, port=port, topics=topics,
         client_id=s.client_id or f"bridge-{site_id}-{name}",
         session_expiry_s=s.session_expiry_s, receive_maximum=s.receive_maximum,
-        keepalive_s=s.keepalive_s, username=s.username, password=s.password, decode=decode)
+        keepalive_s=s.keepalive_s, username=s.username, password=s.password, decode=decode,
+        tls=tls, interface=s.interface)
 
 
 def _spool(f: _File, s: schema.SpoolFile) -> SpoolConfig:

@@ -4,6 +4,7 @@ parsers of values they hold (host:port, NATS URLs, site ids)."""
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DEFAULT_MQTT_PORT = 1883
 
 
 DEFAULT_AMQP_PORT = 5672
+
+
+TLS_PORTS = {"mqtts": 8883, "amqps": 5671}
 
 
 DEFAULT_MAX_PAYLOAD = 1 << 20
@@ -85,6 +89,33 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceTls:
+    """TLS toward a plant broker (``mqtts://``, ``amqps://``): the broker's CA (None: the
+    system's trust store) and an optional client certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    file: str = ""
+    section: str = "sources[0].tls"
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker's certificate and name; ConfigError
+        naming the key if a file does not load."""
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(self.file, f"{self.section}.ca", f"{self.ca}: {exc}") from exc
+        if self.cert is not None and self.key is not None:
+            try:
+                ctx.load_cert_chain(str(self.cert), str(self.key))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(self.file, f"{self.section}.cert", f"{self.cert} with "
+                                  f"{self.key}: {exc}") from exc
+        return ctx
+
+
+@dataclass(frozen=True, kw_only=True)
 class SparkplugConfig:
     host_id: str | None          # publish spBv1.0/STATE/<host_id>: the Primary Host Application
     rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
@@ -120,10 +151,12 @@ class MqttSourceConfig:
     password: str | None
     decode: DecodeConfig = DecodeConfig()
     protocol: str = "mqtt"
+    tls: SourceTls | None = None
+    interface: str | None = None  # SO_BINDTODEVICE for the broker connection
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def window(self) -> int:
@@ -148,12 +181,13 @@ class AmqpSourceConfig:
     reconnect_max_s: float
     decode: DecodeConfig = DecodeConfig()
     protocol: str = "amqp"
+    tls: SourceTls | None = None
 
     @property
     def url(self) -> str:
         """For logs and envelopes: never the password."""
         vhost = "" if self.vhost == "/" else "/" + self.vhost
-        return f"amqp://{self.host}:{self.port}{vhost}"
+        return f"{'amqps' if self.tls else 'amqp'}://{self.host}:{self.port}{vhost}"
 
     @property
     def window(self) -> int:

@@ -73,8 +73,15 @@ class SparkplugFile(_Table, kw_only=True):
     max_decompressed_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 16 << 20
 
 
+class SourceTlsFile(_Table, kw_only=True):
+    ca: Text | None = None    # the broker's CA; absent: the system's trust store
+    cert: Text | None = None  # a client certificate, for a broker that asks for one
+    key: Text | None = None
+
+
 class _SourceFile(_Table, kw_only=True, tag_field="type"):
     name: Text | None = None
+    tls: SourceTlsFile | None = None
     codec: Literal["json", "sparkplug", "raw"] = "json"
     max_payload_bytes: Annotated[int, Meta(ge=64, le=256 << 20)] = 1 << 20
     dedupe_retransmissions: bool = True
@@ -91,6 +98,7 @@ class MqttSourceFile(_SourceFile, kw_only=True, tag="mqtt"):
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
     username: Text | None = None
     password: Text | None = None
+    interface: Text | None = None  # bind the broker connection to this interface (OT leg)
 
 
 class AmqpSourceFile(_SourceFile, kw_only=True, tag="amqp"):

@@ -47,10 +47,16 @@ class AmqpSource:
         self._running = False
         self._finished = asyncio.Event()
         self._backoff = Backoff(base_s=0.2, cap_s=config.reconnect_max_s)
+        self._ssl = config.tls.context() if config.tls is not None else None
+        if self._ssl is None and config.password not in (None, "guest"):
+            event("source.cleartext_credentials", level=logging.WARNING, source=config.name,
+                  broker=config.url, reason="a password is sent to the broker unencrypted; "
+                  "use amqps:// with [sources.tls]")
 
     def _url(self) -> URL:
         c = self.config
-        return URL.build(scheme="amqp", user=c.username, password=c.password, host=c.host,
+        return URL.build(scheme="amqps" if c.tls else "amqp", user=c.username,
+                         password=c.password, host=c.host,
                          port=c.port, path="/" if c.vhost == "/" else "/" + c.vhost,
                          query={"heartbeat": str(c.heartbeat_s), "name": f"bridge {c.name}"},
                          encoded=False)
@@ -69,8 +75,8 @@ class AmqpSource:
         while not self._stopping.is_set():
             connection: aiormq.abc.AbstractConnection | None = None
             try:
-                connection = await asyncio.wait_for(aiormq.connect(self._url()),
-                                                    _CONNECT_TIMEOUT_S)
+                connection = await asyncio.wait_for(
+                    aiormq.connect(self._url(), context=self._ssl), _CONNECT_TIMEOUT_S)
                 channel = await self._consume(connection)
                 self.metrics.source_connects.labels(name, "false").inc()
                 self.metrics.source_up.labels(name).set(1)

@@ -61,10 +61,19 @@ class MqttSource:
         self._stopping = False  # our own offline STATE at stop must not be re-asserted
         self.generation = 0
         self.subscribed = asyncio.Event()
+        self._connacked = False  # a CONNACK since the last (re)connect attempt
         client = FastClient(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
+        if config.tls is not None:
+            client.tls_set_context(config.tls.context())
+        elif config.password is not None:
+            event("source.cleartext_credentials", level=logging.WARNING, source=config.name,
+                  broker=config.url, reason="a password is sent to the broker unencrypted; "
+                  "use mqtts:// with [sources.tls]")
+        client.bind_interface = config.interface
+        client.on_connect_fail = self._on_connect_fail
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -114,6 +123,7 @@ class MqttSource:
             return
         with self._lock:
             self.generation += 1
+        self._connacked = True
         session = bool(flags.session_present)
         self.metrics.source_connects.labels(self.config.name, str(session).lower()).inc()
         event("source.connected", source=self.config.name, broker=self.info.broker,
@@ -126,6 +136,14 @@ class MqttSource:
             subs.append((self.state_topic, SubscribeOptions(
                 qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)))
         client.subscribe(subs)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """No connection (refused, unreachable, a bound interface down, TLS refused): paho
+        retries on its own; this says why, each time."""
+        self.metrics.source_failures.labels(self.config.name, "connect_failed").inc()
+        event("source.connect_failed", level=logging.ERROR, source=self.config.name,
+              broker=self.info.broker, interface=self.config.interface,
+              reason=self._client.last_error or "connection failed")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -148,10 +166,22 @@ class MqttSource:
         self.metrics.source_up.labels(self.config.name).set(0)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.subscribed.clear)
+        detail = self._client.last_error or None
+        self._client.last_error = ""
+        if not self._connacked and reason.is_failure:
+            # Dropped before any CONNACK: the connection never worked (a TLS 1.3 broker that
+            # wants a client certificate says so only after the handshake).
+            self.metrics.source_failures.labels(self.config.name, "connect_failed").inc()
+            event("source.connect_failed", level=logging.ERROR, source=self.config.name,
+                  broker=self.info.broker, interface=self.config.interface,
+                  reason=detail or str(reason))
+            self._set_will()
+            return
+        self._connacked = False
         if reason.is_failure:  # not our own clean disconnect at stop
             self.metrics.source_failures.labels(self.config.name, "lost").inc()
         event("source.disconnected", level=logging.WARNING, source=self.config.name,
-              reason=str(reason))
+              reason=str(reason), detail=detail)
         self._set_will()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

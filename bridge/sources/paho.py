@@ -11,6 +11,8 @@ paho version, instead of an ``AttributeError`` on paho's network thread.
 from __future__ import annotations
 
 import importlib.metadata
+import socket
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -19,13 +21,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 
+from bridge.common import connect_bound
 from bridge.errors import DependencyError
 
 TESTED = "2.2.0"  # the version pinned in pyproject.toml, whose internals these are
 # Methods FastClient overrides or calls, and instance attributes it reads.
 METHODS = ("_handle_publish", "_sock_recv", "_sock_close", "_packet_read", "_loop_rc_handle",
-           "loop_read", "loop_write")
-ATTRIBUTES = ("_in_packet", "_out_packet", "_sock")
+           "loop_read", "loop_write", "_create_socket", "_create_socket_connection")
+ATTRIBUTES = ("_in_packet", "_out_packet", "_sock", "_host", "_port", "_connect_timeout")
 IN_PACKET_KEYS = ("command", "packet")
 
 _U16 = struct.Struct("!H")
@@ -75,6 +78,23 @@ class FastClient(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self.on_publish_received: OnPublish | None = None
+        self.bind_interface: str | None = None  # SO_BINDTODEVICE, failing closed
+        self.last_error = ""  # why the last connection failed or broke (paho keeps none)
+
+    def _create_socket(self) -> Any:
+        try:
+            sock = super()._create_socket()
+        except (OSError, ValueError) as exc:  # refused, unreachable, TLS (SSLError, names)
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            raise
+        self.last_error = ""
+        return sock
+
+    def _create_socket_connection(self) -> socket.socket:
+        if self.bind_interface is None:
+            return super()._create_socket_connection()
+        return connect_bound(self._host, self._port, interface=self.bind_interface,
+                             timeout=self._connect_timeout)
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]
@@ -109,7 +129,13 @@ class FastClient(mqtt.Client):
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            self._rbuf, self._rpos = super()._sock_recv(max(bufsize, self._BUF)), 0
+            try:
+                self._rbuf, self._rpos = super()._sock_recv(max(bufsize, self._BUF)), 0
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # nothing to read yet: paho's normal path
+            except OSError as exc:  # e.g. the broker's TLS alert after the handshake
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                raise
             if not self._rbuf:
                 return self._rbuf  # EOF: paho treats it as connection lost
         start, self._rpos = self._rpos, min(self._rpos + bufsize, len(self._rbuf))
