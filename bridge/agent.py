@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bridge.codecs import Decoder, make_decoder
@@ -24,6 +25,7 @@ from bridge.netbind import BindProxy, resolve_vlan
 from bridge.service import Notifier
 from bridge.sources import make_source
 from bridge.spool import AsyncSpool, Spool
+from bridge.spool.clock import SpoolClock
 from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
 from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.credentials import CredentialWatcher, Pem
@@ -35,7 +37,11 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 class Agent:
-    def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, *, config: AgentConfig, metrics: AgentMetrics | None = None,
+                 wall: Callable[[], float] = time.time,
+                 spool_clock: SpoolClock | None = None) -> None:
+        """``wall`` (certificate expiry) and ``spool_clock`` (reading ages) are injected only
+        by tests that run the agent across simulated months (tests/test_unattended.py)."""
         self.config = config
         self.metrics = metrics or AgentMetrics()
         held = {"client": config.tls.cert, "ca": config.tls.ca}
@@ -44,13 +50,13 @@ class Agent:
                 held[f"source:{src.name}"] = src.tls.cert
             if src.tls is not None and src.tls.ca is not None:
                 held[f"source-ca:{src.name}"] = src.tls.ca
-        self.metrics.registry.register(CertExpiry(files=held))
+        self.metrics.registry.register(CertExpiry(files=held, clock=wall))
         ring_sizes = {s.name: 2 * s.window for s in config.sources}
         sc = config.spool
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
                                       max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
                                       reserve_bytes=config.spool.reserve_bytes,
-                                      max_age_s=config.spool.max_age_s,
+                                      max_age_s=config.spool.max_age_s, clock=spool_clock,
                                       dead_letter_payload_bytes=sc.dead_letter_payload_bytes,
                                       dead_letters_max=sc.dead_letters_max,
                                       dead_letters_max_bytes=sc.dead_letters_max_bytes,
@@ -92,7 +98,7 @@ class Agent:
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         self.credentials = CredentialWatcher(
             tls=config.tls, site_id=config.site_id, metrics=self.metrics,
-            check_s=config.tls_check_s, on_change=self._rotate,
+            check_s=config.tls_check_s, on_change=self._rotate, clock=wall,
             also={k: v for k, v in held.items() if k not in ("client", "ca")})
         self._zero_series()
         self.notifier = Notifier(component="agent")
