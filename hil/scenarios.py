@@ -178,6 +178,36 @@ def one_way_partition(site: Site, r: Result, quick: bool) -> None:
     r.accounting = site.account(published)
 
 
+def blackholed_cloud(site: Site, r: Result, quick: bool) -> None:
+    """A dead route upstream: everything toward aws vanishes on both legs. Found by the health
+    probe (no RST, no error: silence), left for azure, returned to after the repair."""
+    t = site.topo
+    n, hold_s = (1500, 5.0) if quick else (6000, 30.0)
+    pub = site.publish(n, 200)
+    site.wait(lambda: site.active() == "aws/wan0" and pub.progress.acked >= n // 4,
+              timeout=60, what="traffic on aws/wan0")
+    t0 = time.monotonic()
+    t.blackhole("aws", on=True)
+    site.wait(lambda: (site.active() or "").startswith("azure"), timeout=60,
+              what="failover to azure")
+    r.timings["failover_to_next_cloud_s"] = time.monotonic() - t0
+    end = time.monotonic() + hold_s
+    states: set[str] = set()
+    while time.monotonic() < end:
+        eps = site.endpoints()
+        states.update(eps[name]["state"] for name in ("aws/wan0", "aws/lte0"))
+        time.sleep(0.1)
+    r.checks["both aws legs stayed unhealthy behind the blackhole"] = states == {"unhealthy"}
+    t1 = time.monotonic()
+    t.blackhole("aws", on=False)
+    more = site.publish(3000, 100, first=n + 1)
+    site.wait(lambda: site.active() == "aws/wan0", timeout=30, what="fail-back to aws")
+    r.timings["failback_after_repair_s"] = time.monotonic() - t1
+    published = pub.join(300) + more.join(300)
+    _drain(site, published, r, timeout=120, key="drain_after_publisher_s")
+    r.accounting = site.account(published)
+
+
 def rtt_loss(site: Site, r: Result, quick: bool) -> None:
     """200 ms RTT and 2 % packet loss to every cloud (the userspace relay): slower, exact."""
     t = site.topo
@@ -256,6 +286,7 @@ SCENARIOS: dict[str, tuple[Callable[[Site, Result, bool], None], str, str]] = {
     "slow-backup-drain": (slow_backup_drain,
                           "batch_max_readings = 50\ndrain_max_per_s = 60.0\n", ""),
     "one-way-partition": (one_way_partition, "", ""),
+    "blackholed-cloud": (blackholed_cloud, "", ""),
     "rtt-200ms-loss-2pct": (rtt_loss, "", ""),
     "ot-leg-flap": (ot_flap, "", ""),
     "all-legs-down": (all_down, "", ""),
