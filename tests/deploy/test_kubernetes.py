@@ -122,6 +122,9 @@ def _ingest_config(objs: list[Obj], where: Path) -> Any:
         (where / name).chmod(0o600)
         text = text.replace(f"/etc/bridge/tls/{name}", str(where / name))
     text = text.replace("/var/lib/bridge/", f"{where}/")
+    revoked = one(objs, "ConfigMap", "bridge-ingest-revoked")["data"]["revoked.txt"]
+    (where / "revoked.txt").write_text(revoked)
+    text = text.replace("/etc/bridge/revoked/revoked.txt", str(where / "revoked.txt"))
     path = where / "ingest.toml"
     path.write_text(text)
     path.chmod(0o600)
@@ -151,6 +154,25 @@ def test_the_ingest_config_loads_and_its_ports_match_the_pod_and_the_probes(
     cert = one(list(yaml.safe_load_all((K8S / "cert-manager" / "certificate.yaml").read_text())),
                "Certificate", "bridge-ingest-tls")
     assert secret["secret"]["secretName"] == cert["spec"]["secretName"]
+
+
+def test_the_deny_list_is_mounted_as_a_directory_so_an_edit_reaches_running_pods(
+        overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
+    from bridge.ingest.denylist import parse
+
+    _, objs = overlay
+    cfg = _ingest_config(objs, tmp_path)
+    assert cfg.deny_list == tmp_path / "revoked.txt"
+    revoked = one(objs, "ConfigMap", "bridge-ingest-revoked")["data"]["revoked.txt"]
+    assert len(parse(revoked, source="revoked.txt")) == 0  # it parses, and revokes nothing
+    (pod,) = [w for w in workloads(objs) if w["metadata"]["name"] == "bridge-ingest"]
+    spec = pod["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "revoked"]
+    assert mount["mountPath"] == "/etc/bridge/revoked" and "subPath" not in mount, \
+        "a subPath mount never sees ConfigMap updates"
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "revoked"]
+    assert vol["configMap"]["name"] == "bridge-ingest-revoked"
 
 
 def test_every_pod_runs_non_root_read_only_without_capabilities_and_with_limits(
