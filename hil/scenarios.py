@@ -95,8 +95,10 @@ def primary_leg_down(site: Site, r: Result, quick: bool) -> None:
     r.checks["the cloud saw batches from the lte0 address"] = lte_peer > 0
     up_at, up_wall = time.monotonic(), time.time()
     t.link("gateway", "wan0", up=True)
-    more = site.publish(3000, 100, first=n + 1)  # readings keep coming: fail-back is per batch
-    site.wait(lambda: site.active() == "aws/wan0", timeout=30, what="fail-back to aws/wan0")
+    # Readings keep coming: fail-back is decided per batch.
+    more = site.publish(3000 if quick else 9000, 100, first=n + 1)
+    site.wait(lambda: site.active() == "aws/wan0", timeout=30 if quick else 90,
+              what="fail-back to aws/wan0")
     r.timings["failback_after_repair_s"] = time.monotonic() - up_at
     r.notes.append("fail-back waits failback_after_s = 3 s of continuous health")
     published = pub.join(300) + more.join(300)
@@ -170,8 +172,10 @@ def one_way_partition(site: Site, r: Result, quick: bool) -> None:
                                                        for a in seen)
     t1 = time.monotonic()
     t.one_way("aws", on=False)
-    more = site.publish(3000, 100, first=n + 1)  # readings keep coming: fail-back is per batch
-    site.wait(lambda: site.active() == "aws/wan0", timeout=30, what="fail-back to aws")
+    # Readings keep coming: fail-back is decided per batch.
+    more = site.publish(3000 if quick else 9000, 100, first=n + 1)
+    site.wait(lambda: site.active() == "aws/wan0", timeout=30 if quick else 90,
+              what="fail-back to aws")
     r.timings["failback_after_heal_s"] = time.monotonic() - t1
     published = pub.join(300) + more.join(300)
     _drain(site, published, r, timeout=120, key="drain_after_publisher_s")
@@ -200,8 +204,9 @@ def blackholed_cloud(site: Site, r: Result, quick: bool) -> None:
     r.checks["both aws legs stayed unhealthy behind the blackhole"] = states == {"unhealthy"}
     t1 = time.monotonic()
     t.blackhole("aws", on=False)
-    more = site.publish(3000, 100, first=n + 1)
-    site.wait(lambda: site.active() == "aws/wan0", timeout=30, what="fail-back to aws")
+    more = site.publish(3000 if quick else 9000, 100, first=n + 1)
+    site.wait(lambda: site.active() == "aws/wan0", timeout=30 if quick else 90,
+              what="fail-back to aws")
     r.timings["failback_after_repair_s"] = time.monotonic() - t1
     published = pub.join(300) + more.join(300)
     _drain(site, published, r, timeout=120, key="drain_after_publisher_s")
