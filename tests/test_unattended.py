@@ -1,6 +1,8 @@
 """Ninety days unattended, on a simulated clock: one agent process, a cloud outage of five days
-inside it, a certificate that nears expiry and is renewed, and a spool at its age bound.
-Readings inside the bounds arrive once; the rest are named gaps, never silent ones.
+inside it, a certificate that nears expiry and is renewed, and a spool at both its bounds:
+bytes (a burst as the outage starts, more than the spool may hold) and age (what is left of the
+outage's first days is past the three-day bound when the cloud returns). Readings inside the
+bounds arrive once; the rest are named gaps, never silent ones.
 
 The agent runs in this process with its real sources, spool, sender and uplink against a real
 mosquitto and a real ingest process; only the clocks the bounds read are injected (the spool
@@ -29,6 +31,7 @@ from bridge.spool.clock import SpoolClock
 DAY = 86400.0
 STEP = 6 * 3600.0          # the simulated clock advances six hours at a time...
 PER_STEP = 6               # ...and the plant publishes one reading an hour
+BURST = 9000               # as the outage starts: more than the 1 MiB spool holds
 MAX_AGE = 3 * DAY          # the spool's bound: older readings become a named gap
 OUTAGE = (50 * DAY, 55 * DAY)
 ROTATE_AT = 40 * DAY
@@ -78,11 +81,15 @@ class Plant:
         self.rng = random.Random(7)
 
     def publish(self, n: int) -> None:
+        infos = []
         for _ in range(n):
             self.seq += 1
             topic, payload = simulate.message(profile="grid", site=SITE, n=self.seq, t0=0.0,
                                               rng=self.rng)
-            self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+            infos.append(self.client.publish(topic, payload, qos=1))
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -109,6 +116,7 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
         f'site_id = "{SITE}"\n[tls]\nca = "{own.ca}"\ncert = "{first.cert_path}"\n'
         f'key = "{first.key_path}"\ncheck_s = 0.1\n'
         f'[spool]\npath = "{tmp_path / "spool.db"}"\nmax_age_s = {MAX_AGE}\n'
+        "max_bytes = 1048576\nbackpressure_s = 0.0\nreserve_bytes = 0\n"
         f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:{broker.port}"\n'
         'topics = ["#"]\n'
         f'[uplink]\nfailback_after_s = 1.0\n[[uplink.endpoints]]\nname = "aws"\n'
@@ -151,9 +159,10 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
                     os.replace(renewal / f"site-{SITE}.key", first.key_path)
                     os.replace(renewal / f"site-{SITE}.pem", first.cert_path)
                     await _until(lambda: agent.credentials.reloads == 1, "the renewal")
-                for _ in range(PER_STEP):
-                    published_at[plant.seq + 1] = sim.t
-                    await asyncio.to_thread(plant.publish, 1)
+                count = BURST if not cloud_up and sim.t < OUTAGE[0] + STEP else PER_STEP
+                for seq in range(plant.seq + 1, plant.seq + count + 1):
+                    published_at[seq] = sim.t
+                await asyncio.to_thread(plant.publish, count)
                 await _until(lambda: agent.status()["committed_messages"] >= plant.seq,
                              "the spool to take the readings")
                 # In real time the watcher looks every check_s (thousands of times in six
@@ -182,15 +191,14 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
     readings = [c for c in stream if not c.envelope.HasField("dropped")]
     gaps = [c.envelope.dropped for c in stream if c.envelope.HasField("dropped")]
     seen = Counter(c.envelope.source_seq for c in readings)
-    published = len(published_at)
-    assert published == 90 * 4 * PER_STEP
+    assert len(published_at) == (90 * 4 - 1) * PER_STEP + BURST
     assert not [s for s, n in seen.items() if n > 1], "nothing doubled"
     missing = set(published_at) - set(seen)
-    # Everything missing is named: a ttl gap of exactly that many readings.
-    assert {g.reason for g in gaps} == {"ttl"}
+    # Everything missing is named: gaps of exactly that many readings, by both bounds.
+    assert {g.reason for g in gaps} == {"ttl", "spool_full"}, gaps
     assert sum(g.count for g in gaps) == len(missing) > 0
-    # What is missing was published during the outage and was past the bound at its end;
-    # everything published inside the bound arrived.
+    # What is missing was published during the outage, more than the age bound before its
+    # end; everything inside the bounds (the rest) arrived.
     assert all(OUTAGE[0] <= published_at[s] <= OUTAGE[1] - MAX_AGE + STEP for s in missing)
     inside = [s for s, t in published_at.items() if not OUTAGE[0] <= t < OUTAGE[1] - MAX_AGE]
     assert not [s for s in inside if s not in seen]
