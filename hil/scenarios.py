@@ -232,7 +232,8 @@ def rtt_loss(site: Site, r: Result, quick: bool) -> None:
     acct = site.account(published)
     lat = [s for _, s in acct.latencies_s]
     r.timings["p50_s"], r.timings["p99_s"] = _p(lat, 50), _p(lat, 99)
-    r.checks["latency shows the 200 ms RTT (p50 >= 0.2 s)"] = r.timings["p50_s"] >= 0.2
+    # One call is one round trip on an open connection: 200 ms, less up to 2 x 5 ms jitter.
+    r.checks["latency shows the 200 ms RTT (p50 >= 0.18 s)"] = r.timings["p50_s"] >= 0.18
     r.notes.append(f"failovers during the run: {site.status()['uplink']['failovers']}")
     r.accounting = acct
 

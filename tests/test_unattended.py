@@ -105,7 +105,7 @@ async def _until(cond, what: str, timeout: float = 60.0) -> None:
 
 
 def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
-        tmp_path: Path, broker: localrun.Mosquitto, monkeypatch):
+        tmp_path: Path, broker: localrun.Mosquitto):
     own = localrun.Pki(tmp_path / "pki", [])
     first = pki.issue_site(own.dir, own.dir, site_id=SITE, days=60)  # expires inside the run
     assert first.key_path is not None
@@ -127,7 +127,8 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
     events = Events()
     events.clock = sim
     log = logging.getLogger("bridge")
-    monkeypatch.setattr(log, "level", logging.INFO)
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not an attribute: it also clears the level cache
     log.addHandler(events)
     published_at: dict[int, float] = {}  # seq -> simulated time it was published
 
@@ -186,6 +187,7 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
         stream = merger.drain()
     finally:
         log.removeHandler(events)
+        log.setLevel(level)
         node.proc.stop()
 
     readings = [c for c in stream if not c.envelope.HasField("dropped")]
