@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 import time
 from typing import Any
@@ -36,6 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from bridge.codecs import Publish
 from bridge.config import MqttSourceConfig
 from bridge.envelope import SourceInfo
+from bridge.errors import ConfigError
 from bridge.sources.base import Inbox, Message
 from bridge.sources.paho import FastClient, check_paho
 from bridge.telemetry import AgentMetrics, event
@@ -68,6 +70,8 @@ class MqttSource:
             client.username_pw_set(config.username, config.password)
         if config.tls is not None:
             client.tls_set_context(config.tls.context())
+            client.tls_refresh = self._tls_refresh
+            self._tls_stamp = self._tls_files_stamp()
         elif config.password is not None:
             event("source.cleartext_credentials", level=logging.WARNING, source=config.name,
                   broker=config.url, reason="a password is sent to the broker unencrypted; "
@@ -136,6 +140,35 @@ class MqttSource:
             subs.append((self.state_topic, SubscribeOptions(
                 qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)))
         client.subscribe(subs)
+
+    def _tls_files_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        tls = self.config.tls
+        assert tls is not None
+        out: list[tuple[int, int] | None] = []
+        for p in (tls.ca, tls.cert, tls.key):
+            try:
+                st = p.stat() if p is not None else None
+                out.append((st.st_mtime_ns, st.st_ino) if st is not None else None)
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _tls_refresh(self) -> ssl.SSLContext | None:
+        """paho thread, before each connection: renewed plant certificates are used from the
+        next handshake on; a set that does not load keeps the one in use (and says so)."""
+        assert self.config.tls is not None
+        stamp = self._tls_files_stamp()
+        if stamp == self._tls_stamp:
+            return None
+        self._tls_stamp = stamp
+        try:
+            ctx = self.config.tls.context()
+        except ConfigError as exc:
+            event("source.tls_reload_failed", level=logging.ERROR, source=self.config.name,
+                  reason=str(exc), keeping="the certificates already in use")
+            return None
+        event("source.tls_reloaded", source=self.config.name, cert=str(self.config.tls.cert))
+        return ctx
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """No connection (refused, unreachable, a bound interface down, TLS refused): paho

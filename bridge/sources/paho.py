@@ -28,7 +28,8 @@ TESTED = "2.2.0"  # the version pinned in pyproject.toml, whose internals these 
 # Methods FastClient overrides or calls, and instance attributes it reads.
 METHODS = ("_handle_publish", "_sock_recv", "_sock_close", "_packet_read", "_loop_rc_handle",
            "loop_read", "loop_write", "_create_socket", "_create_socket_connection")
-ATTRIBUTES = ("_in_packet", "_out_packet", "_sock", "_host", "_port", "_connect_timeout")
+ATTRIBUTES = ("_in_packet", "_out_packet", "_sock", "_host", "_port", "_connect_timeout",
+              "_ssl_context")
 IN_PACKET_KEYS = ("command", "packet")
 
 _U16 = struct.Struct("!H")
@@ -80,8 +81,13 @@ class FastClient(mqtt.Client):
         self.on_publish_received: OnPublish | None = None
         self.bind_interface: str | None = None  # SO_BINDTODEVICE, failing closed
         self.last_error = ""  # why the last connection failed or broke (paho keeps none)
+        # Called before every connection attempt: a new TLS context when the certificate
+        # files changed (a renewal takes effect at the next handshake), else None.
+        self.tls_refresh: Callable[[], ssl.SSLContext | None] | None = None
 
     def _create_socket(self) -> Any:
+        if self.tls_refresh is not None and (ctx := self.tls_refresh()) is not None:
+            self._ssl_context = ctx
         try:
             sock = super()._create_socket()
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS (SSLError, names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -131,6 +132,39 @@ def test_mqtts_with_a_client_certificate_delivers_and_the_password_never_crosses
         clear.close()
     finally:
         wire.close()
+        cluster.stop()
+
+
+def test_a_renewed_plant_certificate_is_used_at_the_next_connection_without_a_restart(
+        tmp_path: Path, pkis: localrun.Pki, tls_broker: TlsBroker,
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BRIDGE_ALLOW_INSECURE_PERMISSIONS", "1")
+    cert, key = _plant_cert(pkis, tmp_path)
+    cluster = Cluster(tmp_path, pkis, tls_broker.mosquitto)
+    try:
+        cluster.ingest("aws")
+        agent = cluster.agent(sources=_source(
+            f"mqtts://127.0.0.1:{tls_broker.tls}",
+            tls=f'[sources.tls]\nca = "{pkis.ca}"\ncert = "{cert}"\nkey = "{key}"\n'))
+        pid = agent.proc.pid
+        renewal = tmp_path / "renewal"
+        renewal.mkdir()
+        # Another CN only so that the broker's log tells the two certificates apart.
+        new = pki.issue_site(pkis.dir, renewal, site_id="plant-gw-2")
+        assert new.key_path is not None
+        os.replace(new.key_path, key)
+        os.replace(new.cert_path, cert)
+        tls_broker.proc.stop()  # the connection drops; the agent reconnects by itself
+        tls_broker.proc.start()
+        wait_for(lambda: "u'plant-gw-2'" in tls_broker.proc.log.read_text(), timeout=60,
+                 what="a connection under the renewed certificate")
+        wait_for(lambda: agent.status()["sources"][0]["subscribed"], what="resubscribed")
+        assert agent.proc.pid == pid
+        assert '"event":"source.tls_reloaded"' in agent.proc.log.read_text()
+        published = Publisher(cluster, count=200, rate=0).join()
+        wait_for(lambda: idle(agent, published), what="delivery after the renewal")
+        assert cluster.account(published) == (published, 0, 0)
+    finally:
         cluster.stop()
 
 
