@@ -7,8 +7,9 @@
   rebirth requests).
 * ``channel_options``: the gRPC client channel settings of every client of the ingest (the
   agent's uplink, the consumer): keepalive, reconnect backoff, no library retries.
-* ``connect_bound``: a TCP connection pinned to one interface (``SO_BINDTODEVICE``), failing
-  closed: the plant side's OT leg and the uplink's bind proxy both use it.
+* ``connect_bound``: a blocking TCP connection pinned to one interface (``SO_BINDTODEVICE``),
+  failing closed, for the plant side's OT leg (paho's network thread); the uplink's bind proxy
+  does the same on the event loop (``bridge.netbind``).
 """
 
 from __future__ import annotations
