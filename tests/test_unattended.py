@@ -92,8 +92,8 @@ class Plant:
             assert info.is_published()
 
     def close(self) -> None:
+        self.client.disconnect()  # while the loop runs: it sends DISCONNECT and closes
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 async def _until(cond, what: str, timeout: float = 60.0) -> None:

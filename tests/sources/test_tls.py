@@ -64,8 +64,17 @@ class Recorder:
             except OSError:
                 return
             up = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(client, up, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, client, False), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client, up), daemon=True).start()
+
+    def _relay(self, client: socket.socket, up: socket.socket) -> None:
+        ways = [threading.Thread(target=self._pipe, args=(client, up, True), daemon=True),
+                threading.Thread(target=self._pipe, args=(up, client, False), daemon=True)]
+        for t in ways:
+            t.start()
+        for t in ways:
+            t.join()
+        client.close()  # both directions are done: nothing else holds them
+        up.close()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
         with contextlib.suppress(OSError):
