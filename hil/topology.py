@@ -224,7 +224,8 @@ class Topology:
         assert self.relay_proc.stdout is not None
         line = self.relay_proc.stdout.readline()  # blocks until the relay is in place
         if '"relay.ready"' not in line:
-            err = self.relay_proc.stderr.read() if self.relay_proc.stderr else ""
+            self.relay_proc.kill()
+            _, err = self.relay_proc.communicate(timeout=20)  # and closes its pipes
             self.relay_proc = None
             raise RuntimeError(f"the impairment relay did not start: {line}{err}")
         return counts
