@@ -47,7 +47,8 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
                     "", "```", *rec["lines"], "```"]
         notes.update(rec["kernel"])
     return "\n".join([
-        "| scenario | result | published | committed once | lost | doubled | seconds (and rates, by name) |",
+        "| scenario | result | published | committed once | lost | doubled "
+        "| seconds (and rates, by name) |",
         "|---|---|---|---|---|---|---|", *rows, "",
         "Kernel features found by the runs:", "", *[f"- {c}" for c in sorted(notes)],
         *details, ""])
