@@ -1,6 +1,6 @@
-"""File permissions shared by every stage: private files are created 0600, and secrets that
-others can read are refused at start (a key or config readable by group or others has
-already leaked to every account on the gateway)."""
+"""File helpers shared by every stage: private files are created 0600, secrets that others
+can read are refused at start (a key or config readable by group or others has already leaked
+to every account on the gateway), and ``stamp`` tells a watcher that a file changed."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def exposure(path: Path) -> str | None:
         return (f"{path} is readable or writable by group or others (mode {mode:04o}); run "
                 f"`chmod 600 {path}`, or set {INSECURE_ENV}=1 to accept it")
     return None
+
+
+Stamp = tuple[int, int, int]
+MISSING: Stamp = (0, 0, 0)
+
+
+def stamp(path: Path) -> Stamp:
+    """(mtime_ns, size, inode): moves whenever the file is rewritten or replaced (an atomic
+    rename included); ``MISSING`` if it is not there. The watchers of changed files (the
+    deny-list, the agent's credentials, a plant source's certificates) compare these."""
+    try:
+        st = path.stat()
+    except OSError:
+        return MISSING
+    return st.st_mtime_ns, st.st_size, st.st_ino

@@ -45,12 +45,13 @@ def test_edge_values_are_one_clear_error_with_the_key_path(
     assert message in str(err.value)
 
 
-def _load_uplink(tmp_path: Path, endpoints: str) -> list[tuple[str, str | None, str, int]]:
+def _load_uplink(tmp_path: Path, endpoints: str) -> list[tuple[str, str | None, str | None,
+                                                              int]]:
     from bridge.config import load_agent
 
     path = tmp_path / "agent.toml"
     path.write_text(BASE.split("[[uplink.endpoints]]", maxsplit=1)[0] + endpoints)
-    return [(e.name, e.interface, e.cloud, e.priority)
+    return [(e.name, e.interface, e.leg, e.priority)
             for e in load_agent(path).uplink.endpoints]
 
 
@@ -60,8 +61,14 @@ def test_an_endpoint_with_several_legs_becomes_one_endpoint_per_leg_before_the_n
                                  'interface = ["wan0", "lte0"]\n'
                                  '[[uplink.endpoints]]\nname = "azure"\ntarget = "b:1"\n'
                                  'interface = "wan0"\n')
-    assert got == [("aws/wan0", "wan0", "aws", 0), ("aws/lte0", "lte0", "aws", 0),
-                   ("azure", "wan0", "azure", 1)]
+    assert got == [("aws/wan0", "wan0", "wan0", 0), ("aws/lte0", "lte0", "lte0", 0),
+                   ("azure", "wan0", "wan0", 1)]
+
+
+def test_vlan_legs_are_named_by_their_id(tmp_path: Path) -> None:
+    got = _load_uplink(tmp_path, '[[uplink.endpoints]]\nname = "aws"\ntarget = "a:1"\n'
+                                 'vlan = [200, 310]\n')
+    assert got == [("aws/vlan200", None, "vlan200", 0), ("aws/vlan310", None, "vlan310", 0)]
 
 
 @pytest.mark.parametrize(("legs", "message"), [

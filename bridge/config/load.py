@@ -4,6 +4,7 @@ unique, files that must exist, paths relative to the config file)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -198,33 +199,27 @@ def _spool(f: _File, s: schema.SpoolFile) -> SpoolConfig:
         dead_letters_max=s.dead_letters_max, dead_letters_max_bytes=s.dead_letters_max_bytes)
 
 
-def _legs(f: _File, e: schema.EndpointFile, where: str
-          ) -> list[tuple[str | None, str | None, int | None]]:
-    """(leg name, interface, vlan id) per leg of one endpoint, in order; one unbound leg if
-    it names none."""
-    if isinstance(e.interface, list):
-        if not e.interface:
-            raise f.error(f"{where}.interface", "an empty list binds to nothing; leave the "
-                          "key out to use the gateway's routing")
-        legs: list[tuple[str | None, str | None, int | None]] = [
-            (i, i, None) for i in e.interface]
-    elif isinstance(e.vlan, list):
-        if not e.vlan:
-            raise f.error(f"{where}.vlan", "an empty list binds to nothing; leave the key "
-                          "out to use the gateway's routing")
-        legs = [(f"vlan{v}", None, v) for v in e.vlan]
-    elif e.interface is not None:
-        legs = [(e.interface, e.interface, None)]
-    elif e.vlan is not None:
-        legs = [(f"vlan{e.vlan}", None, e.vlan)]
-    else:
-        return [(None, None, None)]
-    names = [leg for leg, _, _ in legs]
-    for n in names:
-        if names.count(n) > 1:
-            raise f.error(f"{where}.interface" if e.interface else f"{where}.vlan",
-                          f"leg {n!r} is listed twice")
-    return legs
+def _legs(f: _File, e: schema.EndpointFile, where: str) -> list[EndpointConfig]:
+    """One endpoint per leg (``interface`` or ``vlan``, a value or a list), in order, named
+    ``<name>/<leg>`` when there are several; one unbound endpoint if it names none."""
+    kind = "interface" if e.interface is not None else "vlan"
+    value = e.interface if e.interface is not None else e.vlan
+    values: list[str | int | None] = list(value) if isinstance(value, list) else [value]
+    if not values:
+        raise f.error(f"{where}.{kind}", "an empty list binds to nothing; leave the key out "
+                      "to use the gateway's routing")
+    target = f.hostport(f"{where}.target", e.target, default_port=DEFAULT_INGEST_PORT)
+    out = []
+    for v in values:
+        ep = EndpointConfig(name=e.name, target=target, priority=0,
+                            interface=v if isinstance(v, str) else None,
+                            vlan=v if isinstance(v, int) else None)
+        if len(values) > 1:
+            if values.count(v) > 1:
+                raise f.error(f"{where}.{kind}", f"leg {ep.leg!r} is listed twice")
+            ep = dataclasses.replace(ep, name=f"{e.name}/{ep.leg}")
+        out.append(ep)
+    return out
 
 
 def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
@@ -237,16 +232,12 @@ def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
         if "/" in e.name:
             raise f.error(f"{where}.name", f"{e.name!r}: '/' separates an endpoint from its "
                           "leg in metrics and logs; choose a name without it")
-        legs = _legs(f, e, where)
-        target = f.hostport(f"{where}.target", e.target, default_port=DEFAULT_INGEST_PORT)
-        for leg, iface, vid in legs:
-            name = f"{e.name}/{leg}" if len(legs) > 1 else e.name
-            if name in seen:
-                raise f.error(f"{where}.name", f"duplicate endpoint name {name!r}")
-            seen.add(name)
-            endpoints.append(EndpointConfig(
-                name=name, target=target, priority=i if e.priority is None else e.priority,
-                interface=iface, vlan=vid, cloud=e.name, leg=leg))
+        for ep in _legs(f, e, where):
+            if ep.name in seen:
+                raise f.error(f"{where}.name", f"duplicate endpoint name {ep.name!r}")
+            seen.add(ep.name)
+            endpoints.append(dataclasses.replace(
+                ep, priority=i if e.priority is None else e.priority))
     if not endpoints:
         raise f.error("uplink.endpoints", "needs at least one [[uplink.endpoints]] table")
     b = u.breaker

@@ -222,8 +222,11 @@ class EndpointConfig:
     priority: int
     interface: str | None = None
     vlan: int | None = None
-    cloud: str = ""  # the configured endpoint's name (= name when it has one leg or none)
-    leg: str | None = None  # the interface (or "vlan<id>") its connections are bound to
+
+    @property
+    def leg(self) -> str | None:
+        """The interface (or ``vlan<id>``) its connections are bound to; None: unbound."""
+        return self.interface or (f"vlan{self.vlan}" if self.vlan else None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.errors import ConfigError
+from bridge.files import MISSING, Stamp, stamp
 from bridge.telemetry import event
 
 _HEX = re.compile(r"[0-9a-f]+")
-_MISSING = (0, 0, 0)  # the stamp of a file that is not there
 
 
 @dataclass(frozen=True)
@@ -71,17 +71,13 @@ class DenyList:
         self.interval_s = interval_s
         self.reloads = {"ok": 0, "error": 0}
         try:
-            self._stamp = self._stat()
+            self._stamp = stamp(path)
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(str(path), "", f"cannot read the deny-list: {exc}") from exc
         self.entries = parse(text, source=str(path))
-        self._failed: tuple[int, int, int] | None = None  # the file state last refused
+        self._failed: Stamp | None = None  # the file state last refused
         self._next_check = time.monotonic() + interval_s
-
-    def _stat(self) -> tuple[int, int, int]:
-        st = self.path.stat()
-        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def refresh(self) -> None:
         """Re-read the file if it changed (at most every ``interval_s``); a bad state of the
@@ -91,23 +87,20 @@ class DenyList:
         if now < self._next_check:
             return
         self._next_check = now + self.interval_s
-        try:
-            stamp = self._stat()
-        except OSError:
-            stamp = _MISSING
-        if stamp in (self._stamp, self._failed):
+        now_stamp = stamp(self.path)
+        if now_stamp in (self._stamp, self._failed):
             return
         try:
-            if stamp == _MISSING:
+            if now_stamp == MISSING:
                 raise OSError(f"{self.path}: no such file")
             entries = parse(self.path.read_text(encoding="utf-8"), source=str(self.path))
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            self._failed = stamp
+            self._failed = now_stamp
             self.reloads["error"] += 1
             event("ingest.deny_list_failed", level=logging.ERROR, path=str(self.path),
                   reason=str(exc)[:300], kept=len(self.entries))
             return
-        self._stamp, self._failed = stamp, None
+        self._stamp, self._failed = now_stamp, None
         before = len(self.entries)
         self.entries = entries
         self.reloads["ok"] += 1

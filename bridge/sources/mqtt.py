@@ -38,6 +38,7 @@ from bridge.codecs import Publish
 from bridge.config import MqttSourceConfig
 from bridge.envelope import SourceInfo
 from bridge.errors import ConfigError
+from bridge.files import Stamp, stamp
 from bridge.sources.base import Inbox, Message
 from bridge.sources.paho import FastClient, check_paho
 from bridge.telemetry import AgentMetrics, event
@@ -141,17 +142,10 @@ class MqttSource:
                 qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)))
         client.subscribe(subs)
 
-    def _tls_files_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+    def _tls_files_stamp(self) -> tuple[Stamp, ...]:
         tls = self.config.tls
         assert tls is not None
-        out: list[tuple[int, int] | None] = []
-        for p in (tls.ca, tls.cert, tls.key):
-            try:
-                st = p.stat() if p is not None else None
-                out.append((st.st_mtime_ns, st.st_ino) if st is not None else None)
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return tuple(stamp(p) for p in (tls.ca, tls.cert, tls.key) if p is not None)
 
     def _tls_refresh(self) -> ssl.SSLContext | None:
         """paho thread, before each connection: renewed plant certificates are used from the
@@ -173,10 +167,12 @@ class MqttSource:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """No connection (refused, unreachable, a bound interface down, TLS refused): paho
         retries on its own; this says why, each time."""
+        self._connect_failed(self._client.last_error or "connection failed")
+
+    def _connect_failed(self, reason: str) -> None:
         self.metrics.source_failures.labels(self.config.name, "connect_failed").inc()
         event("source.connect_failed", level=logging.ERROR, source=self.config.name,
-              broker=self.info.broker, interface=self.config.interface,
-              reason=self._client.last_error or "connection failed")
+              broker=self.info.broker, interface=self.config.interface, reason=reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -204,10 +200,7 @@ class MqttSource:
         if not self._connacked and reason.is_failure:
             # Dropped before any CONNACK: the connection never worked (a TLS 1.3 broker that
             # wants a client certificate says so only after the handshake).
-            self.metrics.source_failures.labels(self.config.name, "connect_failed").inc()
-            event("source.connect_failed", level=logging.ERROR, source=self.config.name,
-                  broker=self.info.broker, interface=self.config.interface,
-                  reason=detail or str(reason))
+            self._connect_failed(detail or str(reason))
             self._set_will()
             return
         self._connacked = False

@@ -36,24 +36,13 @@ from pathlib import Path
 from bridge import certinfo
 from bridge.config import TlsConfig
 from bridge.errors import ConfigError
+from bridge.files import Stamp, stamp
 from bridge.telemetry import AgentMetrics, event
 
 WARN_DAYS = 30.0
 ERROR_DAYS = 7.0
 REMIND_S = 86400.0
 Pem = tuple[bytes, bytes, bytes]  # ca, cert, key
-Stamp = tuple[tuple[int, int, int] | None, ...]
-
-
-def _stamp(paths: tuple[Path, ...]) -> Stamp:
-    out: list[tuple[int, int, int] | None] = []
-    for p in paths:
-        try:
-            st = p.stat()
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
 
 
 def load(tls: TlsConfig, *, site_id: str, now: float) -> Pem:
@@ -95,11 +84,14 @@ class CredentialWatcher:
         self.check_s = check_s
         self._clock = clock
         self._paths = (tls.ca, tls.cert, tls.key)
-        self._stamp = _stamp(self._paths)
-        self._failed: Stamp | None = None
+        self._stamp = self._stamps()
+        self._failed: tuple[Stamp, ...] | None = None
         self._watched = {"client": tls.cert, "ca": tls.ca, **(also or {})}
         self._bands: dict[str, tuple[str, float]] = {}  # role -> (band, when last said)
         self.reloads = 0
+
+    def _stamps(self) -> tuple[Stamp, ...]:
+        return tuple(stamp(p) for p in self._paths)
 
     async def run(self) -> None:
         while True:
@@ -109,24 +101,24 @@ class CredentialWatcher:
     async def check(self) -> bool:
         """One poll: reload if the files changed; say what is near expiry. True if reloaded."""
         reloaded = False
-        stamp = _stamp(self._paths)
-        if stamp not in (self._stamp, self._failed):
-            reloaded = await self._reload(stamp)
+        now = self._stamps()
+        if now not in (self._stamp, self._failed):
+            reloaded = await self._reload(now)
         self.expiry()
         return reloaded
 
-    async def _reload(self, stamp: Stamp) -> bool:
+    async def _reload(self, stamps: tuple[Stamp, ...]) -> bool:
         try:
             pem = load(self.tls, site_id=self.site_id, now=self._clock())
-            if _stamp(self._paths) != stamp:
+            if self._stamps() != stamps:
                 return False  # still being replaced: read it again at the next poll
         except ConfigError as exc:
-            self._failed = stamp
+            self._failed = stamps
             self.metrics.tls_reloads.labels("failed").inc()
             event("tls.reload_failed", level=logging.ERROR, reason=str(exc),
                   keeping="the credentials already in use")
             return False
-        self._stamp, self._failed = stamp, None
+        self._stamp, self._failed = stamps, None
         await self._on_change(pem)
         self.reloads += 1
         self.metrics.tls_reloads.labels("ok").inc()
