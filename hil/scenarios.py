@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hil.kernel import Capabilities, probe
 from hil.site import Accounting, Site
@@ -151,66 +152,53 @@ def slow_backup_drain(site: Site, r: Result, quick: bool) -> None:
     r.accounting = acct
 
 
-def one_way_partition(site: Site, r: Result, quick: bool) -> None:
-    """aws receives but its answers never return: the agent must leave it, losing nothing."""
-    t = site.topo
+def _cut_aws(site: Site, r: Result, quick: bool, cut: Callable[[bool], None], *,
+             healed_key: str) -> list[dict[str, dict[str, Any]]]:
+    """Traffic on aws/wan0, then ``cut(True)`` cuts aws off: failover to azure is timed, the
+    endpoints are sampled while it stays cut, ``cut(False)`` mends it, fail-back is timed and
+    every reading accounted. Returns the samples taken while aws was cut off."""
     n, hold_s = (1500, 5.0) if quick else (6000, 30.0)
     pub = site.publish(n, 200)
     site.wait(lambda: site.active() == "aws/wan0" and pub.progress.acked >= n // 4,
               timeout=60, what="traffic on aws/wan0")
     t0 = time.monotonic()
-    t.one_way("aws", on=True)
+    cut(True)
     site.wait(lambda: (site.active() or "").startswith("azure"), timeout=60,
               what="failover to azure")
     r.timings["failover_to_next_cloud_s"] = time.monotonic() - t0
-    seen: set[str | None] = set()
+    samples = []
     end = time.monotonic() + hold_s
-    while time.monotonic() < end:
-        seen.add(site.active())
+    while time.monotonic() < end:  # sample the outage: what is active, what state aws is in
+        samples.append(site.endpoints())
         time.sleep(0.1)
-    r.checks["stayed off the partitioned cloud"] = all((a or "").startswith("azure")
-                                                       for a in seen)
     t1 = time.monotonic()
-    t.one_way("aws", on=False)
+    cut(False)
     # Readings keep coming: fail-back is decided per batch.
     more = site.publish(3000 if quick else 9000, 100, first=n + 1)
     site.wait(lambda: site.active() == "aws/wan0", timeout=30 if quick else 90,
               what="fail-back to aws")
-    r.timings["failback_after_heal_s"] = time.monotonic() - t1
+    r.timings[healed_key] = time.monotonic() - t1
     published = pub.join(300) + more.join(300)
     _drain(site, published, r, timeout=120, key="drain_after_publisher_s")
     r.accounting = site.account(published)
+    return samples
+
+
+def one_way_partition(site: Site, r: Result, quick: bool) -> None:
+    """aws receives but its answers never return: the agent must leave it, losing nothing."""
+    samples = _cut_aws(site, r, quick, lambda on: site.topo.one_way("aws", on=on),
+                       healed_key="failback_after_heal_s")
+    active = [next((name for name, e in eps.items() if e["active"]), "") for eps in samples]
+    r.checks["stayed off the partitioned cloud"] = all(a.startswith("azure") for a in active)
 
 
 def blackholed_cloud(site: Site, r: Result, quick: bool) -> None:
     """A dead route upstream: everything toward aws vanishes on both legs. Found by the health
     probe (no RST, no error: silence), left for azure, returned to after the repair."""
-    t = site.topo
-    n, hold_s = (1500, 5.0) if quick else (6000, 30.0)
-    pub = site.publish(n, 200)
-    site.wait(lambda: site.active() == "aws/wan0" and pub.progress.acked >= n // 4,
-              timeout=60, what="traffic on aws/wan0")
-    t0 = time.monotonic()
-    t.blackhole("aws", on=True)
-    site.wait(lambda: (site.active() or "").startswith("azure"), timeout=60,
-              what="failover to azure")
-    r.timings["failover_to_next_cloud_s"] = time.monotonic() - t0
-    end = time.monotonic() + hold_s
-    states: set[str] = set()
-    while time.monotonic() < end:
-        eps = site.endpoints()
-        states.update(eps[name]["state"] for name in ("aws/wan0", "aws/lte0"))
-        time.sleep(0.1)
+    samples = _cut_aws(site, r, quick, lambda on: site.topo.blackhole("aws", on=on),
+                       healed_key="failback_after_repair_s")
+    states = {eps[name]["state"] for eps in samples for name in ("aws/wan0", "aws/lte0")}
     r.checks["both aws legs stayed unhealthy behind the blackhole"] = states == {"unhealthy"}
-    t1 = time.monotonic()
-    t.blackhole("aws", on=False)
-    more = site.publish(3000 if quick else 9000, 100, first=n + 1)
-    site.wait(lambda: site.active() == "aws/wan0", timeout=30 if quick else 90,
-              what="fail-back to aws")
-    r.timings["failback_after_repair_s"] = time.monotonic() - t1
-    published = pub.join(300) + more.join(300)
-    _drain(site, published, r, timeout=120, key="drain_after_publisher_s")
-    r.accounting = site.account(published)
 
 
 def rtt_loss(site: Site, r: Result, quick: bool) -> None:
