@@ -83,6 +83,14 @@ def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
     ]
 
 
+def check_interface(name: str) -> None:
+    """``OSError`` naming ``name`` unless the interface exists."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError as exc:
+        raise OSError(f"interface {name!r} does not exist") from exc
+
+
 def connect_bound(host: str, port: int, *, interface: str, timeout: float) -> socket.socket:
     """A blocking TCP connection to ``host:port`` that can only leave by ``interface``.
 
@@ -90,10 +98,7 @@ def connect_bound(host: str, port: int, *, interface: str, timeout: float) -> so
     (``OSError`` naming the interface): it never falls back to another route. Needs
     CAP_NET_RAW.
     """
-    try:
-        socket.if_nametoindex(interface)
-    except OSError as exc:
-        raise OSError(f"interface {interface!r} does not exist") from exc
+    check_interface(interface)
     last: OSError = OSError(f"no address for {host}")
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         sock = socket.socket(family, kind, proto)

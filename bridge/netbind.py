@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from bridge.common import check_interface
 from bridge.errors import BindError
 from bridge.telemetry import event
 
@@ -39,13 +40,6 @@ def resolve_vlan(vid: int, *, config: Path = VLAN_CONFIG) -> str:
         if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) == vid:
             return parts[0]
     raise BindError(f"VLAN {vid}: no interface carries it (see {config})")
-
-
-def check_interface(name: str) -> None:
-    try:
-        socket.if_nametoindex(name)
-    except OSError as exc:
-        raise BindError(f"interface {name!r} does not exist") from exc
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -145,7 +139,7 @@ class BindProxy:
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
     async def _connect(self, host: str, port: int) -> socket.socket:
-        check_interface(self.interface)
+        check_interface(self.interface)  # OSError naming it: a 502 and connect_failed
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: Exception = BindError(f"no address for {host}")
