@@ -8,6 +8,7 @@
     │   ├── UsageError       command-line flags that do not fit together
     │   ├── PkiError         a CA or certificate operation that cannot proceed
     │   ├── SpoolError       a spool file that cannot be used (another site's, no directory)
+    │   ├── InUseError       a resource another process owns (a spool, a listen address)
     │   ├── CursorError      a consumer cursor file that cannot be read or written
     │   ├── BindError        an interface or VLAN that cannot be bound
     │   ├── DependencyError  an installed library lacks what the bridge relies on
@@ -46,7 +47,7 @@ class ConfigError(UserError):
 
     def __init__(self, file: str, key: str, message: str) -> None:
         self.file, self.key, self.message = file, key, message
-        where = f"{file}: {key}" if key else file
+        where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {message}")
 
 
@@ -60,6 +61,11 @@ class PkiError(UserError):
 
 class SpoolError(UserError):
     """The spool file cannot be used (it belongs to another site, or its directory is unusable)."""
+
+
+class InUseError(UserError):
+    """A resource with one owner is held by another process: a spool (its lock file names the
+    holder's PID) or a listen address. Starting anyway would split data between two owners."""
 
 
 class CursorError(UserError):

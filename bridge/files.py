@@ -1,12 +1,17 @@
 """File helpers shared by every stage: private files are created 0600, secrets that others
 can read are refused at start (a key or config readable by group or others has already leaked
-to every account on the gateway), and ``stamp`` tells a watcher that a file changed."""
+to every account on the gateway), ``stamp`` tells a watcher that a file changed, and
+``OwnerLock`` gives a file exactly one owning process."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 from pathlib import Path
+
+from bridge.errors import InUseError
 
 INSECURE_ENV = "BRIDGE_ALLOW_INSECURE_PERMISSIONS"
 
@@ -52,3 +57,45 @@ def stamp(path: Path) -> Stamp:
     except OSError:
         return MISSING
     return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class OwnerLock:
+    """An exclusive ``flock`` on ``<path>.lock``, holding the owner's PID as text.
+
+    Why a lock and not a PID file alone: the kernel releases a ``flock`` when its holder dies,
+    kill -9 included, so a stale file never blocks a restart, and two processes can never both
+    believe they own the resource. The PID in the file is only for the error message. The lock
+    lives beside the resource, not in it: recovery may move a corrupt spool file aside, and
+    the ownership must not move with it.
+    """
+
+    def __init__(self, path: Path, *, what: str) -> None:
+        self.path = path.with_name(path.name + ".lock")
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``InUseError`` naming the resource and the holder's PID."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise InUseError(f"{self.what} is in use by another process (PID {holder}, lock "
+                             f"{self.path}); it has exactly one owner: stop that process "
+                             "first, or give this one its own") from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (closing the descriptor releases the ``flock``)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None

@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from bridge import __version__, certinfo
+from bridge.common import address_error
 from bridge.config import parse_hostport
 
 # A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
@@ -270,7 +271,8 @@ class HttpEndpoint:
     """Loopback HTTP: ``/metrics`` (Prometheus) and ``/status`` (JSON from a callback)."""
 
     def __init__(self, *, listen: str, registry: CollectorRegistry,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], key: str = "metrics.listen") -> None:
+        """``key``: the config key of ``listen``, named in the error if it is taken."""
         host, port = parse_hostport(listen, listen=True)
         registry_ = registry
         status_ = status
@@ -293,7 +295,10 @@ class HttpEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:  # exclusive: Python's HTTP server sets SO_REUSEADDR but never SO_REUSEPORT
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise address_error(key, listen, exc) from exc
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,

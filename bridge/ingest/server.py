@@ -26,7 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import claim_address
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, parse_hostport
+from bridge.errors import InUseError
 from bridge.ingest.backend import Backend, SqliteBackend
 from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
@@ -47,6 +49,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # One owner per address: grpcio sets SO_REUSEPORT by default, and a second node on the
+    # same port would then start and split connections (and dedupe ledgers) with the first.
+    ("grpc.so_reuseport", 0),
     # Connections roll over so rotated server certificates take effect.
     ("grpc.max_connection_age_ms", 3_600_000),
     ("grpc.max_connection_age_grace_ms", 30_000),
@@ -85,6 +90,23 @@ def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
         except OSError:
             out.append(0.0)
     return tuple(out)
+
+
+def _bind(server: grpc.aio.Server, listen: str, key: str,
+          creds: grpc.ServerCredentials | None) -> int:
+    """The port ``server`` listens on, exclusively; ``InUseError`` naming ``key`` if another
+    process holds it (checked first: grpcio's own failure is a bare ``RuntimeError``)."""
+    host, port = parse_hostport(listen, listen=True)
+    claim_address(host, port, key=key)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, creds) if creds is not None else \
+            server.add_insecure_port(address)
+    except RuntimeError as exc:  # lost a race for the port since the check
+        raise InUseError(f"{key} {listen}: cannot bind ({exc})") from exc
+    if bound == 0:
+        raise InUseError(f"{key} {listen}: cannot bind")
+    return bound
 
 
 @dataclass(slots=True)
@@ -372,21 +394,15 @@ class IngestNode:
                                       interceptors=[Metered(metrics=self.metrics)])
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        host, port = parse_hostport(listen, listen=True)
-        self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(tls))
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+        self.port = _bind(self.server, listen, "listen", server_credentials(tls))
         # Kubelet gRPC probes speak plaintext and carry no client certificate: a second server
         # on its own port answers grpc.health.v1 only (the Ingest service is never plaintext).
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if health_listen:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            hhost, hport = parse_hostport(health_listen, listen=True)
-            self.health_port = self.health_server.add_insecure_port(f"{hhost}:{hport}")
-            if self.health_port == 0:
-                raise OSError(f"cannot listen on {health_listen} (health.listen)")
+            self.health_port = _bind(self.health_server, health_listen, "health.listen", None)
 
     async def _store_health(self, ok: bool) -> None:
         """The Ingest service's health follows the store's connection: NOT_SERVING while it

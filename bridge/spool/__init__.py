@@ -56,6 +56,10 @@ Invariants
    answered DUPLICATE by the ingest. Never a loss, never a double in the consumed stream.
 4. ``meta.readings``/``meta.bytes`` equal the count and total envelope length of ``readings``.
 5. ``readings`` bytes plus ``dead_letters`` bytes never exceed ``max_bytes`` through a commit.
+6. One writer: ``<path>.lock`` is ``flock``-ed (``bridge.files.OwnerLock``) before anything is
+   read and held until ``close``; it holds the owner's PID for the error a second agent gets.
+   The kernel releases it when the owner dies (kill -9 included). Readers
+   (``read_dead_letters``) take no lock and run beside the agent.
 
 Bounds
 ======

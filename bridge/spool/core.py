@@ -13,6 +13,7 @@ from typing import TypeVar
 import orjson
 
 from bridge.errors import SpoolError, SpoolFull
+from bridge.files import OwnerLock
 from bridge.spool.base import (
     DEAD_MAX,
     DEAD_PAYLOAD_BYTES,
@@ -70,16 +71,25 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         except OSError as exc:
             raise SpoolError(f"{path.parent}: cannot create the spool directory: {exc}") \
                 from exc
+        # One owner before anything is read: two agents on one file would number readings
+        # from the same next_seq, and the ingest would answer the second copy DUPLICATE.
+        self._owner = OwnerLock(path, what=f"spool {path}")
+        self._owner.acquire()
         try:
-            self._open()
-        except _Corrupt as exc:
-            self._recover(str(exc))
-        self._ensure_reserve()
+            try:
+                self._open()
+            except _Corrupt as exc:
+                self._recover(str(exc))
+            self._ensure_reserve()
+        except BaseException:
+            self._owner.release()
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.save_clock()
         self._db.close()
+        self._owner.release()
 
     def save_clock(self) -> None:
         """Persist the spool clock (also done by every commit), so ages survive a restart."""
