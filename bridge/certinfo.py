@@ -12,11 +12,20 @@ tests/test_certinfo.py checks the figures against cryptography's on real certifi
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import re
+import ssl
+from pathlib import Path
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.S)
 _CN = bytes([0x06, 0x03, 0x55, 0x04, 0x03])  # OID 2.5.4.3, commonName
+_OU = bytes([0x06, 0x03, 0x55, 0x04, 0x0B])  # OID 2.5.4.11, organizationalUnitName
+# The role a certificate is issued for, in its subject's OU (``bridge pki`` sets it; the
+# ingest authorises by it).
+ROLE_SITE = "bridge-site"
+ROLE_CONSUMER = "bridge-consumer"
+ROLE_SERVER = "bridge-server"
 _INTEGER, _SEQUENCE, _SET, _UTC, _GENERALIZED = 0x02, 0x30, 0x31, 0x17, 0x18
 
 
@@ -57,19 +66,19 @@ def _time(tag: int, text: bytes) -> float:
     return when.timestamp()
 
 
-def _common_name(der: bytes, start: int, end: int) -> str:
+def _attribute(der: bytes, start: int, end: int, oid: bytes = _CN) -> str:
     for tag, vs, ve in _children(der, start, end):  # RDNs: SET of SEQUENCE {oid, value}
         if tag != _SET:
             continue
         for _, avs, _end in _children(der, vs, ve):
-            if der[avs:avs + len(_CN)] == _CN:
-                _, v0, v1 = _tlv(der, avs + len(_CN))
+            if der[avs:avs + len(oid)] == oid:
+                _, v0, v1 = _tlv(der, avs + len(oid))
                 return der[v0:v1].decode("utf-8", "replace")
     return ""
 
 
-def read(der: bytes) -> tuple[str, float]:
-    """(subject CN, notAfter as Unix time) of one DER certificate."""
+def _tbs_fields(der: bytes) -> list[tuple[int, int, int]]:
+    """The tbsCertificate's fields from serialNumber on (the version dropped)."""
     tag, vs, _ = _tlv(der, 0)
     if tag != _SEQUENCE:
         raise ValueError("not a certificate")
@@ -79,6 +88,28 @@ def read(der: bytes) -> tuple[str, float]:
     fields = _children(der, tbs0, tbs1)
     if fields and fields[0][0] == 0xA0:  # explicit version
         fields = fields[1:]
+    return fields
+
+
+def role_pem(pem: bytes) -> str:
+    """The subject OU (the role) of the first certificate in a PEM file; "" if it has none."""
+    der = _first_der(pem)
+    fields = _tbs_fields(der)
+    if len(fields) < 5:
+        raise ValueError("certificate too short")
+    return _attribute(der, fields[4][1], fields[4][2], _OU)
+
+
+def _first_der(pem: bytes) -> bytes:
+    blocks = _PEM.findall(pem)
+    if not blocks:
+        raise ValueError("no PEM certificate")
+    return base64.b64decode(b"".join(blocks[0].split()), validate=True)
+
+
+def read(der: bytes) -> tuple[str, float]:
+    """(subject CN, notAfter as Unix time) of one DER certificate."""
+    fields = _tbs_fields(der)
     if len(fields) < 5:
         raise ValueError("certificate too short")
     validity, subject = fields[3], fields[4]
@@ -86,18 +117,12 @@ def read(der: bytes) -> tuple[str, float]:
     if validity[0] != _SEQUENCE or len(times) != 2:
         raise ValueError("bad validity")
     tag, t0, t1 = times[1]
-    return _common_name(der, subject[1], subject[2]), _time(tag, der[t0:t1])
+    return _attribute(der, subject[1], subject[2]), _time(tag, der[t0:t1])
 
 
 def serial(der: bytes) -> int:
     """The serialNumber of one DER certificate (the first field after the version)."""
-    tag, vs, _ = _tlv(der, 0)
-    if tag != _SEQUENCE:
-        raise ValueError("not a certificate")
-    _, tbs0, tbs1 = _tlv(der, vs)
-    fields = _children(der, tbs0, tbs1)
-    if fields and fields[0][0] == 0xA0:
-        fields = fields[1:]
+    fields = _tbs_fields(der)
     if not fields or fields[0][0] != _INTEGER:
         raise ValueError("no serial number")
     return int.from_bytes(der[fields[0][1]:fields[0][2]], "big", signed=True)
@@ -105,10 +130,7 @@ def serial(der: bytes) -> int:
 
 def serial_pem(pem: bytes) -> int:
     """The serialNumber of the first certificate in a PEM file."""
-    blocks = _PEM.findall(pem)
-    if not blocks:
-        raise ValueError("no PEM certificate")
-    return serial(base64.b64decode(b"".join(blocks[0].split()), validate=True))
+    return serial(_first_der(pem))
 
 
 def read_pem(pem: bytes) -> list[tuple[str, float]]:
@@ -117,3 +139,44 @@ def read_pem(pem: bytes) -> list[tuple[str, float]]:
     if not blocks:
         raise ValueError("no PEM certificate")
     return [read(base64.b64decode(b"".join(block.split()), validate=True)) for block in blocks]
+
+
+def chain_problem(ca: bytes, cert: Path, key: Path) -> str | None:
+    """Why a TLS server trusting ``ca`` would refuse ``cert`` as a client certificate, or None.
+
+    OpenSSL itself decides (chain to the CA, notBefore/notAfter, client usage): a handshake
+    between two in-memory TLS objects, ours presenting ``cert``/``key`` and the other side
+    requiring a client certificate issued by ``ca``. Nothing touches the network.
+    """
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)  # any certificate will do for the server's own side
+    server.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.load_cert_chain(cert, key)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    ours = client.wrap_bio(c_in, c_out, server_side=False)
+    theirs = server.wrap_bio(s_in, s_out, server_side=True)
+    ours_done = theirs_done = False
+    for _ in range(8):  # a TLS 1.3 handshake takes three flights
+        if not ours_done:
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+                ours.do_handshake()  # SSLError here is the other side's alert: see below
+                ours_done = True
+        s_in.write(c_out.read())
+        if not theirs_done:
+            try:
+                theirs.do_handshake()
+                theirs_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return str(exc.verify_message)
+            except ssl.SSLError as exc:
+                return str(exc)
+        c_in.write(s_out.read())
+        if ours_done and theirs_done:
+            return None
+    return "the TLS handshake did not complete"

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from bridge import __version__
+from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import (
     DEFAULT_INGEST_PORT,
     TlsConfig,
@@ -87,8 +88,9 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     config = load_agent(Path(args.config))
+    # The checks the ingest's TLS would make, now rather than as refusals later.
+    config.tls.verified(role=ROLE_SITE, name=config.site_id)
     if args.check:
-        config.tls.read()
         if any(s.protocol == "mqtt" for s in config.sources):
             from bridge.sources.paho import check_paho
 
@@ -100,14 +102,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from bridge.telemetry import setup_logging
 
     setup_logging(config.log_level, component="agent")
-    config.tls.read()
     asyncio.run(agent.run(config))
     return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     config = load_ingest(Path(args.config))
-    config.tls.read()
+    config.tls.verified(role=None)
     if args.check:
         js = config.jetstream
         store = f"JetStream stream {js.stream} on {', '.join(js.servers)}" if js else \
@@ -154,7 +155,7 @@ def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Pat
     if tls is None:
         raise ConfigError("command line", "--ca/--cert/--key",
                           "a consumer certificate is required (flags or [tls] in --config)")
-    tls.read()
+    tls.verified(role=ROLE_CONSUMER)
     return targets, tls, cursor
 
 

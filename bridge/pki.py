@@ -24,12 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bridge.config import valid_site_id
+from bridge.certinfo import ROLE_CONSUMER, ROLE_SERVER, ROLE_SITE
+from bridge.config import SITE_ID_MAX, site_id_problem
 from bridge.errors import PkiError
-
-ROLE_SITE = "bridge-site"
-ROLE_CONSUMER = "bridge-consumer"
-ROLE_SERVER = "bridge-server"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +85,21 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return cert, key
 
 
+def _cn(name: str, what: str) -> str:
+    """``name`` if it fits a certificate's common name (1 to 64 characters, RFC 5280)."""
+    if not 0 < len(name) <= SITE_ID_MAX:
+        raise PkiError(f"{what} {name[:20]!r}{'...' if len(name) > 20 else ''} is "
+                       f"{len(name)} characters; a certificate's common name holds 1 to "
+                       f"{SITE_ID_MAX}")
+    return name
+
+
 def create_ca(ca_dir: Path, *, name: str = "bridge CA", days: int = 3650,
               force: bool = False) -> Issued:
     cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
     _check_free([cert_path, key_path], force=force)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _cn(name, "--name"))])
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -133,7 +139,7 @@ def _issue(ca_dir: Path, out_dir: Path, *, stem: str, common_name: str, role: st
     assert pub is not None
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        x509.NameAttribute(NameOID.COMMON_NAME, _cn(common_name, "the name")),
     ])
     now = _now()
     builder = (
@@ -183,9 +189,8 @@ def issue_site(ca_dir: Path, out_dir: Path, *, site_id: str, days: int = 825,
 
 
 def _site_id(site_id: str) -> str:
-    if not valid_site_id(site_id):
-        raise PkiError(f"site id {site_id!r} must be a DNS-style name: lower-case letters, "
-                       "digits, '-' and '.'")
+    if (problem := site_id_problem(site_id)) is not None:
+        raise PkiError(f"site id {problem}")
     return site_id
 
 
@@ -232,8 +237,8 @@ def sign_site(ca_dir: Path, csr_path: Path, out_dir: Path, *, site_id: str | Non
 
 def issue_consumer(ca_dir: Path, out_dir: Path, *, name: str, days: int = 825,
                    force: bool = False) -> Issued:
-    if not valid_site_id(name):
-        raise PkiError(f"consumer name {name!r} must be a DNS-style name")
+    if (problem := site_id_problem(name)) is not None:
+        raise PkiError(f"consumer name {problem}")
     return _issue(ca_dir, out_dir, stem=f"consumer-{name}", common_name=name,
                   role=ROLE_CONSUMER, sans=[x509.DNSName(name)],
                   eku=ExtendedKeyUsageOID.CLIENT_AUTH, days=days, force=force)

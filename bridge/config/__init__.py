@@ -21,6 +21,7 @@ from bridge.config.model import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_MQTT_PORT,
     NATS_URL,
+    SITE_ID_MAX,
     SITE_ID_RE,
     SPARKPLUG_TOPICS,
     AgentConfig,
@@ -40,6 +41,7 @@ from bridge.config.model import (
     UplinkConfig,
     nats_servers,
     parse_hostport,
+    site_id_problem,
     valid_site_id,
 )
 from bridge.errors import ConfigError
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_MQTT_PORT",
     "NATS_URL",
+    "SITE_ID_MAX",
     "SITE_ID_RE",
     "SPARKPLUG_TOPICS",
     "AgentConfig",
@@ -73,5 +76,6 @@ __all__ = [
     "load_ingest",
     "nats_servers",
     "parse_hostport",
+    "site_id_problem",
     "valid_site_id",
 ]

@@ -36,7 +36,7 @@ from bridge.config.model import (
     UplinkConfig,
     nats_servers,
     parse_hostport,
-    valid_site_id,
+    site_id_problem,
 )
 from bridge.errors import ConfigError, MappingError
 from bridge.files import exposure
@@ -256,8 +256,8 @@ def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
 def load_agent(path: Path) -> AgentConfig:
     a, _ = schema.decode(path, schema.AgentFile)
     f = _File(path)
-    if not valid_site_id(a.site_id):
-        raise f.error("site_id", f"{a.site_id!r} must be a DNS-style name (a-z, 0-9, '-', '.')")
+    if (problem := site_id_problem(a.site_id)) is not None:
+        raise f.error("site_id", problem)
     sources: list[SourceConfig] = [
         _mqtt_source(f, s, i, a.site_id) if isinstance(s, schema.MqttSourceFile)
         else _amqp_source(f, s, i) for i, s in enumerate(a.sources)]

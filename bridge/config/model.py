@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge import certinfo
 from bridge.codecs import JsonMapping
 from bridge.errors import ConfigError
 from bridge.files import exposure
@@ -37,8 +39,23 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 SITE_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 
+# A site id is its certificate's CN, and X.509 bounds a CN at 64 characters (RFC 5280,
+# ub-common-name): one limit everywhere an id enters (config, pki, envelopes at the ingest).
+SITE_ID_MAX = 64
+
+
+def site_id_problem(site_id: str) -> str | None:
+    """What is wrong with ``site_id`` as a site (or consumer) name, or None."""
+    if len(site_id) > SITE_ID_MAX:
+        return (f"{site_id[:20]!r}... is {len(site_id)} characters; at most {SITE_ID_MAX} (a "
+                "certificate's common name holds 64)")
+    if SITE_ID_RE.match(site_id) is None:
+        return f"{site_id!r} must be a DNS-style name (a-z, 0-9, '-', '.')"
+    return None
+
+
 def valid_site_id(site_id: str) -> bool:
-    return len(site_id) <= 253 and SITE_ID_RE.match(site_id) is not None
+    return site_id_problem(site_id) is None
 
 
 def parse_hostport(value: str, *, default_port: int | None = None,
@@ -86,6 +103,50 @@ class TlsConfig:
                 raise ConfigError(self.file, f"{self.section}.key", f"private key {problem}")
             out.append(data)
         return out[0], out[1], out[2]
+
+    def verified(self, *, role: str | None, name: str | None = None,
+                 now: float | None = None) -> tuple[bytes, bytes, bytes]:
+        """``read``, then the checks the peer's TLS would make, so that a wrong file is a
+        ``ConfigError`` at start (and at a reload) instead of refusals later: the key belongs
+        to the certificate, the CA parses, the certificate has not expired, and with ``role``
+        (a client: a site or a consumer) it was issued by this CA for that role and, with
+        ``name``, for that name. A server's own certificate may come from another CA than the
+        one it trusts for clients, so ``role=None`` skips the chain."""
+        ca, cert, key = self.read()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as exc:
+            raise self._error("key", f"{self.key} does not belong to {self.cert} "
+                              f"({exc.__class__.__name__}: {exc})") from exc
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise self._error("ca", f"{self.ca}: {exc}") from exc
+        try:
+            subject, not_after = certinfo.read_pem(cert)[0]
+            held = certinfo.role_pem(cert)
+        except ValueError as exc:
+            raise self._error("cert", f"{self.cert}: {exc}") from exc
+        clock = time.time() if now is None else now
+        if not_after <= clock:
+            raise self._error("cert", f"{self.cert} expired "
+                              f"{(clock - not_after) / 86400:.1f} days ago")
+        if role is not None and held != role:
+            raise self._error("cert", f"{self.cert} is a {held or 'role-less'!r} "
+                              f"certificate, not {role!r}: the ingest would refuse it")
+        if name is not None and subject != name:
+            raise self._error("cert", f"{self.cert} is for {subject!r}, not this site "
+                              f"({name!r}): the ingest would refuse it")
+        if role is not None:
+            problem = certinfo.chain_problem(ca, self.cert, self.key)
+            if problem is not None:
+                raise self._error("cert", f"{self.cert} is not accepted with the CA in "
+                                  f"{self.ca}: {problem}")
+        return ca, cert, key
+
+    def _error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, f"{self.section}.{key}", message)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,9 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.common import claim_address
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, parse_hostport
-from bridge.errors import InUseError
+from bridge.errors import ConfigError, InUseError
 from bridge.ingest.backend import Backend, SqliteBackend
 from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
@@ -36,7 +37,7 @@ from bridge.ingest.limits import Limits
 from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
 from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
-from bridge.pki import ROLE_CONSUMER, ROLE_SITE, PeerIdentity, identity_from_pem
+from bridge.pki import PeerIdentity, identity_from_pem
 from bridge.service import Notifier
 from bridge.telemetry import CertExpiry, HttpEndpoint, IngestMetrics, event
 
@@ -60,17 +61,19 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """mTLS with a required client certificate, reloaded when the files change on disk."""
-    ca, cert, key = tls.read()
+    ca, cert, key = tls.verified(role=None)
     state = {"mtime": _mtimes(tls)}
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         m = _mtimes(tls)
         if m == state["mtime"]:
             return None
-        try:
-            ca2, cert2, key2 = tls.read()
-        except Exception:  # noqa: BLE001 - keep serving with the old certificate
-            event("ingest.tls_reload_failed", level=logging.ERROR, reason="unreadable")
+        try:  # the checks of start-up: a key from another certificate is never switched to
+            ca2, cert2, key2 = tls.verified(role=None)
+        except ConfigError as exc:  # keep serving with the old certificate
+            state["mtime"] = m
+            event("ingest.tls_reload_failed", level=logging.ERROR, reason=str(exc),
+                  keeping="the certificate already in use")
             return None
         state["mtime"] = m
         event("ingest.tls_reloaded")

@@ -7,8 +7,10 @@ stamp changed it reads the set and checks it the way TLS will use it before anyt
 * each file is PEM and the key is private (``TlsConfig.read``);
 * the key belongs to the certificate and the CA parses (``ssl.SSLContext.load_cert_chain`` and
   ``load_verify_locations``, the same OpenSSL checks the channel would fail on later);
-* the certificate names this site (its CN is ``site_id``: the ingest would refuse another) and
-  has not expired;
+* the certificate names this site (its CN is ``site_id``: the ingest would refuse another),
+  is a site certificate (OU ``bridge-site``), was issued by the CA and is within its dates
+  (an in-memory TLS handshake, ``certinfo.chain_problem``): ``TlsConfig.verified``, the same
+  checks as at start;
 * no stamp moved while it was being read (a half-replaced set is read again next time).
 
 A set that fails is reported once (``tls.reload_failed``, ``bridge_tls_reloads_total
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -46,29 +47,11 @@ Pem = tuple[bytes, bytes, bytes]  # ca, cert, key
 
 
 def load(tls: TlsConfig, *, site_id: str, now: float) -> Pem:
-    """The checked (ca, cert, key) PEM of ``tls``; ``ConfigError`` naming what is wrong."""
-    ca, cert, key = tls.read()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(tls.file, f"{tls.section}.key", f"{tls.key} does not belong to "
-                          f"{tls.cert} ({exc.__class__.__name__}: {exc})") from exc
-    try:
-        ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-    except ssl.SSLError as exc:
-        raise ConfigError(tls.file, f"{tls.section}.ca", f"{tls.ca}: {exc}") from exc
-    try:
-        subject, not_after = certinfo.read_pem(cert)[0]
-    except ValueError as exc:
-        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert}: {exc}") from exc
-    if subject != site_id:
-        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert} is for {subject!r}, "
-                          f"not this site ({site_id!r}): the ingest would refuse it")
-    if not_after <= now:
-        raise ConfigError(tls.file, f"{tls.section}.cert", f"{tls.cert} expired "
-                          f"{(now - not_after) / 86400:.1f} days ago")
-    return ca, cert, key
+    """The checked (ca, cert, key) PEM of ``tls``; ``ConfigError`` naming what is wrong.
+
+    The same checks as at start (``TlsConfig.verified``): a set that start-up would refuse is
+    never switched to at a reload either."""
+    return tls.verified(role=certinfo.ROLE_SITE, name=site_id, now=now)
 
 
 class CredentialWatcher:
