@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import signal
 import sys
 import time
@@ -434,4 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # The reader went away (``bridge consume | head -1``): that ends the output, not in
+        # error. Later writes (the interpreter's final flush) go nowhere instead of raising.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)

@@ -32,6 +32,16 @@ they are bugs, and the supervisor's restart plus the traceback in the journal is
 from __future__ import annotations
 
 import enum
+import re
+
+# scheme://user:password@ anywhere in a text: the password is replaced. Messages quote the URL
+# a user wrote (a bad port, a wrong scheme) and libraries quote the URL they were given.
+_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@'\"]*):[^\s/@'\"]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced."""
+    return _CREDENTIALS.sub(r"\1:***@", text) if "@" in text else text
 
 
 class BridgeError(Exception):
@@ -39,7 +49,11 @@ class BridgeError(Exception):
 
 
 class UserError(BridgeError):
-    """A mistake the user can fix; the message says what and where, in one line."""
+    """A mistake the user can fix; the message says what and where, in one line, and never a
+    password (``redact``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class ConfigError(UserError):

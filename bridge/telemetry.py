@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from bridge import __version__, certinfo
 from bridge.common import address_error
 from bridge.config import parse_hostport
+from bridge.errors import redact
 
 # A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
 # it (the process start time is process_start_time_seconds).
@@ -55,7 +56,7 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return redact(orjson.dumps(out, default=str).decode())  # no password in a log
 
 
 def setup_logging(level: str = "info", *, component: str) -> None:

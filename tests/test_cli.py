@@ -219,3 +219,59 @@ def test_a_malformed_jetstream_consume_target_is_one_clear_error(target: str,
                      str(tls.cert), "--key", str(tls.key))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--from: expected nats://HOST:PORT" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("url", ["amqp://bridge:S3cret@127.0.0.1:99999/plant",
+                                 "amqp://bridge:S3cret@/plant"])
+def test_a_password_never_appears_in_an_error(tmp_path: Path, pkis: localrun.Pki, url: str):
+    text = GOOD_AGENT.replace('url = "mqtt://127.0.0.1:1883"\ntopics = ["#"]',
+                              f'type = "amqp"\nurl = "{url}"\nqueue = "q"')
+    path = agent_config(tmp_path, pkis, text)
+    path.chmod(0o600)
+    res = run_bridge("agent", "--config", str(path), "--check")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "sources[0].url" in res.stderr
+    assert "S3cret" not in res.stderr
+    assert "bridge:***@" in res.stderr
+
+
+def test_credentials_in_an_mqtt_url_are_refused_naming_the_keys_to_use(tmp_path: Path,
+                                                                      pkis: localrun.Pki):
+    text = GOOD_AGENT.replace("mqtt://127.0.0.1:1883", "mqtt://plant:S3cret@127.0.0.1:1883")
+    path = agent_config(tmp_path, pkis, text)
+    res = run_bridge("agent", "--config", str(path), "--check")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "sources[0].url: credentials in an mqtt:// url are not used; set " \
+           "sources[0].username and sources[0].password" in res.stderr
+    assert "S3cret" not in res.stderr
+
+
+@pytest.mark.parametrize("key", ["creds", "tls_key"])
+def test_jetstream_secrets_others_can_read_are_refused(tmp_path: Path, pkis: localrun.Pki,
+                                                      key: str):
+    secret = tmp_path / "nats.secret"
+    secret.write_text("-----BEGIN NATS USER JWT-----\n")
+    secret.chmod(0o644)
+    tls = pkis.server()
+    extra = f'tls_cert = "{tls.cert}"\n' if key == "tls_key" else ""
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(f'node = "aws"\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\n'
+                   f'key = "{tls.key}"\n[store]\nkind = "jetstream"\n'
+                   f'servers = ["nats://127.0.0.1:4222"]\n{key} = "{secret}"\n{extra}')
+    res = run_bridge("ingest", "--config", str(cfg), "--check")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"store.{key}:" in res.stderr and "mode 0644" in res.stderr, res.stderr
+    secret.chmod(0o600)
+    assert run_bridge("ingest", "--config", str(cfg), "--check").returncode == 0
+
+
+def test_a_logged_url_never_carries_its_password():
+    import logging
+
+    from bridge.telemetry import JsonFormatter
+
+    record = logging.LogRecord("bridge", logging.ERROR, __file__, 1, "x", None, None)
+    record.event = "source.connect_failed"
+    record.fields = {"reason": "cannot connect to amqp://bridge:S3cret@10.0.0.1:5672/plant"}
+    line = JsonFormatter().format(record)
+    assert "S3cret" not in line and "amqp://bridge:***@10.0.0.1:5672/plant" in line

@@ -116,3 +116,20 @@ def test_an_agent_whose_metrics_port_is_taken_exits_2_without_a_traceback(
                        endpoints=[node], http_port=listener)
     line = one_error_line(run_bridge("agent", "--config", str(a.config)))
     assert f"metrics.listen 127.0.0.1:{listener}: address already in use" in line
+
+
+def test_consume_into_a_reader_that_stops_early_exits_quietly(cluster: Cluster):
+    """``bridge consume | head -1``: the reader leaving ends the output, not in a traceback."""
+    cluster.ingest("aws")
+    a = cluster.agent()
+    published = Publisher(cluster, count=2000, rate=0).join()
+    wait_delivered(cluster, a, published)
+    tls = cluster.pki.consumer()
+    argv = " ".join([sys.executable, "-m", "bridge", "consume", "--from",
+                     cluster.nodes["aws"].target, "--ca", str(tls.ca), "--cert", str(tls.cert),
+                     "--key", str(tls.key)])
+    res = subprocess.run(["bash", "-c", f"set -o pipefail; {argv} | head -1"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.stdout.count("\n") == 1
+    assert res.stderr == ""
+    assert res.returncode == 0

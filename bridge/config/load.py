@@ -172,6 +172,10 @@ def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> Mq
     name = s.name or f"mqtt{i}"
     parts, host, port = _broker_url(f, s.url, where, scheme="mqtt", port=DEFAULT_MQTT_PORT,
                                     shape="mqtt://HOST[:PORT]")
+    if parts.username is not None or parts.password is not None:
+        raise f.error(f"{where}.url", "credentials in an mqtt:// url are not used; set "
+                      f"{where}.username and {where}.password instead (and keep the file "
+                      "mode 0600)")
     tls = _source_tls(f, s, parts.scheme, where)
     decode = _decode(f, s, where, separator="/")
     if s.topics is None and decode.codec != "sparkplug":
@@ -301,6 +305,9 @@ def _jetstream(f: _File, s: schema.StoreFile) -> JetStreamSettings:
         p = f.path(value) if value is not None else None
         if p is not None and not p.is_file():
             raise f.error(f"store.{key}", f"{p}: no such file")
+        if p is not None and key in ("creds", "tls_key") and (problem := exposure(p)):
+            raise f.error(f"store.{key}", f"{'credentials' if key == 'creds' else 'private key'}"
+                          f" {problem}")
         files[key] = str(p) if p is not None else None
     if (files["tls_cert"] is None) != (files["tls_key"] is None):
         raise f.error("store.tls_key", "tls_cert and tls_key go together")
