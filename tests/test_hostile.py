@@ -194,16 +194,44 @@ def test_a_burst_of_large_bad_messages_is_bounded_and_never_stops_readings(clust
     assert all(len(base64.b64decode(d["payload_b64"])) == 256 for d in letters)
 
 
-def test_the_broker_refuses_to_send_a_message_past_the_maximum_packet_size(cluster: Cluster):
+def test_a_message_past_max_payload_bytes_is_dead_lettered_not_dropped_by_the_broker(
+        cluster: Cluster):
+    """The agent asks the broker only for its hard bound (max_packet_bytes, 16 MiB), so a
+    message of any size up to it reaches the intake and is dead-lettered with its full size:
+    before, the broker discarded everything past max_payload_bytes + 66,566 without a trace
+    (MQTT v5 3.1.2.11.4) and the publisher got its PUBACK."""
     cluster.ingest("aws")
     agent = cluster.agent(sources=sources(cluster.broker.port))  # max_payload_bytes = 1024
-    huge = ("plant/p4/blob", b'{"value": "' + b"x" * 200_000 + b'"}')
+    huge = ("plant/p4/blob", b'{"value": "' + b"x" * 2_000_000 + b'"}')
     small_oversize = ("plant/p4/mid", b'{"value": "' + b"y" * 5000 + b'"}')
     tail = [(f"plant/p4/v{i}", orjson.dumps({"seq": i, "value": i})) for i in range(1, 11)]
     publish_raw(cluster.broker.port, [huge, small_oversize, *tail])
     wait_delivered(cluster, agent, len(tail))
     metrics = agent.metrics()
-    # Past max_payload_bytes but within the packet bound: delivered, and dead-lettered here.
+    assert 'bridge_dead_letters_total{reason="oversize"} 2.0' in metrics
+    assert 'bridge_source_messages_total{source="json"} 12.0' in metrics
+    out = subprocess.run(bridge_argv("dead-letters", "--config", str(agent.config), "--json"),
+                         capture_output=True, text=True, check=True, timeout=30)
+    letters = {d["topic"]: d for d in map(orjson.loads, out.stdout.splitlines())}
+    assert letters["plant/p4/blob"]["bytes"] == len(huge[1])  # full size recorded
+    assert letters["plant/p4/blob"]["truncated"]  # the prefix kept
+    assert base64.b64decode(letters["plant/p4/blob"]["payload_b64"]).startswith(b'{"value": "x')
+    assert letters["plant/p4/mid"]["bytes"] == len(small_oversize[1])
+
+
+def test_past_the_hard_bound_the_broker_drops_the_message_as_documented(cluster: Cluster):
+    """What lies beyond max_packet_bytes is the broker's to drop (docs/configuration.md says
+    how to make the publisher see it instead): the bound is what the agent sends."""
+    cluster.ingest("aws")
+    src = sources(cluster.broker.port).replace("max_payload_bytes = 1024\n",
+                                               "max_payload_bytes = 1024\n"
+                                               "max_packet_bytes = 70000\n", 1)
+    agent = cluster.agent(sources=src)
+    beyond = ("plant/p5/blob", b'{"value": "' + b"x" * 200_000 + b'"}')
+    within = ("plant/p5/mid", b'{"value": "' + b"y" * 5000 + b'"}')
+    tail = [(f"plant/p5/v{i}", orjson.dumps({"seq": i, "value": i})) for i in range(1, 11)]
+    publish_raw(cluster.broker.port, [beyond, within, *tail])
+    wait_delivered(cluster, agent, len(tail))
+    metrics = agent.metrics()
     assert 'bridge_dead_letters_total{reason="oversize"} 1.0' in metrics
-    # Past the CONNECT Maximum Packet Size: the broker never sent it at all.
     assert 'bridge_source_messages_total{source="json"} 11.0' in metrics

@@ -15,7 +15,10 @@ from bridge.config import schema
 from bridge.config.model import (
     DEFAULT_AMQP_PORT,
     DEFAULT_INGEST_PORT,
+    DEFAULT_MAX_PACKET,
     DEFAULT_MQTT_PORT,
+    MQTT_MAX_PACKET,
+    MQTT_PACKET_OVERHEAD,
     NATS_URL,
     SPARKPLUG_TOPICS,
     TLS_PORTS,
@@ -183,7 +186,13 @@ def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> Mq
     topics = tuple(s.topics) if s.topics is not None else SPARKPLUG_TOPICS
     if not topics:
         raise f.error(f"{where}.topics", "needs at least one topic filter")
+    floor = min(decode.max_payload_bytes + MQTT_PACKET_OVERHEAD, MQTT_MAX_PACKET)
+    if s.max_packet_bytes is not None and s.max_packet_bytes < floor:
+        raise f.error(f"{where}.max_packet_bytes", f"must be at least {floor} (max_payload_bytes "
+                      f"+ {MQTT_PACKET_OVERHEAD} for the topic and headers): a message just "
+                      "past max_payload_bytes must still reach the agent to be dead-lettered")
     return MqttSourceConfig(
+        max_packet_bytes=s.max_packet_bytes or max(DEFAULT_MAX_PACKET, floor),
         name=name, host=host, port=port, topics=topics,
         client_id=s.client_id or f"bridge-{site_id}-{name}",
         session_expiry_s=s.session_expiry_s, receive_maximum=s.receive_maximum,

@@ -29,6 +29,13 @@ TLS_PORTS = {"mqtts": 8883, "amqps": 5671}
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
 
+# MQTT: a packet holds the payload plus the topic (up to 65,535 bytes and its length), the
+# fixed header and properties; MQTT cannot encode a packet above MQTT_MAX_PACKET.
+MQTT_PACKET_OVERHEAD = 65_535 + 2 + 5 + 1024
+MQTT_MAX_PACKET = 268_435_455
+DEFAULT_MAX_PACKET = 16 << 20
+
+
 SPARKPLUG_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/NDEATH/+", "spBv1.0/+/NDATA/+",
                     "spBv1.0/+/DBIRTH/+/+", "spBv1.0/+/DDEATH/+/+", "spBv1.0/+/DDATA/+/+")
 
@@ -214,6 +221,7 @@ class MqttSourceConfig:
     protocol: str = "mqtt"
     tls: SourceTls | None = None
     interface: str | None = None  # SO_BINDTODEVICE for the broker connection
+    max_packet_bytes: int = DEFAULT_MAX_PACKET  # CONNECT Maximum Packet Size: the hard bound
 
     @property
     def url(self) -> str:

@@ -99,6 +99,9 @@ class MqttSourceFile(_SourceFile, kw_only=True, tag="mqtt"):
     username: Text | None = None
     password: Text | None = None
     interface: Text | None = None  # bind the broker connection to this interface (OT leg)
+    # The hard bound sent as CONNECT Maximum Packet Size (None: max(16 MiB, the payload bound
+    # plus room for the topic and headers)); see bridge.sources.mqtt.
+    max_packet_bytes: Annotated[int, Meta(ge=4096, le=268_435_455)] | None = None
 
 
 class AmqpSourceFile(_SourceFile, kw_only=True, tag="amqp"):

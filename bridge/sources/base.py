@@ -67,8 +67,13 @@ class Inbox:
     one extra message per ``max_wait_s``).
     """
 
-    def __init__(self, *, limit: int | None = None, max_wait_s: float = 10.0) -> None:
+    def __init__(self, *, limit: int | None = None, max_wait_s: float = 10.0,
+                 max_bytes: int | None = None) -> None:
+        """``max_bytes``: payload bytes waiting, a second bound beside ``limit`` (a message
+        is always let in when nothing waits, however large)."""
         self._pending: collections.deque[Message] = collections.deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
         self._ready = asyncio.Event()
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,13 +88,20 @@ class Inbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, message: Message) -> None:
+    def _full(self) -> bool:
         if self._limit is not None and len(self._pending) >= self._limit:
+            return True
+        return self._max_bytes is not None and bool(self._pending) and \
+            self._bytes >= self._max_bytes
+
+    def put(self, message: Message) -> None:
+        if self._full():
             with self._room:
-                self._room.wait_for(
-                    lambda: self._closed or len(self._pending) < self._limit,  # type: ignore[operator]
-                    timeout=self._max_wait_s)
-        self._pending.append(message)
+                self._room.wait_for(lambda: self._closed or not self._full(),
+                                    timeout=self._max_wait_s)
+        with self._room:  # the byte count is shared with take() on the event loop
+            self._bytes += len(message.payload)
+            self._pending.append(message)
         if not self._wake_scheduled and self._loop is not None:
             self._wake_scheduled = True
             self._loop.call_soon_threadsafe(self._ready.set)
@@ -106,13 +118,15 @@ class Inbox:
             self._ready.clear()
             out: list[Message] = []
             pending = self._pending
-            while pending and len(out) < max_messages:
-                out.append(pending.popleft())
+            with self._room:
+                while pending and len(out) < max_messages:
+                    m = pending.popleft()
+                    self._bytes -= len(m.payload)
+                    out.append(m)
+                if out and (self._limit is not None or self._max_bytes is not None):
+                    self._room.notify_all()
             if out:
                 if pending:
                     self._ready.set()
-                if self._limit is not None:
-                    with self._room:
-                        self._room.notify_all()
                 return out
             await self._ready.wait()

@@ -43,8 +43,10 @@ from bridge.sources.base import Inbox, Message
 from bridge.sources.paho import FastClient, check_paho
 from bridge.telemetry import AgentMetrics, event
 
-PACKET_OVERHEAD = 65_535 + 2 + 5 + 1024  # topic, its length, fixed header, properties
-MQTT_MAX_PACKET = 268_435_455  # the largest Remaining Length MQTT can encode
+# Payload bytes waiting in the inbox before paho's thread stops reading (besides the count
+# bound): large messages between max_payload_bytes and max_packet_bytes cannot pile up in RAM.
+INBOX_BYTES = 64 << 20
+
 
 
 class MqttSource:
@@ -54,7 +56,8 @@ class MqttSource:
         self.metrics = metrics
         self.info = SourceInfo(name=config.name, protocol="mqtt", broker=config.url)
         # The agent's own inbound bound (see Inbox): the broker may overrun Receive Maximum.
-        self._inbox = Inbox(limit=config.receive_maximum, max_wait_s=config.keepalive_s / 2)
+        self._inbox = Inbox(limit=config.receive_maximum, max_wait_s=config.keepalive_s / 2,
+                            max_bytes=max(INBOX_BYTES, 2 * config.max_packet_bytes))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         sp = config.decode.sparkplug
@@ -108,10 +111,11 @@ class MqttSource:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.receive_maximum
-        # The broker refuses to send us what we would dead-letter as oversize anyway (MQTT v5
-        # 3.1.2.11.4): the payload bound plus room for the longest topic and the headers.
-        props.MaximumPacketSize = min(self.config.decode.max_payload_bytes + PACKET_OVERHEAD,
-                                      MQTT_MAX_PACKET)
+        # Only the hard bound, far above max_payload_bytes: a broker discards a message larger
+        # than this without a trace (MQTT v5 3.1.2.11.4), and pretends to have delivered it.
+        # Everything between the two bounds reaches the intake and is dead-lettered as
+        # oversize (prefix kept, full size recorded), so it is seen.
+        props.MaximumPacketSize = self.config.max_packet_bytes
         self._client.connect_async(self.config.host, self.config.port,
                                    keepalive=self.config.keepalive_s, clean_start=False,
                                    properties=props)
