@@ -94,7 +94,7 @@ class Agent:
                        for e in up.endpoints],
             metrics=self.metrics, health_interval_s=up.health_interval_s,
             health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,
-            failback_after_s=up.failback_after_s)
+            failback_after_s=up.failback_after_s, refused_retry_s=up.refused_retry_s)
         self.sender = Sender(spool=self.spool, pool=self.pool, config=up, metrics=self.metrics)
         self.credentials = CredentialWatcher(
             tls=config.tls, site_id=config.site_id, metrics=self.metrics,
@@ -151,6 +151,9 @@ class Agent:
             m.throttled.labels(name)
             m.stalls.labels(name)
             m.breaker_trips.labels(name)
+            m.endpoint_refused.labels(name).set(0)
+            for code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+                m.refused.labels(name, code)
             for other in names:
                 if other != name:
                     m.failovers.labels(name, other)

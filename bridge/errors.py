@@ -133,10 +133,13 @@ class Unavailable(BridgeError):
 class ErrorKind(enum.Enum):
     RETRYABLE = "retryable"   # try again, on another endpoint if there is one
     THROTTLED = "throttled"   # the endpoint is fine but asks us to slow down
+    REFUSED = "refused"       # the endpoint refuses this site's identity: permanent until an
+                              # operator acts (revocation, wrong certificate); retried slowly
 
 
 class TransportError(Unavailable):
-    """A failed call: ``code`` (gRPC status name), Envoy-style ``flag``, classification."""
+    """A failed call: ``code`` (gRPC status name), Envoy-style ``flag``, classification
+    (retryable, throttled, or refused: the identity was denied, which no retry cures)."""
 
     def __init__(self, *, code: str, flag: str, kind: ErrorKind, detail: str,
                  retry_after_s: float | None = None) -> None:

@@ -209,6 +209,14 @@ class AgentMetrics:
             "bridge_uplink_stalls", "Calls that timed out on an endpoint whose health checks "
             "passed (gray failure): the endpoint is taken out and its batches moved",
             ["endpoint"], registry=r)
+        self.refused = Counter(
+            "bridge_uplink_refused", "Calls an ingest refused because of this site's identity "
+            "(PERMISSION_DENIED, UNAUTHENTICATED: revoked, wrong certificate); the batch stays "
+            "in the spool", ["endpoint", "code"], registry=r)
+        self.endpoint_refused = Gauge(
+            "bridge_uplink_endpoint_refused", "1 while an endpoint refuses this site's identity "
+            "(it is out of rotation and retried every uplink.refused_retry_s)", ["endpoint"],
+            registry=r)
         self.batches = Counter("bridge_uplink_batches", "Batches sent, by endpoint and outcome",
                                ["endpoint", "code"], registry=r)
         self.readings_acked = Counter("bridge_uplink_readings_acked",

@@ -261,6 +261,7 @@ def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
         health_interval_s=u.health_interval_s, health_timeout_s=u.health_timeout_s,
         health_timeout_min_s=u.health_timeout_min_s, failback_after_s=u.failback_after_s,
         backoff_max_s=u.backoff_max_s, drain_max_per_s=u.drain_max_per_s,
+        refused_retry_s=u.refused_retry_s,
         breaker=BreakerConfig(window_s=b.window_s, error_rate=b.error_rate,
                               min_requests=b.min_requests, open_s=b.open_s,
                               half_open_probes=b.half_open_probes))

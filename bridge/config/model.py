@@ -321,6 +321,7 @@ class UplinkConfig:
     backoff_max_s: float
     breaker: BreakerConfig
     drain_max_per_s: float = 0.0
+    refused_retry_s: float = 60.0  # an endpoint that refused this identity is retried after
 
 
 @dataclass(frozen=True, kw_only=True)

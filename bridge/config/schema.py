@@ -165,6 +165,7 @@ class UplinkFile(_Table, kw_only=True):
     health_timeout_min_s: Annotated[float, Meta(ge=0.01)] = 0.3
     failback_after_s: Seconds = 30.0
     backoff_max_s: Annotated[float, Meta(ge=0.05)] = 10.0
+    refused_retry_s: Annotated[float, Meta(ge=0.1)] = 60.0
     drain_max_per_s: Annotated[float, Meta(ge=0.0)] = 0.0
     breaker: BreakerFile = msgspec.field(default_factory=BreakerFile)
 

@@ -14,6 +14,14 @@ health checks pass marks it UNHEALTHY at once, like a connection failure: its ba
 the next endpoint with the same ids, within one call deadline of the stall. Health brings it
 back, but fail-back waits ``failback_after_s`` doubled per consecutive stall (up to 16x).
 
+Refusals: a call answered PERMISSION_DENIED or UNAUTHENTICATED (``ErrorKind.REFUSED``: the
+site's certificate is revoked or not accepted there) takes the endpoint out of rotation for
+``refused_retry_s`` (60 s), whatever its health checks say, which the ingest answers for any
+certificate it accepts at the TLS layer. Its batches go to the next endpoint; with none left
+they wait in the spool. One call per ``refused_retry_s`` tries again, so a refused site does
+not hammer the cloud; an accepted call clears the refusal. ``snapshot`` shows the state
+``refused`` with the server's reason; ``bridge_uplink_endpoint_refused`` is 1 meanwhile.
+
 Passive health: every call outcome feeds the endpoint's ``CircuitBreaker``; an OPEN breaker
 takes the endpoint out of rotation until its half-open probes succeed. Throttling does not count.
 
@@ -59,6 +67,8 @@ class Endpoint:
         self.healthy_since = 0.0
         self.ever_failed = False
         self.gray_failures = 0  # consecutive calls that timed out while health passed
+        self.refusal = ""  # the server's reason while it refuses this identity
+        self.refused_until = 0.0  # the pool's clock: out of rotation until then
         self.srtt: float | None = None  # smoothed health-check round trip (RFC 6298)
         self.rttvar = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=backoff_max_s)
@@ -70,6 +80,7 @@ class EndpointPool:
     def __init__(self, *, endpoints: Sequence[Endpoint], metrics: AgentMetrics,
                  health_interval_s: float, health_timeout_s: float,
                  health_timeout_min_s: float = 0.3, failback_after_s: float = 30.0,
+                 refused_retry_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics
@@ -77,6 +88,7 @@ class EndpointPool:
         self.health_timeout_s = health_timeout_s
         self.health_timeout_min_s = min(health_timeout_min_s, health_timeout_s)
         self.failback_after_s = failback_after_s
+        self.refused_retry_s = refused_retry_s
         self._clock = clock
         self.active: Endpoint | None = None
         self.failovers = 0
@@ -137,6 +149,7 @@ class EndpointPool:
             now = self._clock()
             due = [self._stable_at(ep) - now for ep in self.endpoints
                    if ep.state is EndpointState.HEALTHY and self._stable_at(ep) > now]
+            due += [ep.refused_until - now for ep in self.endpoints if ep.refused_until > now]
             waiter = self._changed
             if due:
                 with contextlib.suppress(TimeoutError):
@@ -182,6 +195,10 @@ class EndpointPool:
         if err is not None and err.kind is ErrorKind.THROTTLED:
             ep.breaker.release()  # busy, not broken: frees a half-open probe slot, counts nothing
             return
+        if err is not None and err.kind is ErrorKind.REFUSED:
+            ep.breaker.release()  # not the endpoint's fault: the identity's
+            self._refuse(ep, err)
+            return
         before = ep.breaker.state
         after = ep.breaker.record(err is None)
         if after is not before:
@@ -195,6 +212,11 @@ class EndpointPool:
         if err is None:
             ep.last_ack_ns = time.time_ns()
             ep.gray_failures = 0
+            if ep.refusal:
+                event("uplink.refusal_cleared", endpoint=ep.name, leg=ep.leg,
+                      was=ep.refusal)
+                ep.refusal, ep.refused_until = "", 0.0
+                self.metrics.endpoint_refused.labels(ep.name).set(0)
             if self._awaiting_first_ack and ep is self.active:
                 self._awaiting_first_ack = False
                 self.failover_first_ack_ns = ep.last_ack_ns
@@ -214,6 +236,26 @@ class EndpointPool:
             self._set(ep, EndpointState.UNHEALTHY, "no acknowledgement within the call "
                       "deadline while health checks pass (gray failure)", flag="UT")
 
+    def _refuse(self, ep: Endpoint, err: TransportError) -> None:
+        """Out of rotation for ``refused_retry_s``: no retry cures a refused identity."""
+        now = self._clock()
+        again = ep.refused_until > now  # another call that was in flight when it began
+        ep.refused_until = now + self.refused_retry_s
+        ep.refusal = f"{err.code}: {err.detail}"
+        ep.last_error, ep.last_flag = ep.refusal, err.flag
+        self.metrics.refused.labels(ep.name, err.code).inc()
+        self.metrics.endpoint_refused.labels(ep.name).set(1)
+        if not again:
+            event("uplink.refused", level=logging.ERROR, endpoint=ep.name, leg=ep.leg,
+                  target=ep.target, code=err.code, reason=err.detail, flag=err.flag,
+                  retry_in_s=self.refused_retry_s,
+                  action="the ingest refuses this site's certificate: check the certificate "
+                         "and the cloud's deny-list; nothing is dropped meanwhile")
+        self._notify()
+
+    def refused(self, ep: Endpoint) -> bool:
+        return ep.refused_until > self._clock()
+
     # -- choosing --------------------------------------------------------------------------
 
     def _failback_s(self, ep: Endpoint) -> float:
@@ -225,7 +267,8 @@ class EndpointPool:
         return ep.healthy_since + (self._failback_s(ep) if ep.ever_failed else 0.0)
 
     def _eligible(self, ep: Endpoint) -> bool:
-        return ep.state is EndpointState.HEALTHY and ep.breaker.would_allow()
+        return ep.state is EndpointState.HEALTHY and ep.breaker.would_allow() and \
+            not self.refused(ep)
 
     def _choose(self) -> Endpoint | None:
         for ep in self.endpoints:
@@ -283,7 +326,8 @@ class EndpointPool:
                   f"fail-back: healthy for {self.failback_after_s:g} s")
 
     def snapshot(self) -> list[dict[str, object]]:
-        return [{"name": e.name, "target": e.target, "leg": e.leg, "state": e.state.value,
+        return [{"name": e.name, "target": e.target, "leg": e.leg,
+                 "state": "refused" if self.refused(e) else e.state.value,
                  "breaker": e.breaker.state.value, "active": e is self.active,
                  "last_error": e.last_error or None, "last_ack_ns": e.last_ack_ns or None}
                 for e in self.endpoints]

@@ -24,7 +24,9 @@ HEALTH_SERVICE = "bridge.v1.Ingest"
 
 
 # Call-level errors never drop data: the batch stays in the spool and is retried. Only
-# per-envelope REJECTED acknowledgements are permanent (see bridge.uplink.sender).
+# per-envelope REJECTED acknowledgements are permanent (see bridge.uplink.sender). An identity
+# refusal (PERMISSION_DENIED, UNAUTHENTICATED) is permanent for the endpoint, not the data: the
+# pool takes it out and retries it slowly (bridge.uplink.pool, "Refusals").
 _FLAGS = {
     grpc.StatusCode.UNAVAILABLE: "UF",
     grpc.StatusCode.DEADLINE_EXCEEDED: "UT",
@@ -47,6 +49,8 @@ def classify(err: grpc.aio.AioRpcError) -> TransportError:
                 except (TypeError, ValueError):
                     retry_after = None
         kind = ErrorKind.THROTTLED
+    elif code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        kind = ErrorKind.REFUSED
     else:
         kind = ErrorKind.RETRYABLE
     return TransportError(code=code.name, flag=_FLAGS.get(code, "UF"), kind=kind,

@@ -72,6 +72,10 @@ CASES: dict[str, tuple[Case, tuple[dict[str, str], str]]] = {
         ({f'bridge_uplink_throttled_total{{{AGENT},endpoint="aws"}}': "0+10x30"}, "25m",
          {"job": "agent", "instance": "gw1:9100", "endpoint": "aws", "severity": "warning"}),
         ({f'bridge_uplink_throttled_total{{{AGENT},endpoint="aws"}}': "0x30"}, "25m")),
+    "BridgeUplinkRefused": (
+        ({f'bridge_uplink_endpoint_refused{{{AGENT},endpoint="aws"}}': "1x10"}, "5m",
+         {"job": "agent", "instance": "gw1:9100", "endpoint": "aws", "severity": "critical"}),
+        ({f'bridge_uplink_endpoint_refused{{{AGENT},endpoint="aws"}}': "0x10"}, "5m")),
     "BridgeIngestCommitSlow": (
         ({f'bridge_ingest_commit_seconds_bucket{{{INGEST},le="0.1"}}': "0x30",
           f'bridge_ingest_commit_seconds_bucket{{{INGEST},le="1.0"}}': "0+10x30",
