@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bridge.certinfo import ROLE_SITE
 from bridge.codecs import Decoder, make_decoder
-from bridge.config import AgentConfig, SourceConfig
+from bridge.config import AgentConfig, SourceConfig, load_agent
 from bridge.errors import SpoolFull, SpoolReset
 from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.netbind import BindProxy, resolve_vlan
+from bridge.reload import Reloader
 from bridge.service import Notifier
 from bridge.sources import make_source
 from bridge.spool import AsyncSpool, Spool
@@ -109,6 +111,37 @@ class Agent:
                                policy=IntakePolicy.of(config.spool, s))
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
+        self._hup = asyncio.Event()
+        self.reloader: Reloader[AgentConfig] = Reloader(
+            component="agent", running=config, load=self._load_config,
+            appliers={"log.level": lambda c: logging.getLogger("bridge").setLevel(
+                          c.log_level.upper()),
+                      "tls.check_s": lambda c: setattr(self.credentials, "check_s",
+                                                       c.tls_check_s)},
+            refresh=self._refresh_credentials, counter=self.metrics.config_reloads)
+        for outcome in ("ok", "restart_needed", "failed"):
+            self.metrics.config_reloads.labels(outcome)
+
+    # -- SIGHUP ---------------------------------------------------------------------------
+
+    def _load_config(self) -> AgentConfig:
+        new = load_agent(self.config.file)
+        new.tls.verified(role=ROLE_SITE, name=new.site_id)
+        return new
+
+    async def _refresh_credentials(self) -> list[str]:
+        """Certificates are re-read at every reload, changed or not in the config."""
+        return ["tls (certificate files)"] if await self.credentials.check() else []
+
+    def request_reload(self) -> None:
+        """The SIGHUP handler: the reload runs on the loop (``_reload_on_signal``)."""
+        self._hup.set()
+
+    async def _reload_on_signal(self) -> None:
+        while True:
+            await self._hup.wait()
+            self._hup.clear()
+            await self.reloader.reload()
 
     def _transport(self, name: str, pem: Pem | None) -> GrpcTransport:
         e = next(e for e in self.config.uplink.endpoints if e.name == name)
@@ -245,6 +278,7 @@ class Agent:
                             for i in self.intakes]
             source_tasks = [tg.create_task(src.run(), name=f"source-{src.info.name}")
                             for src in self.sources]
+            reload_task = tg.create_task(self._reload_on_signal(), name="config-reload")
             notify_task = tg.create_task(
                 self.notifier.run(waiting_for=self._waiting_for, status=self._status_line),
                 name="service-notify")
@@ -269,6 +303,7 @@ class Agent:
             creds_task.cancel()
             bounds_task.cancel()
             notify_task.cancel()
+            reload_task.cancel()
         await self.pool.close()
         for proxy in self.proxies.values():
             await proxy.close()
@@ -289,6 +324,7 @@ async def run(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.request_reload)
     try:
         await agent.run(stop)
     finally:

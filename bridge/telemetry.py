@@ -140,6 +140,10 @@ class AgentMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = _component_registry("agent", registry)
+        self.config_reloads = Counter(
+            "bridge_config_reloads", "SIGHUP reloads by outcome: ok, restart_needed (a changed "
+            "key needs a restart, named in agent.reloaded), failed (the file was refused)",
+            ["outcome"], registry=r)
         self.site = Gauge("bridge_agent_site", "1, labelled with the site id this agent "
                           "ships for (join on instance to name a gateway's series)",
                           ["site_id"], registry=r)
@@ -248,6 +252,9 @@ class IngestMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = _component_registry("ingest", registry)
+        self.config_reloads = Counter(
+            "bridge_ingest_config_reloads", "SIGHUP reloads by outcome: ok, restart_needed, "
+            "failed", ["outcome"], registry=r)
         self.requests = Counter("bridge_ingest_requests", "gRPC calls answered, by method and "
                                 "status code (the autoscaler's per-pod request rate)",
                                 ["method", "code"], registry=r)

@@ -64,3 +64,9 @@ def test_the_units_are_notify_services_with_a_watchdog() -> None:
     agent = (UNITS / "bridge-agent.service").read_text()
     assert re.search(r"^CapabilityBoundingSet=$", agent, re.M)  # CAP_NET_RAW only by drop-in
     assert "CAP_NET_RAW" in (UNITS / "bridge-agent.service.d" / "netbind.conf").read_text()
+
+
+def test_systemctl_reload_sends_sighup_to_the_service() -> None:
+    for name in ("bridge-agent.service", "bridge-ingest.service"):
+        text = (UNITS / name).read_text()
+        assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, re.M), name

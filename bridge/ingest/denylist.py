@@ -79,12 +79,12 @@ class DenyList:
         self._failed: Stamp | None = None  # the file state last refused
         self._next_check = time.monotonic() + interval_s
 
-    def refresh(self) -> None:
-        """Re-read the file if it changed (at most every ``interval_s``); a bad state of the
-        file (a missing file included) is reported and counted once, and the previous entries
-        stay in force."""
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the file if it changed (at most every ``interval_s``, unless ``force``: a
+        SIGHUP); a bad state of the file (a missing file included) is reported and counted
+        once, and the previous entries stay in force."""
         now = time.monotonic()
-        if now < self._next_check:
+        if now < self._next_check and not force:
             return
         self._next_check = now + self.interval_s
         now_stamp = stamp(self.path)

@@ -27,17 +27,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
-from bridge.common import claim_address
-from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, parse_hostport
-from bridge.errors import ConfigError, InUseError
+from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, load_ingest
 from bridge.ingest.backend import Backend, SqliteBackend
 from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.limits import Limits
+from bridge.ingest.listen import bind, server_credentials
 from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
 from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
 from bridge.pki import PeerIdentity, identity_from_pem
+from bridge.reload import Reloader
 from bridge.service import Notifier
 from bridge.telemetry import CertExpiry, HttpEndpoint, IngestMetrics, event
 
@@ -57,59 +57,6 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_connection_age_ms", 3_600_000),
     ("grpc.max_connection_age_grace_ms", 30_000),
 ]
-
-
-def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
-    """mTLS with a required client certificate, reloaded when the files change on disk."""
-    ca, cert, key = tls.verified(role=None)
-    state = {"mtime": _mtimes(tls)}
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        m = _mtimes(tls)
-        if m == state["mtime"]:
-            return None
-        try:  # the checks of start-up: a key from another certificate is never switched to
-            ca2, cert2, key2 = tls.verified(role=None)
-        except ConfigError as exc:  # keep serving with the old certificate
-            state["mtime"] = m
-            event("ingest.tls_reload_failed", level=logging.ERROR, reason=str(exc),
-                  keeping="the certificate already in use")
-            return None
-        state["mtime"] = m
-        event("ingest.tls_reloaded")
-        return grpc.ssl_server_certificate_configuration([(key2, cert2)], ca2)
-
-    initial = grpc.ssl_server_certificate_configuration([(key, cert)], ca)
-    fetcher: Any = fetch  # grpcio accepts None ("unchanged"); the stubs do not say so
-    return grpc.dynamic_ssl_server_credentials(initial, fetcher,
-                                               require_client_authentication=True)
-
-
-def _mtimes(tls: TlsConfig) -> tuple[float, ...]:
-    out = []
-    for p in (tls.ca, tls.cert, tls.key):
-        try:
-            out.append(p.stat().st_mtime)
-        except OSError:
-            out.append(0.0)
-    return tuple(out)
-
-
-def _bind(server: grpc.aio.Server, listen: str, key: str,
-          creds: grpc.ServerCredentials | None) -> int:
-    """The port ``server`` listens on, exclusively; ``InUseError`` naming ``key`` if another
-    process holds it (checked first: grpcio's own failure is a bare ``RuntimeError``)."""
-    host, port = parse_hostport(listen, listen=True)
-    claim_address(host, port, key=key)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_secure_port(address, creds) if creds is not None else \
-            server.add_insecure_port(address)
-    except RuntimeError as exc:  # lost a race for the port since the check
-        raise InUseError(f"{key} {listen}: cannot bind ({exc})") from exc
-    if bound == 0:
-        raise InUseError(f"{key} {listen}: cannot bind")
-    return bound
 
 
 @dataclass(slots=True)
@@ -397,7 +344,7 @@ class IngestNode:
                                       interceptors=[Metered(metrics=self.metrics)])
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = _bind(self.server, listen, "listen", server_credentials(tls))
+        self.port = bind(self.server, listen, "listen", server_credentials(tls))
         # Kubelet gRPC probes speak plaintext and carry no client certificate: a second server
         # on its own port answers grpc.health.v1 only (the Ingest service is never plaintext).
         self.health_server: grpc.aio.Server | None = None
@@ -405,7 +352,7 @@ class IngestNode:
         if health_listen:
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = _bind(self.health_server, health_listen, "health.listen", None)
+            self.health_port = bind(self.health_server, health_listen, "health.listen", None)
 
     async def _store_health(self, ok: bool) -> None:
         """The Ingest service's health follows the store's connection: NOT_SERVING while it
@@ -446,6 +393,38 @@ class IngestNode:
         return idle
 
 
+def _reloader(config: IngestConfig, node: IngestNode) -> Reloader[IngestConfig]:
+    """SIGHUP: the log level applies at once, the deny-list is re-read; the node's own
+    certificate is re-read by grpcio at the next handshake after the files change (checked
+    here first); every other key needs a restart and is named."""
+
+    def load() -> IngestConfig:
+        new = load_ingest(config.file)
+        new.tls.verified(role=None)
+        return new
+
+    async def refresh() -> list[str]:
+        deny = node.service.deny_list
+        if deny is None:
+            return []
+        deny.refresh(force=True)
+        return ["revocation.deny_list (re-read)"]
+
+    for outcome in ("ok", "restart_needed", "failed"):
+        node.metrics.config_reloads.labels(outcome)
+    return Reloader(component="ingest", running=config, load=load,
+                    appliers={"log.level": lambda c: logging.getLogger("bridge").setLevel(
+                        c.log_level.upper())},
+                    refresh=refresh, counter=node.metrics.config_reloads)
+
+
+async def _reload_on(hup: asyncio.Event, reloader: Reloader[IngestConfig]) -> None:
+    while True:
+        await hup.wait()
+        hup.clear()
+        await reloader.reload()
+
+
 async def run(config: IngestConfig) -> None:
     node = IngestNode(node=config.node, listen=config.listen, tls=config.tls,
                       store_path=config.store_path, jetstream=config.jetstream,
@@ -465,8 +444,11 @@ async def run(config: IngestConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    hup = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     notifier = Notifier(component="ingest")
     async with asyncio.TaskGroup() as tg:
+        reload = tg.create_task(_reload_on(hup, _reloader(config, node)), name="config-reload")
         notify = tg.create_task(notifier.run(
             waiting_for=lambda: None,
             status=lambda: f"serving on port {node.port}; "
@@ -474,6 +456,7 @@ async def run(config: IngestConfig) -> None:
             name="service-notify")
         await stop.wait()
         notify.cancel()
+        reload.cancel()
     event("ingest.stopping", node=config.node)
     clean = await node.stop()
     if http:
