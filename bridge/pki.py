@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +253,7 @@ class PeerIdentity:
     role: str
     serial: int = 0
     fingerprint: str = ""  # SHA-256 of the DER, lower-case hex (what a deny-list names)
+    not_after: float = math.inf  # Unix time; a channel may outlive it (checked per call)
 
 
 def identity_from_pem(pem: bytes) -> PeerIdentity:
@@ -267,9 +269,9 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
         dns = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns = []
-    if dns and cn not in dns:
-        return PeerIdentity(name="", role=role, serial=serial, fingerprint=fingerprint)
-    return PeerIdentity(name=cn, role=role, serial=serial, fingerprint=fingerprint)
+    not_after = cert.not_valid_after_utc.timestamp()
+    return PeerIdentity(name="" if dns and cn not in dns else cn, role=role, serial=serial,
+                        fingerprint=fingerprint, not_after=not_after)
 
 
 def revoke(deny_list: Path, certs: list[Path], *, serials: list[str]) -> list[str]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import json
 import logging
 import ssl
@@ -65,7 +66,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bridge.config import JetStreamSettings
+from bridge.config import JetStreamSettings, site_id_problem
 from bridge.errors import StoreUnavailable
 from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
@@ -77,7 +78,13 @@ ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
 WRONG_LAST = (10071, 10164)
 
 
+@functools.lru_cache(maxsize=16384)
 def subject_token(site: str) -> str:
+    """The subject token of a valid site id: ``.`` written as ``_``. Injective by
+    construction: a valid id has no ``_`` (anything else is ``ValueError``, and the ingest
+    refuses such an identity before it gets here), so two ids never share a subject."""
+    if (problem := site_id_problem(site)) is not None:
+        raise ValueError(f"not a site id, no subject: {problem}")
     return site.replace(".", "_")
 
 
