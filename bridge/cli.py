@@ -21,6 +21,7 @@ from bridge import __version__
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import (
     DEFAULT_INGEST_PORT,
+    JetStreamSettings,
     TlsConfig,
     load_agent,
     load_consumer,
@@ -127,14 +128,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Path | None]:
+def _consumer_setup(args: argparse.Namespace
+                    ) -> tuple[list[str], TlsConfig | None, Path | None, JetStreamSettings]:
     targets: list[str] = []
     cursor = Path(args.cursor) if args.cursor else None
     tls = None
+    jetstream = JetStreamSettings(servers=())
     if args.config:
         cfg = load_consumer(Path(args.config))
         targets.extend(cfg.targets)
-        tls = cfg.tls
+        tls, jetstream = cfg.tls, cfg.jetstream
         cursor = cursor or cfg.cursor
     for t in args.sources or []:
         try:
@@ -153,17 +156,22 @@ def _consumer_setup(args: argparse.Namespace) -> tuple[list[str], TlsConfig, Pat
     if not targets:
         raise ConfigError("command line", "--from", "give at least one ingest HOST:PORT "
                           "(or 'from' in --config)")
-    if tls is None:
+    nodes = [t for t in targets if not t.startswith(("nats://", "tls://"))]
+    if tls is None and nodes:
+        # Only an ingest node asks for a consumer certificate; a nats:// source uses the
+        # credentials and TLS of [jetstream] in --config.
         raise ConfigError("command line", "--ca/--cert/--key",
-                          "a consumer certificate is required (flags or [tls] in --config)")
-    tls.verified(role=ROLE_CONSUMER)
-    return targets, tls, cursor
+                          f"reading {nodes[0]} needs a consumer certificate (flags or [tls] "
+                          "in --config)")
+    if tls is not None:
+        tls.verified(role=ROLE_CONSUMER)
+    return targets, tls, cursor, jetstream
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
     from bridge import consume
 
-    targets, tls, cursor_path = _consumer_setup(args)
+    targets, tls, cursor_path, jetstream = _consumer_setup(args)
     if args.status:
         doc = asyncio.run(consume.status(targets=targets, tls=tls))
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
@@ -185,11 +193,13 @@ def cmd_consume(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await consume.follow(targets=targets, tls=tls, merger=merger, emit=emit, stop=stop)
+            await consume.follow(targets=targets, tls=tls, merger=merger, emit=emit, stop=stop,
+                                 jetstream=jetstream)
 
         asyncio.run(go())
         return 0
-    errors = asyncio.run(consume.read_all(targets=targets, tls=tls, merger=merger))
+    errors = asyncio.run(consume.read_all(targets=targets, tls=tls, merger=merger,
+                                          jetstream=jetstream))
     emit(merger.drain())
     for target, err in errors.items():
         print(f"warning: {target}: {err} (its readings are not in this output)",

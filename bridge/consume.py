@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.common import Backoff, channel_options
-from bridge.config import TlsConfig, nats_servers
+from bridge.config import JetStreamSettings, TlsConfig, nats_servers
 from bridge.errors import CursorError, SourceUnavailable
 from bridge.telemetry import event
 
@@ -131,11 +131,13 @@ class JetStreamClient:
     """A JetStream-backed cloud read straight from its stream (``nats://HOST:PORT[,...]``):
     the same merge, no ingest node in between (subject layout in docs/consuming.md)."""
 
-    def __init__(self, *, target: str, stream: str = "BRIDGE",
-                 prefix: str = "bridge.r") -> None:
+    def __init__(self, *, target: str, settings: JetStreamSettings | None = None) -> None:
+        """``settings``: the stream's name and subject prefix, credentials and TLS (the
+        consumer config's ``[jetstream]``); its ``servers`` are ignored for ``target``'s."""
         self.target = target
         self.servers = nats_servers(target)
-        self.stream, self.prefix = stream, prefix
+        self.settings = settings or JetStreamSettings(servers=())
+        self.stream, self.prefix = self.settings.stream, self.settings.prefix
         self._nc: Any = None
 
     async def subscribe(self, cursors: dict[Key, int], *, follow: bool,
@@ -145,7 +147,8 @@ class JetStreamClient:
 
         try:
             self._nc = await nats.connect(servers=self.servers, connect_timeout=5,
-                                          max_reconnect_attempts=2)
+                                          max_reconnect_attempts=2,
+                                          **self.settings.connect_options())
             js = self._nc.jetstream()
             info = await js.stream_info(self.stream)
             if info.state.messages == 0 and not follow:
@@ -181,9 +184,16 @@ class JetStreamClient:
                 await self._nc.close()
 
 
-def client_for(target: str, tls: TlsConfig) -> NodeClient | JetStreamClient:
-    if target.startswith(("nats://", "tls://")):
-        return JetStreamClient(target=target)
+def is_jetstream(target: str) -> bool:
+    return target.startswith(("nats://", "tls://"))
+
+
+def client_for(target: str, tls: TlsConfig | None,
+               jetstream: JetStreamSettings | None = None) -> NodeClient | JetStreamClient:
+    if is_jetstream(target):
+        return JetStreamClient(target=target, settings=jetstream)
+    if tls is None:
+        raise ValueError(f"{target}: an ingest node is read with a consumer certificate")
     return NodeClient(target=target, tls=tls)
 
 
@@ -236,14 +246,15 @@ class Merger:
         return sum(len(h) for h in self.held.values())
 
 
-async def read_all(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
-                   timeout: float = 30.0) -> dict[str, str]:
+async def read_all(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merger,
+                   timeout: float = 30.0,
+                   jetstream: JetStreamSettings | None = None) -> dict[str, str]:
     """One pass over every node (no follow) into ``merger``; returns per-node errors."""
     cursors = dict(merger.cursors)
     errors: dict[str, str] = {}
 
     async def one(target: str) -> None:
-        client = client_for(target, tls)
+        client = client_for(target, tls, jetstream)
         try:
             async for c in client.subscribe(cursors, follow=False, timeout=timeout):
                 merger.add(c)
@@ -262,14 +273,15 @@ async def read_all(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
     return errors
 
 
-async def follow(*, targets: Iterable[str], tls: TlsConfig, merger: Merger,
-                 emit: Callable[[list[pb.Committed]], None], stop: asyncio.Event) -> None:
+async def follow(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merger,
+                 emit: Callable[[list[pb.Committed]], None], stop: asyncio.Event,
+                 jetstream: JetStreamSettings | None = None) -> None:
     """Keep reading every node until ``stop``; emit in order as readings become contiguous."""
     changed = asyncio.Event()
 
     async def one(target: str) -> None:
         backoff = Backoff(base_s=0.2, cap_s=10.0)
-        client = client_for(target, tls)
+        client = client_for(target, tls, jetstream)
         try:
             while not stop.is_set():
                 try:
@@ -343,13 +355,13 @@ def watermark_and_gaps(iv: Intervals) -> tuple[int, Intervals]:
     return wm, gaps
 
 
-async def status(*, targets: list[str], tls: TlsConfig,
+async def status(*, targets: list[str], tls: TlsConfig | None,
                  timeout: float = 5.0) -> dict[str, Any]:
     """Per (site, epoch): each cloud's watermark and gaps, and the merged view."""
     replies: dict[str, pb.StatusReply | str] = {}
 
     async def one(target: str) -> None:
-        if target.startswith(("nats://", "tls://")):
+        if is_jetstream(target) or tls is None:
             replies[target] = ("UNIMPLEMENTED: completeness of a JetStream-backed cloud is "
                                "asked of one of its ingest replicas (--from HOST:PORT)")
             return

@@ -296,6 +296,30 @@ _JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "replicas", "ack_timeo
                    "tls_ca", "tls_cert", "tls_key")
 
 
+def _nats_access(f: _File, s: schema.StoreFile | schema.ConsumerJetStreamFile,
+                 section: str) -> dict[str, Any]:
+    """Stream, subject prefix, credentials and TLS files of a JetStream access, checked:
+    names NATS accepts, files that exist, secrets that are private."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s.stream):
+        raise f.error(f"{section}.stream", f"{s.stream!r}: letters, digits, '_' and '-' only")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", s.subject_prefix):
+        raise f.error(f"{section}.subject_prefix",
+                      f"{s.subject_prefix!r} is not a NATS subject without wildcards")
+    files: dict[str, str | None] = {}
+    for key in ("creds", "tls_ca", "tls_cert", "tls_key"):
+        value = getattr(s, key)
+        p = f.path(value) if value is not None else None
+        if p is not None and not p.is_file():
+            raise f.error(f"{section}.{key}", f"{p}: no such file")
+        if p is not None and key in ("creds", "tls_key") and (problem := exposure(p)):
+            raise f.error(f"{section}.{key}",
+                          f"{'credentials' if key == 'creds' else 'private key'} {problem}")
+        files[key] = str(p) if p is not None else None
+    if (files["tls_cert"] is None) != (files["tls_key"] is None):
+        raise f.error(f"{section}.tls_key", "tls_cert and tls_key go together")
+    return {"stream": s.stream, "prefix": s.subject_prefix, **files}
+
+
 def _jetstream(f: _File, s: schema.StoreFile) -> JetStreamSettings:
     if not s.servers:
         raise f.error("store.servers", 'kind = "jetstream" needs the NATS servers, e.g. '
@@ -304,28 +328,9 @@ def _jetstream(f: _File, s: schema.StoreFile) -> JetStreamSettings:
         if not NATS_URL.fullmatch(url):
             raise f.error(f"store.servers[{i}]",
                           f"expected nats://HOST:PORT or tls://HOST:PORT, got {url!r}")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s.stream):
-        raise f.error("store.stream", f"{s.stream!r}: letters, digits, '_' and '-' only")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", s.subject_prefix):
-        raise f.error("store.subject_prefix",
-                      f"{s.subject_prefix!r} is not a NATS subject without wildcards")
-    files: dict[str, str | None] = {}
-    for key in ("creds", "tls_ca", "tls_cert", "tls_key"):
-        value = getattr(s, key)
-        p = f.path(value) if value is not None else None
-        if p is not None and not p.is_file():
-            raise f.error(f"store.{key}", f"{p}: no such file")
-        if p is not None and key in ("creds", "tls_key") and (problem := exposure(p)):
-            raise f.error(f"store.{key}", f"{'credentials' if key == 'creds' else 'private key'}"
-                          f" {problem}")
-        files[key] = str(p) if p is not None else None
-    if (files["tls_cert"] is None) != (files["tls_key"] is None):
-        raise f.error("store.tls_key", "tls_cert and tls_key go together")
-    return JetStreamSettings(servers=tuple(s.servers), stream=s.stream,
-                             prefix=s.subject_prefix, replicas=s.replicas,
-                             ack_timeout_s=s.ack_timeout_s, creds=files["creds"],
-                             tls_ca=files["tls_ca"], tls_cert=files["tls_cert"],
-                             tls_key=files["tls_key"])
+    access = _nats_access(f, s, "store")
+    return JetStreamSettings(servers=tuple(s.servers), replicas=s.replicas,
+                             ack_timeout_s=s.ack_timeout_s, **access)
 
 
 def load_ingest(path: Path) -> IngestConfig:
@@ -380,5 +385,8 @@ def load_consumer(path: Path) -> ConsumerConfig:
             parse_hostport(t, default_port=DEFAULT_INGEST_PORT)
         except ValueError as exc:
             raise f.error(f"from[{i}]", str(exc)) from exc
-    return ConsumerConfig(targets=tuple(c.from_), tls=_tls(f, c.tls),
-                          cursor=f.path(c.cursor) if c.cursor is not None else None)
+    return ConsumerConfig(targets=tuple(c.from_), tls=_tls(f, c.tls) if c.tls else None,
+                          cursor=f.path(c.cursor) if c.cursor is not None else None,
+                          jetstream=JetStreamSettings(servers=(),
+                                                      **_nats_access(f, c.jetstream,
+                                                                     "jetstream")))

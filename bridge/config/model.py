@@ -363,6 +363,15 @@ class JetStreamSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    def connect_options(self) -> dict[str, object]:
+        """``nats.connect`` keyword arguments for this access: credentials and TLS."""
+        tls = None
+        if self.tls_ca or self.tls_cert:
+            tls = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                tls.load_cert_chain(self.tls_cert, self.tls_key)
+        return {"tls": tls, "user_credentials": self.creds}
+
 
 @dataclass(frozen=True, kw_only=True)
 class IngestConfig:
@@ -386,5 +395,6 @@ class IngestConfig:
 @dataclass(frozen=True, kw_only=True)
 class ConsumerConfig:
     targets: tuple[str, ...]
-    tls: TlsConfig
+    tls: TlsConfig | None  # ingest nodes only; a nats:// source uses ``jetstream``
     cursor: Path | None
+    jetstream: JetStreamSettings = JetStreamSettings(servers=())

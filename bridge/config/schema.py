@@ -227,10 +227,22 @@ class IngestFile(_Table, kw_only=True):
     log: LogFile = msgspec.field(default_factory=LogFile)
 
 
+class ConsumerJetStreamFile(_Table, kw_only=True):
+    """How ``nats://`` sources in ``from`` are read (the stream's name, its subjects, access)."""
+
+    stream: Text = "BRIDGE"
+    subject_prefix: Text = "bridge.r"
+    creds: Text | None = None
+    tls_ca: Text | None = None
+    tls_cert: Text | None = None
+    tls_key: Text | None = None
+
+
 class ConsumerFile(_Table, kw_only=True):
     from_: Texts = msgspec.field(default_factory=list, name="from")
     cursor: Text | None = None
-    tls: TlsFile
+    tls: TlsFile | None = None  # needed for ingest nodes (HOST:PORT), not for nats:// sources
+    jetstream: ConsumerJetStreamFile = msgspec.field(default_factory=ConsumerJetStreamFile)
 
 
 F = TypeVar("F", bound=_Table)

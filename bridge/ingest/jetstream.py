@@ -53,7 +53,6 @@ import contextlib
 import functools
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -169,16 +168,11 @@ class JetStreamStore:
 
     async def start(self) -> None:
         s = self.settings
-        tls = None
-        if s.tls_ca or s.tls_cert:
-            tls = ssl.create_default_context(cafile=s.tls_ca)
-            if s.tls_cert:
-                tls.load_cert_chain(s.tls_cert, s.tls_key)
         try:
             # A few tries at start (a refused certificate or no server is a clear error at
             # once, and the service manager restarts us), then reconnect for ever.
-            self._nc = await nats.connect(servers=list(s.servers), tls=tls,
-                                          user_credentials=s.creds, max_reconnect_attempts=2,
+            self._nc = await nats.connect(servers=list(s.servers), **s.connect_options(),
+                                          max_reconnect_attempts=2,
                                           reconnect_time_wait=0.5, connect_timeout=5,
                                           error_cb=self._on_error,
                                           disconnected_cb=self._on_disconnect,

@@ -5,6 +5,7 @@ so "stored once" is checked in the log a cloud team reads, not only in our merge
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import nats
+import orjson
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -370,3 +372,67 @@ def test_a_foreign_message_on_a_subject_is_skipped_not_a_wedge(cluster: Cluster,
                                             merger=merger))
     assert [c.envelope.seq for c in merger.drain()] == [1, 2]
     assert '"jetstream.foreign_message"' in rep.proc.log.read_text()
+
+
+def _consumer_toml(path: Path, servers: list[str], jetstream: str) -> Path:
+    path.write_text(f'from = ["{",".join(servers)}"]\n[jetstream]\n{jetstream}')
+    return path
+
+
+def test_bridge_consume_reads_the_stream_its_config_names_without_a_consumer_certificate(
+        cluster: Cluster, js: JetStreamCluster, tmp_path: Path):
+    replicas(cluster, js, 1, extra="")  # the default stream must not be the one read
+    proc = localrun.ingest(cluster.workdir, cluster.pki, "gcp", jetstream=js.servers,
+                           name="gcp-1", store_extra='stream = "PLANT"\n'
+                           'subject_prefix = "plant.r"\n').start()
+    cluster.nodes["gcp-1"] = proc
+    localrun.wait_healthy(proc.target, cluster.pki.consumer())
+    agent = cluster.agent(nodes=["gcp-1"], names=["gcp"])
+    published = Publisher(cluster, count=300, rate=0).join()
+    wait_for(lambda: idle(agent, published), timeout=60, what="all delivered")
+    cfg = _consumer_toml(tmp_path / "consumer.toml", js.servers,
+                         'stream = "PLANT"\nsubject_prefix = "plant.r"\n')
+    res = subprocess.run(localrun.bridge_argv("consume", "--config", str(cfg)),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == published
+    # The same command line without the config: the default stream (BRIDGE) holds nothing
+    # of this cloud, and no consumer certificate is asked for.
+    res = subprocess.run(localrun.bridge_argv("consume", "--from", ",".join(js.servers)),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert "consumer certificate" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_bridge_consume_reaches_a_cluster_that_requires_tls_with_the_config_s_certificate(
+        cluster: Cluster, tmp_path: Path):
+    pki = cluster.pki
+    server = pki.server()
+    tls_js = JetStreamCluster(tmp_path / "js-tls", tls=(pki.ca, server.cert, server.key))
+    tls_js.start()
+    try:
+        client = pki.consumer()
+        servers = [u.replace("nats://", "tls://") for u in tls_js.servers]
+        access = (f'tls_ca = "{pki.ca}"\ntls_cert = "{client.cert}"\n'
+                  f'tls_key = "{client.key}"\n')
+        proc = localrun.ingest(cluster.workdir, pki, "aws", jetstream=servers,
+                               name="aws-tls", store_extra=access).start()
+        cluster.nodes["aws-tls"] = proc
+        localrun.wait_healthy(proc.target, pki.consumer())
+        ca, cert, key = pki.site("site-a").read()
+        stub = pb_grpc.IngestStub(grpc.secure_channel(
+            proc.target, grpc.ssl_channel_credentials(ca, key, cert)))
+        stub.PushBatch(pb.Batch(batch_id="t", envelopes=[
+            pb.Envelope(site_id="site-a", epoch=3, seq=s) for s in (1, 2, 3)]), timeout=20)
+        cfg = _consumer_toml(tmp_path / "consumer.toml", servers, access)
+        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(cfg)),
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        assert [orjson.loads(x)["seq"] for x in res.stdout.splitlines()] == [1, 2, 3]
+        # Without the client certificate the cluster refuses: a warning, exit 1.
+        bare = _consumer_toml(tmp_path / "bare.toml", servers, f'tls_ca = "{pki.ca}"\n')
+        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(bare)),
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 1 and "its readings are not in this output" in res.stderr
+    finally:
+        tls_js.stop()
