@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -30,18 +32,42 @@ def private_file(path: Path) -> None:
         os.close(fd)
 
 
-def exposure(path: Path) -> str | None:
-    """``None`` if only the owner may read ``path``; else what is wrong, for an error."""
+def exposure(path: Path, *, euid: int | None = None, egid: int | None = None) -> str | None:
+    """``None`` if no other account may read ``path``; else what is wrong, for an error.
+
+    Only the owner may have access, with one exception: group access when the group is this
+    process's own and no other account belongs to it (no supplementary member, no account
+    with it as primary group) and the process is not root. That is a Kubernetes pod's
+    ``fsGroup`` (kubelet makes a secret volume's files ``root:<fsGroup>`` and group-readable)
+    and a gateway's ``bridge`` group from sysusers: still no other account can read the key.
+    ``euid``/``egid`` stand for the process's ids in tests.
+    """
     if os.environ.get(INSECURE_ENV) == "1":
         return None
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        st = path.stat()
     except OSError:
         return None  # the caller's read reports a missing file with its own message
+    mode = stat.S_IMODE(st.st_mode)
+    uid = os.geteuid() if euid is None else euid
+    gid = os.getegid() if egid is None else egid
+    if mode & 0o077 and not (mode & 0o007) and _group_is_ours_alone(st.st_gid, uid, gid):
+        return None
     if mode & 0o077:
         return (f"{path} is readable or writable by group or others (mode {mode:04o}); run "
                 f"`chmod 600 {path}`, or set {INSECURE_ENV}=1 to accept it")
     return None
+
+
+def _group_is_ours_alone(group: int, uid: int, gid: int) -> bool:
+    if uid == 0 or group != gid:
+        return False
+    try:
+        if grp.getgrgid(group).gr_mem:
+            return False
+    except KeyError:
+        pass  # no entry (a container's numeric fsGroup): no named members
+    return not any(p.pw_gid == group and p.pw_uid != uid for p in pwd.getpwall())
 
 
 Stamp = tuple[int, int, int]

@@ -275,3 +275,32 @@ def test_a_logged_url_never_carries_its_password():
     record.fields = {"reason": "cannot connect to amqp://bridge:S3cret@10.0.0.1:5672/plant"}
     line = JsonFormatter().format(record)
     assert "S3cret" not in line and "amqp://bridge:***@10.0.0.1:5672/plant" in line
+
+
+def test_a_key_readable_only_by_the_process_own_group_is_accepted(tmp_path: Path):
+    """kubelet's fsGroup makes a secret root:<fsGroup> 0440: no other account can read it."""
+    import os
+
+    from bridge.files import exposure
+
+    gid = next(g for g in range(42420, 42520) if not _group_used(g))
+    key = tmp_path / "tls.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    os.chown(key, 0, gid)
+    key.chmod(0o440)
+    assert exposure(key, euid=10001, egid=gid) is None
+    assert exposure(key, euid=10001, egid=gid + 1) is not None  # someone else's group
+    assert exposure(key, euid=0, egid=gid) is not None  # root gets no such exception
+    key.chmod(0o444)
+    assert exposure(key, euid=10001, egid=gid) is not None  # others may read it
+
+
+def _group_used(gid: int) -> bool:
+    import grp
+    import pwd
+
+    try:
+        grp.getgrgid(gid)
+        return True
+    except KeyError:
+        return any(p.pw_gid == gid for p in pwd.getpwall())

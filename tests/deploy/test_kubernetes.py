@@ -297,3 +297,32 @@ def test_the_subset_renderer_agrees_with_kustomize(name: str) -> None:
     real = {key(o): o for o in kustomize.render_real(K8S / name)}
     lite = {key(o): o for o in kustomize.render_lite(K8S / name)}
     assert real == lite
+
+
+def test_the_ingest_can_read_its_key_without_switching_the_permission_check_off(
+        overlay: tuple[str, list[Obj]]) -> None:
+    """kubelet makes a secret volume's files root:<fsGroup>, mode defaultMode | 0440 (under
+    fsGroup): the process must read them through its uid or its groups, and our check must
+    accept that mode as it is, never with BRIDGE_ALLOW_INSECURE_PERMISSIONS."""
+    _, objs = overlay
+    for w in workloads(objs):
+        spec = w["spec"]["template"]["spec"]
+        sc = spec["securityContext"]
+        uid, gid, fs = sc.get("runAsUser"), sc.get("runAsGroup"), sc.get("fsGroup")
+        secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        for c in spec["containers"]:
+            assert all(e["name"] != "BRIDGE_ALLOW_INSECURE_PERMISSIONS"
+                       for e in c.get("env", [])), (w["metadata"]["name"], c["name"])
+            for m in c.get("volumeMounts", []):
+                secret = secrets.get(m["name"])
+                if secret is None:
+                    continue
+                mode = secret.get("defaultMode", 0o644)
+                owner_gid = 0
+                if fs is not None:
+                    mode, owner_gid = mode | 0o440, fs
+                readable = (uid == 0 and mode & 0o400) or \
+                    (owner_gid in {gid, fs} and mode & 0o040) or mode & 0o004
+                assert readable, (w["metadata"]["name"], m["name"], oct(mode))
+                assert not mode & 0o007, "others may read the key"
+                assert owner_gid == gid, "the key's group must be the process's own"
