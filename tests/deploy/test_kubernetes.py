@@ -326,3 +326,14 @@ def test_the_ingest_can_read_its_key_without_switching_the_permission_check_off(
                 assert readable, (w["metadata"]["name"], m["name"], oct(mode))
                 assert not mode & 0o007, "others may read the key"
                 assert owner_gid == gid, "the key's group must be the process's own"
+
+
+def test_the_nats_monitoring_port_is_open_to_the_monitoring_namespace_only(
+        overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    if name == "small":  # no NATS in the small overlay
+        return
+    pol = one(objs, "NetworkPolicy", "nats")
+    (rule,) = [r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == 8222]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
