@@ -26,7 +26,7 @@ OVERLAYS = [*CLOUDS, "small"]
 VERSIONS = ["1.28.0", "1.33.0"]
 CUSTOM = {"ServiceMonitor": "monitoring.coreos.com/v1",
           "PrometheusRule": "monitoring.coreos.com/v1",
-          "Certificate": "cert-manager.io/v1", "ClusterIssuer": "cert-manager.io/v1"}
+          "Certificate": "cert-manager.io/v1", "Issuer": "cert-manager.io/v1"}
 Obj = dict[str, Any]
 
 
@@ -121,6 +121,8 @@ def _ingest_config(objs: list[Obj], where: Path) -> Any:
         (where / name).write_text("")
         (where / name).chmod(0o600)
         text = text.replace(f"/etc/bridge/tls/{name}", str(where / name))
+    (where / "client-ca.crt").write_text("")
+    text = text.replace("/etc/bridge/client-ca/ca.crt", str(where / "client-ca.crt"))
     text = text.replace("/var/lib/bridge/", f"{where}/")
     revoked = one(objs, "ConfigMap", "bridge-ingest-revoked")["data"]["revoked.txt"]
     (where / "revoked.txt").write_text(revoked)
@@ -275,15 +277,35 @@ def test_every_cloud_overlay_changes_only_the_node_name_of_the_base_config() -> 
         assert got == {**want, "node": cloud}
 
 
-def test_the_cert_manager_example_is_a_ca_issuer_and_a_server_certificate() -> None:
+def test_the_cert_manager_example_can_mint_server_certificates_only_in_its_namespace(
+        ) -> None:
+    """No ClusterIssuer (any namespace could request OU=bridge-site with any CN), and the
+    issuer's CA is not the CA the ingest verifies clients against, so nothing it signs can
+    act as a site or a consumer."""
     docs = list(yaml.safe_load_all((K8S / "cert-manager" / "certificate.yaml").read_text()))
-    issuer = one(docs, "ClusterIssuer", "bridge-ca")
+    assert not [d for d in docs if d["kind"] == "ClusterIssuer"]
+    issuer = one(docs, "Issuer", "bridge-server-ca")
     cert = one(docs, "Certificate", "bridge-ingest-tls")
     for d in (issuer, cert):
         assert d["apiVersion"] == CUSTOM[d["kind"]]
-    assert issuer["spec"]["ca"]["secretName"]
-    assert cert["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "bridge-ca"}
-    assert "server auth" in cert["spec"]["usages"] and cert["spec"]["dnsNames"]
+        assert d["metadata"]["namespace"] == "bridge"
+    assert cert["spec"]["issuerRef"] == {"kind": "Issuer", "name": "bridge-server-ca"}
+    assert cert["spec"]["usages"] == ["server auth", "digital signature"]
+    assert cert["spec"]["dnsNames"]
+
+
+def test_the_ingest_verifies_clients_against_the_client_ca_not_the_secret_s_issuer(
+        overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
+    _, objs = overlay
+    cfg = _ingest_config(objs, tmp_path)
+    assert cfg.tls.ca == tmp_path / "client-ca.crt"  # /etc/bridge/client-ca/ca.crt
+    (pod,) = [w for w in workloads(objs) if w["metadata"]["name"] == "bridge-ingest"]
+    spec = pod["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["client-ca"] == "/etc/bridge/client-ca"
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "client-ca"]
+    assert vol == {"name": "client-ca", "configMap": {"name": "bridge-client-ca"}}
 
 
 @pytest.mark.skipif(kustomize.kubectl() is None,
