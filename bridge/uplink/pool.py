@@ -327,7 +327,8 @@ class EndpointPool:
 
     def snapshot(self) -> list[dict[str, object]]:
         return [{"name": e.name, "target": e.target, "leg": e.leg,
-                 "state": "refused" if self.refused(e) else e.state.value,
+                 # refused until an accepted call clears it (also while a retry is due)
+                 "state": "refused" if e.refusal else e.state.value,
                  "breaker": e.breaker.state.value, "active": e is self.active,
                  "last_error": e.last_error or None, "last_ack_ns": e.last_ack_ns or None}
                 for e in self.endpoints]
