@@ -6,11 +6,15 @@ gives `bridge_pb2.py`). Prints one JSON line per reading, oldest first, and exit
 read everything stored (or, with --follow, keeps going).
 
     python read_jetstream.py nats://nats-0:4222 [--subject 'bridge.r.substation-7.>'] [--follow]
+
+A cluster deployed from deploy/kubernetes requires TLS and a client certificate: give the
+reader user's (CN=nats-reader,OU=bridge-nats) with --ca, --cert and --key and tls:// servers.
 """
 
 import argparse
 import asyncio
 import json
+import ssl
 from typing import Any
 
 import bridge_pb2  # generated from the schema, see above
@@ -37,8 +41,16 @@ async def main() -> None:
     ap.add_argument("servers", nargs="+")
     ap.add_argument("--subject", default="bridge.r.>")
     ap.add_argument("--follow", action="store_true")
+    ap.add_argument("--ca", help="the cluster's CA (tls:// servers)")
+    ap.add_argument("--cert", help="a client certificate: the reader user's")
+    ap.add_argument("--key", help="its private key")
     args = ap.parse_args()
-    nc = await nats.connect(servers=args.servers)
+    tls = None
+    if args.ca or args.cert:
+        tls = ssl.create_default_context(cafile=args.ca)
+        if args.cert:
+            tls.load_cert_chain(args.cert, args.key)
+    nc = await nats.connect(servers=args.servers, tls=tls)
     js = nc.jetstream()
     sub = await js.subscribe(args.subject, ordered_consumer=True,
                              config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))

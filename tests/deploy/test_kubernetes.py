@@ -18,6 +18,7 @@ from bridge.config import load_ingest
 from bridge.dev.jscluster import nats_server
 from bridge.telemetry import IngestMetrics
 from tests.deploy import kustomize
+from tests.deploy.test_nats import make_pki
 from tools import gen_prometheusrule
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -90,7 +91,7 @@ def test_each_cloud_runs_stateless_ingest_replicas_in_front_of_a_3_node_jetstrea
         ns = nats["metadata"]["namespace"]
         assert svc["spec"]["clusterIP"] == "None"
         assert list(cfg.jetstream.servers) == [
-            f"nats://nats-{i}.{svc['metadata']['name']}.{ns}.svc:4222" for i in range(3)]
+            f"tls://nats-{i}.{svc['metadata']['name']}.{ns}.svc:4222" for i in range(3)]
         conf = one(objs, "ConfigMap", "nats")["data"]["nats.conf"]
         assert re.search(r"^\s*sync_interval: always$", conf, re.M), "durable JetStream"
         routes = re.findall(r"nats://(nats-\d)\.nats\.bridge\.svc:6222", conf)
@@ -102,8 +103,12 @@ def test_the_nats_config_is_accepted_by_nats_server(tmp_path: Path) -> None:
     exe = nats_server()  # the pinned 2.15 binary, the version the manifests run
     conf = one(kustomize.render(K8S / "overlays" / "aws"), "ConfigMap", "nats")["data"]
     path = tmp_path / "nats.conf"
-    path.write_text(conf["nats.conf"].replace("/data", str(tmp_path / "js"))
-                    .replace("/var/run/nats", str(tmp_path)))
+    make_pki(tmp_path / "pki")  # the Secret nats-tls, as files
+    text = conf["nats.conf"].replace("/data", str(tmp_path / "js")) \
+        .replace("/var/run/nats", str(tmp_path))
+    for name, file in (("tls.crt", "server.crt"), ("tls.key", "server.key"), ("ca.crt", "ca.crt")):
+        text = text.replace(f"/etc/nats-tls/{name}", str(tmp_path / "pki" / file))
+    path.write_text(text)
     r = subprocess.run([exe, "-t", "-c", str(path)], capture_output=True, text=True,
                        timeout=30, check=False, env={"POD_NAME": "nats-0", "PATH": "/usr/bin"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -123,6 +128,10 @@ def _ingest_config(objs: list[Obj], where: Path) -> Any:
         text = text.replace(f"/etc/bridge/tls/{name}", str(where / name))
     (where / "client-ca.crt").write_text("")
     text = text.replace("/etc/bridge/client-ca/ca.crt", str(where / "client-ca.crt"))
+    for name in ("ca.crt", "tls.crt", "tls.key"):  # the NATS client certificate
+        (where / f"nats-{name}").write_text("")
+        (where / f"nats-{name}").chmod(0o600)
+        text = text.replace(f"/etc/bridge/nats/{name}", str(where / f"nats-{name}"))
     text = text.replace("/var/lib/bridge/", f"{where}/")
     revoked = one(objs, "ConfigMap", "bridge-ingest-revoked")["data"]["revoked.txt"]
     (where / "revoked.txt").write_text(revoked)
