@@ -54,3 +54,10 @@ def test_the_image_installs_only_from_the_locks():
         "pip install --no-cache-dir --require-hashes -r requirements.lock",
         "pip install --no-cache-dir --no-deps --no-build-isolation .",
     ]
+
+
+def test_the_image_is_built_on_a_base_named_by_digest_only():
+    text = (ROOT / "deploy" / "container" / "Containerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert re.search(r"^ARG BASE_IMAGE$", text, re.M), "no default: the builder names it"
+    assert '*@sha256:*) ;;' in text and "exit 1" in text  # a tag alone stops the build
