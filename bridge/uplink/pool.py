@@ -18,8 +18,9 @@ Refusals: a call answered PERMISSION_DENIED or UNAUTHENTICATED (``ErrorKind.REFU
 site's certificate is revoked or not accepted there) takes the endpoint out of rotation for
 ``refused_retry_s`` (60 s), whatever its health checks say, which the ingest answers for any
 certificate it accepts at the TLS layer. Its batches go to the next endpoint; with none left
-they wait in the spool. One call per ``refused_retry_s`` tries again, so a refused site does
-not hammer the cloud; an accepted call clears the refusal. ``snapshot`` shows the state
+they wait in the spool. Once per ``refused_retry_s`` a single call (the probe; the other
+batches keep waiting) tries again, so a refused site does not hammer the cloud; an accepted
+call clears the refusal. ``snapshot`` shows the state
 ``refused`` with the server's reason; ``bridge_uplink_endpoint_refused`` is 1 meanwhile.
 
 Passive health: every call outcome feeds the endpoint's ``CircuitBreaker``; an OPEN breaker
@@ -69,6 +70,7 @@ class Endpoint:
         self.gray_failures = 0  # consecutive calls that timed out while health passed
         self.refusal = ""  # the server's reason while it refuses this identity
         self.refused_until = 0.0  # the pool's clock: out of rotation until then
+        self.refusal_probe = False  # the one call trying a refused endpoint again is out
         self.srtt: float | None = None  # smoothed health-check round trip (RFC 6298)
         self.rttvar = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=backoff_max_s)
@@ -195,6 +197,7 @@ class EndpointPool:
         if err is not None and err.kind is ErrorKind.THROTTLED:
             ep.breaker.release()  # busy, not broken: frees a half-open probe slot, counts nothing
             return
+        ep.refusal_probe = False  # whatever the probe's outcome, it is back
         if err is not None and err.kind is ErrorKind.REFUSED:
             ep.breaker.release()  # not the endpoint's fault: the identity's
             self._refuse(ep, err)
@@ -254,7 +257,8 @@ class EndpointPool:
         self._notify()
 
     def refused(self, ep: Endpoint) -> bool:
-        return ep.refused_until > self._clock()
+        """Out of rotation: refused within the retry period, or its one probe is out."""
+        return ep.refused_until > self._clock() or (bool(ep.refusal) and ep.refusal_probe)
 
     # -- choosing --------------------------------------------------------------------------
 
@@ -292,6 +296,8 @@ class EndpointPool:
             waiter = self._changed
             ep = self._choose()
             if ep is not None and ep.breaker.allow():
+                if ep.refusal:  # its retry period is over: this call is the one probe
+                    ep.refusal_probe = True
                 if self._none_healthy_since is not None:
                     event("uplink.upstream_restored", endpoint=ep.name,
                           waited_s=round(self._clock() - self._none_healthy_since, 3))

@@ -43,7 +43,14 @@ def test_a_revoked_site_shows_refused_backs_off_and_loses_nothing(cluster: Clust
              timeout=15, what="the slow retry")
     after = metric_value(agent.metrics(), 'bridge_uplink_refused_total{'
                          'code="PERMISSION_DENIED",endpoint="aws"}')
-    assert after - calls <= 4, (calls, after)  # max_in_flight = 4 calls per retry period
+    assert after - calls <= 4, (calls, after)  # the calls in flight when it was revoked
+    # From then on one probe per retry period, however many batches wait.
+    wait_for(lambda: metric_value(agent.metrics(), 'bridge_uplink_refused_total{'
+                                  'code="PERMISSION_DENIED",endpoint="aws"}') > after,
+             timeout=15, what="the next slow retry")
+    probe = metric_value(agent.metrics(), 'bridge_uplink_refused_total{'
+                         'code="PERMISSION_DENIED",endpoint="aws"}')
+    assert probe - after == 1, (after, probe)
     assert agent.status()["spool"]["readings"] == more  # nothing dropped meanwhile
     status = subprocess.run(bridge_argv("status", "--config", str(agent.config)),
                             capture_output=True, text=True, timeout=30, check=True).stdout
