@@ -42,7 +42,6 @@ from bridge.config.model import (
     nats_servers,
     parse_hostport,
     site_id_problem,
-    valid_site_id,
 )
 from bridge.errors import ConfigError
 
@@ -77,5 +76,4 @@ __all__ = [
     "nats_servers",
     "parse_hostport",
     "site_id_problem",
-    "valid_site_id",
 ]

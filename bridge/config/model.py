@@ -61,9 +61,6 @@ def site_id_problem(site_id: str) -> str | None:
     return None
 
 
-def valid_site_id(site_id: str) -> bool:
-    return site_id_problem(site_id) is None
-
 
 def parse_hostport(value: str, *, default_port: int | None = None,
                    listen: bool = False) -> tuple[str, int]:
