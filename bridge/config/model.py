@@ -61,7 +61,6 @@ def site_id_problem(site_id: str) -> str | None:
     return None
 
 
-
 def parse_hostport(value: str, *, default_port: int | None = None,
                    listen: bool = False) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message.

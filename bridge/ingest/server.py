@@ -76,7 +76,6 @@ class IngestService(pb_grpc.IngestServicer):
                  limiter: SiteLimiter | None = None, limits: Limits | None = None,
                  deny_list: DenyList | None = None) -> None:
         self.node = node
-        self.deny_list = deny_list
         self.limits = limits or Limits()
         self.limiter = limiter
         self.backend = backend
@@ -371,7 +370,7 @@ def _reloader(config: IngestConfig, node: IngestNode) -> Reloader[IngestConfig]:
         return new
 
     async def refresh() -> list[str]:
-        deny = node.service.deny_list
+        deny = node.service.authz.deny_list
         if deny is None:
             return []
         deny.refresh(force=True)
