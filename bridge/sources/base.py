@@ -70,9 +70,14 @@ class Inbox:
     def __init__(self, *, limit: int | None = None, max_wait_s: float = 10.0,
                  max_bytes: int | None = None) -> None:
         """``max_bytes``: payload bytes waiting, a second bound beside ``limit`` (a message
-        is always let in when nothing waits, however large)."""
+        is always let in when nothing waits, however large). One producer thread per inbox.
+
+        The bytes waiting are ``_bytes_in - _bytes_out``, each counter written by one side
+        only (``put``'s thread, ``take`` on the loop), so the per-message path takes no lock.
+        """
         self._pending: collections.deque[Message] = collections.deque()
-        self._bytes = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._max_bytes = max_bytes
         self._ready = asyncio.Event()
         self._wake_scheduled = False
@@ -92,16 +97,17 @@ class Inbox:
         if self._limit is not None and len(self._pending) >= self._limit:
             return True
         return self._max_bytes is not None and bool(self._pending) and \
-            self._bytes >= self._max_bytes
+            self._bytes_in - self._bytes_out >= self._max_bytes
 
     def put(self, message: Message) -> None:
-        if self._full():
-            with self._room:
+        pending, limit, cap = self._pending, self._limit, self._max_bytes
+        if (limit is not None and len(pending) >= limit) or (
+                cap is not None and pending and self._bytes_in - self._bytes_out >= cap):
+            with self._room:  # what _full() says, inline: this runs for every message
                 self._room.wait_for(lambda: self._closed or not self._full(),
                                     timeout=self._max_wait_s)
-        with self._room:  # the byte count is shared with take() on the event loop
-            self._bytes += len(message.payload)
-            self._pending.append(message)
+        self._bytes_in += len(message.payload)
+        self._pending.append(message)
         if not self._wake_scheduled and self._loop is not None:
             self._wake_scheduled = True
             self._loop.call_soon_threadsafe(self._ready.set)
@@ -118,12 +124,14 @@ class Inbox:
             self._ready.clear()
             out: list[Message] = []
             pending = self._pending
-            with self._room:
-                while pending and len(out) < max_messages:
-                    m = pending.popleft()
-                    self._bytes -= len(m.payload)
-                    out.append(m)
-                if out and (self._limit is not None or self._max_bytes is not None):
+            taken = 0
+            while pending and len(out) < max_messages:
+                m = pending.popleft()
+                taken += len(m.payload)
+                out.append(m)
+            self._bytes_out += taken
+            if out and (self._limit is not None or self._max_bytes is not None):
+                with self._room:
                     self._room.notify_all()
             if out:
                 if pending:

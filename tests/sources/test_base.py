@@ -45,3 +45,36 @@ async def test_a_put_waiting_too_long_appends_so_the_network_loop_can_answer_kee
     inbox.put(msg(0))
     await asyncio.to_thread(inbox.put, msg(1))  # returns after max_wait_s, not never
     assert len(inbox) == 2
+
+
+def big(i: int, size: int) -> Message:
+    return Message(topic="t", payload=b"x" * size, redelivered=False, generation=1, token=i,
+                   qos=1)
+
+
+async def test_the_network_thread_waits_while_the_inbox_holds_its_bytes_bound():
+    """Few but large messages (oversize ones on their way to the dead letters) stop the
+    network thread at ``max_bytes``, far below the message bound."""
+    inbox = Inbox(limit=1000, max_bytes=1000, max_wait_s=60)
+    inbox.bind(asyncio.get_running_loop())
+    for i in range(3):
+        inbox.put(big(i, 400))  # 1,200 bytes waiting: at the bound, with 3 of 1,000 messages
+    producer = threading.Thread(target=inbox.put, args=(big(3, 400),))
+    producer.start()
+    await asyncio.to_thread(producer.join, 0.5)
+    assert producer.is_alive(), "over the byte bound: the network thread waits"
+    taken = await inbox.take(2)  # 400 bytes left: room again
+    await asyncio.to_thread(producer.join, 10)
+    assert not producer.is_alive()
+    rest = await inbox.take(10)
+    assert [m.token for m in taken + rest] == [0, 1, 2, 3]
+
+
+async def test_one_message_larger_than_the_bytes_bound_is_let_in_when_nothing_waits():
+    inbox = Inbox(limit=1000, max_bytes=1000, max_wait_s=60)
+    inbox.bind(asyncio.get_running_loop())
+    producer = threading.Thread(target=inbox.put, args=(big(0, 5000),))
+    producer.start()
+    await asyncio.to_thread(producer.join, 10)
+    assert not producer.is_alive(), "an empty inbox takes any single message"
+    assert [m.token for m in await inbox.take(10)] == [0]
