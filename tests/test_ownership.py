@@ -93,20 +93,13 @@ def test_a_second_ingest_on_the_same_port_exits_2(cluster: Cluster, tmp_path: Pa
     assert first.proc.alive()
 
 
-def test_an_ingest_whose_health_port_is_taken_exits_2(tmp_path: Path, pkis: localrun.Pki,
-                                                       listener: int):
+@pytest.mark.parametrize("section", ["health", "metrics"])
+def test_an_ingest_whose_health_or_metrics_port_is_taken_exits_2(
+        tmp_path: Path, pkis: localrun.Pki, listener: int, section: str):
     node = localrun.ingest(tmp_path, pkis, "aws",
-                           extra=f'[health]\nlisten = "127.0.0.1:{listener}"\n')
+                           extra=f'[{section}]\nlisten = "127.0.0.1:{listener}"\n')
     line = one_error_line(run_bridge("ingest", "--config", str(node.config)))
-    assert f"health.listen 127.0.0.1:{listener}: address already in use" in line
-
-
-def test_an_ingest_whose_metrics_port_is_taken_exits_2(tmp_path: Path, pkis: localrun.Pki,
-                                                        listener: int):
-    node = localrun.ingest(tmp_path, pkis, "aws",
-                           extra=f'[metrics]\nlisten = "127.0.0.1:{listener}"\n')
-    line = one_error_line(run_bridge("ingest", "--config", str(node.config)))
-    assert f"metrics.listen 127.0.0.1:{listener}: address already in use" in line
+    assert f"{section}.listen 127.0.0.1:{listener}: address already in use" in line
 
 
 def test_an_agent_whose_metrics_port_is_taken_exits_2_without_a_traceback(

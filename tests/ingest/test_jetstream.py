@@ -285,7 +285,7 @@ async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all
         await reader.close()
 
 
-def test_the_store_reaches_a_cluster_that_requires_tls_and_a_client_certificate(
+def test_the_store_and_bridge_consume_reach_a_cluster_that_requires_a_client_certificate(
         cluster: Cluster, tmp_path: Path):
     pki = cluster.pki
     server = pki.server()  # the CA's certificate for 127.0.0.1 serves NATS too
@@ -306,12 +306,22 @@ def test_the_store_reaches_a_cluster_that_requires_tls_and_a_client_certificate(
         ack = stub.PushBatch(pb.Batch(batch_id="t", envelopes=[
             pb.Envelope(site_id="site-a", epoch=3, seq=s) for s in (1, 2, 3)]), timeout=20)
         assert [r.disposition for r in ack.results] == [pb.DISPOSITION_COMMITTED] * 3
+        # bridge consume reads it straight from the stream with its config's [jetstream].
+        cfg = _consumer_toml(tmp_path / "consumer.toml", servers, extra)
+        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(cfg)),
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        assert [orjson.loads(x)["seq"] for x in res.stdout.splitlines()] == [1, 2, 3]
         # Without a client certificate the cluster refuses the connection: the replica
-        # cannot start and says why in one line.
+        # cannot start and says why in one line; the consumer warns and exits 1.
         bad = localrun.ingest(cluster.workdir, pki, "aws", jetstream=servers, name="aws-nocert",
                               store_extra=f'tls_ca = "{pki.ca}"\n').start()
         assert bad.proc.wait(30) == 2
         assert "ingest cannot start: cannot connect to JetStream" in bad.proc.tail()
+        bare = _consumer_toml(tmp_path / "bare.toml", servers, f'tls_ca = "{pki.ca}"\n')
+        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(bare)),
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 1 and "its readings are not in this output" in res.stderr
     finally:
         tls_js.stop()
 
@@ -402,37 +412,3 @@ def test_bridge_consume_reads_the_stream_its_config_names_without_a_consumer_cer
                          capture_output=True, text=True, timeout=60, check=False)
     assert "consumer certificate" not in res.stderr
     assert res.stdout == ""
-
-
-def test_bridge_consume_reaches_a_cluster_that_requires_tls_with_the_config_s_certificate(
-        cluster: Cluster, tmp_path: Path):
-    pki = cluster.pki
-    server = pki.server()
-    tls_js = JetStreamCluster(tmp_path / "js-tls", tls=(pki.ca, server.cert, server.key))
-    tls_js.start()
-    try:
-        client = pki.consumer()
-        servers = [u.replace("nats://", "tls://") for u in tls_js.servers]
-        access = (f'tls_ca = "{pki.ca}"\ntls_cert = "{client.cert}"\n'
-                  f'tls_key = "{client.key}"\n')
-        proc = localrun.ingest(cluster.workdir, pki, "aws", jetstream=servers,
-                               name="aws-tls", store_extra=access).start()
-        cluster.nodes["aws-tls"] = proc
-        localrun.wait_healthy(proc.target, pki.consumer())
-        ca, cert, key = pki.site("site-a").read()
-        stub = pb_grpc.IngestStub(grpc.secure_channel(
-            proc.target, grpc.ssl_channel_credentials(ca, key, cert)))
-        stub.PushBatch(pb.Batch(batch_id="t", envelopes=[
-            pb.Envelope(site_id="site-a", epoch=3, seq=s) for s in (1, 2, 3)]), timeout=20)
-        cfg = _consumer_toml(tmp_path / "consumer.toml", servers, access)
-        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(cfg)),
-                             capture_output=True, text=True, timeout=60, check=False)
-        assert res.returncode == 0, res.stderr
-        assert [orjson.loads(x)["seq"] for x in res.stdout.splitlines()] == [1, 2, 3]
-        # Without the client certificate the cluster refuses: a warning, exit 1.
-        bare = _consumer_toml(tmp_path / "bare.toml", servers, f'tls_ca = "{pki.ca}"\n')
-        res = subprocess.run(localrun.bridge_argv("consume", "--config", str(bare)),
-                             capture_output=True, text=True, timeout=60, check=False)
-        assert res.returncode == 1 and "its readings are not in this output" in res.stderr
-    finally:
-        tls_js.stop()
