@@ -43,12 +43,17 @@ class Node:
                  tls: tuple[Path, Path, Path] | None = None) -> None:
         self.name = name
         self.tls = tls
-        self.port, self.route_port, self.http_port = free_port(), free_port(), free_port()
+        self.port = self.route_port = self.http_port = 0
+        self._log_from = 0  # where this start's lines begin in the (appended) log
+        self.new_ports()
         self.store = workdir / name
         self.conf = workdir / f"{name}.conf"
         self.cluster, self.sync = cluster, sync
         self.proc: Proc | None = None
         self.log = workdir / f"{name}.log"
+
+    def new_ports(self) -> None:
+        self.port, self.route_port, self.http_port = free_port(), free_port(), free_port()
 
     @property
     def url(self) -> str:
@@ -70,7 +75,31 @@ class Node:
             f"  routes: [{routes}]\n}}\n")
 
     def start(self, exe: str) -> None:
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
         self.proc = Proc(name=self.name, argv=[exe, "-c", str(self.conf)], log=self.log).start()
+
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        """Until the client port answers; at once if the process has exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_port(self.port, timeout=0.5)
+                return
+            except TimeoutError:
+                if self.proc is None or not self.proc.alive():
+                    raise RuntimeError(f"{self.name} exited at start-up:\n"
+                                       f"{self.proc.tail() if self.proc else ''}") from None
+                if time.monotonic() > deadline:
+                    raise
+
+    def port_clash(self) -> bool:
+        """This start's log says one of its ports was taken by another process."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._log_from)
+                return b"address already in use" in f.read()
+        except OSError:
+            return False
 
     def jsz(self) -> dict[str, object]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz",
@@ -95,14 +124,29 @@ class JetStreamCluster:
     def servers(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def start(self, timeout: float = 30.0) -> JetStreamCluster:
-        for n in self.nodes:
-            n.start(self.exe)
-        for n in self.nodes:
-            wait_port(n.port)
-        self.wait_leader(timeout)
-        self.check_sync()
-        return self
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> JetStreamCluster:
+        """Start every node and wait for a meta leader. A start that fails stops the nodes it
+        started (no process outlives it); one that failed because another process took a port
+        between ``free_port`` and nats-server's bind is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                for n in self.nodes:
+                    n.start(self.exe)
+                for n in self.nodes:
+                    n.wait_listening()
+                self.wait_leader(timeout)
+                self.check_sync()
+                return self
+            except BaseException:
+                clash = any(n.port_clash() for n in self.nodes)
+                self.stop()
+                if not clash or attempt == attempts:
+                    raise
+            for n in self.nodes:
+                n.new_ports()
+            for n in self.nodes:
+                n.write(self.nodes)
+        raise AssertionError("unreachable")
 
     def check_sync(self) -> None:
         """Every node runs with the ``sync_interval`` asked for (``/jsz`` says so): a figure

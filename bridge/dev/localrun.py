@@ -29,9 +29,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge import pki
 from bridge.config import TlsConfig
 
+_PORTS_GIVEN: set[int] = set()
+# Below Linux's ephemeral range (32768-60999 by default): the kernel never gives these to an
+# outgoing connection, so a port found free here is not taken by some client's socket before
+# the server that was handed it binds it (a port from ``bind(0)`` can be).
+_PORT_LOW, _PORT_HIGH = 20000, 32767
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback TCP port that binds now and that this process has not handed out before."""
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(_PORT_LOW, _PORT_HIGH)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # that range is crowded: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -412,3 +412,33 @@ def test_bridge_consume_reads_the_stream_its_config_names_without_a_consumer_cer
                          capture_output=True, text=True, timeout=60, check=False)
     assert "consumer certificate" not in res.stderr
     assert res.stdout == ""
+
+
+def test_a_cluster_whose_port_was_taken_starts_on_fresh_ports_and_leaks_no_process(
+        tmp_path: Path) -> None:
+    import socket
+    c = JetStreamCluster(tmp_path / "js")
+    taken = c.nodes[1].http_port
+    with socket.socket() as squatter:  # another process takes a port between pick and bind
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            c.start()
+            first = c.nodes[1]
+            assert first.http_port != taken
+            assert first.proc is not None and first.proc.alive()
+            assert "address already in use" in first.log.read_text()
+        finally:
+            c.stop()
+    assert all(n.proc is None or not n.proc.alive() for n in c.nodes)
+
+
+def test_a_cluster_that_cannot_start_stops_every_node_it_started(tmp_path: Path) -> None:
+    import socket
+    c = JetStreamCluster(tmp_path / "js")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", c.nodes[0].http_port))
+        squatter.listen()
+        with pytest.raises(RuntimeError, match="exited at start-up"):
+            c.start(attempts=1)
+    assert all(n.proc is not None and not n.proc.alive() for n in c.nodes)
