@@ -281,6 +281,20 @@ class IngestMetrics:
                                         registry=r)
         self.subscribers = Gauge("bridge_ingest_subscribers", "Open Subscribe streams",
                                  registry=r)
+        # JetStream replicas only (bridge.ingest.subjects).
+        self.checkpoints = Counter(
+            "bridge_ingest_checkpoints", "Subject checkpoints by outcome: written, too_large, "
+            "failed, loaded, missing, ignored, disabled", ["outcome"], registry=r)
+        self.catchup_messages = Counter(
+            "bridge_ingest_catchup_messages", "Stored messages a replica read to bring a "
+            "subject's ledger up to date (the tail after its checkpoint)", registry=r)
+        self.catchup_seconds = Histogram(
+            "bridge_ingest_catchup_seconds", "Time to read a subject's tail", registry=r)
+        self.subject_states = Gauge(
+            "bridge_ingest_subject_states", "Subject states a replica holds", registry=r)
+        self.subject_bytes = Gauge(
+            "bridge_ingest_subject_state_bytes", "Estimated bytes of the subject states held "
+            "(kept within store.cache_mb)", registry=r)
 
 
 class HttpEndpoint:

@@ -292,7 +292,8 @@ def load_agent(path: Path) -> AgentConfig:
     return config
 
 
-_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "replicas", "ack_timeout_s", "creds",
+_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "replicas", "ack_timeout_s", "cache_mb",
+                   "creds",
                    "tls_ca", "tls_cert", "tls_key")
 
 
@@ -330,7 +331,7 @@ def _jetstream(f: _File, s: schema.StoreFile) -> JetStreamSettings:
                           f"expected nats://HOST:PORT or tls://HOST:PORT, got {url!r}")
     access = _nats_access(f, s, "store")
     return JetStreamSettings(servers=tuple(s.servers), replicas=s.replicas,
-                             ack_timeout_s=s.ack_timeout_s, **access)
+                             ack_timeout_s=s.ack_timeout_s, cache_mb=s.cache_mb, **access)
 
 
 def load_ingest(path: Path) -> IngestConfig:
@@ -370,7 +371,8 @@ def load_ingest(path: Path) -> IngestConfig:
         metrics_listen=_listen(f, "metrics.listen", c.metrics.listen), log_level=c.log.level,
         max_batch_envelopes=c.limits.max_batch_envelopes,
         max_tombstone_span=c.limits.max_tombstone_span,
-        max_epochs_per_site=c.limits.max_epochs_per_site, jetstream=jetstream,
+        max_epochs_per_site=c.limits.max_epochs_per_site,
+        max_gaps_per_stream=c.limits.max_gaps_per_stream, jetstream=jetstream,
         deny_list=deny_list)
 
 

@@ -354,6 +354,7 @@ class JetStreamSettings:
     prefix: str = "bridge.r"
     replicas: int = 3
     ack_timeout_s: float = 5.0
+    cache_mb: float = 64.0          # subject states a replica holds (bridge.ingest.subjects)
     creds: str | None = None        # a NATS user credentials file (JWT + nkey seed)
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -383,6 +384,7 @@ class IngestConfig:
     max_batch_envelopes: int = 10_000
     max_tombstone_span: int = 2**40
     max_epochs_per_site: int = 256
+    max_gaps_per_stream: int = 10_000
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
     deny_list: Path | None = None  # revoked serials/fingerprints (bridge.ingest.denylist)

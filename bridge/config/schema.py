@@ -189,6 +189,7 @@ class StoreFile(_Table, kw_only=True):
     subject_prefix: Text = "bridge.r"
     replicas: Annotated[int, Meta(ge=1, le=5)] = 3
     ack_timeout_s: Annotated[float, Meta(ge=0.1)] = 5.0
+    cache_mb: Annotated[float, Meta(ge=1)] = 64.0
     creds: Text | None = None
     tls_ca: Text | None = None
     tls_cert: Text | None = None
@@ -199,6 +200,7 @@ class LimitsFile(_Table, kw_only=True):
     max_batch_envelopes: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     max_tombstone_span: Annotated[int, Meta(ge=1, le=2**63 - 1)] = 2**40
     max_epochs_per_site: Annotated[int, Meta(ge=1)] = 256
+    max_gaps_per_stream: Annotated[int, Meta(ge=1, le=20_000)] = 10_000
 
 
 class RateLimitFile(_Table, kw_only=True):

@@ -25,13 +25,21 @@ StreamState = tuple[Key, StreamLedger, list[tuple[int, int, str]]]
 
 class Backend(Protocol):
     max_epochs_per_site: int
-    ledger: Ledger
+    max_gaps_per_stream: int
     # A store bound to one thread offers its synchronous commit and that thread, so the
     # server validates, commits and answers in one hop there; None for an async store.
     inline_commit: Callable[[Sequence[Incoming]], list[str]] | None
     executor: Executor
 
     def committed_now(self) -> None: ...
+
+    def watermark(self, key: Key) -> int | None:
+        """The stream's contiguous watermark as this node knows it (for acks); None if it
+        holds no state for it now."""
+
+    def sites(self) -> dict[str, tuple[int, int]]:
+        """Per site: the watermark of its newest epoch and how many epochs this node knows
+        (read from the metrics scrape thread: a snapshot, never a live view)."""
 
     async def start(self) -> None: ...
 
@@ -51,7 +59,8 @@ class SqliteBackend:
     def __init__(self, *, store: Store) -> None:
         self.store = store
         self.max_epochs_per_site = store.max_epochs_per_site
-        self.ledger = store.ledger
+        self.max_gaps_per_stream = store.max_gaps_per_stream
+        self.ledger: Ledger = store.ledger
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
         self._committed = asyncio.Event()
@@ -62,6 +71,19 @@ class SqliteBackend:
         """Wake followers after an inline commit (called on the event loop)."""
         ev, self._committed = self._committed, asyncio.Event()
         ev.set()
+
+    def watermark(self, key: Key) -> int | None:
+        s = self.ledger.streams.get(key)
+        return s.watermark if s is not None else None
+
+    def sites(self) -> dict[str, tuple[int, int]]:
+        newest: dict[str, tuple[int, int]] = {}
+        count: dict[str, int] = {}
+        for (site, epoch), stream in list(self.ledger.streams.items()):
+            count[site] = count.get(site, 0) + 1
+            if site not in newest or epoch > newest[site][0]:
+                newest[site] = (epoch, stream.watermark)
+        return {site: (wm, count[site]) for site, (_, wm) in newest.items()}
 
     async def start(self) -> None:
         return None

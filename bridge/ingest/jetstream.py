@@ -20,10 +20,12 @@ Dedupe invariant (exact, windowless, any number of replicas)
 conditional on the subject's last stream sequence (``Nats-Expected-Last-Subject-Sequence``),
 so appends to one (site, epoch) are serialised across all replicas by JetStream itself:
 
-1. A replica keeps, per subject it has served, the ledger of the seqs stored there (the same
+1. A replica keeps, per subject it serves, the ledger of the seqs stored there (the same
    ``StreamLedger`` as the SQLite store: watermark plus intervals) and the subject's last
-   stream sequence that ledger reflects. The first time it meets a subject it reads the
-   subject's headers once (``headers_only``) to build both.
+   stream sequence that ledger reflects. When it meets a subject it reads the subject's
+   checkpoint and then only the headers (``headers_only``) of the messages after it; states
+   are held within a byte budget and reloaded the same way (``bridge.ingest.subjects``: the
+   checkpoint layout and invariant).
 2. It computes what of a batch is new against that ledger (tombstones overlapping known seqs
    are narrowed to their new sub-ranges, as in the SQLite store) and publishes only that, as one
    atomic batch (ADR-50; at most 1,000 messages each) whose first message expects the last
@@ -48,14 +50,14 @@ write exact.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -68,8 +70,16 @@ from nats.js.errors import NotFoundError
 from bridge.config import JetStreamSettings, site_id_problem
 from bridge.errors import StoreUnavailable
 from bridge.ingest.backend import StreamState
-from bridge.ingest.ledger import Key, Ledger, StreamLedger
+from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
+from bridge.ingest.subjects import (
+    Checkpoints,
+    SubjectCache,
+    SubjectState,
+    checkpoint_key,
+    flush,
+    run_checkpoints,
+)
 from bridge.telemetry import IngestMetrics, event
 
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
@@ -91,38 +101,6 @@ def site_of(token: str) -> str:
     return token.replace("_", ".")
 
 
-MARK_EVERY = 1000  # messages between two seek marks of a subject
-
-
-@dataclass
-class _Subject:
-    ledger: StreamLedger = field(default_factory=StreamLedger)
-    last: int = 0          # the subject's last stream sequence the ledger reflects
-    stale: bool = True     # must catch up from ``last`` before the next append
-    dropped: list[tuple[int, int, str]] = field(default_factory=list)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Seek index for Subscribe: (stream seq, highest reading seq of every earlier message of
-    # the subject), one mark per ~MARK_EVERY messages. A subject is in commit order, not seq
-    # order, but the running maximum is monotonic, so a cursor can start at the last mark
-    # whose maximum it already has: nothing it still needs lies before it.
-    marks: list[tuple[int, int]] = field(default_factory=list)
-    top: int = 0
-    since_mark: int = MARK_EVERY
-
-    def note(self, first_stream_seq: int, count: int, highest: int) -> None:
-        """``count`` messages from ``first_stream_seq`` on (or later) were added."""
-        if self.since_mark >= MARK_EVERY:
-            self.marks.append((first_stream_seq, self.top))
-            self.since_mark = 0
-        self.top = max(self.top, highest)
-        self.since_mark += count
-
-    def start_for(self, cursor: int) -> int:
-        """The stream sequence to read from for readings above ``cursor``."""
-        i = bisect.bisect_right([m for _, m in self.marks], cursor) - 1
-        return self.marks[i][0] if i >= 0 else 1
-
-
 @dataclass(frozen=True, slots=True)
 class _Out:
     """One message to append: the range ``first..last`` of item ``item`` of the batch."""
@@ -142,6 +120,7 @@ class JetStreamStore:
     """Commits batches to JetStream with the invariant above; one instance per replica."""
 
     def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256,
+                 max_gaps_per_stream: int = 10_000,
                  on_health: Callable[[bool], Awaitable[None]] | None = None,
                  metrics: IngestMetrics | None = None) -> None:
         """``on_health(False)`` when the connection to the cluster is lost, ``(True)`` when it
@@ -150,8 +129,13 @@ class JetStreamStore:
         self.on_health = on_health or _ignore
         self.metrics = metrics or IngestMetrics()
         self.max_epochs_per_site = max_epochs_per_site
-        self.ledger = Ledger()
-        self._subjects: dict[Key, _Subject] = {}
+        self.max_gaps_per_stream = max_gaps_per_stream
+        self._subjects = SubjectCache(budget=int(settings.cache_mb * 1024 * 1024))
+        self._epochs: dict[str, set[int]] = {}  # epochs of each site this replica has met
+        self._newest: dict[str, tuple[int, int]] = {}  # site: (newest epoch, its watermark)
+        self._checkpoints: Checkpoints | None = None
+        self._stream_id = ""  # the stream's creation time: checkpoints of another are ignored
+        self._tasks: list[asyncio.Task[None]] = []
         self._nc: NATS | None = None
         self._batches = 0
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
@@ -160,6 +144,14 @@ class JetStreamStore:
 
     def committed_now(self) -> None:
         return None
+
+    def watermark(self, key: Key) -> int | None:
+        st = self._subjects.peek(key)
+        return st.ledger.watermark if st is not None else None
+
+    def sites(self) -> dict[str, tuple[int, int]]:
+        return {site: (wm, len(self._epochs.get(site, ())))
+                for site, (_, wm) in list(self._newest.items())}
 
     def subject(self, key: Key) -> str:
         return f"{self.settings.prefix}.{subject_token(key[0])}.{key[1]:016x}"
@@ -182,13 +174,42 @@ class JetStreamStore:
                                    f"{type(exc).__name__}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
         await self._ensure_stream()
-        event("jetstream.connected", servers=list(s.servers), stream=s.stream)
+        await self._open_checkpoints()
+        event("jetstream.connected", servers=list(s.servers), stream=s.stream,
+              checkpoints=self._checkpoints.bucket if self._checkpoints else None)
+
+    async def _open_checkpoints(self) -> None:
+        """The checkpoint bucket and the task that writes it. Without it (an account that
+        may not use it) every replica still works exactly, reading whole subjects: said
+        once, as a warning and in ``bridge_ingest_checkpoints_total{outcome="disabled"}``."""
+        cp = Checkpoints(stream=self.settings.stream, stream_id=self._stream_id,
+                         replicas=self.settings.replicas)
+        try:
+            await cp.open(self._client().jetstream(timeout=self.settings.ack_timeout_s))
+        except (NatsError, TimeoutError) as exc:
+            self.metrics.checkpoints.labels("disabled").inc()
+            event("jetstream.checkpoints_disabled", level=logging.WARNING, bucket=cp.bucket,
+                  reason=f"{type(exc).__name__}: {exc}"[:200])
+            return
+        self._checkpoints = cp
+        self._tasks.append(asyncio.create_task(run_checkpoints(
+            cache=self._subjects, checkpoints=cp, name=self._checkpoint_name,
+            on_outcome=self._checkpoint_outcome, wake=asyncio.Event()),
+            name="jetstream-checkpoints"))
+
+    def _checkpoint_name(self, key: Key) -> str:
+        return checkpoint_key(key, subject_token(key[0]))
+
+    def _checkpoint_outcome(self, outcome: str) -> None:
+        self.metrics.checkpoints.labels(outcome).inc()
+        self.metrics.subject_states.set(len(self._subjects))
+        self.metrics.subject_bytes.set(self._subjects.size())
 
     async def _on_error(self, exc: Exception) -> None:
         event("jetstream.error", level=logging.WARNING, reason=str(exc)[:200])
 
     async def _on_disconnect(self) -> None:
-        for sub in self._subjects.values():
+        for _, sub in self._subjects.items():
             sub.stale = True  # outcomes in flight are unknown now
         event("jetstream.disconnected", level=logging.WARNING)
         await self.on_health(False)
@@ -221,6 +242,7 @@ class JetStreamStore:
                                        {**cfg, "allow_atomic": True})
             if "error" in info:
                 raise StoreUnavailable(f"stream {s.stream}: {info['error']}")
+            self._stream_id = str(info.get("created", ""))
             return
         created = await self._api(f"$JS.API.STREAM.CREATE.{s.stream}", {
             "name": s.stream, "subjects": [f"{s.prefix}.>"], "num_replicas": s.replicas,
@@ -228,11 +250,23 @@ class JetStreamStore:
             "allow_atomic": True, "duplicate_window": 120_000_000_000})
         if "error" in created:
             raise StoreUnavailable(f"cannot create stream {s.stream}: {created['error']}")
+        self._stream_id = str(created.get("created", ""))
         event("jetstream.stream_created", stream=s.stream, replicas=s.replicas,
               subjects=f"{s.prefix}.>")
 
     async def close(self, timeout: float = 5.0) -> bool:
+        """Stop; every changed subject's checkpoint is written first (a rolling restart then
+        costs the next replica no tail at all)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._checkpoints is not None and self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flush(
+                    cache=self._subjects, checkpoints=self._checkpoints,
+                    name=self._checkpoint_name, on_outcome=self._checkpoint_outcome,
+                    everything=True), timeout)
         if self._nc is not None:
             with contextlib.suppress(NatsError, TimeoutError):
                 await asyncio.wait_for(self._nc.drain(), timeout)
@@ -240,8 +274,9 @@ class JetStreamStore:
 
     # -- reading a subject -----------------------------------------------------------------
 
-    async def _catch_up(self, key: Key, sub: _Subject, upto: int | None = None) -> None:
-        """Fold the subject's messages after ``sub.last`` into its ledger (headers only)."""
+    async def _catch_up(self, key: Key, sub: SubjectState, upto: int | None = None) -> None:
+        """Fold the subject's messages after ``sub.last`` into its ledger (headers only),
+        starting from its checkpoint the first time (``bridge.ingest.subjects``, rule 1)."""
         nc = self._client()
         js = nc.jetstream(timeout=self.settings.ack_timeout_s)
         subject = self.subject(key)
@@ -252,7 +287,11 @@ class JetStreamStore:
                     upto = int(last.seq or 0)
                 except NotFoundError:
                     upto = 0
+            if not sub.loaded:
+                await self._load_checkpoint(key, sub, upto)
             if upto > sub.last:
+                t0 = time.monotonic()
+                read = 0
                 psub = await js.subscribe(
                     subject, ordered_consumer=True, headers_only=True,
                     config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -261,14 +300,33 @@ class JetStreamStore:
                     while sub.last < upto:
                         msg = await psub.next_msg(timeout=self.settings.ack_timeout_s)
                         self._fold(key, sub, msg)
+                        read += 1
                 finally:
                     with contextlib.suppress(NatsError, TimeoutError):
                         await psub.unsubscribe()
+                self.metrics.catchup_messages.inc(read)
+                self.metrics.catchup_seconds.observe(time.monotonic() - t0)
         except (NatsError, TimeoutError) as exc:
             raise StoreUnavailable(f"reading {subject}: {type(exc).__name__}: {exc}") from exc
         sub.stale = False
 
-    def _fold(self, key: Key, sub: _Subject, msg: Msg) -> None:
+    async def _load_checkpoint(self, key: Key, sub: SubjectState, upto: int) -> None:
+        sub.loaded = True
+        if self._checkpoints is None or sub.last:
+            return
+        found = await self._checkpoints.load(checkpoint_key(key, subject_token(key[0])))
+        if found is None:
+            self.metrics.checkpoints.labels("missing").inc()
+            return
+        if found.last > upto:  # the subject is shorter than its checkpoint says: not ours
+            self.metrics.checkpoints.labels("ignored").inc()
+            event("jetstream.checkpoint_ignored", level=logging.WARNING,
+                  subject=self.subject(key), checkpoint_last=found.last, subject_last=upto)
+            return
+        sub.adopt(found)
+        self.metrics.checkpoints.labels("loaded").inc()
+
+    def _fold(self, key: Key, sub: SubjectState, msg: Msg) -> None:
         h = msg.headers or {}
         stream_seq = int(msg.metadata.sequence.stream)
         try:
@@ -286,15 +344,9 @@ class JetStreamStore:
             return
         sub.ledger.add_range(seq, last)
         if "Bridge-Last-Seq" in h:
-            sub.dropped.append((seq, last, h.get("Bridge-Reason", "")))
+            sub.drop(seq, last, h.get("Bridge-Reason", ""))
         sub.note(stream_seq, 1, last)
         sub.last = max(sub.last, stream_seq)
-
-    async def _get(self, key: Key) -> _Subject:
-        sub = self._subjects.get(key)
-        if sub is None:
-            sub = self._subjects[key] = _Subject()
-        return sub
 
     # -- committing --------------------------------------------------------------------------
 
@@ -305,30 +357,39 @@ class JetStreamStore:
         for i, item in enumerate(batch):
             groups.setdefault((item.site_id, item.epoch), []).append(i)
         for key, idx in groups.items():
-            if key not in self._subjects and key not in self.ledger.streams and \
-                    self.ledger.epochs(key[0]) >= self.max_epochs_per_site:
+            epochs = self._epochs.setdefault(key[0], set())
+            if key[1] not in epochs and len(epochs) >= self.max_epochs_per_site:
                 for i in idx:
                     out[i] = "too_many_epochs"
                 continue
-            sub = await self._get(key)
-            async with sub.lock:
+            epochs.add(key[1])
+            async with self._subjects.hold(key) as sub:
                 for i, outcome in zip(idx, await self._commit_key(key, sub,
                                                                   [batch[i] for i in idx]),
                                       strict=True):
                     out[i] = outcome
+                if key[1] >= self._newest.get(key[0], (0, 0))[0]:
+                    self._newest[key[0]] = (key[1], sub.ledger.watermark)
         return out
 
-    async def _commit_key(self, key: Key, sub: _Subject, items: list[Incoming]) -> list[str]:
+    async def _commit_key(self, key: Key, sub: SubjectState, items: list[Incoming]
+                          ) -> list[str]:
         ours = [False] * len(items)  # some range of the item was stored by this call
+        refused = [False] * len(items)
         for _attempt in range(10):
+            refused = [False] * len(items)
             if sub.stale:
                 await self._catch_up(key, sub)
-            trial = sub.ledger.copy()
+            # What this batch adds, beside the ledger (never a copy of it per batch).
+            plan = Overlay(sub.ledger, max_gaps=self.max_gaps_per_stream)
             msgs: list[_Out] = []
             for i, item in enumerate(items):
                 last = item.seq if item.last_seq is None else item.last_seq
-                for a, b in trial.missing(item.seq, last):
-                    trial.add_range(a, b)
+                new = plan.take(item.seq, last)
+                if new is None:
+                    refused[i] = True
+                    continue
+                for a, b in new:
                     blob = item.envelope if (a, b) == (item.seq, last) else \
                         narrow(item.envelope, a, b)
                     msgs.append(_Out(i, a, b, blob, self._headers(
@@ -345,8 +406,8 @@ class JetStreamStore:
         else:
             raise StoreUnavailable(f"{self.subject(key)}: still racing other replicas after "
                                    "10 tries")
-        self.ledger.put(key, sub.ledger)
-        return [COMMITTED if mine else DUPLICATE for mine in ours]
+        return [TOO_MANY_GAPS if no and not mine else COMMITTED if mine else DUPLICATE
+                for mine, no in zip(ours, refused, strict=True)]
 
     def _headers(self, key: Key, seq: int, last: int | None, reason: str) -> dict[str, str]:
         h = {"Bridge-Site": key[0], "Bridge-Epoch": f"{key[1]:016x}", "Bridge-Seq": str(seq)}
@@ -355,7 +416,7 @@ class JetStreamStore:
             h["Bridge-Reason"] = reason
         return h
 
-    async def _append(self, key: Key, sub: _Subject, msgs: list[_Out],
+    async def _append(self, key: Key, sub: SubjectState, msgs: list[_Out],
                       ours: list[bool]) -> int | None:
         """Append ``msgs`` in atomic batches, each expecting the subject's last sequence as
         this replica knows it; every stored batch is folded into the ledger at once. None when
@@ -396,7 +457,7 @@ class JetStreamStore:
                 sub.ledger.add_range(out.first, out.last)
                 ours[out.item] = True
                 if "Bridge-Last-Seq" in out.headers:
-                    sub.dropped.append((out.first, out.last, out.headers["Bridge-Reason"]))
+                    sub.drop(out.first, out.last, out.headers["Bridge-Reason"])
             # Every message of the batch lies after the subject's previous last: a safe mark.
             sub.note(sub.last + 1, len(chunk), max(out.last for out in chunk))
             sub.last = int(ack["seq"])
@@ -423,22 +484,22 @@ class JetStreamStore:
                 return sorted(set(found))
 
     async def status(self) -> list[StreamState]:
+        """Every subject's ledger, each brought up to date (states past the cache's budget
+        are loaded from their checkpoints and may be evicted again afterwards)."""
         out = []
         for key in await self.keys():
-            sub = await self._get(key)
-            async with sub.lock:
+            async with self._subjects.hold(key) as sub:
                 await self._catch_up(key, sub)
-                self.ledger.put(key, sub.ledger)
                 out.append((key, sub.ledger.copy(), list(sub.dropped)))
         return out
 
     async def read(self, *, follow: bool, cursors: dict[Key, int] | None = None
                    ) -> AsyncIterator[tuple[bytes, int]]:
         """What is stored, subject by subject from each cursor's seek mark (the cost grows
-        with what is read; a replica builds a subject's marks once, from its headers, the
-        first time it serves it); then, with ``follow``, every later commit in stream order.
-        The caller still filters by cursor: a mark is where reading may start, not where the
-        cursor's readings begin."""
+        with what is read; a subject's marks come with its checkpoint, or are built from its
+        headers the first time a replica serves it); then, with ``follow``, every later
+        commit in stream order. The caller still filters by cursor: a mark is where reading
+        may start, not where the cursor's readings begin."""
         cursors = cursors or {}
         info = await self._api(f"$JS.API.STREAM.INFO.{self.settings.stream}", {})
         if "error" in info:
@@ -446,12 +507,10 @@ class JetStreamStore:
         upto = int((info.get("state") or {}).get("last_seq") or 0)
         js = self._client().jetstream(timeout=self.settings.ack_timeout_s)
         for key in await self.keys():
-            sub = await self._get(key)
-            async with sub.lock:
+            async with self._subjects.hold(key) as sub:
                 await self._catch_up(key, sub)
-                self.ledger.put(key, sub.ledger)
-            start = sub.start_for(cursors.get(key, 0))
-            end = min(sub.last, upto)
+                start = sub.start_for(cursors.get(key, 0))
+                end = min(sub.last, upto)
             if start > end:
                 continue
             async for msg in self._messages(js, self.subject(key), start, end):

@@ -9,7 +9,9 @@ tombstone of 2^62 seqs is one interval. No time window: a reading resent after a
 outage is still recognised. Pure logic; the store persists the changes it reports.
 
 Invariant: ``committed`` is the number of distinct known seqs; no interval in ``above`` starts
-at or below ``watermark + 1`` (it would have been folded into the watermark).
+at or below ``watermark + 1`` (it would have been folded into the watermark). A store keeps at
+most ``limits.max_gaps_per_stream`` intervals per stream (``Overlay``): seqs that would open
+more are refused by name (``too_many_gaps``), so no order of arrival grows a ledger unbounded.
 """
 
 from __future__ import annotations
@@ -123,3 +125,60 @@ class Ledger:
     def epochs(self, site: str) -> int:
         """How many epochs of ``site`` the ledger knows."""
         return self._epochs.get(site, 0)
+
+
+TOO_MANY_GAPS = "too_many_gaps"
+
+
+class Overlay:
+    """What one batch adds to a ledger, decided beside it: the ledger is neither copied nor
+    changed until the store has made the batch durable (then ``apply``). A batch whose seqs
+    would leave more than ``max_gaps`` intervals above the watermark has the offending items
+    refused (``TOO_MANY_GAPS``): the ledger's size, and with it every per-batch cost and a
+    JetStream checkpoint, stays bounded per stream whatever order seqs arrive in."""
+
+    def __init__(self, base: StreamLedger, *, max_gaps: int) -> None:
+        self.base = base
+        self.adding = StreamLedger(watermark=-1)
+        self.gaps = len(base.above)
+        self.max_gaps = max_gaps
+
+    def _known(self, seq: int) -> int:
+        return int(seq <= 0 or self.base.has(seq) or self.adding.has(seq))
+
+    def take(self, first: int, last: int) -> list[Span] | None:
+        """The sub-ranges of ``first..last`` that are new, now recorded as being added;
+        None (and nothing recorded) if they would open gaps past the cap."""
+        new = [(c, d) for a, b in self.base.missing(first, last)
+               for c, d in self.adding.missing(a, b)]
+        if not new:
+            return new
+        # A new range opens an interval unless it touches a known seq on either side.
+        grow = sum(1 - self._known(a - 1) - self._known(b + 1) for a, b in new)
+        if self.gaps + grow > self.max_gaps and grow > 0:
+            return None
+        self.gaps += grow
+        for a, b in new:
+            self.adding.add_range(a, b)
+        return new
+
+    def after(self) -> tuple[int, int]:
+        """The base's watermark and count once the batch is applied, without applying it
+        (what a store persists in the transaction that stores the batch)."""
+        wm = self.base.watermark
+        while True:
+            ext = max((_reach(spans, wm) for spans in (self.base.above, self.adding.above)),
+                      default=wm)
+            if ext <= wm:
+                return wm, self.base.committed + self.adding.committed
+            wm = ext
+
+    def apply(self) -> None:
+        for a, b in self.adding.above:
+            self.base.add_range(a, b)
+
+
+def _reach(spans: list[Span], wm: int) -> int:
+    """How far the interval of ``spans`` that touches ``wm + 1`` reaches (``wm`` if none)."""
+    i = bisect.bisect_right(spans, (wm + 1, 1 << 64)) - 1
+    return max(wm, spans[i][1]) if i >= 0 and spans[i][1] >= wm else wm

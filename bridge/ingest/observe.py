@@ -107,15 +107,9 @@ class SiteProgress(Collector):
                                  labels=["site"])
         epochs = GaugeMetricFamily("bridge_ingest_site_epochs", "Epochs of the site this node's "
                                    "ledger holds", labels=["site"])
-        newest: dict[str, tuple[int, int]] = {}
-        count: dict[str, int] = {}
-        for (site, epoch), stream in list(self._backend.ledger.streams.items()):
-            count[site] = count.get(site, 0) + 1
-            if site not in newest or epoch > newest[site][0]:
-                newest[site] = (epoch, stream.watermark)
-        for site, (_, watermark) in sorted(newest.items()):
+        for site, (watermark, count) in sorted(self._backend.sites().items()):
             mark.add_metric([site], float(watermark))
-            epochs.add_metric([site], float(count[site]))
+            epochs.add_metric([site], float(count))
         last = GaugeMetricFamily("bridge_ingest_site_last_commit_timestamp_seconds", "Unix time "
                                  "of the last batch that committed new readings of the site on "
                                  "this node", labels=["site"])

@@ -32,6 +32,7 @@ from bridge.ingest.authz import Authorizer
 from bridge.ingest.backend import Backend, SqliteBackend
 from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
+from bridge.ingest.ledger import TOO_MANY_GAPS
 from bridge.ingest.limits import Limits
 from bridge.ingest.listen import bind, server_credentials
 from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
@@ -215,16 +216,22 @@ class IngestService(pb_grpc.IngestServicer):
                 duplicates += 1
             else:
                 r.disposition = pb.DISPOSITION_REJECTED
-                r.reason = (f"{outcome}: this site already has "
-                            f"{self.backend.max_epochs_per_site} epochs (max_epochs_per_site)")
+                r.reason = self._why(outcome)
                 self.metrics.rejected.labels(outcome).inc()
                 n_rejected += 1
-        streams = self.backend.ledger.streams
         for key in sorted({(i.site_id, i.epoch) for i in p.incoming}):
-            if key in streams:
-                p.ack.watermarks.add(site_id=key[0], epoch=key[1],
-                                     committed_through=streams[key].watermark)
+            if (wm := self.backend.watermark(key)) is not None:
+                p.ack.watermarks.add(site_id=key[0], epoch=key[1], committed_through=wm)
         return p.ack, committed, duplicates, n_rejected
+
+    def _why(self, outcome: str) -> str:
+        """The reason an agent's dead letter carries for a store's refusal."""
+        if outcome == TOO_MANY_GAPS:
+            return (f"{outcome}: this (site, epoch) already has "
+                    f"{self.backend.max_gaps_per_stream} gaps between its seqs "
+                    "(limits.max_gaps_per_stream)")
+        return (f"{outcome}: this site already has {self.backend.max_epochs_per_site} "
+                "epochs (max_epochs_per_site)")
 
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
@@ -281,20 +288,22 @@ class IngestNode:
                  jetstream: JetStreamSettings | None = None,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None, limits: Limits | None = None,
-                 max_epochs_per_site: int = 256, health_listen: str | None = None,
-                 deny_list: Path | None = None) -> None:
+                 max_epochs_per_site: int = 256, max_gaps_per_stream: int = 10_000,
+                 health_listen: str | None = None, deny_list: Path | None = None) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()
         self.backend: Backend
         if jetstream is not None:
             self.backend = JetStreamStore(settings=jetstream,
                                           max_epochs_per_site=max_epochs_per_site,
+                                          max_gaps_per_stream=max_gaps_per_stream,
                                           on_health=self._store_health,
                                           metrics=self.metrics)
         else:
             assert store_path is not None, "a SQLite store needs its path"
-            self.backend = SqliteBackend(store=Store(path=store_path,
-                                                     max_epochs_per_site=max_epochs_per_site))
+            self.backend = SqliteBackend(store=Store(
+                path=store_path, max_epochs_per_site=max_epochs_per_site,
+                max_gaps_per_stream=max_gaps_per_stream))
         limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
             if rate_limit_per_s > 0 else None
         denied = DenyList(path=deny_list) if deny_list is not None else None
@@ -399,6 +408,7 @@ async def run(config: IngestConfig) -> None:
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
                                     max_tombstone_span=config.max_tombstone_span),
                       max_epochs_per_site=config.max_epochs_per_site,
+                      max_gaps_per_stream=config.max_gaps_per_stream,
                       health_listen=config.health_listen, deny_list=config.deny_list)
     http = None
     if config.metrics_listen:

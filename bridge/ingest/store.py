@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.files import private_file
-from bridge.ingest.ledger import Key, Ledger, StreamLedger
+from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Ledger, Overlay, StreamLedger
 
 
 def to_i64(u: int) -> int:
@@ -64,9 +64,10 @@ class Store:
     """Single-writer; ``commit`` runs on one thread, readers use ``Reader`` connections."""
 
     def __init__(self, *, path: Path, max_epochs_per_site: int = 256,
-                 busy_timeout_s: float = 2.0) -> None:
+                 max_gaps_per_stream: int = 10_000, busy_timeout_s: float = 2.0) -> None:
         self.path = path
         self.max_epochs_per_site = max_epochs_per_site
+        self.max_gaps_per_stream = max_gaps_per_stream
         path.parent.mkdir(parents=True, exist_ok=True)
         private_file(path)
         db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -103,50 +104,56 @@ class Store:
         """
         out: list[str] = []
         rows = []
-        trials: dict[Key, StreamLedger] = {}
+        plans: dict[Key, Overlay] = {}
+        fresh: dict[Key, StreamLedger] = {}  # streams this batch creates
         now = time.time_ns()
         for item in batch:
             key = (item.site_id, item.epoch)
-            trial = trials.get(key)
-            if trial is None:
+            plan = plans.get(key)
+            if plan is None:
                 cur = self.ledger.streams.get(key)
                 if cur is None:
-                    new_epochs = sum(1 for k in trials if k[0] == item.site_id
-                                     and k not in self.ledger.streams)
-                    if self.ledger.epochs(item.site_id) + new_epochs >= \
+                    if self.ledger.epochs(item.site_id) + sum(
+                            1 for k in fresh if k[0] == item.site_id) >= \
                             self.max_epochs_per_site:
                         out.append("too_many_epochs")
                         continue
-                trial = trials[key] = StreamLedger() if cur is None else cur.copy()
+                    cur = fresh[key] = StreamLedger()
+                plan = plans[key] = Overlay(cur, max_gaps=self.max_gaps_per_stream)
             last = item.seq if item.last_seq is None else item.last_seq
-            new = trial.missing(item.seq, last)
+            new = plan.take(item.seq, last)
+            if new is None:
+                out.append(TOO_MANY_GAPS)
+                continue
             if not new:
                 out.append(DUPLICATE)
                 continue
             out.append(COMMITTED)
             for a, b in new:
-                trial.add_range(a, b)
                 blob = item.envelope if (a, b) == (item.seq, last) else \
                     narrow(item.envelope, a, b)
                 rows.append((item.site_id, to_i64(item.epoch), a, blob, now,
                              None if item.last_seq is None else b, item.reason or None))
         if not rows:
             return out
+        after = {key: plan.after() for key, plan in plans.items() if plan.adding.above}
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO readings(site_id, epoch, seq, envelope,"
                            " commit_ns, last_seq, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
-                           [(site, to_i64(epoch), trial.watermark, trial.committed)
-                            for (site, epoch), trial in trials.items()])
+                           [(site, to_i64(epoch), wm, n)
+                            for (site, epoch), (wm, n) in after.items()])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        for key, trial in trials.items():
-            self.ledger.put(key, trial)
+        for key, plan in plans.items():
+            plan.apply()
+            if key in fresh and plan.adding.above:
+                self.ledger.put(key, plan.base)
         return out
 
     def close(self) -> None:

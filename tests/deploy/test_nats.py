@@ -29,6 +29,7 @@ from bridge.dev.jscluster import nats_server
 from bridge.dev.localrun import Proc, bridge_argv, free_port, wait_port
 from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.store import Incoming
+from bridge.telemetry import IngestMetrics
 from tests.conftest import wait_for
 from tests.deploy import kustomize
 
@@ -219,8 +220,10 @@ def test_routes_and_clients_require_tls_with_verified_certificates(shipped: Ship
 
 def test_the_ingest_user_runs_the_store_and_the_reader_only_reads(shipped: ShippedCluster,
                                                                  tmp_path: Path):
+    metrics = IngestMetrics()
+
     async def write() -> list[str]:
-        store = JetStreamStore(settings=shipped.settings("nats-ingest"))
+        store = JetStreamStore(settings=shipped.settings("nats-ingest"), metrics=metrics)
         await store.start()
         try:
             return await store.commit([Incoming("site-a", 5, s, pb.Envelope(
@@ -229,6 +232,10 @@ def test_the_ingest_user_runs_the_store_and_the_reader_only_reads(shipped: Shipp
             await store.close()
 
     assert set(asyncio.run(write())) == {"committed"}
+    # The ingest user may use the checkpoint bucket too (it is not silently disabled).
+    written = {s.labels["outcome"]: s.value for m in metrics.checkpoints.collect()
+               for s in m.samples if s.name.endswith("_total")}
+    assert written.get("written") == 1 and "disabled" not in written, written
     # A cloud team's reader, with bridge consume and the documented [jetstream] table.
     cfg = tmp_path / "consumer.toml"
     cfg.write_text(f'from = ["{",".join(shipped.urls)}"]\n[jetstream]\n'
@@ -251,7 +258,9 @@ def test_the_ingest_user_runs_the_store_and_the_reader_only_reads(shipped: Shipp
         nc = await nats.connect(servers=shipped.urls, tls=ctx, error_cb=on_error)
         js = nc.jetstream()
         for attempt in (js.publish("bridge.r.site-a.0000000000000005", b"x", timeout=2),
-                        js.delete_stream("BRIDGE")):
+                        js.delete_stream("BRIDGE"),  # nor forge a replica's checkpoint:
+                        js.publish("$KV.BRIDGE_LEDGER.site-a.0000000000000005", b"x",
+                                   timeout=2)):
             with pytest.raises(nats.errors.Error):
                 await attempt
         await nc.close()
@@ -261,3 +270,4 @@ def test_the_ingest_user_runs_the_store_and_the_reader_only_reads(shipped: Shipp
     assert any(re.search(r"permissions violation for publish to \"bridge\.r\.", e)
                for e in errors), errors
     assert any("$js.api.stream.delete.bridge" in e.lower() for e in errors), errors
+    assert any("$kv.bridge_ledger." in e.lower() for e in errors), errors

@@ -258,8 +258,9 @@ def test_bridge_consume_merges_a_jetstream_cloud_read_directly_with_a_sqlite_clo
 async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all(
         js: JetStreamCluster):
     from bridge.config import JetStreamSettings
-    from bridge.ingest.jetstream import MARK_EVERY, JetStreamStore
+    from bridge.ingest.jetstream import JetStreamStore
     from bridge.ingest.store import Incoming
+    from bridge.ingest.subjects import MARK_EVERY
 
     def batch(seqs: range) -> list[Incoming]:
         return [Incoming("site-a", 9, s, pb.Envelope(site_id="site-a", epoch=9,
@@ -273,7 +274,7 @@ async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all
         assert set(await writer.commit(batch(range(lo, lo + 1000)))) == {"committed"}
     await writer.close()
     reader = JetStreamStore(settings=JetStreamSettings(servers=tuple(js.servers)))
-    await reader.start()  # a replica that never served this subject builds its marks once
+    await reader.start()  # a replica that never served this subject: marks from the checkpoint
     try:
         got = [pb.Envelope.FromString(b).seq async for b, _ in
                reader.read(follow=False, cursors={("site-a", 9): 7990})]

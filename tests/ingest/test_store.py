@@ -130,3 +130,17 @@ def test_a_subscribe_cursor_seeks_through_the_index_instead_of_scanning(tmp_path
     assert [r.seq for r in reader.key_page("b", 7, 0, reader.max_offset(), limit=5)] == \
         [1, 2, 3, 4, 5]
     assert reader.key_page("b", 7, 0, 2000) == []  # nothing of b was committed by then
+
+
+def test_a_stream_keeps_at_most_max_gaps_intervals_and_refuses_the_rest_by_name(
+        tmp_path: Path):
+    store = Store(path=tmp_path / "i.db", max_gaps_per_stream=3)
+    out = store.commit(items("a", 7, [2, 4, 6, 8, 10]))
+    assert out == [C, C, C, "too_many_gaps", "too_many_gaps"]
+    assert store.commit(items("a", 7, [1, 3])) == [C, C]  # filling gaps is always taken
+    assert known(store, 7) == (4, [(6, 6)], 5)
+    assert store.commit(items("a", 7, [8, 10])) == [C, C]
+    store.close()
+    reopened = Store(path=tmp_path / "i.db", max_gaps_per_stream=3)
+    assert known(reopened, 7) == (4, [(6, 6), (8, 8), (10, 10)], 7)
+    assert reopened.commit(items("a", 7, [12])) == ["too_many_gaps"]

@@ -1,0 +1,320 @@
+"""A JetStream replica's per-subject state, its checkpoints, and the bound on what it holds.
+
+A replica needs, per (site, epoch) subject it serves, the ledger of the seqs stored there and
+the subject's last stream sequence that ledger reflects (``bridge.ingest.jetstream``'s dedupe
+invariant). Built from the subject's messages, that costs time and memory proportional to the
+subject's whole history; a checkpoint makes a restart cost only the tail.
+
+Checkpoint layout
+=================
+One JetStream key-value bucket per stream, ``<stream>_LEDGER`` (file storage, the stream's
+replica count, history 1), one key per subject: ``<site token>.<epoch as 16 hex digits>``, the
+subject's last two tokens. The value is zlib-compressed JSON, version ``v`` 1::
+
+    {"v": 1, "stream": <the stream's creation time, as STREAM.INFO gives it>,
+     "last": <stream seq>, "wm": <watermark>, "n": <committed>,
+     "above": [a1, b1, a2, b2, ...],          # intervals above the watermark
+     "dropped": [[first, last, reason], ...], # the newest DROPPED_KEPT tombstones
+     "marks": [stream_seq, top, ...], "top": <highest seq>, "every": <messages per mark>,
+     "since": <messages since the last mark>}
+
+Checkpoint invariant
+====================
+*A checkpoint states exactly the seqs stored on its subject in stream sequences 1..last* of
+the stream created at ``stream``. It is written by replicas only (the NATS reader account
+cannot write the bucket), after the ledger it copies was built from the subject itself, so:
+
+1. A replica that meets a subject reads its checkpoint, then only the messages after
+   ``last``. A checkpoint of another stream (``stream`` differs: the stream was deleted and
+   made anew), of a newer version, or whose ``last`` lies past the subject's actual last
+   message is ignored, and the subject is read from its start: slower, never wrong.
+2. A stale checkpoint (any ``last`` below the subject's last) is only slower: the tail read
+   folds in what came after it. Replicas overwrite each other's checkpoints freely; any of
+   them is true for its own ``last``.
+3. Checkpoints are written by a background task as the ledger advances (every
+   ``CHECKPOINT_EVERY`` messages, or ``CHECKPOINT_IDLE_S`` after the last change), and for
+   every changed subject when the replica closes: never on the ack path. The conditional
+   append stays the authority on what is stored.
+
+Memory bound
+============
+``SubjectCache`` holds the states by least recent use within a byte budget (an estimate per
+state: intervals, tombstones kept, seek marks). Past it, states that are checkpointed, not
+locked and not in use are evicted; the next batch of that subject reloads the checkpoint. The
+seek marks of a subject are thinned (every other one dropped, the spacing doubled) past
+``MARKS_MAX``, and only the newest ``DROPPED_KEPT`` tombstones are kept for ``status``, so one
+state has a fixed bound beside its intervals, and intervals are capped by
+``limits.max_gaps_per_stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from nats.errors import Error as NatsError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from bridge.ingest.ledger import Key, StreamLedger
+from bridge.telemetry import event
+
+VERSION = 1
+MARK_EVERY = 1000      # messages between two seek marks of a subject, at first
+MARKS_MAX = 1024       # seek marks per subject; past it every other one is dropped
+DROPPED_KEPT = 256     # newest tombstones a state keeps for ``status``
+CHECKPOINT_EVERY = 2000  # messages of a subject between two checkpoints
+CHECKPOINT_IDLE_S = 5.0  # a changed subject is checkpointed this long after its last change
+MAX_CHECKPOINT_BYTES = 768 * 1024  # below the servers' default max_payload (1 MiB)
+
+
+@dataclass
+class SubjectState:
+    ledger: StreamLedger = field(default_factory=StreamLedger)
+    last: int = 0          # the subject's last stream sequence the ledger reflects
+    stale: bool = True     # must catch up from ``last`` before the next append
+    loaded: bool = False   # the checkpoint was looked for
+    dropped: list[tuple[int, int, str]] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Seek index for Subscribe: (stream seq, highest reading seq of every earlier message of
+    # the subject), one mark per ``every`` messages. A subject is in commit order, not seq
+    # order, but the running maximum is monotonic, so a cursor can start at the last mark
+    # whose maximum it already has: nothing it still needs lies before it.
+    marks: list[tuple[int, int]] = field(default_factory=list)
+    top: int = 0
+    every: int = MARK_EVERY
+    since_mark: int = MARK_EVERY
+    saved: int = 0         # ``last`` of the newest checkpoint written or read
+    changed_at: float = 0.0  # monotonic time of the first change not yet checkpointed
+    users: int = 0         # callers between taking this state and releasing its lock
+
+    def note(self, first_stream_seq: int, count: int, highest: int) -> None:
+        """``count`` messages from ``first_stream_seq`` on (or later) were added."""
+        if self.since_mark >= self.every:
+            self.marks.append((first_stream_seq, self.top))
+            self.since_mark = 0
+            if len(self.marks) > MARKS_MAX:
+                self.marks = self.marks[::2]
+                self.every *= 2
+        self.top = max(self.top, highest)
+        self.since_mark += count
+        if not self.changed_at:
+            self.changed_at = time.monotonic()
+
+    def drop(self, first: int, last: int, reason: str) -> None:
+        self.dropped.append((first, last, reason))
+        if len(self.dropped) > DROPPED_KEPT:
+            del self.dropped[:len(self.dropped) - DROPPED_KEPT]
+
+    def adopt(self, other: SubjectState) -> None:
+        """Take a checkpoint's content (this state keeps its own lock and users)."""
+        self.ledger, self.last, self.dropped = other.ledger, other.last, other.dropped
+        self.marks, self.top, self.every = other.marks, other.top, other.every
+        self.since_mark, self.saved = other.since_mark, other.saved
+
+    def start_for(self, cursor: int) -> int:
+        """The stream sequence to read from for readings above ``cursor``."""
+        i = bisect.bisect_right([m for _, m in self.marks], cursor) - 1
+        return self.marks[i][0] if i >= 0 else 1
+
+    @property
+    def clean(self) -> bool:
+        return self.saved >= self.last
+
+    def due(self, now: float) -> bool:
+        """A checkpoint should be written now (rule 3). A stale state may be written too:
+        its ledger is still exact for its ``last`` (an unknown outcome added nothing)."""
+        if self.clean:
+            return False
+        return self.last - self.saved >= CHECKPOINT_EVERY or \
+            now - self.changed_at >= CHECKPOINT_IDLE_S
+
+    def cost(self) -> int:
+        """Bytes this state holds, estimated (CPython objects, not the wire size)."""
+        return 1200 + 140 * len(self.ledger.above) + 160 * len(self.dropped) + \
+            140 * len(self.marks)
+
+    # -- checkpoint -----------------------------------------------------------------------
+
+    def encode(self, stream: str) -> bytes:
+        lg = self.ledger
+        doc: dict[str, Any] = {
+            "v": VERSION, "stream": stream, "last": self.last, "wm": lg.watermark,
+            "n": lg.committed, "above": [x for span in lg.above for x in span],
+            "dropped": [list(d) for d in self.dropped],
+            "marks": [x for mark in self.marks for x in mark], "top": self.top,
+            "every": self.every, "since": self.since_mark}
+        return zlib.compress(orjson.dumps(doc), 1)
+
+    @classmethod
+    def decode(cls, blob: bytes, stream: str) -> SubjectState | None:
+        """The state a checkpoint of ``stream`` holds; None if it is of another stream or
+        version, or not a checkpoint at all (rule 1)."""
+        try:
+            doc = orjson.loads(zlib.decompress(blob, bufsize=1 << 16))
+            if not isinstance(doc, dict) or doc.get("v") != VERSION or \
+                    doc.get("stream") != stream:
+                return None
+            above = [int(x) for x in doc["above"]]
+            marks = [int(x) for x in doc["marks"]]
+            st = cls(ledger=StreamLedger(int(doc["wm"]), list(zip(above[::2], above[1::2],
+                                                                   strict=True)),
+                                         int(doc["n"])),
+                     last=int(doc["last"]), loaded=True,
+                     dropped=[(int(a), int(b), str(r)) for a, b, r in doc["dropped"]],
+                     marks=list(zip(marks[::2], marks[1::2], strict=True)),
+                     top=int(doc["top"]), every=int(doc["every"]),
+                     since_mark=int(doc["since"]))
+        except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        st.saved = st.last
+        return st
+
+
+def checkpoint_key(key: Key, token: str) -> str:
+    """The bucket key of a subject: its site token and epoch (``token`` is the site's)."""
+    return f"{token}.{key[1]:016x}"
+
+
+class SubjectCache:
+    """Subject states by least recent use, within ``budget`` bytes (see the memory bound)."""
+
+    def __init__(self, *, budget: int) -> None:
+        self.budget = budget
+        self._states: OrderedDict[Key, SubjectState] = OrderedDict()
+        self.evictions = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Key) -> AsyncIterator[SubjectState]:
+        """The state of ``key``, locked; it cannot be evicted from this call to the end of
+        the block (a waiter for the lock counts as a user, so a state is never dropped
+        between one holder's release and the next one's wake-up)."""
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = SubjectState()
+        else:
+            self._states.move_to_end(key)
+        st.users += 1
+        try:
+            async with st.lock:
+                yield st
+        finally:
+            st.users -= 1
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def peek(self, key: Key) -> SubjectState | None:
+        return self._states.get(key)
+
+    def items(self) -> Iterator[tuple[Key, SubjectState]]:
+        return iter(list(self._states.items()))
+
+    def size(self) -> int:
+        return sum(st.cost() for st in self._states.values())
+
+    def evict(self) -> int:
+        """Drop the least recently used states that can go, until within the budget; the
+        number dropped. A state in use stays; so does one with a change not yet checkpointed
+        (the checkpoint task writes it, and it can go next time) unless it is stale anyway."""
+        total = self.size()
+        dropped = 0
+        for key, st in list(self._states.items()):
+            if total <= self.budget:
+                break
+            if not st.users and (st.clean or st.stale):
+                total -= st.cost()
+                del self._states[key]
+                dropped += 1
+        self.evictions += dropped
+        return dropped
+
+
+class Checkpoints:
+    """The checkpoint bucket of one stream (see the layout): read and written by replicas."""
+
+    def __init__(self, *, stream: str, stream_id: str, replicas: int) -> None:
+        self.bucket = f"{stream}_LEDGER"
+        self.stream_id = stream_id
+        self.replicas = replicas
+        self._kv: KeyValue | None = None
+
+    async def open(self, js: JetStreamContext) -> None:
+        """Bind the bucket, creating it (the stream's replicas, file storage) if missing."""
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except BucketNotFoundError:
+            self._kv = await js.create_key_value(KeyValueConfig(
+                bucket=self.bucket, history=1, replicas=self.replicas,
+                storage=StorageType.FILE, max_value_size=MAX_CHECKPOINT_BYTES,
+                description="bridge: per-subject ledger checkpoints (bridge.ingest.subjects)"))
+
+    async def load(self, name: str) -> SubjectState | None:
+        """The checkpoint stored under ``name``; None if there is none usable. A read that
+        fails is only slower (the subject is read from its start), so it is not an error."""
+        if self._kv is None:
+            return None
+        try:
+            entry = await self._kv.get(name)
+        except KeyNotFoundError:
+            return None
+        except (NatsError, TimeoutError) as exc:
+            event("jetstream.checkpoint_unreadable", level=logging.WARNING, key=name,
+                  reason=f"{type(exc).__name__}: {exc}"[:200])
+            return None
+        return SubjectState.decode(entry.value or b"", self.stream_id)
+
+    async def save(self, name: str, st: SubjectState) -> str:
+        """Write ``st``'s checkpoint; the outcome: ``written``, ``too_large`` or ``failed``."""
+        if self._kv is None:
+            return "failed"
+        last = st.last
+        blob = st.encode(self.stream_id)  # no await before this: one consistent state
+        if len(blob) > MAX_CHECKPOINT_BYTES:
+            event("jetstream.checkpoint_too_large", level=logging.WARNING, key=name,
+                  bytes=len(blob))
+            return "too_large"
+        try:
+            await self._kv.put(name, blob)
+        except (NatsError, TimeoutError) as exc:
+            event("jetstream.checkpoint_failed", level=logging.WARNING, key=name,
+                  reason=f"{type(exc).__name__}: {exc}"[:200])
+            return "failed"
+        st.saved = max(st.saved, last)
+        st.changed_at = 0.0 if st.clean else time.monotonic()  # commits came meanwhile
+        return "written"
+
+
+async def run_checkpoints(*, cache: SubjectCache, checkpoints: Checkpoints,
+                          name: Callable[[Key], str], on_outcome: Callable[[str], None],
+                          wake: asyncio.Event, period: float = 0.5) -> None:
+    """The background task of rule 3: write what is due, then keep the cache in budget."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), period)
+        wake.clear()
+        await flush(cache=cache, checkpoints=checkpoints, name=name, on_outcome=on_outcome)
+        cache.evict()
+
+
+async def flush(*, cache: SubjectCache, checkpoints: Checkpoints, name: Callable[[Key], str],
+                on_outcome: Callable[[str], None], everything: bool = False) -> None:
+    """Write the checkpoints that are due (with ``everything``: of every changed state)."""
+    now = time.monotonic()
+    for key, st in cache.items():
+        if st.due(now) or (everything and not st.clean):
+            on_outcome(await checkpoints.save(name(key), st))
