@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from bench import drain, failover, latency, memory, plots, stores, throughput
+from bench import drain, failover, latency, memory, plots, restart, stores, throughput
 from bench.peers import GUARANTEES, TAGS, systems
 from bench.results import Row, missing, validate
 
@@ -37,6 +37,11 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("memory", "rss_growth_mb"): ("<", 20.0), ("memory", "startup_s_5M"): ("<", 3.0),
     ("faults_cloud_killed", "lost"): ("<=", 0), ("faults_cloud_killed", "duplicates"): ("<=", 0),
     ("faults_edge_killed", "lost"): ("<=", 0), ("faults_edge_killed", "duplicates"): ("<=", 0),
+    ("replica_restart", "first_ack_s_20k"): ("<=", 0.5),
+    ("replica_restart", "first_ack_s_200k"): ("<=", 0.5),
+    ("replica_restart", "first_ack_s_2M"): ("<=", 0.5),
+    ("replica_restart", "first_ack_spread"): ("<=", 2.0),
+    ("replica_restart", "rss_added_mb_200k"): ("<=", 5.0),
 }
 
 # (scenario, metric, peer) -> (op, bound) on the ratio of the bridge's value to that peer's in
@@ -65,11 +70,13 @@ class Plan:
     store_sites: int = 100
     store_seconds: float = 10.0
     store_configs: tuple[str, ...] = tuple(stores.CONFIGS)
+    restart_depths: tuple[int, ...] = (20_000, 200_000, 2_000_000)
 
 
 QUICK = Plan(throughput=20_000, sparkplug_messages=2_000, latency_s=2.0, fault_readings=4_000,
              kills=3, big_backlog=1_000_000, drain_backlog=100_000, store_sites=20,
-             store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"))
+             store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"),
+             restart_depths=(1_000, 10_000, 30_000))
 
 
 def machine() -> str:
@@ -149,6 +156,15 @@ SCENARIOS = {
     "agent for the bridge (the site broker is the SCADA's and stays up), the bridging broker for "
     "the peers (it is also the site broker, so the publisher reconnects and resends what was "
     "not acknowledged).",
+    "replica_restart": "A JetStream replica meets one site's (site, epoch) subject of 20k, 200k "
+    "and 2M stored readings (1k, 10k, 30k in the quick run) after the replica that wrote it "
+    "stopped as kill -9 leaves it (its last background checkpoint, no final flush); 3-node "
+    "cluster, nats-server's default sync. `first_ack_s_*`: a fresh ingest replica process, "
+    "after one warm-up call of another site, answers one 100-reading batch of that site; "
+    "`rss_added_mb_*`: the replica's VmRSS after that call minus before it. `no_checkpoint`: "
+    "the same with the subject's checkpoint purged (the replica reads the whole subject, as "
+    "before checkpoints; not run at the largest depth). `first_ack_spread`: the largest "
+    "first ack over the smallest.",
     "guarantees": "The evidence behind the Guarantees table, per scenario and system: "
     "`*_writes` distinct states of the persistence files seen while the run was polled, "
     "`*_bytes_max` the largest file, `*_sync_always` what each nats-server's `/jsz` reported.",
@@ -378,6 +394,8 @@ def main() -> None:
         attempt("ingest_stores", lambda: stores.run(
             work=work / "stores", sites=plan.store_sites, seconds=plan.store_seconds,
             batch=100, configs=list(plan.store_configs), log=log))
+        attempt("replica_restart", lambda: restart.run(
+            work=work / "restart", depths=list(plan.restart_depths), log=log))
         attempt("memory", lambda: memory.idle_and_load(work=work, count=plan.throughput,
                                                        procs=plan.procs, log=log)
                 + memory.run(big=plan.big_backlog, log=log))

@@ -9,7 +9,7 @@ from typing import Any
 SYSTEMS = {"bridge", "mosquitto_bridge", "mosquitto_bridge_durable", "nats", "nats_durable",
            "paho_ceiling", "broker_ceiling", "load_generator", "ingest_sqlite",
            "ingest_js_always_1", "ingest_js_always_3", "ingest_js_default_1",
-           "ingest_js_default_3"}
+           "ingest_js_default_3", "no_checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "faults_cloud_killed": PEERS,
     "faults_edge_killed": PEERS,
     "ingest_stores": ("ingest_sqlite", "ingest_js_always_1"),
+    "replica_restart": ("bridge",),
     "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 

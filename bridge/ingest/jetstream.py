@@ -73,6 +73,7 @@ from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
 from bridge.ingest.subjects import (
+    CHECKPOINT_EVERY,
     Checkpoints,
     SubjectCache,
     SubjectState,
@@ -136,6 +137,7 @@ class JetStreamStore:
         self._checkpoints: Checkpoints | None = None
         self._stream_id = ""  # the stream's creation time: checkpoints of another are ignored
         self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()  # a subject is CHECKPOINT_EVERY messages past its last
         self._nc: NATS | None = None
         self._batches = 0
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
@@ -194,7 +196,7 @@ class JetStreamStore:
         self._checkpoints = cp
         self._tasks.append(asyncio.create_task(run_checkpoints(
             cache=self._subjects, checkpoints=cp, name=self._checkpoint_name,
-            on_outcome=self._checkpoint_outcome, wake=asyncio.Event()),
+            on_outcome=self._checkpoint_outcome, wake=self._wake),
             name="jetstream-checkpoints"))
 
     def _checkpoint_name(self, key: Key) -> str:
@@ -296,11 +298,18 @@ class JetStreamStore:
                     subject, ordered_consumer=True, headers_only=True,
                     config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                           opt_start_seq=sub.last + 1))
+                loop = asyncio.get_running_loop()
+                wait = self.settings.ack_timeout_s
                 try:
-                    while sub.last < upto:
-                        msg = await psub.next_msg(timeout=self.settings.ack_timeout_s)
-                        self._fold(key, sub, msg)
-                        read += 1
+                    # One timer for the whole read, pushed on by every message (a stall still
+                    # ends it after ack_timeout_s); no task per message as next_msg makes.
+                    async with asyncio.timeout(wait) as timer:
+                        async for msg in psub.messages:
+                            self._fold(key, sub, msg)
+                            read += 1
+                            if sub.last >= upto:
+                                break
+                            timer.reschedule(loop.time() + wait)
                 finally:
                     with contextlib.suppress(NatsError, TimeoutError):
                         await psub.unsubscribe()
@@ -461,6 +470,8 @@ class JetStreamStore:
             # Every message of the batch lies after the subject's previous last: a safe mark.
             sub.note(sub.last + 1, len(chunk), max(out.last for out in chunk))
             sub.last = int(ack["seq"])
+            if sub.last - sub.saved >= CHECKPOINT_EVERY:
+                self._wake.set()
         return None
 
     # -- status and reading ----------------------------------------------------------------

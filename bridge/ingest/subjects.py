@@ -74,7 +74,7 @@ VERSION = 1
 MARK_EVERY = 1000      # messages between two seek marks of a subject, at first
 MARKS_MAX = 1024       # seek marks per subject; past it every other one is dropped
 DROPPED_KEPT = 256     # newest tombstones a state keeps for ``status``
-CHECKPOINT_EVERY = 2000  # messages of a subject between two checkpoints
+CHECKPOINT_EVERY = 1000  # messages of a subject between two checkpoints
 CHECKPOINT_IDLE_S = 5.0  # a changed subject is checkpointed this long after its last change
 MAX_CHECKPOINT_BYTES = 768 * 1024  # below the servers' default max_payload (1 MiB)
 
@@ -304,8 +304,11 @@ async def run_checkpoints(*, cache: SubjectCache, checkpoints: Checkpoints,
                           wake: asyncio.Event, period: float = 0.5) -> None:
     """The background task of rule 3: write what is due, then keep the cache in budget."""
     while True:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that lands as
+        # the event is set, and this task would then outlive close().
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), period)
+            async with asyncio.timeout(period):
+                await wake.wait()
         wake.clear()
         await flush(cache=cache, checkpoints=checkpoints, name=name, on_outcome=on_outcome)
         cache.evict()
