@@ -142,9 +142,12 @@ class TransportError(Unavailable):
     (retryable, throttled, or refused: the identity was denied, which no retry cures)."""
 
     def __init__(self, *, code: str, flag: str, kind: ErrorKind, detail: str,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, max_envelopes: int | None = None) -> None:
+        """``max_envelopes``: the ingest refused the batch as larger than it takes in one
+        call (its ``max-batch-envelopes`` trailer); the sender splits it."""
         self.code, self.flag, self.kind, self.detail = code, flag, kind, detail
         self.retry_after_s = retry_after_s
+        self.max_envelopes = max_envelopes
         super().__init__(f"{code} ({flag}): {detail}")
 
 

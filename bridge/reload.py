@@ -33,7 +33,9 @@ _RENAMED = {"log_level": "log.level", "tls_check_s": "tls.check_s",
             "max_batch_envelopes": "limits.max_batch_envelopes",
             "max_tombstone_span": "limits.max_tombstone_span",
             "max_epochs_per_site": "limits.max_epochs_per_site",
-            "max_gaps_per_stream": "limits.max_gaps_per_stream", "jetstream": "store",
+            "max_gaps_per_stream": "limits.max_gaps_per_stream",
+            "max_batch_bytes": "limits.max_batch_bytes",
+            "max_in_flight_per_site": "limits.max_in_flight_per_site", "jetstream": "store",
             "host": "url", "port": "url"}
 _FLATTENED = {"decode"}  # a source's decode settings are keys of the source itself
 _DEFAULT_EQ: Any = object.__eq__  # identity: such objects are compared by their attributes

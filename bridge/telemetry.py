@@ -275,6 +275,9 @@ class IngestMetrics:
                                     "commit (answered UNAVAILABLE, nothing acked)", registry=r)
         self.throttled = Counter("bridge_ingest_throttled", "Batches refused over the rate limit",
                                  ["site"], registry=r)
+        self.refused = Counter("bridge_ingest_refused_batches", "Calls refused whole with "
+                               "RESOURCE_EXHAUSTED before any per-envelope work: batch_too_large,"
+                               " site_in_flight, rate_limit", ["reason"], registry=r)
         self.denied = Counter("bridge_ingest_denied", "Calls refused for identity reasons",
                               ["reason"], registry=r)
         self.commit_seconds = Histogram("bridge_ingest_commit_seconds", "Store commit duration",

@@ -205,6 +205,25 @@ def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster
     assert committed and float(committed[0].split()[-1]) == published
 
 
+def test_an_ingest_that_takes_smaller_batches_gets_them_split_without_loss_or_failover(
+        cluster: Cluster):
+    cluster.ingest("aws", extra="[limits]\nmax_batch_envelopes = 20\n")
+    cluster.ingest("azure")
+    agent = cluster.agent(uplink_extra="batch_max_readings = 200\n")
+    published = Publisher(cluster, count=1000, rate=0).join()
+    wait_sent(agent, published)
+    split = events(agent, "uplink.batch_split")
+    assert split and split[0]["max_batch_envelopes"] == 20 and split[0]["endpoint"] == "aws"
+    assert failovers(agent) == 0
+    stream, _ = cluster.consume()
+    assert {c.node for c in stream} == {"aws"}
+    assert cluster.account(published) == (published, 0, 0)
+    refused = [e for e in events(agent, "uplink.batch") if e.get("status") != "OK"]
+    # Only the batches built before the first refusal (one per slot, max_in_flight = 4) are
+    # refused; after it the agent builds none larger than the ingest takes.
+    assert 1 <= len(refused) <= 4, refused
+
+
 def test_a_store_that_stalls_behind_a_healthy_front_is_left_within_two_deadlines(
         cluster: Cluster):
     """Gray failure: aws answers health checks but its store's write lock is held by another

@@ -372,7 +372,9 @@ def load_ingest(path: Path) -> IngestConfig:
         max_batch_envelopes=c.limits.max_batch_envelopes,
         max_tombstone_span=c.limits.max_tombstone_span,
         max_epochs_per_site=c.limits.max_epochs_per_site,
-        max_gaps_per_stream=c.limits.max_gaps_per_stream, jetstream=jetstream,
+        max_gaps_per_stream=c.limits.max_gaps_per_stream,
+        max_batch_bytes=c.limits.max_batch_bytes,
+        max_in_flight_per_site=c.limits.max_in_flight_per_site, jetstream=jetstream,
         deny_list=deny_list)
 
 

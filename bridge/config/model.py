@@ -385,6 +385,8 @@ class IngestConfig:
     max_tombstone_span: int = 2**40
     max_epochs_per_site: int = 256
     max_gaps_per_stream: int = 10_000
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_in_flight_per_site: int = 8
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
     deny_list: Path | None = None  # revoked serials/fingerprints (bridge.ingest.denylist)

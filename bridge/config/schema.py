@@ -201,10 +201,12 @@ class LimitsFile(_Table, kw_only=True):
     max_tombstone_span: Annotated[int, Meta(ge=1, le=2**63 - 1)] = 2**40
     max_epochs_per_site: Annotated[int, Meta(ge=1)] = 256
     max_gaps_per_stream: Annotated[int, Meta(ge=1, le=20_000)] = 10_000
+    max_batch_bytes: Annotated[int, Meta(ge=65_536, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
+    max_in_flight_per_site: Annotated[int, Meta(ge=1, le=1024)] = 8
 
 
 class RateLimitFile(_Table, kw_only=True):
-    readings_per_s: Annotated[float, Meta(ge=0.0)] = 0.0
+    readings_per_s: Annotated[float, Meta(ge=0.0)] = 200_000.0
     burst: Annotated[float, Meta(ge=1.0)] | None = None
 
 

@@ -5,12 +5,19 @@ REJECTED whose reason starts with a short label (the ``bridge_ingest_rejected_to
 never a failed batch. The store keeps seqs as SQLite's signed 64-bit integers, so every seq
 must lie in 1..2^63-1; a tombstone's range must be ordered, consistent with its count and at
 most ``max_tombstone_span`` wide (the ledger's cost does not depend on the width, this is a
-sanity bound); a batch holds at most ``max_batch_envelopes`` (the rest are rejected, which the
-agent's batch bound, 1,250 by default, never reaches).
+sanity bound).
+
+What a whole batch may cost is bounded before any per-envelope work, so one site cannot take
+the node from the others: a call's message is at most ``max_batch_bytes`` (gRPC's receive
+limit: refused by gRPC itself before it is parsed), holds at most ``max_batch_envelopes``
+(refused whole, RESOURCE_EXHAUSTED with a ``max-batch-envelopes`` trailer, on which the agent
+splits the batch and sends smaller ones), and a site has at most ``max_in_flight_per_site``
+calls being served (RESOURCE_EXHAUSTED with a jittered ``retry-after-ms``).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from bridge._pb import bridge_pb2 as pb
@@ -22,12 +29,23 @@ SEQ_MAX = 2**63 - 1
 class Limits:
     max_batch_envelopes: int = 10_000
     max_tombstone_span: int = 2**40
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_in_flight_per_site: int = 8
 
-    def check(self, env: pb.Envelope, index: int) -> str | None:
+    def batch_problem(self, envelopes: int) -> str | None:
+        """Why a batch of ``envelopes`` is refused whole, or None."""
+        if envelopes > self.max_batch_envelopes:
+            return (f"batch_too_large: {envelopes} envelopes, at most max_batch_envelopes="
+                    f"{self.max_batch_envelopes} in one call (send smaller batches)")
+        return None
+
+    @staticmethod
+    def busy_retry_ms() -> int:
+        """A jittered retry-after for a site over its in-flight calls (20-100 ms)."""
+        return random.randint(20, 100)
+
+    def check(self, env: pb.Envelope) -> str | None:
         """``None`` if the envelope may be committed, else ``"label: detail"``."""
-        if index >= self.max_batch_envelopes:
-            return (f"batch_too_large: envelope {index} is past max_batch_envelopes="
-                    f"{self.max_batch_envelopes}")
         if env.epoch == 0 or env.seq == 0:
             return "bad_identity: epoch and seq must be non-zero"
         if env.seq > SEQ_MAX:

@@ -52,7 +52,6 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     # One owner per address: grpcio sets SO_REUSEPORT by default, and a second node on the
     # same port would then start and split connections (and dedupe ledgers) with the first.
     ("grpc.so_reuseport", 0),
@@ -83,6 +82,7 @@ class IngestService(pb_grpc.IngestServicer):
         self.metrics = metrics
         self.authz = Authorizer(metrics=metrics, deny_list=deny_list)
         self.last_commit: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}  # per site; a site leaves it at zero
 
     async def PushBatch(self, request: pb.Batch,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.Ack:
@@ -96,20 +96,51 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"batch_id is {len(request.batch_id)} characters; at most "
                                 f"{MAX_BATCH_ID}")
+        # A whole batch's bounds come before any per-envelope work (bridge.ingest.limits).
+        if (problem := self.limits.batch_problem(len(request.envelopes))) is not None:
+            await self._refuse(context, ident.name, request, "batch_too_large", problem, t0,
+                               (("max-batch-envelopes", str(self.limits.max_batch_envelopes)),
+                                ("retry-after-ms", "1")))
+        if self._in_flight.get(ident.name, 0) >= self.limits.max_in_flight_per_site:
+            retry_ms = self.limits.busy_retry_ms()
+            await self._refuse(context, ident.name, request, "site_in_flight",
+                               f"site {ident.name} already has "
+                               f"{self.limits.max_in_flight_per_site} calls in flight "
+                               f"(limits.max_in_flight_per_site); retry in {retry_ms} ms", t0,
+                               (("retry-after-ms", str(retry_ms)),))
+        self._in_flight[ident.name] = self._in_flight.get(ident.name, 0) + 1
+        try:
+            return await self._push(request, context, ident.name, t0)
+        finally:
+            left = self._in_flight[ident.name] - 1
+            if left:
+                self._in_flight[ident.name] = left
+            else:
+                del self._in_flight[ident.name]
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], site: str,
+                      request: pb.Batch, reason: str, detail: str, t0: float,
+                      trailers: tuple[tuple[str, str], ...]) -> None:
+        """Answer RESOURCE_EXHAUSTED for the whole call: counted, logged, never retried
+        against the endpoint's health (the agent waits the retry-after, or splits)."""
+        self.metrics.batches.labels("RESOURCE_EXHAUSTED").inc()
+        self.metrics.refused.labels(reason).inc()
+        event("ingest.batch", level=logging.WARNING, site=site, batch_id=request.batch_id,
+              readings=len(request.envelopes), status="RESOURCE_EXHAUSTED", flag="RL",
+              reason=reason, duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+        context.set_trailing_metadata(trailers)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+
+    async def _push(self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any],
+                    site: str, t0: float) -> pb.Ack:
         if self.limiter is not None:
-            wait = self.limiter.take(ident.name, len(request.envelopes))
+            wait = self.limiter.take(site, len(request.envelopes))
             if wait > 0:
-                self.metrics.batches.labels("RESOURCE_EXHAUSTED").inc()
-                self.metrics.throttled.labels(ident.name).inc()
+                self.metrics.throttled.labels(site).inc()
                 retry_ms = max(1, int(wait * 1000))
-                event("ingest.batch", site=ident.name, batch_id=request.batch_id,
-                      readings=len(request.envelopes), status="RESOURCE_EXHAUSTED", flag="RL",
-                      retry_after_ms=retry_ms,
-                      duration_ms=round((time.perf_counter() - t0) * 1000, 3))
-                context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"site {ident.name} over its rate limit; retry in "
-                                    f"{retry_ms} ms")
+                await self._refuse(context, site, request, "rate_limit",
+                                   f"site {site} over its rate limit; retry in {retry_ms} ms",
+                                   t0, (("retry-after-ms", str(retry_ms)),))
         loop = asyncio.get_running_loop()
         # Validation and the Ack, proportional to the batch, run on a thread (the event loop
         # keeps answering health checks and other sites); the backend owns the commit. A
@@ -119,33 +150,33 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             if inline is not None:
                 result = await loop.run_in_executor(self.backend.executor, self._admit_inline,
-                                                    inline, request, ident.name)
+                                                    inline, request, site)
             else:
-                result = await self._admit_async(request, ident.name)
+                result = await self._admit_async(request, site)
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never a traceback
             self.metrics.batches.labels("UNAVAILABLE").inc()
             self.metrics.store_errors.inc()
             detail = f"{type(exc).__name__}: {exc}"[:200]
-            event("ingest.store_failed", level=logging.ERROR, site=ident.name,
+            event("ingest.store_failed", level=logging.ERROR, site=site,
                   batch_id=request.batch_id, reason=detail, flag="UF")
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"store unavailable on {self.node}: {detail}")
         if isinstance(result, str):
             self.metrics.batches.labels("PERMISSION_DENIED").inc()
             await self.authz.deny(context, "site_mismatch",
-                             f"certificate is for site {ident.name!r}, batch carries "
-                             f"{result[:100]!r}", identity=ident.name, claimed=result[:100],
+                             f"certificate is for site {site!r}, batch carries "
+                             f"{result[:100]!r}", identity=site, claimed=result[:100],
                              batch_id=request.batch_id)
         self.backend.committed_now()
         self.metrics.commit_seconds.observe(time.perf_counter() - c0)
         ack, committed, duplicates, rejected = result
         if committed:
-            self.metrics.committed.labels(ident.name).inc(committed)
-            self.last_commit[ident.name] = time.time()
+            self.metrics.committed.labels(site).inc(committed)
+            self.last_commit[site] = time.time()
         if duplicates:
-            self.metrics.duplicates.labels(ident.name).inc(duplicates)
+            self.metrics.duplicates.labels(site).inc(duplicates)
         self.metrics.batches.labels("OK").inc()
-        event("ingest.batch", site=ident.name, batch_id=request.batch_id,
+        event("ingest.batch", site=site, batch_id=request.batch_id,
               readings=len(request.envelopes), committed=committed, duplicates=duplicates,
               rejected=rejected, status="OK", flag="-", peer=context.peer(),
               duration_ms=round((time.perf_counter() - t0) * 1000, 3))
@@ -168,7 +199,7 @@ class IngestService(pb_grpc.IngestServicer):
             if env.site_id != site:
                 return env.site_id
             r = results.add(site_id=env.site_id, epoch=env.epoch, seq=env.seq)
-            reason = limits.check(env, i)
+            reason = limits.check(env)
             if reason is not None:
                 r.disposition = pb.DISPOSITION_REJECTED
                 r.reason = reason
@@ -315,7 +346,9 @@ class IngestNode:
         self.metrics.registry.register(SiteProgress(backend=self.backend,
                                                      last_commit=self.service.last_commit))
         self.metrics.registry.register(CertExpiry(files={"server": tls.cert, "ca": tls.ca}))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+        # gRPC refuses a larger message before it is parsed (limits.max_batch_bytes).
+        receive = ("grpc.max_receive_message_length", self.service.limits.max_batch_bytes)
+        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, receive],
                                       interceptors=[Metered(metrics=self.metrics)])
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -406,7 +439,9 @@ async def run(config: IngestConfig) -> None:
                       rate_limit_per_s=config.rate_limit_per_s,
                       rate_limit_burst=config.rate_limit_burst,
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
-                                    max_tombstone_span=config.max_tombstone_span),
+                                    max_tombstone_span=config.max_tombstone_span,
+                                    max_batch_bytes=config.max_batch_bytes,
+                                    max_in_flight_per_site=config.max_in_flight_per_site),
                       max_epochs_per_site=config.max_epochs_per_site,
                       max_gaps_per_stream=config.max_gaps_per_stream,
                       health_listen=config.health_listen, deny_list=config.deny_list)

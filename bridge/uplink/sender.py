@@ -39,6 +39,12 @@ class Sender:
         self.in_flight = 0
         self.acked_readings = 0
         self.draining = False
+        self.batch_cap: int | None = None  # a smaller bound an ingest asked for (_split)
+
+    def _batch_rows(self) -> int:
+        cap = self.batch_cap
+        return self.config.batch_max_readings if cap is None else \
+            min(cap, self.config.batch_max_readings)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -77,8 +83,7 @@ class Sender:
                     event("uplink.drain_started", readings=backlog[1] - backlog[0],
                           max_per_s=self.config.drain_max_per_s or None)
                 try:
-                    rows = await self.spool.read_after(live,
-                                                       max_rows=self.config.batch_max_readings,
+                    rows = await self.spool.read_after(live, max_rows=self._batch_rows(),
                                                        max_bytes=self.config.batch_max_bytes,
                                                        hold=True)
                     if rows:
@@ -109,7 +114,7 @@ class Sender:
     async def _backlog_rows(self, backlog: list[int], pace: TokenBucket | None,
                             ) -> tuple[list[tuple[int, bytes]], float]:
         """The next backlog batch (advancing ``backlog[0]``), or how long the pace says to wait."""
-        want = self.config.batch_max_readings
+        want = self._batch_rows()
         if pace is not None:
             wait = pace.take(want)
             if wait > 0:
@@ -160,6 +165,9 @@ class Sender:
                       duration_ms=round(elapsed * 1000, 3), reason=err.detail)
                 if err.kind is ErrorKind.THROTTLED:
                     self.metrics.throttled.labels(ep.name).inc()
+                    if err.max_envelopes is not None and len(rows) > err.max_envelopes:
+                        await self._split(rows, generation, err.max_envelopes, ep.name)
+                        return
                     await backoff.sleep(err.retry_after_s)
                     continue
                 self.metrics.retries.labels(ep.name, err.flag).inc()
@@ -193,6 +201,18 @@ class Sender:
                   attempt=attempt,
                   duration_ms=round(elapsed * 1000, 3), **counts)
             return
+
+    async def _split(self, rows: list[tuple[int, bytes]], generation: int, most: int,
+                     endpoint: str) -> None:
+        """The ingest takes at most ``most`` envelopes per call: deliver the rows in batches
+        of that size, one after the other, and build no larger batch from now on."""
+        self.batch_cap = min(self.batch_cap or most, most)
+        event("uplink.batch_split", level=logging.WARNING, endpoint=endpoint,
+              readings=len(rows), max_batch_envelopes=most,
+              reason="the ingest refused a batch larger than its limits.max_batch_envelopes; "
+                     "lower uplink.batch_max_readings to at most that")
+        for start in range(0, len(rows), most):
+            await self._deliver_until_acked(rows[start:start + most], generation)
 
     def _check_ack(self, ep: Endpoint, ack: pb.Ack, ids: list[tuple[int, int]]) -> None:
         """Strict acks: one result per envelope, in order, echoing its (epoch, seq), with a

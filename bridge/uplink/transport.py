@@ -40,21 +40,25 @@ _FLAGS = {
 def classify(err: grpc.aio.AioRpcError) -> TransportError:
     code = err.code()
     retry_after = None
+    max_envelopes = None
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         metadata: Any = err.trailing_metadata() or ()
         for key, value in metadata:
-            if key == "retry-after-ms":
-                try:
+            try:
+                if key == "retry-after-ms":
                     retry_after = float(value) / 1000.0
-                except (TypeError, ValueError):
-                    retry_after = None
+                elif key == "max-batch-envelopes":
+                    max_envelopes = max(1, int(value))
+            except (TypeError, ValueError):
+                continue  # a malformed hint is ignored: the backoff still applies
         kind = ErrorKind.THROTTLED
     elif code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         kind = ErrorKind.REFUSED
     else:
         kind = ErrorKind.RETRYABLE
     return TransportError(code=code.name, flag=_FLAGS.get(code, "UF"), kind=kind,
-                          detail=(err.details() or "")[:300], retry_after_s=retry_after)
+                          detail=(err.details() or "")[:300], retry_after_s=retry_after,
+                          max_envelopes=max_envelopes)
 
 
 class Transport(Protocol):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +21,7 @@ from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.config import TlsConfig
 from bridge.dev import localrun
 from bridge.ingest.store import Store
+from tests.conftest import metric_value, wait_for
 
 C, D, R = pb.DISPOSITION_COMMITTED, pb.DISPOSITION_DUPLICATE, pb.DISPOSITION_REJECTED
 
@@ -110,17 +113,79 @@ def test_extreme_seqs_and_wide_tombstones_get_an_answer_per_envelope_not_a_faile
     node.agrees_after_reopen()
 
 
-def test_a_batch_past_the_envelope_limit_is_answered_per_envelope(tmp_path: Path,
-                                                                 pkis: localrun.Pki):
+def test_a_batch_past_the_envelope_limit_is_refused_whole_before_any_envelope_is_stored(
+        tmp_path: Path, pkis: localrun.Pki):
     n = Node(tmp_path, pkis, extra="[limits]\nmax_batch_envelopes = 100\n")
     try:
-        ack = n.push([reading(s) for s in range(1, 151)])
-        got = [r.disposition for r in ack.results]
-        assert got == [C] * 100 + [R] * 50
-        assert ack.results[120].reason.startswith("batch_too_large")
+        with pytest.raises(grpc.RpcError) as info:
+            n.push([reading(s) for s in range(1, 151)])
+        err: Any = info.value
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_batch_envelopes=100" in err.details()
+        assert ("max-batch-envelopes", "100") in tuple(err.trailing_metadata())
+        assert [r.disposition for r in n.push([reading(s) for s in range(1, 101)]).results] \
+            == [C] * 100, "nothing of the refused batch was stored"
         n.answers()
     finally:
         n.proc.proc.stop()
+
+
+def test_a_message_past_the_byte_limit_is_refused_by_grpc_and_the_node_answers_others(
+        tmp_path: Path, pkis: localrun.Pki):
+    n = Node(tmp_path, pkis, extra="[limits]\nmax_batch_bytes = 65536\n")
+    try:
+        with pytest.raises(grpc.RpcError) as info:  # 820,000 bare envelopes would be 14 MiB
+            n.push([pb.Envelope(site_id="site-a", epoch=7, seq=s) for s in range(1, 20_001)])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        n.answers()
+    finally:
+        n.proc.proc.stop()
+
+
+def test_a_site_past_its_calls_in_flight_is_told_to_retry_and_other_sites_are_not(
+        tmp_path: Path, pkis: localrun.Pki):
+    import sqlite3
+
+    port = localrun.free_port()
+    n = Node(tmp_path, pkis, extra=f'[limits]\nmax_in_flight_per_site = 1\n'
+                                   f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    lock = sqlite3.connect(n.store_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the first call stays in flight while the lock is held
+    outcome: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            n.push([reading(1)], timeout=10)
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    def in_flight() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return metric_value(text, 'bridge_ingest_requests_in_flight{method="PushBatch"}')
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        wait_for(lambda: in_flight() >= 1, what="the first call in flight")
+        with pytest.raises(grpc.RpcError) as info:
+            n.push([reading(2)], timeout=10)
+        refused: Any = info.value
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = dict(refused.trailing_metadata())["retry-after-ms"]
+        assert 20 <= int(retry) <= 100
+        assert "max_in_flight_per_site" in refused.details()
+        with pytest.raises(grpc.RpcError) as other:  # site-b is not capped by site-a's calls
+            n.other.PushBatch(pb.Batch(batch_id="o", envelopes=[
+                reading(1, epoch=1, site="site-b")]), timeout=0.5)
+        assert other.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        t.join(15)
+    n.answers()
+    assert n.push([reading(3)]).results[0].disposition == C
+    n.proc.proc.stop()
 
 
 def test_health_and_other_sites_are_answered_while_a_large_batch_commits(node: Node):
@@ -198,12 +263,18 @@ def shared(tmp_path_factory: pytest.TempPathFactory, pkis: localrun.Pki) -> Iter
 @given(st.lists(ENVELOPE, min_size=1, max_size=600))
 def test_generated_batches_never_wedge_the_node_and_ledger_and_rows_always_agree(
         shared: Node, envs: list[pb.Envelope]):
+    if len(envs) > 500:  # past max_batch_envelopes: refused whole, nothing stored
+        with pytest.raises(grpc.RpcError) as info:
+            shared.push(envs)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        shared.answers()
+        shared.agrees_after_reopen()
+        return
     ack = shared.push(envs)
     assert len(ack.results) == len(envs)
     assert [(r.epoch, r.seq) for r in ack.results] == [(e.epoch, e.seq) for e in envs]
     for r in ack.results:
         assert r.disposition in (C, D, R)
         assert (r.disposition == R) == bool(r.reason)
-    assert all(r.disposition == R for r in ack.results[500:])
     shared.answers()
     shared.agrees_after_reopen()
