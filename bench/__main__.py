@@ -19,7 +19,17 @@ from pathlib import Path
 
 import orjson
 
-from bench import drain, failover, latency, memory, plots, restart, stores, throughput
+from bench import (
+    consumers,
+    drain,
+    failover,
+    latency,
+    memory,
+    plots,
+    restart,
+    stores,
+    throughput,
+)
 from bench.peers import GUARANTEES, TAGS, systems
 from bench.results import Row, missing, validate
 
@@ -42,6 +52,8 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("replica_restart", "first_ack_s_2M"): ("<=", 0.5),
     ("replica_restart", "first_ack_spread"): ("<=", 2.0),
     ("replica_restart", "rss_added_mb_200k"): ("<=", 5.0),
+    ("consumer_catchup", "nats_ratio_to_plain"): (">=", 0.8),
+    ("consumer_catchup", "ingest_ratio_to_plain"): (">=", 0.8),
 }
 
 # (scenario, metric, peer) -> (op, bound) on the ratio of the bridge's value to that peer's in
@@ -71,12 +83,13 @@ class Plan:
     store_seconds: float = 10.0
     store_configs: tuple[str, ...] = tuple(stores.CONFIGS)
     restart_depths: tuple[int, ...] = (20_000, 200_000, 2_000_000)
+    consume_readings: int = 200_000
 
 
 QUICK = Plan(throughput=20_000, sparkplug_messages=2_000, latency_s=2.0, fault_readings=4_000,
              kills=3, big_backlog=1_000_000, drain_backlog=100_000, store_sites=20,
              store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"),
-             restart_depths=(1_000, 10_000, 30_000))
+             restart_depths=(1_000, 10_000, 30_000), consume_readings=5_000)
 
 
 def machine() -> str:
@@ -165,6 +178,13 @@ SCENARIOS = {
     "the same with the subject's checkpoint purged (the replica reads the whole subject, as "
     "before checkpoints; not run at the largest depth). `first_ack_spread`: the largest "
     "first ack over the smallest.",
+    "consumer_catchup": "A stream of 200,000 readings of 10 sites (5,000 in the quick run) on "
+    "a 3-node cluster (nats-server's default sync), read from the start by a plain nats-py "
+    "reader as docs/consuming.md describes it (`load_generator` row: an ordered consumer, "
+    "`next_msg` and `Envelope.FromString` per message, one JSON line each), by `bridge "
+    "consume --from nats://...` and by `bridge consume` through one ingest replica "
+    "(SubscribeBatches); each timed from process start to its last line, each printing every "
+    "reading once. `*_ratio_to_plain` is the rate over the plain reader's.",
     "guarantees": "The evidence behind the Guarantees table, per scenario and system: "
     "`*_writes` distinct states of the persistence files seen while the run was polled, "
     "`*_bytes_max` the largest file, `*_sync_always` what each nats-server's `/jsz` reported.",
@@ -396,6 +416,8 @@ def main() -> None:
             batch=100, configs=list(plan.store_configs), log=log))
         attempt("replica_restart", lambda: restart.run(
             work=work / "restart", depths=list(plan.restart_depths), log=log))
+        attempt("consumer_catchup", lambda: consumers.run(
+            work=work / "consume", readings=plan.consume_readings, log=log))
         attempt("memory", lambda: memory.idle_and_load(work=work, count=plan.throughput,
                                                        procs=plan.procs, log=log)
                 + memory.run(big=plan.big_backlog, log=log))

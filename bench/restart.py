@@ -50,9 +50,7 @@ async def _fill(servers: list[str], epoch: int, depth: int) -> None:
             env.seq = s
             items.append(Incoming(SITE, epoch, s, env.SerializeToString()))
         await store.commit(items)
-    for task in store._tasks:  # stopped as by kill -9: no final checkpoint
-        task.cancel()
-    store._checkpoints = None
+    store.keeper.abandon()  # stopped as by kill -9: no final checkpoint
     await store.close()
 
 

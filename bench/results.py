@@ -66,6 +66,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "faults_edge_killed": PEERS,
     "ingest_stores": ("ingest_sqlite", "ingest_js_always_1"),
     "replica_restart": ("bridge",),
+    "consumer_catchup": ("bridge", "load_generator"),
     "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 

@@ -173,7 +173,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
     targets, tls, cursor_path, jetstream = _consumer_setup(args)
     if args.status:
-        doc = asyncio.run(consume.status(targets=targets, tls=tls))
+        doc = asyncio.run(consume.status(targets=targets, tls=tls, jetstream=jetstream))
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json
               else consume.format_status(doc))
         return 0 if all("error" not in n for n in doc["nodes"]) else 1
@@ -199,7 +199,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         asyncio.run(go())
         return 0
     errors = asyncio.run(consume.read_all(targets=targets, tls=tls, merger=merger,
-                                          jetstream=jetstream))
+                                          jetstream=jetstream, emit=emit))
     emit(merger.drain())
     for target, err in errors.items():
         print(f"warning: {target}: {err} (its readings are not in this output)",

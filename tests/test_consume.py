@@ -1,19 +1,26 @@
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bridge._pb import bridge_pb2 as pb
+from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.consume import (
     Merger,
     committed_intervals,
     load_cursors,
+    read_all,
     save_cursors,
     union,
     watermark_and_gaps,
 )
 from bridge.errors import CursorError
+from tests.conftest import Cluster
 
 
 def c(site: str, seq: int, node: str = "aws", epoch: int = 9) -> pb.Committed:
@@ -72,3 +79,36 @@ def test_a_tombstone_releases_the_readings_it_covers_for_every_stream_not_only_t
     assert m.pending() == 0
     assert m.cursors == {("a", 9): 11, ("b", 9): 11, ("c", 9): 11}
     assert m.duplicates == 3
+
+
+def test_a_whole_read_has_no_deadline_only_a_limit_on_silence_and_streams_as_it_goes(
+        cluster: Cluster):
+    node = cluster.ingest("aws")
+    ca, cert, key = cluster.pki.site("site-a").read()
+    with grpc.secure_channel(node.target, grpc.ssl_channel_credentials(ca, key, cert)) as ch:
+        stub = pb_grpc.IngestStub(ch)
+        for lo in range(1, 30_001, 5000):
+            stub.PushBatch(pb.Batch(batch_id=str(lo), envelopes=[
+                pb.Envelope(site_id="site-a", epoch=3, seq=s) for s in range(lo, lo + 5000)]),
+                timeout=30)
+    emitted: list[int] = []
+    merger = Merger()
+
+    async def read(idle: float) -> dict[str, str]:
+        return await read_all(targets=[node.target], tls=cluster.pki.consumer(),
+                              merger=merger, timeout=idle,
+                              emit=lambda batch: emitted.append(len(batch)))
+
+    t0 = time.monotonic()
+    errors = asyncio.run(read(0.2))  # a limit on silence far below what the read takes
+    assert errors == {} and time.monotonic() - t0 > 0.2
+    assert sum(emitted) + len(merger.drain()) == 30_000
+    assert len(emitted) >= 10, "emitted while reading, not held to the end"
+    node.proc.signal(signal.SIGSTOP)  # a node that stops answering is given up, not awaited
+    try:
+        t0 = time.monotonic()
+        errors = asyncio.run(read(1.0))
+        assert time.monotonic() - t0 < 10
+    finally:
+        node.proc.signal(signal.SIGCONT)
+    assert errors[node.target].startswith("UNAVAILABLE")

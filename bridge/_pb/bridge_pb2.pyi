@@ -502,6 +502,30 @@ class Committed(_message.Message):
 Global___Committed: _TypeAlias = Committed  # noqa: Y015
 
 @_typing.final
+class CommittedBatch(_message.Message):
+    """Subscribe's readings, several per message: a reader catching up pays gRPC's cost per
+    message, not per reading. In the order Subscribe sends them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Committed]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___Committed] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommittedBatch: _TypeAlias = CommittedBatch  # noqa: Y015
+
+@_typing.final
 class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -45,6 +45,11 @@ class IngestStub:
                 request_serializer=bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=bridge_dot_v1_dot_bridge__pb2.Committed.FromString,
                 _registered_method=True)
+        self.SubscribeBatches = channel.unary_stream(
+                '/bridge.v1.Ingest/SubscribeBatches',
+                request_serializer=bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=bridge_dot_v1_dot_bridge__pb2.CommittedBatch.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/bridge.v1.Ingest/Status',
                 request_serializer=bridge_dot_v1_dot_bridge__pb2.StatusRequest.SerializeToString,
@@ -69,6 +74,14 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeBatches(self, request, context):
+        """The same readings, batched (up to 500 per message; a live reader gets each as it
+        commits). `bridge consume` uses it, and Subscribe with a node that lacks it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Per-(site, epoch) completeness.
         """
@@ -88,6 +101,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.FromString,
                     response_serializer=bridge_dot_v1_dot_bridge__pb2.Committed.SerializeToString,
+            ),
+            'SubscribeBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeBatches,
+                    request_deserializer=bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.FromString,
+                    response_serializer=bridge_dot_v1_dot_bridge__pb2.CommittedBatch.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -149,6 +167,33 @@ class Ingest:
             '/bridge.v1.Ingest/Subscribe',
             bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.SerializeToString,
             bridge_dot_v1_dot_bridge__pb2.Committed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bridge.v1.Ingest/SubscribeBatches',
+            bridge_dot_v1_dot_bridge__pb2.SubscribeRequest.SerializeToString,
+            bridge_dot_v1_dot_bridge__pb2.CommittedBatch.FromString,
             options,
             channel_credentials,
             insecure,

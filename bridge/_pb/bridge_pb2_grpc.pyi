@@ -42,6 +42,10 @@ class IngestStub:
     """Commit a batch; answers only after the store has committed it."""
     Subscribe: _grpc.UnaryStreamMultiCallable[_bridge_pb2.SubscribeRequest, _bridge_pb2.Committed]
     """Stream committed readings from per-(site, epoch) cursors."""
+    SubscribeBatches: _grpc.UnaryStreamMultiCallable[_bridge_pb2.SubscribeRequest, _bridge_pb2.CommittedBatch]
+    """The same readings, batched (up to 500 per message; a live reader gets each as it
+    commits). `bridge consume` uses it, and Subscribe with a node that lacks it.
+    """
     Status: _grpc.UnaryUnaryMultiCallable[_bridge_pb2.StatusRequest, _bridge_pb2.StatusReply]
     """Per-(site, epoch) completeness."""
 
@@ -52,6 +56,10 @@ class IngestAsyncStub(IngestStub):
     """Commit a batch; answers only after the store has committed it."""
     Subscribe: _aio.UnaryStreamMultiCallable[_bridge_pb2.SubscribeRequest, _bridge_pb2.Committed]  # type: ignore[assignment]
     """Stream committed readings from per-(site, epoch) cursors."""
+    SubscribeBatches: _aio.UnaryStreamMultiCallable[_bridge_pb2.SubscribeRequest, _bridge_pb2.CommittedBatch]  # type: ignore[assignment]
+    """The same readings, batched (up to 500 per message; a live reader gets each as it
+    commits). `bridge consume` uses it, and Subscribe with a node that lacks it.
+    """
     Status: _aio.UnaryUnaryMultiCallable[_bridge_pb2.StatusRequest, _bridge_pb2.StatusReply]  # type: ignore[assignment]
     """Per-(site, epoch) completeness."""
 
@@ -71,6 +79,16 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_bridge_pb2.Committed], _abc.AsyncIterator[_bridge_pb2.Committed]]:
         """Stream committed readings from per-(site, epoch) cursors."""
+
+    @_abc_1.abstractmethod
+    def SubscribeBatches(
+        self,
+        request: _bridge_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bridge_pb2.CommittedBatch], _abc.AsyncIterator[_bridge_pb2.CommittedBatch]]:
+        """The same readings, batched (up to 500 per message; a live reader gets each as it
+        commits). `bridge consume` uses it, and Subscribe with a node that lacks it.
+        """
 
     @_abc_1.abstractmethod
     def Status(

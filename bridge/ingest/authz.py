@@ -109,10 +109,12 @@ class Authorizer:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     async def guard(self, items: AsyncIterator[T], ident: PeerIdentity, role: str,
-                    context: Context) -> AsyncIterator[T]:
+                    context: Context, *, batch: int = 0) -> AsyncIterator[Any]:
         """``items``, ended with PERMISSION_DENIED within ``interval_s`` of ``ident`` losing
-        the right to them, even while no item comes (a pump task reads ``items``)."""
-        queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=256)
+        the right to them, even while no item comes (a pump task reads ``items``). With
+        ``batch``, lists of up to ``batch`` items: those the store had ready (a reader that
+        is catching up gets full lists; a live one gets each item as it comes)."""
+        queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=max(256, 2 * batch))
 
         async def pump() -> None:
             try:
@@ -144,8 +146,27 @@ class Authorizer:
                     if isinstance(item, BaseException):
                         raise item
                     return
-                if item is not _IDLE:
+                if item is _IDLE:
+                    continue
+                if not batch:
                     yield item
+                    continue
+                ready = [item]  # and what else the store has ready, taken without waiting
+                end: tuple[bool, Any] | None = None
+                while len(ready) < batch:
+                    try:
+                        more, item = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if not more:
+                        end = (more, item)
+                        break
+                    ready.append(item)
+                yield ready
+                if end is not None:
+                    if isinstance(end[1], BaseException):
+                        raise end[1]
+                    return
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

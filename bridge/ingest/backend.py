@@ -15,12 +15,26 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
+from bridge._pb import bridge_pb2 as pb
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 from bridge.ingest.store import COMMITTED, Incoming, Reader, Store
 
 _PAGE = 1000
 
 StreamState = tuple[Key, StreamLedger, list[tuple[int, int, str]]]
+
+
+def status_reply(node: str, streams: list[StreamState]) -> pb.StatusReply:
+    """Per (site, epoch): watermark, highest seq, count, gaps and dropped ranges."""
+    reply = pb.StatusReply(node=node)
+    for (site, epoch), s, dropped in streams:
+        st = reply.streams.add(site_id=site, epoch=epoch, committed_through=s.watermark,
+                               highest_seq=s.highest, committed=s.committed,
+                               dropped=[pb.DroppedRange(first_seq=f, last_seq=last, reason=r)
+                                        for f, last, r in dropped])
+        for first, last in s.gaps():
+            st.gaps.add(first_seq=first, last_seq=last)
+    return reply
 
 
 class Backend(Protocol):

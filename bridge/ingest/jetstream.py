@@ -64,23 +64,15 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bridge.config import JetStreamSettings, site_id_problem
 from bridge.errors import StoreUnavailable
+from bridge.ingest import stream
 from bridge.ingest.backend import StreamState
 from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
-from bridge.ingest.subjects import (
-    CHECKPOINT_EVERY,
-    Checkpoints,
-    SubjectCache,
-    SubjectState,
-    checkpoint_key,
-    flush,
-    run_checkpoints,
-)
+from bridge.ingest.subjects import Keeper, SubjectState, checkpoint_key
 from bridge.telemetry import IngestMetrics, event
 
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
@@ -123,22 +115,25 @@ class JetStreamStore:
     def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256,
                  max_gaps_per_stream: int = 10_000,
                  on_health: Callable[[bool], Awaitable[None]] | None = None,
-                 metrics: IngestMetrics | None = None) -> None:
+                 metrics: IngestMetrics | None = None, read_only: bool = False) -> None:
         """``on_health(False)`` when the connection to the cluster is lost, ``(True)`` when it
-        is back: the node's gRPC health follows, so agents move on at their next probe."""
+        is back: the node's gRPC health follows, so agents move on at their next probe.
+        ``read_only``: for ``status`` and ``read`` with a reader's account (``bridge consume
+        --status``): creates and changes nothing, writes no checkpoint."""
         self.settings = settings
+        self.read_only = read_only
         self.on_health = on_health or _ignore
         self.metrics = metrics or IngestMetrics()
         self.max_epochs_per_site = max_epochs_per_site
         self.max_gaps_per_stream = max_gaps_per_stream
-        self._subjects = SubjectCache(budget=int(settings.cache_mb * 1024 * 1024))
+        self.keeper = Keeper(budget=int(settings.cache_mb * 1024 * 1024), metrics=self.metrics,
+                             name=lambda key: checkpoint_key(key, subject_token(key[0])))
+        self._subjects = self.keeper.cache
         self._epochs: dict[str, set[int]] = {}  # epochs of each site this replica has met
         self._newest: dict[str, tuple[int, int]] = {}  # site: (newest epoch, its watermark)
-        self._checkpoints: Checkpoints | None = None
         self._stream_id = ""  # the stream's creation time: checkpoints of another are ignored
-        self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()  # a subject is CHECKPOINT_EVERY messages past its last
         self._nc: NATS | None = None
+        self._closing = False
         self._batches = 0
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
         # Validation and Acks run here (the commit itself is async network I/O).
@@ -176,36 +171,12 @@ class JetStreamStore:
                                    f"{type(exc).__name__}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
         await self._ensure_stream()
-        await self._open_checkpoints()
+        await self.keeper.open(self._client().jetstream(timeout=s.ack_timeout_s),
+                               stream=s.stream, stream_id=self._stream_id,
+                               replicas=s.replicas, write=not self.read_only)
+        cp = self.keeper.checkpoints
         event("jetstream.connected", servers=list(s.servers), stream=s.stream,
-              checkpoints=self._checkpoints.bucket if self._checkpoints else None)
-
-    async def _open_checkpoints(self) -> None:
-        """The checkpoint bucket and the task that writes it. Without it (an account that
-        may not use it) every replica still works exactly, reading whole subjects: said
-        once, as a warning and in ``bridge_ingest_checkpoints_total{outcome="disabled"}``."""
-        cp = Checkpoints(stream=self.settings.stream, stream_id=self._stream_id,
-                         replicas=self.settings.replicas)
-        try:
-            await cp.open(self._client().jetstream(timeout=self.settings.ack_timeout_s))
-        except (NatsError, TimeoutError) as exc:
-            self.metrics.checkpoints.labels("disabled").inc()
-            event("jetstream.checkpoints_disabled", level=logging.WARNING, bucket=cp.bucket,
-                  reason=f"{type(exc).__name__}: {exc}"[:200])
-            return
-        self._checkpoints = cp
-        self._tasks.append(asyncio.create_task(run_checkpoints(
-            cache=self._subjects, checkpoints=cp, name=self._checkpoint_name,
-            on_outcome=self._checkpoint_outcome, wake=self._wake),
-            name="jetstream-checkpoints"))
-
-    def _checkpoint_name(self, key: Key) -> str:
-        return checkpoint_key(key, subject_token(key[0]))
-
-    def _checkpoint_outcome(self, outcome: str) -> None:
-        self.metrics.checkpoints.labels(outcome).inc()
-        self.metrics.subject_states.set(len(self._subjects))
-        self.metrics.subject_bytes.set(self._subjects.size())
+              checkpoints=cp.bucket if cp else None)
 
     async def _on_error(self, exc: Exception) -> None:
         event("jetstream.error", level=logging.WARNING, reason=str(exc)[:200])
@@ -213,6 +184,8 @@ class JetStreamStore:
     async def _on_disconnect(self) -> None:
         for _, sub in self._subjects.items():
             sub.stale = True  # outcomes in flight are unknown now
+        if self._closing:  # our own close: not news
+            return
         event("jetstream.disconnected", level=logging.WARNING)
         await self.on_health(False)
 
@@ -237,9 +210,11 @@ class JetStreamStore:
     async def _ensure_stream(self) -> None:
         s = self.settings
         info = await self._api(f"$JS.API.STREAM.INFO.{s.stream}", {})
-        if "error" not in info:
+        if "error" not in info or self.read_only:
+            if "error" in info:
+                raise StoreUnavailable(f"stream {s.stream}: {info['error']}")
             cfg = info.get("config", {})
-            if not cfg.get("allow_atomic"):
+            if not cfg.get("allow_atomic") and not self.read_only:
                 info = await self._api(f"$JS.API.STREAM.UPDATE.{s.stream}",
                                        {**cfg, "allow_atomic": True})
             if "error" in info:
@@ -260,15 +235,9 @@ class JetStreamStore:
         """Stop; every changed subject's checkpoint is written first (a rolling restart then
         costs the next replica no tail at all)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._checkpoints is not None and self._nc is not None and self._nc.is_connected:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flush(
-                    cache=self._subjects, checkpoints=self._checkpoints,
-                    name=self._checkpoint_name, on_outcome=self._checkpoint_outcome,
-                    everything=True), timeout)
+        self._closing = True
+        await self.keeper.close(timeout=timeout,
+                                connected=self._nc is not None and self._nc.is_connected)
         if self._nc is not None:
             with contextlib.suppress(NatsError, TimeoutError):
                 await asyncio.wait_for(self._nc.drain(), timeout)
@@ -290,50 +259,22 @@ class JetStreamStore:
                 except NotFoundError:
                     upto = 0
             if not sub.loaded:
-                await self._load_checkpoint(key, sub, upto)
+                await self.keeper.load(key, sub, upto, subject)
             if upto > sub.last:
                 t0 = time.monotonic()
                 read = 0
-                psub = await js.subscribe(
-                    subject, ordered_consumer=True, headers_only=True,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                          opt_start_seq=sub.last + 1))
-                loop = asyncio.get_running_loop()
-                wait = self.settings.ack_timeout_s
-                try:
-                    # One timer for the whole read, pushed on by every message (a stall still
-                    # ends it after ack_timeout_s); no task per message as next_msg makes.
-                    async with asyncio.timeout(wait) as timer:
-                        async for msg in psub.messages:
-                            self._fold(key, sub, msg)
-                            read += 1
-                            if sub.last >= upto:
-                                break
-                            timer.reschedule(loop.time() + wait)
-                finally:
-                    with contextlib.suppress(NatsError, TimeoutError):
-                        await psub.unsubscribe()
+                async for msg in stream.messages(js, subject, start=sub.last + 1,
+                                                 idle_s=self.settings.ack_timeout_s,
+                                                 headers_only=True):
+                    self._fold(key, sub, msg)
+                    read += 1
+                    if sub.last >= upto:
+                        break
                 self.metrics.catchup_messages.inc(read)
                 self.metrics.catchup_seconds.observe(time.monotonic() - t0)
         except (NatsError, TimeoutError) as exc:
             raise StoreUnavailable(f"reading {subject}: {type(exc).__name__}: {exc}") from exc
         sub.stale = False
-
-    async def _load_checkpoint(self, key: Key, sub: SubjectState, upto: int) -> None:
-        sub.loaded = True
-        if self._checkpoints is None or sub.last:
-            return
-        found = await self._checkpoints.load(checkpoint_key(key, subject_token(key[0])))
-        if found is None:
-            self.metrics.checkpoints.labels("missing").inc()
-            return
-        if found.last > upto:  # the subject is shorter than its checkpoint says: not ours
-            self.metrics.checkpoints.labels("ignored").inc()
-            event("jetstream.checkpoint_ignored", level=logging.WARNING,
-                  subject=self.subject(key), checkpoint_last=found.last, subject_last=upto)
-            return
-        sub.adopt(found)
-        self.metrics.checkpoints.labels("loaded").inc()
 
     def _fold(self, key: Key, sub: SubjectState, msg: Msg) -> None:
         h = msg.headers or {}
@@ -470,8 +411,7 @@ class JetStreamStore:
             # Every message of the batch lies after the subject's previous last: a safe mark.
             sub.note(sub.last + 1, len(chunk), max(out.last for out in chunk))
             sub.last = int(ack["seq"])
-            if sub.last - sub.saved >= CHECKPOINT_EVERY:
-                self._wake.set()
+            self.keeper.advanced(sub)
         return None
 
     # -- status and reading ----------------------------------------------------------------
@@ -533,18 +473,9 @@ class JetStreamStore:
     async def _messages(self, js: Any, subject: str, start: int, end: int | None
                         ) -> AsyncIterator[tuple[bytes, int]]:
         """Messages on ``subject`` with stream sequence ``start``..``end`` (None: forever)."""
-        sub = await js.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start))
+        wait = None if end is None else self.settings.ack_timeout_s
         try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=1.0 if end is None else
-                                             self.settings.ack_timeout_s)
-                except TimeoutError:
-                    if end is None:
-                        continue
-                    raise StoreUnavailable(f"{subject}: stopped answering at {start}..{end}") \
-                        from None
+            async for msg in stream.messages(js, subject, start=start, idle_s=wait):
                 meta = msg.metadata
                 stream_seq = int(meta.sequence.stream)
                 if end is not None and stream_seq > end:
@@ -553,6 +484,5 @@ class JetStreamStore:
                     else 0
                 if end is not None and stream_seq >= end:
                     return
-        finally:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await sub.unsubscribe()
+        except TimeoutError:
+            raise StoreUnavailable(f"{subject}: stopped answering at {start}..{end}") from None

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.ingest.ledger import TOO_MANY_GAPS
 
 SEQ_MAX = 2**63 - 1
 
@@ -66,3 +67,11 @@ class Limits:
         if env.values:
             return "bad_drop_notice: a tombstone carries no values"
         return None
+
+
+def store_refusal(outcome: str, *, max_epochs: int, max_gaps: int) -> str:
+    """The reason an agent's dead letter carries for a store's refusal of an envelope."""
+    if outcome == TOO_MANY_GAPS:
+        return (f"{outcome}: this (site, epoch) already has {max_gaps} gaps between its seqs "
+                "(limits.max_gaps_per_stream)")
+    return f"{outcome}: this site already has {max_epochs} epochs (max_epochs_per_site)"

@@ -29,11 +29,10 @@ from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, load_ingest
 from bridge.ingest.authz import Authorizer
-from bridge.ingest.backend import Backend, SqliteBackend
+from bridge.ingest.backend import Backend, SqliteBackend, status_reply
 from bridge.ingest.denylist import DenyList
 from bridge.ingest.jetstream import JetStreamStore
-from bridge.ingest.ledger import TOO_MANY_GAPS
-from bridge.ingest.limits import Limits
+from bridge.ingest.limits import Limits, store_refusal
 from bridge.ingest.listen import bind, server_credentials
 from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
 from bridge.ingest.ratelimit import SiteLimiter
@@ -43,6 +42,7 @@ from bridge.service import Notifier
 from bridge.telemetry import CertExpiry, HttpEndpoint, IngestMetrics, event
 
 MAX_BATCH_ID = 128  # the agent sends a UUID (36); anything longer is refused, not logged
+SUBSCRIBE_BATCH = 500  # readings per SubscribeBatches message at most
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Pair with the agent's keepalive (bridge.common.channel_options): pings every 10 s are
@@ -247,7 +247,8 @@ class IngestService(pb_grpc.IngestServicer):
                 duplicates += 1
             else:
                 r.disposition = pb.DISPOSITION_REJECTED
-                r.reason = self._why(outcome)
+                r.reason = store_refusal(outcome, max_epochs=self.backend.max_epochs_per_site,
+                                         max_gaps=self.backend.max_gaps_per_stream)
                 self.metrics.rejected.labels(outcome).inc()
                 n_rejected += 1
         for key in sorted({(i.site_id, i.epoch) for i in p.incoming}):
@@ -255,56 +256,60 @@ class IngestService(pb_grpc.IngestServicer):
                 p.ack.watermarks.add(site_id=key[0], epoch=key[1], committed_through=wm)
         return p.ack, committed, duplicates, n_rejected
 
-    def _why(self, outcome: str) -> str:
-        """The reason an agent's dead letter carries for a store's refusal."""
-        if outcome == TOO_MANY_GAPS:
-            return (f"{outcome}: this (site, epoch) already has "
-                    f"{self.backend.max_gaps_per_stream} gaps between its seqs "
-                    "(limits.max_gaps_per_stream)")
-        return (f"{outcome}: this site already has {self.backend.max_epochs_per_site} "
-                "epochs (max_epochs_per_site)")
-
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
                             pb.Committed]:
+        async for batch in self._committed(request, context, 1):
+            for c in batch.items:
+                yield c
+
+    async def SubscribeBatches(self, request: pb.SubscribeRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[
+                                   pb.CommittedBatch]:
+        async for batch in self._committed(request, context, SUBSCRIBE_BATCH):
+            yield batch
+
+    async def _committed(self, request: pb.SubscribeRequest,
+                         context: grpc.aio.ServicerContext[Any, Any], most: int
+                         ) -> AsyncIterator[pb.CommittedBatch]:
+        """What a consumer reads from the cursors on, in batches of up to ``most``."""
         ident = await self.authz.caller(context, ROLE_CONSUMER)
         cursors = {(c.site_id, c.epoch): c.after_seq for c in request.cursors}
         self.metrics.subscribers.inc()
         try:
             # Revocation and expiry end the stream too, not only new calls (authz.py).
             records = self.backend.read(follow=request.follow, cursors=cursors)
-            async for blob, commit_ns in self.authz.guard(records, ident, ROLE_CONSUMER,
-                                                          context):
-                try:
-                    env = pb.Envelope.FromString(blob)
-                except DecodeError:  # not ours (another publisher on the stream): skipped
-                    self.metrics.foreign_records.inc()
-                    event("ingest.unreadable_record", level=logging.WARNING, bytes=len(blob))
-                    continue
-                if env.seq > cursors.get((env.site_id, env.epoch), 0):
-                    yield pb.Committed(envelope=env, commit_time_ns=commit_ns, node=self.node)
+            async for ready in self.authz.guard(records, ident, ROLE_CONSUMER, context,
+                                                batch=most):
+                out = pb.CommittedBatch()
+                for blob, commit_ns in ready:
+                    c = out.items.add(commit_time_ns=commit_ns, node=self.node)
+                    try:
+                        c.envelope.MergeFromString(blob)  # parsed in place, not copied
+                    except DecodeError:  # not ours (another publisher on the stream)
+                        del out.items[-1]
+                        self.metrics.foreign_records.inc()
+                        event("ingest.unreadable_record", level=logging.WARNING,
+                              bytes=len(blob))
+                        continue
+                    env = c.envelope
+                    if env.seq <= cursors.get((env.site_id, env.epoch), 0):
+                        del out.items[-1]
+                if out.items:
+                    yield out
         finally:
             self.metrics.subscribers.dec()
 
     async def Status(self, request: pb.StatusRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusReply:
         await self.authz.caller(context, ROLE_CONSUMER)
-        reply = pb.StatusReply(node=self.node)
         try:
             streams = await self.backend.status()
         except Exception as exc:  # noqa: BLE001 - a clear answer, never a traceback
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"store unavailable on {self.node}: {type(exc).__name__}: "
                                 f"{exc}"[:300])
-        for (site, epoch), s, dropped in streams:
-            st = reply.streams.add(site_id=site, epoch=epoch, committed_through=s.watermark,
-                                   highest_seq=s.highest, committed=s.committed,
-                                   dropped=[pb.DroppedRange(first_seq=f, last_seq=last,
-                                                            reason=r)
-                                            for f, last, r in dropped])
-            for first, last in s.gaps():
-                st.gaps.add(first_seq=first, last_seq=last)
-        return reply
+        return status_reply(self.node, streams)
 
     async def close(self, timeout: float = 5.0) -> bool:
         """Stop the threads and the backend; False if the store was still busy after

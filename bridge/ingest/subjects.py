@@ -68,7 +68,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bridge.ingest.ledger import Key, StreamLedger
-from bridge.telemetry import event
+from bridge.telemetry import IngestMetrics, event
 
 VERSION = 1
 MARK_EVERY = 1000      # messages between two seek marks of a subject, at first
@@ -253,11 +253,13 @@ class Checkpoints:
         self.replicas = replicas
         self._kv: KeyValue | None = None
 
-    async def open(self, js: JetStreamContext) -> None:
+    async def open(self, js: JetStreamContext, *, create: bool = True) -> None:
         """Bind the bucket, creating it (the stream's replicas, file storage) if missing."""
         try:
             self._kv = await js.key_value(self.bucket)
         except BucketNotFoundError:
+            if not create:
+                raise
             self._kv = await js.create_key_value(KeyValueConfig(
                 bucket=self.bucket, history=1, replicas=self.replicas,
                 storage=StorageType.FILE, max_value_size=MAX_CHECKPOINT_BYTES,
@@ -321,3 +323,85 @@ async def flush(*, cache: SubjectCache, checkpoints: Checkpoints, name: Callable
     for key, st in cache.items():
         if st.due(now) or (everything and not st.clean):
             on_outcome(await checkpoints.save(name(key), st))
+
+
+class Keeper:
+    """A replica's subject states and their checkpoints: the cache, the bucket, its task."""
+
+    def __init__(self, *, budget: int, metrics: IngestMetrics,
+                 name: Callable[[Key], str]) -> None:
+        """``name``: a subject's bucket key (``checkpoint_key`` of its site token)."""
+        self.cache = SubjectCache(budget=budget)
+        self.metrics = metrics
+        self.name = name
+        self.checkpoints: Checkpoints | None = None
+        self.write = True
+        self._wake = asyncio.Event()  # a subject is CHECKPOINT_EVERY messages past its last
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, js: JetStreamContext, *, stream: str, stream_id: str,
+                   replicas: int, write: bool = True) -> None:
+        """The bucket and the task that writes it (with ``write``; a reader only reads
+        checkpoints). Without it (an account that may not use it) every replica still works
+        exactly, reading whole subjects: said once, as a warning and in
+        ``bridge_ingest_checkpoints_total{outcome="disabled"}``."""
+        cp = Checkpoints(stream=stream, stream_id=stream_id, replicas=replicas)
+        try:
+            await cp.open(js, create=write)
+        except (NatsError, TimeoutError) as exc:
+            self.metrics.checkpoints.labels("disabled").inc()
+            event("jetstream.checkpoints_disabled", level=logging.WARNING, bucket=cp.bucket,
+                  reason=f"{type(exc).__name__}: {exc}"[:200])
+            return
+        self.checkpoints = cp
+        if not write:
+            self.write = False
+            return
+        self._task = asyncio.create_task(run_checkpoints(
+            cache=self.cache, checkpoints=cp, name=self.name, on_outcome=self._outcome,
+            wake=self._wake), name="jetstream-checkpoints")
+
+    def _outcome(self, outcome: str) -> None:
+        self.metrics.checkpoints.labels(outcome).inc()
+        self.metrics.subject_states.set(len(self.cache))
+        self.metrics.subject_bytes.set(self.cache.size())
+
+    def advanced(self, st: SubjectState) -> None:
+        """``st`` took an append: wake the task once a checkpoint is due by count."""
+        if st.last - st.saved >= CHECKPOINT_EVERY:
+            self._wake.set()
+
+    async def load(self, key: Key, st: SubjectState, upto: int, subject: str) -> None:
+        """Start ``st`` (met for the first time) from its checkpoint, if it has a usable one
+        (rule 1); ``upto`` is the subject's last stream sequence now."""
+        st.loaded = True
+        if self.checkpoints is None or st.last:
+            return
+        found = await self.checkpoints.load(self.name(key))
+        if found is None:
+            self.metrics.checkpoints.labels("missing").inc()
+            return
+        if found.last > upto:  # the subject is shorter than its checkpoint says: not ours
+            self.metrics.checkpoints.labels("ignored").inc()
+            event("jetstream.checkpoint_ignored", level=logging.WARNING, subject=subject,
+                  checkpoint_last=found.last, subject_last=upto)
+            return
+        st.adopt(found)
+        self.metrics.checkpoints.labels("loaded").inc()
+
+    async def close(self, *, timeout: float, connected: bool) -> None:
+        """Stop the task; with a connection, write every changed state's checkpoint first."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.checkpoints is not None and connected and self.write:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await flush(cache=self.cache, checkpoints=self.checkpoints,
+                                name=self.name, on_outcome=self._outcome, everything=True)
+
+    def abandon(self) -> None:
+        """Stop writing checkpoints at once, as a kill -9 would (tests and benchmarks)."""
+        if self._task is not None:
+            self._task.cancel()
+        self.checkpoints = None

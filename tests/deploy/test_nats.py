@@ -246,6 +246,15 @@ def test_the_ingest_user_runs_the_store_and_the_reader_only_reads(shipped: Shipp
                          text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     assert [json.loads(x)["seq"] for x in res.stdout.splitlines()] == list(range(1, 21))
+    # --status straight from the stream with the reader's account: from the checkpoint the
+    # replica wrote, with nothing created or written.
+    res = subprocess.run(bridge_argv("consume", "--config", str(cfg), "--status", "--json"),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    (stream,) = doc["streams"]
+    assert stream["merged"]["committed_through"] == 20 and stream["merged"]["gaps"] == []
+    assert "checkpoints_disabled" not in res.stderr
 
     async def write_as_reader() -> list[str]:
         errors: list[str] = []

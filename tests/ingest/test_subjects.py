@@ -92,9 +92,7 @@ async def test_a_stale_checkpoint_is_only_slower_and_a_missing_one_reads_everyth
     crashed = replica(js)
     await crashed.start()
     await crashed.commit(batch("site-a", 5, range(3001, 3501)))
-    for task in crashed._tasks:  # a replica killed before it wrote its checkpoint
-        task.cancel()
-    crashed._checkpoints = None
+    crashed.keeper.abandon()  # a replica killed before it wrote its checkpoint
     await crashed.close()
 
     third = replica(js)
@@ -134,9 +132,7 @@ async def test_a_checkpoint_of_a_deleted_stream_or_past_the_subject_is_ignored(
     await jsc.delete_stream("BRIDGE")  # the stream is made anew; its bucket outlives it
     blind = replica(js)  # the new stream's subject gets more messages than the old one had
     await blind.start()
-    blind._checkpoints = None
-    for task in blind._tasks:
-        task.cancel()
+    blind.keeper.abandon()
     await blind.commit(batch("site-a", 5, range(1001, 1201)))
     await blind.close()
     second = replica(js)

@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import orjson
@@ -34,6 +34,7 @@ from bridge.errors import CursorError, SourceUnavailable
 from bridge.telemetry import event
 
 Key = tuple[str, int]
+IDLE_S = 30.0  # a whole read gives up on a source after this long without a message
 _QUALITY = {0: None, 1: "good", 2: "uncertain", 3: "bad"}
 _PROTOCOL = {0: None, 1: "mqtt", 2: "amqp"}
 
@@ -82,10 +83,11 @@ def reading_json(c: pb.Committed) -> dict[str, Any]:
         if v.historical:
             item["historical"] = True
         values.append(item)
+    src = env.source  # each attribute access of a sub-message builds a new wrapper
     out: dict[str, Any] = {
         "site_id": env.site_id, "epoch": f"{env.epoch:016x}", "seq": env.seq,
-        "source": {"protocol": _PROTOCOL.get(env.source.protocol), "broker": env.source.broker,
-                   "topic": env.source.topic, "name": env.source.name},
+        "source": {"protocol": _PROTOCOL.get(src.protocol), "broker": src.broker,
+                   "topic": src.topic, "name": src.name},
         "gateway_time_ns": env.gateway_time_ns, "clock_synced": env.clock_synced,
         "values": values, "codec": env.codec, "node": c.node,
     }
@@ -112,12 +114,29 @@ class NodeClient:
                                                options=channel_options(backoff_max_s=5.0))
         self.stub = pb_grpc.IngestStub(self.channel)
 
-    def subscribe(self, cursors: dict[Key, int], *, follow: bool,
-                  timeout: float | None) -> AsyncIterator[pb.Committed]:
+    async def subscribe(self, cursors: dict[Key, int], *, follow: bool,
+                        timeout: float | None) -> AsyncIterator[pb.Committed]:
+        """The node's readings after ``cursors``, read in batches (SubscribeBatches); from a
+        node that predates it, one per message (Subscribe)."""
         req = pb.SubscribeRequest(follow=follow, cursors=[
             pb.Cursor(site_id=s, epoch=e, after_seq=n) for (s, e), n in cursors.items()])
-        stream: Any = self.stub.Subscribe(req, timeout=timeout)
-        return cast("AsyncIterator[pb.Committed]", stream)
+        batches: Any = self.stub.SubscribeBatches(req, timeout=timeout)
+        try:
+            async for batch in batches:
+                for c in batch.items:
+                    yield c
+            return
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        finally:
+            batches.cancel()
+        single: Any = self.stub.Subscribe(req, timeout=timeout)
+        try:
+            async for c in single:
+                yield c
+        finally:
+            single.cancel()
 
     async def status(self, *, timeout: float) -> pb.StatusReply:
         reply: pb.StatusReply = await self.stub.Status(pb.StatusRequest(), timeout=timeout)
@@ -143,7 +162,8 @@ class JetStreamClient:
     async def subscribe(self, cursors: dict[Key, int], *, follow: bool,
                         timeout: float | None) -> AsyncIterator[pb.Committed]:
         import nats
-        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        from bridge.ingest import stream
 
         try:
             self._nc = await nats.connect(servers=self.servers, connect_timeout=5,
@@ -153,30 +173,32 @@ class JetStreamClient:
             info = await js.stream_info(self.stream)
             if info.state.messages == 0 and not follow:
                 return
-            sub = await js.subscribe(f"{self.prefix}.>", ordered_consumer=True,
-                                     config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise SourceUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=timeout or 5.0)
-            except nats.errors.TimeoutError:
-                if follow:
+            # Progress, not a deadline: a whole read takes as long as it takes while
+            # messages keep coming; ``timeout`` is the longest silence (None: follow).
+            messages = stream.messages(js, f"{self.prefix}.>", start=None,
+                                       idle_s=None if follow else timeout or IDLE_S)
+            node = f"jetstream:{self.stream}"
+            async for msg in messages:
+                meta = msg.metadata
+                c = pb.Committed(node=node)
+                try:
+                    c.envelope.MergeFromString(msg.data)  # parsed in place: no copy
+                except DecodeError:  # another publisher's message on our subjects
+                    event("consume.unreadable_record", level=logging.WARNING,
+                          target=self.target, stream_seq=meta.sequence.stream)
                     continue
-                raise SourceUnavailable("the stream stopped answering") from None
-            meta = msg.metadata
-            try:
-                env = pb.Envelope.FromString(msg.data)
-            except DecodeError:  # another publisher's message on our subjects: not a reading
-                event("consume.unreadable_record", level=logging.WARNING, target=self.target,
-                      stream_seq=meta.sequence.stream)
-                continue
-            if env.seq > cursors.get((env.site_id, env.epoch), 0):
-                yield pb.Committed(envelope=env, node=f"jetstream:{self.stream}",
-                                   commit_time_ns=int(meta.timestamp.timestamp() * 1e9)
-                                   if meta.timestamp else 0)
-            if not follow and meta.num_pending == 0:
-                return
+                env = c.envelope
+                if env.seq > cursors.get((env.site_id, env.epoch), 0):
+                    if meta.timestamp:
+                        c.commit_time_ns = int(meta.timestamp.timestamp() * 1e9)
+                    yield c
+                if not follow and meta.num_pending == 0:
+                    return
+        except (nats.errors.Error, OSError) as exc:  # before TimeoutError: nats's subclass it
+            raise SourceUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except TimeoutError:
+            raise SourceUnavailable("the stream stopped answering (no message for "
+                                    f"{timeout or IDLE_S:g} s)") from None
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -247,23 +269,37 @@ class Merger:
 
 
 async def read_all(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merger,
-                   timeout: float = 30.0,
-                   jetstream: JetStreamSettings | None = None) -> dict[str, str]:
-    """One pass over every node (no follow) into ``merger``; returns per-node errors."""
+                   timeout: float = IDLE_S,
+                   jetstream: JetStreamSettings | None = None,
+                   emit: Callable[[list[pb.Committed]], None] | None = None) -> dict[str, str]:
+    """One pass over every node (no follow) into ``merger``; returns per-node errors.
+
+    There is no deadline on the pass: a source is given up only after ``timeout`` seconds
+    without a message. With ``emit``, what is contiguous is emitted as the read goes (every
+    ``EMIT_EVERY`` readings), so memory holds what waits above a gap, not the whole read."""
     cursors = dict(merger.cursors)
     errors: dict[str, str] = {}
+    added = 0
 
     async def one(target: str) -> None:
+        nonlocal added
         client = client_for(target, tls, jetstream)
         try:
-            async for c in client.subscribe(cursors, follow=False, timeout=timeout):
+            # A JetStream read watches its own silences; a node's stream is watched here.
+            stream = _watched(client.subscribe(cursors, follow=False, timeout=None), timeout) \
+                if isinstance(client, NodeClient) else \
+                client.subscribe(cursors, follow=False, timeout=timeout)
+            async for c in stream:
                 merger.add(c)
-        except grpc.aio.AioRpcError as err:
-            errors[target] = f"{err.code().name}: {err.details()}"
-            event("consume.node_unavailable", level=logging.WARNING, target=target,
-                  reason=errors[target])
+                added += 1
+                if emit is not None and added % EMIT_EVERY == 0:
+                    emit(merger.drain())
         except SourceUnavailable as err:
             errors[target] = f"UNAVAILABLE: {err}"
+            event("consume.node_unavailable", level=logging.WARNING, target=target,
+                  reason=errors[target])
+        except grpc.aio.AioRpcError as err:
+            errors[target] = f"{err.code().name}: {err.details()}"
             event("consume.node_unavailable", level=logging.WARNING, target=target,
                   reason=errors[target])
         finally:
@@ -271,6 +307,24 @@ async def read_all(*, targets: Iterable[str], tls: TlsConfig | None, merger: Mer
 
     await asyncio.gather(*(one(t) for t in targets))
     return errors
+
+
+EMIT_EVERY = 1000
+
+
+async def _watched(stream: AsyncIterator[pb.Committed], idle: float
+                   ) -> AsyncIterator[pb.Committed]:
+    """``stream``, ended with SourceUnavailable after ``idle`` seconds without an item."""
+    it = stream.__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                item = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise SourceUnavailable(f"no reading for {idle:g} s") from None
+        yield item
 
 
 async def follow(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merger,
@@ -317,114 +371,15 @@ async def follow(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merge
     emit(merger.drain())
 
 
-# -- completeness ---------------------------------------------------------------------------
+# Completeness (``status``) lives beside the reading, in ``completeness``.
+from bridge.consume.completeness import (  # noqa: E402 - it uses the clients above
+    committed_intervals,
+    format_status,
+    status,
+    union,
+    watermark_and_gaps,
+)
 
-Intervals = list[tuple[int, int]]
-
-
-def committed_intervals(s: pb.StreamStatus) -> Intervals:
-    out: Intervals = [(1, s.committed_through)] if s.committed_through else []
-    prev = s.committed_through
-    for g in s.gaps:
-        if g.first_seq > prev + 1:
-            out.append((prev + 1, g.first_seq - 1))
-        prev = g.last_seq
-    if s.highest_seq > prev:
-        out.append((prev + 1, s.highest_seq))
-    return out
-
-
-def union(intervals: Iterable[tuple[int, int]]) -> Intervals:
-    out: Intervals = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def watermark_and_gaps(iv: Intervals) -> tuple[int, Intervals]:
-    wm = iv[0][1] if iv and iv[0][0] == 1 else 0
-    gaps: Intervals = []
-    prev = 0
-    for a, b in iv:
-        if a > prev + 1:
-            gaps.append((prev + 1, a - 1))
-        prev = b
-    return wm, gaps
-
-
-async def status(*, targets: list[str], tls: TlsConfig | None,
-                 timeout: float = 5.0) -> dict[str, Any]:
-    """Per (site, epoch): each cloud's watermark and gaps, and the merged view."""
-    replies: dict[str, pb.StatusReply | str] = {}
-
-    async def one(target: str) -> None:
-        if is_jetstream(target) or tls is None:
-            replies[target] = ("UNIMPLEMENTED: completeness of a JetStream-backed cloud is "
-                               "asked of one of its ingest replicas (--from HOST:PORT)")
-            return
-        client = NodeClient(target=target, tls=tls)
-        try:
-            replies[target] = await client.status(timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            replies[target] = f"{err.code().name}: {err.details()}"
-        finally:
-            await client.close()
-
-    await asyncio.gather(*(one(t) for t in targets))
-    streams: dict[Key, dict[str, Any]] = {}
-    nodes = []
-    for target in targets:
-        reply = replies[target]
-        if isinstance(reply, str):
-            nodes.append({"target": target, "error": reply})
-            continue
-        nodes.append({"target": target, "node": reply.node})
-        for s in reply.streams:
-            entry = streams.setdefault((s.site_id, s.epoch), {"clouds": {}, "_iv": []})
-            iv = committed_intervals(s)
-            entry["_iv"].extend(iv)
-            entry["clouds"][reply.node] = {
-                "committed_through": s.committed_through, "highest_seq": s.highest_seq,
-                "committed": s.committed, "gaps": [[g.first_seq, g.last_seq] for g in s.gaps]}
-            for d in s.dropped:
-                entry.setdefault("_dropped", {})[(d.first_seq, d.last_seq)] = d.reason
-    out = []
-    for (site, epoch), entry in sorted(streams.items()):
-        merged = union(entry.pop("_iv"))
-        wm, gaps = watermark_and_gaps(merged)
-        highest = merged[-1][1] if merged else 0
-        dropped = [{"first_seq": a, "last_seq": b, "reason": r}
-                   for (a, b), r in sorted(entry.pop("_dropped", {}).items())]
-        out.append({"site_id": site, "epoch": f"{epoch:016x}", "clouds": entry["clouds"],
-                    "merged": {"committed_through": wm, "highest_seq": highest,
-                               "readings": sum(b - a + 1 for a, b in merged)
-                               - sum(d["last_seq"] - d["first_seq"] + 1 for d in dropped),
-                               "gaps": [list(g) for g in gaps], "dropped": dropped}})
-    return {"nodes": nodes, "streams": out}
-
-
-def format_status(doc: dict[str, Any]) -> str:
-    lines = []
-    for n in doc["nodes"]:
-        state = f"node {n['node']}" if "node" in n else f"UNREACHABLE ({n['error']})"
-        lines.append(f"{n['target']:<24} {state}")
-    for s in doc["streams"]:
-        m = s["merged"]
-        lines.append("")
-        lines.append(f"site {s['site_id']}  epoch {s['epoch']}")
-        for node, c in sorted(s["clouds"].items()):
-            gaps = ", ".join(f"{a}-{b}" for a, b in c["gaps"]) or "none"
-            lines.append(f"  {node:<10} committed through {c['committed_through']:>10}  "
-                         f"highest {c['highest_seq']:>10}  gaps: {gaps}")
-        gaps = ", ".join(f"{a}-{b}" for a, b in m["gaps"]) or "none"
-        verdict = "complete" if not m["gaps"] else "INCOMPLETE"
-        for d in m["dropped"]:
-            lines.append(f"  {'dropped':<10} seqs {d['first_seq']}-{d['last_seq']} at the edge: "
-                         f"{d['reason']}")
-        lines.append(f"  {'merged':<10} committed through {m['committed_through']:>10}  "
-                     f"highest {m['highest_seq']:>10}  gaps: {gaps}  ({verdict} up to "
-                     f"seq {m['committed_through']})")
-    return "\n".join(lines)
+__all__ = ["JetStreamClient", "Merger", "NodeClient", "client_for", "committed_intervals",
+           "follow", "format_status", "is_jetstream", "load_cursors", "read_all",
+           "reading_json", "save_cursors", "status", "union", "watermark_and_gaps"]

@@ -1,0 +1,58 @@
+"""Reading a JetStream subject in order, at the rate nats-py can parse it.
+
+nats-py's ``next_msg`` and its message iterator each create tasks and a timer per message;
+reading a subject of millions that way costs more than parsing the messages. Here an ordered
+consumer delivers to a callback that puts each message on a bounded queue, and the reader
+takes what is ready without suspending: one timer per wait, none per message. When the reader
+is slower than the stream, the callback waits while the queue is full and nats-py buffers behind it
+(within its pending limits; the ordered consumer recovers from anything it drops). Used by a
+replica (its ledger's catch-up, Subscribe) and by ``bridge consume`` reading a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+QUEUE = 2048  # messages taken off the socket but not yet read
+
+
+async def messages(js: Any, subject: str, *, start: int | None, idle_s: float | None,
+                   headers_only: bool = False) -> AsyncIterator[Msg]:
+    """Messages on ``subject`` from stream sequence ``start`` (None: the first), until the
+    caller stops; ``TimeoutError`` after ``idle_s`` seconds without one (None: wait for
+    ever). The consumer is deleted when the caller stops."""
+    ready: collections.deque[Msg] = collections.deque()
+    arrived, room = asyncio.Event(), asyncio.Event()
+
+    async def deliver(msg: Msg) -> None:
+        ready.append(msg)
+        arrived.set()
+        while len(ready) >= QUEUE:  # the reader is behind: hold nats-py's delivery here
+            room.clear()
+            await room.wait()
+
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL) if start is None else \
+        ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    sub = await js.subscribe(subject, ordered_consumer=True, cb=deliver,
+                             headers_only=headers_only, config=config)
+    try:
+        while True:
+            while ready:
+                yield ready.popleft()
+            room.set()
+            arrived.clear()
+            if not ready:
+                async with asyncio.timeout(idle_s):
+                    await arrived.wait()
+    finally:
+        room.set()
+        with contextlib.suppress(NatsError, TimeoutError):
+            await sub.unsubscribe()
