@@ -23,6 +23,8 @@ from bench import (
     consumers,
     drain,
     failover,
+    fleet,
+    hostile,
     latency,
     memory,
     plots,
@@ -52,6 +54,8 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("replica_restart", "first_ack_s_2M"): ("<=", 0.5),
     ("replica_restart", "first_ack_spread"): ("<=", 2.0),
     ("replica_restart", "rss_added_mb_200k"): ("<=", 5.0),
+    ("fleet", "ratio_to_sqlite"): (">=", 1.0),
+    ("hostile_site", "others_p99_ms_beside_hostile"): ("<=", 1000.0),
     ("consumer_catchup", "nats_ratio_to_plain"): (">=", 0.8),
     ("consumer_catchup", "ingest_ratio_to_plain"): (">=", 0.8),
 }
@@ -84,12 +88,17 @@ class Plan:
     store_configs: tuple[str, ...] = tuple(stores.CONFIGS)
     restart_depths: tuple[int, ...] = (20_000, 200_000, 2_000_000)
     consume_readings: int = 200_000
+    fleet_sites: int = 1000
+    fleet_seconds: float = 20.0
+    hostile_sites: int = 50
+    hostile_seconds: float = 15.0
 
 
 QUICK = Plan(throughput=20_000, sparkplug_messages=2_000, latency_s=2.0, fault_readings=4_000,
              kills=3, big_backlog=1_000_000, drain_backlog=100_000, store_sites=20,
              store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"),
-             restart_depths=(1_000, 10_000, 30_000), consume_readings=5_000)
+             restart_depths=(1_000, 10_000, 30_000), consume_readings=5_000,
+             fleet_sites=50, fleet_seconds=3.0, hostile_sites=10, hostile_seconds=3.0)
 
 
 def machine() -> str:
@@ -178,6 +187,18 @@ SCENARIOS = {
     "the same with the subject's checkpoint purged (the replica reads the whole subject, as "
     "before checkpoints; not run at the largest depth). `first_ack_spread`: the largest "
     "first ack over the smallest.",
+    "fleet": "1,000 sites (50 in the quick run), each with its own certificate and mTLS "
+    "channel, push 100-reading batches back to back, one in flight each, for 20 s (3 s), "
+    "from one load-generator process, against one SQLite node and against two JetStream "
+    "replicas (3-node cluster, nats-server's default sync). `rss_kb_per_site`: the ingest "
+    "processes' VmRSS after the load minus before it, over the sites. Afterwards every "
+    "site's stored readings are counted with a plain client and must equal what was "
+    "acknowledged. `ratio_to_sqlite`: the replicas' rate over the node's.",
+    "hostile_site": "One SQLite ingest node with its default limits. 50 sites (10 in the quick "
+    "run) push 100-reading batches back to back, one in flight each, for 15 s (3 s): alone, "
+    "then beside a hostile site (its own process) that keeps 16 calls of 10,000 envelopes "
+    "open and resends every refused one at once. `others_*`: the 50 sites' call latency; "
+    "`peak_rss_mb_*`: the node's largest VmRSS, sampled every 0.1 s.",
     "consumer_catchup": "A stream of 200,000 readings of 10 sites (5,000 in the quick run) on "
     "a 3-node cluster (nats-server's default sync), read from the start by a plain nats-py "
     "reader as docs/consuming.md describes it (`load_generator` row: an ordered consumer, "
@@ -416,6 +437,11 @@ def main() -> None:
             batch=100, configs=list(plan.store_configs), log=log))
         attempt("replica_restart", lambda: restart.run(
             work=work / "restart", depths=list(plan.restart_depths), log=log))
+        attempt("fleet", lambda: fleet.run(
+            work=work / "fleet", sites=plan.fleet_sites, seconds=plan.fleet_seconds, log=log))
+        attempt("hostile_site", lambda: hostile.run(
+            work=work / "hostile", sites=plan.hostile_sites, hostile_calls=16,
+            seconds=plan.hostile_seconds, log=log))
         attempt("consumer_catchup", lambda: consumers.run(
             work=work / "consume", readings=plan.consume_readings, log=log))
         attempt("memory", lambda: memory.idle_and_load(work=work, count=plan.throughput,

@@ -9,7 +9,7 @@ from typing import Any
 SYSTEMS = {"bridge", "mosquitto_bridge", "mosquitto_bridge_durable", "nats", "nats_durable",
            "paho_ceiling", "broker_ceiling", "load_generator", "ingest_sqlite",
            "ingest_js_always_1", "ingest_js_always_3", "ingest_js_default_1",
-           "ingest_js_default_3", "no_checkpoint"}
+           "ingest_js_default_3", "no_checkpoint", "ingest_js_default_2"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "ingest_stores": ("ingest_sqlite", "ingest_js_always_1"),
     "replica_restart": ("bridge",),
     "consumer_catchup": ("bridge", "load_generator"),
+    "fleet": ("ingest_sqlite", "ingest_js_default_2"),
+    "hostile_site": ("bridge",),
     "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 

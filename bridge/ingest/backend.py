@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.ingest.fair import FairExecutor
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 from bridge.ingest.store import COMMITTED, Incoming, Reader, Store
 
@@ -43,7 +44,7 @@ class Backend(Protocol):
     # A store bound to one thread offers its synchronous commit and that thread, so the
     # server validates, commits and answers in one hop there; None for an async store.
     inline_commit: Callable[[Sequence[Incoming]], list[str]] | None
-    executor: Executor
+    executor: FairExecutor
 
     def committed_now(self) -> None: ...
 
@@ -75,11 +76,11 @@ class SqliteBackend:
         self.max_epochs_per_site = store.max_epochs_per_site
         self.max_gaps_per_stream = store.max_gaps_per_stream
         self.ledger: Ledger = store.ledger
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._writer = FairExecutor(name="store-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-reader")
         self._committed = asyncio.Event()
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = store.commit
-        self.executor: Executor = self._writer
+        self.executor = self._writer
 
     def committed_now(self) -> None:
         """Wake followers after an inline commit (called on the event loop)."""

@@ -56,7 +56,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +69,7 @@ from bridge.config import JetStreamSettings, site_id_problem
 from bridge.errors import StoreUnavailable
 from bridge.ingest import stream
 from bridge.ingest.backend import StreamState
+from bridge.ingest.fair import FairExecutor
 from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
 from bridge.ingest.subjects import Keeper, SubjectState, checkpoint_key
@@ -137,7 +137,7 @@ class JetStreamStore:
         self._batches = 0
         self.inline_commit: Callable[[Sequence[Incoming]], list[str]] | None = None
         # Validation and Acks run here (the commit itself is async network I/O).
-        self.executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
+        self.executor = FairExecutor(name="admit")
 
     def committed_now(self) -> None:
         return None

@@ -141,7 +141,6 @@ class IngestService(pb_grpc.IngestServicer):
                 await self._refuse(context, site, request, "rate_limit",
                                    f"site {site} over its rate limit; retry in {retry_ms} ms",
                                    t0, (("retry-after-ms", str(retry_ms)),))
-        loop = asyncio.get_running_loop()
         # Validation and the Ack, proportional to the batch, run on a thread (the event loop
         # keeps answering health checks and other sites); the backend owns the commit. A
         # thread-bound store (SQLite) does all three in one hop on its writer thread.
@@ -149,8 +148,8 @@ class IngestService(pb_grpc.IngestServicer):
         c0 = time.perf_counter()
         try:
             if inline is not None:
-                result = await loop.run_in_executor(self.backend.executor, self._admit_inline,
-                                                    inline, request, site)
+                result = await asyncio.wrap_future(self.backend.executor.submit_for(
+                    site, len(request.envelopes), self._admit_inline, inline, request, site))
             else:
                 result = await self._admit_async(request, site)
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never a traceback
@@ -217,12 +216,15 @@ class IngestService(pb_grpc.IngestServicer):
     async def _admit_async(self, request: pb.Batch, site: str
                            ) -> tuple[pb.Ack, int, int, int] | str:
         """Validate and answer on a thread, commit through the (async) backend."""
-        loop = asyncio.get_running_loop()
-        p = await loop.run_in_executor(self.backend.executor, self._validate, request, site)
+        executor = self.backend.executor  # one turn per site at a time (ingest/fair.py)
+        n = len(request.envelopes)
+        p = await asyncio.wrap_future(executor.submit_for(site, n, self._validate, request,
+                                                          site))
         if isinstance(p, str):
             return p
         outcomes = await self.backend.commit(p.incoming) if p.incoming else []
-        return await loop.run_in_executor(self.backend.executor, self._finish, p, outcomes)
+        return await asyncio.wrap_future(executor.submit_for(site, n, self._finish, p,
+                                                             outcomes))
 
     def _admit_inline(self, commit: Callable[[Sequence[Incoming]], list[str]],
                       request: pb.Batch, site: str) -> tuple[pb.Ack, int, int, int] | str:
@@ -351,9 +353,13 @@ class IngestNode:
         self.metrics.registry.register(SiteProgress(backend=self.backend,
                                                      last_commit=self.service.last_commit))
         self.metrics.registry.register(CertExpiry(files={"server": tls.cert, "ca": tls.ca}))
-        # gRPC refuses a larger message before it is parsed (limits.max_batch_bytes).
-        receive = ("grpc.max_receive_message_length", self.service.limits.max_batch_bytes)
-        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, receive],
+        # gRPC refuses a larger message before it is parsed (limits.max_batch_bytes), and a
+        # connection carries at most a site's calls in flight (an agent keeps 4 and a health
+        # check): a client past that waits on its own side, before any of it is parsed.
+        limits = self.service.limits
+        own = [("grpc.max_receive_message_length", limits.max_batch_bytes),
+               ("grpc.max_concurrent_streams", limits.max_in_flight_per_site)]
+        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, *own],
                                       interceptors=[Metered(metrics=self.metrics)])
         pb_grpc.add_IngestServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
