@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import random
 import socket
@@ -49,9 +48,7 @@ class Backoff:
 
     async def sleep(self, delay: float | None = None) -> None:
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.next_delay() if delay is None
-                                   else delay)
+        await wait_event(self._wake, self.next_delay() if delay is None else delay)
 
 
 class TokenBucket:
@@ -155,3 +152,16 @@ def claim_address(host: str, port: int, *, key: str) -> None:
                 sock.bind(addr)
             except OSError as exc:
                 raise address_error(key, listen, exc) from exc
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """``event.wait()`` for at most ``timeout`` seconds; True if the event is set. Not
+    ``asyncio.wait_for``: on Python 3.11 it loses a cancellation that lands just as the event
+    is set, and a loop around it then outlives its task's cancel (seen: a checkpoint task
+    that hung the store's close)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True

@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import Backoff, channel_options
+from bridge.common import Backoff, channel_options, wait_event
 from bridge.config import JetStreamSettings, TlsConfig, nats_servers
 from bridge.errors import CursorError, SourceUnavailable
 from bridge.telemetry import event
@@ -355,8 +355,7 @@ async def follow(*, targets: Iterable[str], tls: TlsConfig | None, merger: Merge
 
     async def pump() -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), 0.5)
+            await wait_event(changed, 0.5)
             changed.clear()
             out = merger.drain()
             if out:

@@ -131,8 +131,9 @@ class Authorizer:
                 try:  # the fast path: no timer per item while the store delivers
                     more, item = queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    try:
-                        more, item = await asyncio.wait_for(queue.get(), self.interval_s)
+                    try:  # asyncio.timeout: wait_for can lose a cancel (common.wait_event)
+                        async with asyncio.timeout(self.interval_s):
+                            more, item = await queue.get()
                     except TimeoutError:
                         more, item = True, _IDLE
                 if item is _IDLE or time.monotonic() - checked >= self.interval_s:

@@ -9,13 +9,13 @@ answer per item ``COMMITTED``, ``DUPLICATE`` or a rejection reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from bridge._pb import bridge_pb2 as pb
+from bridge.common import wait_event
 from bridge.ingest.fair import FairExecutor
 from bridge.ingest.ledger import Key, Ledger, StreamLedger
 from bridge.ingest.store import COMMITTED, Incoming, Reader, Store
@@ -154,8 +154,7 @@ class SqliteBackend:
                     offset = r.offset
                     yield r.envelope, r.commit_ns
                 if len(rows) < _PAGE:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter.wait(), timeout=1.0)
+                    await wait_event(waiter, 1.0)
         finally:
             await loop.run_in_executor(self._readers, reader.close)
 

@@ -36,13 +36,12 @@ When the active endpoint changes because it failed, that is a failover (counter 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
 
-from bridge.common import Backoff
+from bridge.common import Backoff, wait_event
 from bridge.errors import ErrorKind, TransportError
 from bridge.telemetry import AgentMetrics, event
 from bridge.uplink.breaker import BreakerState, CircuitBreaker
@@ -137,8 +136,7 @@ class EndpointPool:
                 ep.backoff.reset()
                 self._set(ep, EndpointState.HEALTHY, "")
                 down = ep.down
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(down.wait(), self.health_interval_s)
+                await wait_event(down, self.health_interval_s)
                 if down.is_set():
                     await ep.backoff.sleep()  # a call failed on it: back off before probing
             else:
@@ -154,16 +152,14 @@ class EndpointPool:
             due += [ep.refused_until - now for ep in self.endpoints if ep.refused_until > now]
             waiter = self._changed
             if due:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), max(0.01, min(due)))
+                await wait_event(waiter, max(0.01, min(due)))
                 self._notify()
             else:
                 await waiter.wait()
 
     async def wait_changed(self, timeout: float) -> None:
         """Sleep up to ``timeout``, waking early on any health or breaker change."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        await wait_event(self._changed, timeout)
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
@@ -312,9 +308,8 @@ class EndpointPool:
                 event("uplink.no_healthy_upstream", level=logging.WARNING, flag="UH",
                       endpoints={e.name: e.last_error or e.breaker.state.value
                                  for e in self.endpoints})
-            with contextlib.suppress(TimeoutError):
-                # Half-open probe slots and breaker cooldowns free up without an event.
-                await asyncio.wait_for(waiter.wait(), 0.1)
+            # Half-open probe slots and breaker cooldowns free up without an event.
+            await wait_event(waiter, 0.1)
 
     def _activate(self, ep: Endpoint) -> None:
         prev, self.active = self.active, ep

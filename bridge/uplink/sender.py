@@ -19,7 +19,7 @@ import time
 import uuid
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.common import Backoff, TokenBucket
+from bridge.common import Backoff, TokenBucket, wait_event
 from bridge.config import UplinkConfig
 from bridge.envelope import encode_batch, identity
 from bridge.errors import ErrorKind, SpoolFull, SpoolReset, TransportError
@@ -95,8 +95,7 @@ class Sender:
                             event("uplink.drain_finished")
                         if wait:
                             slots.release()
-                            with contextlib.suppress(TimeoutError):
-                                await asyncio.wait_for(self.spool.appended.wait(), wait)
+                            await wait_event(self.spool.appended, wait)
                             continue
                 except SpoolReset:
                     slots.release()
