@@ -73,7 +73,7 @@ RELATIVE: dict[tuple[str, str, str], tuple[str, float]] = {
 
 @dataclass(frozen=True)
 class Plan:
-    """How big each scenario is: the full suite, or the quick subset (under 5 minutes)."""
+    """How big each scenario is: the full suite, or the quick subset (about 6.5 minutes)."""
 
     throughput: int = 200_000
     sparkplug_messages: int = 20_000
@@ -381,7 +381,7 @@ def report(rows: list[Row], *, quick: bool, elapsed_s: float | None, command: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("--quick", action="store_true", help="short subset (under 5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short subset (about 6.5 minutes)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--render", action="store_true",
