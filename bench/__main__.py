@@ -54,7 +54,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("replica_restart", "first_ack_s_2M"): ("<=", 0.5),
     ("replica_restart", "first_ack_spread"): ("<=", 2.0),
     ("replica_restart", "rss_added_mb_200k"): ("<=", 5.0),
-    ("fleet", "ratio_to_sqlite"): (">=", 1.0),
+    ("fleet", "replicas_ratio_to_sqlite"): (">=", 1.0),
     ("hostile_site", "others_p99_ms_beside_hostile"): ("<=", 1000.0),
     ("consumer_catchup", "nats_ratio_to_plain"): (">=", 0.8),
     ("consumer_catchup", "ingest_ratio_to_plain"): (">=", 0.8),
@@ -193,7 +193,7 @@ SCENARIOS = {
     "replicas (3-node cluster, nats-server's default sync). `rss_kb_per_site`: the ingest "
     "processes' VmRSS after the load minus before it, over the sites. Afterwards every "
     "site's stored readings are counted with a plain client and must equal what was "
-    "acknowledged. `ratio_to_sqlite`: the replicas' rate over the node's.",
+    "acknowledged. `replicas_ratio_to_sqlite`: the replicas' rate over the node's.",
     "hostile_site": "One SQLite ingest node with its default limits. 50 sites (10 in the quick "
     "run) push 100-reading batches back to back, one in flight each, for 15 s (3 s): alone, "
     "then beside a hostile site (its own process) that keeps 16 calls of 10,000 envelopes "

@@ -156,7 +156,7 @@ def run(*, work: Path, sites: int, seconds: float, log: Callable[[str], None],
             f"+{per_site_kb:.0f} kB RSS per site, {failed} calls failed, every reading "
             "stored once")
     if len(rates) == 2:
-        rows.append(Row(SCENARIO, "ingest_js_default_2", "ratio_to_sqlite",
+        rows.append(Row(SCENARIO, "bridge", "replicas_ratio_to_sqlite",
                         round(rates["ingest_js_default_2"] / rates["ingest_sqlite"], 3), "x"))
     return rows
 
