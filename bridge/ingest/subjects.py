@@ -26,8 +26,9 @@ cannot write the bucket), after the ledger it copies was built from the subject 
 
 1. A replica that meets a subject reads its checkpoint, then only the messages after
    ``last``. A checkpoint of another stream (``stream`` differs: the stream was deleted and
-   made anew), of a newer version, or whose ``last`` lies past the subject's actual last
-   message is ignored, and the subject is read from its start: slower, never wrong.
+   made anew), of a newer version, one that inflates past 8 MiB or breaks the ledger's
+   invariant, or one whose ``last`` lies past the subject's actual last message is ignored,
+   and the subject is read from its start: slower, never wrong.
 2. A stale checkpoint (any ``last`` below the subject's last) is only slower: the tail read
    folds in what came after it. Replicas overwrite each other's checkpoints freely; any of
    them is true for its own ``last``.
@@ -77,6 +78,7 @@ DROPPED_KEPT = 256     # newest tombstones a state keeps for ``status``
 CHECKPOINT_EVERY = 1000  # messages of a subject between two checkpoints
 CHECKPOINT_IDLE_S = 5.0  # a changed subject is checkpointed this long after its last change
 MAX_CHECKPOINT_BYTES = 768 * 1024  # below the servers' default max_payload (1 MiB)
+MAX_INFLATED = 8 * 1024 * 1024     # a checkpoint's JSON is far smaller (20,000 gaps: ~0.8 MB)
 
 
 @dataclass
@@ -162,7 +164,12 @@ class SubjectState:
         """The state a checkpoint of ``stream`` holds; None if it is of another stream or
         version, or not a checkpoint at all (rule 1)."""
         try:
-            doc = orjson.loads(zlib.decompress(blob, bufsize=1 << 16))
+            # Bounded: a checkpoint that inflates past MAX_INFLATED is not one of ours.
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(blob, MAX_INFLATED)
+            if inflater.unconsumed_tail or not inflater.eof:
+                return None
+            doc = orjson.loads(raw)
             if not isinstance(doc, dict) or doc.get("v") != VERSION or \
                     doc.get("stream") != stream:
                 return None
@@ -178,8 +185,22 @@ class SubjectState:
                      since_mark=int(doc["since"]))
         except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
+        if not _sound(st):
+            return None
         st.saved = st.last
         return st
+
+
+def _sound(st: SubjectState) -> bool:
+    """The ledger invariant (``bridge.ingest.ledger``) and the wire's ranges hold."""
+    lg = st.ledger
+    prev = lg.watermark + 1  # an interval must start past the watermark's successor
+    for a, b in lg.above:
+        if not prev < a <= b < 2**63:
+            return False
+        prev = b + 1
+    return 0 <= lg.watermark < 2**63 and st.last >= 0 and lg.committed >= lg.watermark \
+        and st.every >= 1
 
 
 def checkpoint_key(key: Key, token: str) -> str:

@@ -5,10 +5,12 @@ three-node cluster: a restart reads the tail, a stale or foreign checkpoint is o
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import orjson
 import pytest
 
 from bridge._pb import bridge_pb2 as pb
@@ -202,6 +204,12 @@ def test_a_checkpoint_round_trips_and_garbage_or_another_version_is_refused():
     assert SubjectState.decode(st.encode("t1"), "t2") is None
     assert SubjectState.decode(b"", "t1") is None
     assert SubjectState.decode(b"x" * 100, "t1") is None
+    bomb = zlib.compress(b"[" + b" " * (64 << 20) + b"]", 9)  # 64 MiB of JSON in ~64 kB
+    assert len(bomb) < 100_000 and SubjectState.decode(bomb, "t1") is None
+    doc = orjson.loads(zlib.decompress(st.encode("t1")))
+    for bad in ({"above": [5, 3]}, {"above": [1, 2]}, {"wm": -1}, {"above": [20, 2**63]},
+                {"every": 0}):  # unordered, inside the watermark, negative, past 2^63-1
+        assert SubjectState.decode(zlib.compress(orjson.dumps({**doc, **bad})), "t1") is None
 
 
 def test_seek_marks_and_kept_tombstones_are_bounded_however_long_the_subject():
