@@ -28,6 +28,7 @@ from bench import (
     latency,
     memory,
     plots,
+    recovery,
     restart,
     stores,
     throughput,
@@ -56,6 +57,10 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("replica_restart", "rss_added_mb_200k"): ("<=", 5.0),
     ("fleet", "replicas_ratio_to_sqlite"): (">=", 1.0),
     ("hostile_site", "others_p99_ms_beside_hostile"): ("<=", 1000.0),
+    ("fleet_recovery", "deadlines_exceeded"): ("<=", 0), ("fleet_recovery", "failovers"): ("<=", 0),
+    ("fleet_recovery", "admitted_p99_ms"): ("<", 1000.0),
+    ("fleet_recovery", "ratio_to_saturation"): (">=", 0.9),
+    ("fleet_recovery", "resent_pct"): ("<=", 1.0),
     ("consumer_catchup", "nats_ratio_to_plain"): (">=", 0.8),
     ("consumer_catchup", "ingest_ratio_to_plain"): (">=", 0.8),
 }
@@ -92,13 +97,17 @@ class Plan:
     fleet_seconds: float = 20.0
     hostile_sites: int = 50
     hostile_seconds: float = 15.0
+    recovery_sites: int = 1000
+    recovery_backlog: int = 2500
+    recovery_sat_seconds: float = 10.0
 
 
 QUICK = Plan(throughput=20_000, sparkplug_messages=2_000, latency_s=2.0, fault_readings=4_000,
              kills=3, big_backlog=1_000_000, drain_backlog=100_000, store_sites=20,
              store_seconds=2.0, store_configs=("ingest_sqlite", "ingest_js_always_1"),
              restart_depths=(1_000, 10_000, 30_000), consume_readings=5_000,
-             fleet_sites=50, fleet_seconds=3.0, hostile_sites=10, hostile_seconds=3.0)
+             fleet_sites=50, fleet_seconds=3.0, hostile_sites=10, hostile_seconds=3.0,
+             recovery_sites=200, recovery_backlog=2500, recovery_sat_seconds=4.0)
 
 
 def machine() -> str:
@@ -194,6 +203,22 @@ SCENARIOS = {
     "processes' VmRSS after the load minus before it, over the sites. Afterwards every "
     "site's stored readings are counted with a plain client and must equal what was "
     "acknowledged. `replicas_ratio_to_sqlite`: the replicas' rate over the node's.",
+    "fleet_recovery": "Two JetStream replicas (3-node cluster, nats-server's default sync) "
+    "with their default admission control. First the tier's saturation rate: 64 sites push "
+    "1,250-reading batches back to back, 4 calls each, for 10 s (4 s in the quick run). Then "
+    "1,000 sites (200), each with its own certificate and channel and a backlog of 2,500 "
+    "readings, start at once, each as the agent's uplink does with its defaults: "
+    "1,250-reading batches, one call in flight at first and after a throttle, doubled per ack "
+    "up to 4, a 5 s deadline stated to the ingest; a RESOURCE_EXHAUSTED waits the retry-after "
+    "(the agent's jitter) on the same replica; a deadline exceeded or an unavailable replica "
+    "counts as a failover and moves the call to the other replica. `readings_per_s`: all "
+    "backlogs over the time from the first call to the last ack; `ratio_to_saturation`: that "
+    "over the saturation rate; `admitted_p99_ms`: calls answered OK, as the site timed them; "
+    "`resent_pct`: readings acknowledged DUPLICATE (already stored) over all; "
+    "`idle_kb_per_site`: the replicas' VmRSS with every site's channel connected and idle "
+    "minus before, over the sites. Afterwards every site's subject is counted with a plain "
+    "client and must hold exactly its backlog. One load-generator process builds every batch "
+    "before the clock starts.",
     "hostile_site": "One SQLite ingest node with its default limits. 50 sites (10 in the quick "
     "run) push 100-reading batches back to back, one in flight each, for 15 s (3 s): alone, "
     "then beside a hostile site (its own process) that keeps 16 calls of 10,000 envelopes "
@@ -439,6 +464,9 @@ def main() -> None:
             work=work / "restart", depths=list(plan.restart_depths), log=log))
         attempt("fleet", lambda: fleet.run(
             work=work / "fleet", sites=plan.fleet_sites, seconds=plan.fleet_seconds, log=log))
+        attempt("fleet_recovery", lambda: recovery.run(
+            work=work / "recovery", sites=plan.recovery_sites, backlog=plan.recovery_backlog,
+            sat_sites=64, sat_seconds=plan.recovery_sat_seconds, log=log))
         attempt("hostile_site", lambda: hostile.run(
             work=work / "hostile", sites=plan.hostile_sites, hostile_calls=16,
             seconds=plan.hostile_seconds, log=log))

@@ -69,6 +69,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "consumer_catchup": ("bridge", "load_generator"),
     "fleet": ("ingest_sqlite", "ingest_js_default_2"),
     "hostile_site": ("bridge",),
+    "fleet_recovery": ("bridge",),
     "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 

@@ -182,6 +182,7 @@ class Agent:
             m.spool_dropped.labels(reason)
         for name in names:
             m.throttled.labels(name)
+            m.throttle_wait.labels(name)
             m.stalls.labels(name)
             m.breaker_trips.labels(name)
             m.endpoint_refused.labels(name).set(0)

@@ -7,6 +7,9 @@
   rebirth requests).
 * ``channel_options``: the gRPC client channel settings of every client of the ingest (the
   agent's uplink, the consumer): keepalive, reconnect backoff, no library retries.
+  ``DEADLINE_METADATA``: the agent states its call deadline in this header, so the ingest
+  can tell how long a call waited before its handler ran (gRPC keeps the deadline itself
+  from the server's code; ``bridge.ingest.admission``).
 * ``connect_bound``: a blocking TCP connection pinned to one interface (``SO_BINDTODEVICE``),
   failing closed, for the plant side's OT leg (paho's network thread); the uplink's bind proxy
   does the same on the event loop (``bridge.netbind``).
@@ -68,6 +71,9 @@ class TokenBucket:
             self.tokens -= n
             return 0.0
         return (need - self.tokens) / self.rate
+
+
+DEADLINE_METADATA = "bridge-deadline-ms"
 
 
 def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:

@@ -230,6 +230,9 @@ class AgentMetrics:
                                ["endpoint", "flag"], registry=r)
         self.throttled = Counter("bridge_uplink_throttled", "Attempts answered RESOURCE_EXHAUSTED",
                                  ["endpoint"], registry=r)
+        self.throttle_wait = Counter(
+            "bridge_uplink_throttle_wait_seconds", "Seconds batches waited on an ingest's "
+            "retry-after (RESOURCE_EXHAUSTED: busy, not broken)", ["endpoint"], registry=r)
         self.batch_seconds = Histogram("bridge_uplink_batch_seconds", "PushBatch duration",
                                        ["endpoint"], registry=r)
         self.failovers = Counter("bridge_uplink_failovers", "Active endpoint changes on failure",
@@ -277,7 +280,7 @@ class IngestMetrics:
                                  ["site"], registry=r)
         self.refused = Counter("bridge_ingest_refused_batches", "Calls refused whole with "
                                "RESOURCE_EXHAUSTED before any per-envelope work: batch_too_large,"
-                               " site_in_flight, rate_limit", ["reason"], registry=r)
+                               " site_in_flight, rate_limit, node_busy", ["reason"], registry=r)
         self.denied = Counter("bridge_ingest_denied", "Calls refused for identity reasons",
                               ["reason"], registry=r)
         self.commit_seconds = Histogram("bridge_ingest_commit_seconds", "Store commit duration",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import urllib.request
 
+import grpc
 import orjson
 
 from bridge import pki
+from bridge._pb import bridge_pb2 as pb
 from bridge.config import TlsConfig
 from bridge.dev import localrun
 from tests.conftest import (
@@ -203,6 +206,77 @@ def test_a_rate_limited_ingest_slows_the_agent_without_tripping_anything(cluster
     committed = [line for line in ingest_metrics.splitlines()
                  if line.startswith('bridge_ingest_readings_committed_total{site="site-a"}')]
     assert committed and float(committed[0].split()[-1]) == published
+
+
+class Hog:
+    """Another site keeping an ingest full: 3 threads pushing 10,000-reading batches back to
+    back (each waits out node_busy refusals as an agent would)."""
+
+    def __init__(self, cluster: Cluster, node: str, site: str = "site-b") -> None:
+        ca, cert, key = cluster.pki.site(site).read()
+        self.channel = grpc.secure_channel(cluster.nodes[node].target,
+                                           grpc.ssl_channel_credentials(ca, key, cert))
+        self.push = self.channel.unary_unary("/bridge.v1.Ingest/PushBatch",
+                                             request_serializer=pb.Batch.SerializeToString,
+                                             response_deserializer=pb.Ack.FromString)
+        self.site, self.stop, self.acked = site, threading.Event(), 0
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True)
+                        for k in range(3)]
+
+    def _run(self, lane: int) -> None:
+        seq = lane * 10**9
+        while not self.stop.is_set():
+            batch = pb.Batch(batch_id=f"hog-{seq}", envelopes=[
+                pb.Envelope(site_id=self.site, epoch=1, seq=seq + k + 1) for k in range(10_000)])
+            try:
+                self.push(batch, timeout=30)
+            except grpc.RpcError as exc:
+                hint = dict(exc.trailing_metadata() or ()).get("retry-after-ms")  # type: ignore[attr-defined]
+                self.stop.wait(int(hint) / 1000 if hint else 0.05)
+                continue
+            self.acked += 1
+            seq += 10_000
+
+    def __enter__(self) -> Hog:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        self.channel.close()
+
+
+def test_a_busy_ingest_paces_the_agent_which_waits_its_turn_without_failing_over(
+        cluster: Cluster):
+    # Admission control sized small (1 ms target, at most 1,000 readings at once) while
+    # another site keeps 10,000-reading calls coming: the agent meets node_busy.
+    metrics_port = localrun.free_port()
+    cluster.ingest("aws", extra="[limits]\nadmit_target_ms = 1\nmax_in_flight_readings = 1000\n"
+                   f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    cluster.ingest("azure")
+    with Hog(cluster, "aws") as hog:
+        wait_for(lambda: hog.acked >= 2, timeout=60)
+        agent = cluster.agent(uplink_extra="batch_max_readings = 250\n")
+        published = Publisher(cluster, count=20_000, rate=0).join()
+        wait_sent(agent, published)
+    metrics = agent.metrics()
+    assert metric_value(metrics, 'bridge_uplink_throttled_total{endpoint="aws"}') > 0
+    assert metric_value(metrics, 'bridge_uplink_throttle_wait_seconds_total{endpoint="aws"}') > 0
+    assert failovers(agent) == 0
+    assert metric_value(metrics, 'bridge_uplink_stalls_total{endpoint="aws"}') == 0
+    assert metric_value(metrics, 'bridge_uplink_breaker_trips_total{endpoint="aws"}') == 0
+    assert not [e for e in events(agent, "uplink.endpoint_state") if e["endpoint"] == "aws"
+                and e["new"] != "healthy"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        ingest_metrics = resp.read().decode()
+    assert metric_value(ingest_metrics,
+                        'bridge_ingest_refused_batches_total{reason="node_busy"}') > 0
+    stream, _ = cluster.consume()
+    assert {c.node for c in stream if c.envelope.site_id == "site-a"} == {"aws"}
+    assert cluster.account(published) == (published, 0, 0)
 
 
 def test_an_ingest_that_takes_smaller_batches_gets_them_split_without_loss_or_failover(

@@ -387,6 +387,8 @@ class IngestConfig:
     max_gaps_per_stream: int = 10_000
     max_batch_bytes: int = 4 * 1024 * 1024
     max_in_flight_per_site: int = 8
+    admit_target_ms: int = 300
+    max_in_flight_readings: int = 200_000
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
     deny_list: Path | None = None  # revoked serials/fingerprints (bridge.ingest.denylist)

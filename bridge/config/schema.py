@@ -203,6 +203,8 @@ class LimitsFile(_Table, kw_only=True):
     max_gaps_per_stream: Annotated[int, Meta(ge=1, le=20_000)] = 10_000
     max_batch_bytes: Annotated[int, Meta(ge=65_536, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
     max_in_flight_per_site: Annotated[int, Meta(ge=1, le=1024)] = 8
+    admit_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = 300
+    max_in_flight_readings: Annotated[int, Meta(ge=1_000, le=10_000_000)] = 200_000
 
 
 class RateLimitFile(_Table, kw_only=True):

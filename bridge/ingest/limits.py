@@ -12,7 +12,9 @@ the node from the others: a call's message is at most ``max_batch_bytes`` (gRPC'
 limit: refused by gRPC itself before it is parsed), holds at most ``max_batch_envelopes``
 (refused whole, RESOURCE_EXHAUSTED with a ``max-batch-envelopes`` trailer, on which the agent
 splits the batch and sends smaller ones), and a site has at most ``max_in_flight_per_site``
-calls being served (RESOURCE_EXHAUSTED with a jittered ``retry-after-ms``).
+calls being served (RESOURCE_EXHAUSTED with a jittered ``retry-after-ms``). What the whole
+node takes at once is bounded by admission control (``bridge.ingest.admission``), sized so an
+admitted call is answered in about ``admit_target_ms``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Limits:
     max_tombstone_span: int = 2**40
     max_batch_bytes: int = 4 * 1024 * 1024
     max_in_flight_per_site: int = 8
+    admit_target_ms: int = 300            # 0: no admission control (bridge.ingest.admission)
+    max_in_flight_readings: int = 200_000  # the admission limit's ceiling
 
     def batch_problem(self, envelopes: int) -> str | None:
         """Why a batch of ``envelopes`` is refused whole, or None."""

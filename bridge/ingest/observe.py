@@ -13,6 +13,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bridge.ingest.admission import Admission
 from bridge.ingest.backend import Backend
 from bridge.ingest.denylist import DenyList
 from bridge.telemetry import IngestMetrics
@@ -137,3 +138,34 @@ class DenyListMetrics(Collector):
             reloads.add_metric([outcome], float(n))
         yield entries
         yield reloads
+
+
+class AdmissionMetrics(Collector):
+    """Admission control's state at scrape time (``bridge.ingest.admission``)."""
+
+    def __init__(self, *, admission: Admission) -> None:
+        self._a = admission
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._a
+        for name, doc, value in (
+                ("bridge_ingest_admission_limit_readings", "Readings this node admits in flight "
+                 "at once, re-sized from its measured call times", a.limit),
+                ("bridge_ingest_admission_in_flight_readings", "Readings admitted and not yet "
+                 "answered", a.in_flight),
+                ("bridge_ingest_admission_held_readings", "Readings of calls held briefly for "
+                 "room (they are admitted within limits.admit_target_ms)", a.held_readings),
+                ("bridge_ingest_admission_line_seconds", "How far ahead the calls refused as "
+                 "node_busy were told to come back", a.line_s),
+                ("bridge_ingest_admission_rate_readings_per_second", "Commit rate measured while "
+                 "the node refused work (what spaces the retry-after of waiting sites)", a.rate)):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
+        why = CounterMetricFamily("bridge_ingest_admission_refusals", "Calls refused as "
+                                  "node_busy, by why: full (no room within the wait allowed), "
+                                  "late (the call already waited that long before its handler "
+                                  "ran)", labels=["why"])
+        for k, v in sorted(a.refused.items()):
+            why.add_metric([k], float(v))
+        yield why

@@ -28,13 +28,15 @@ from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, load_ingest
+from bridge.ingest.admission import Admission
 from bridge.ingest.authz import Authorizer
 from bridge.ingest.backend import Backend, SqliteBackend, status_reply
 from bridge.ingest.denylist import DenyList
+from bridge.ingest.gate import Gate
 from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.limits import Limits, store_refusal
 from bridge.ingest.listen import bind, server_credentials
-from bridge.ingest.observe import SERVICE, DenyListMetrics, Metered, SiteProgress
+from bridge.ingest.observe import SERVICE, AdmissionMetrics, DenyListMetrics, Metered, SiteProgress
 from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
 from bridge.reload import Reloader
@@ -74,15 +76,17 @@ class _Prepared:
 class IngestService(pb_grpc.IngestServicer):
     def __init__(self, *, node: str, backend: Backend, metrics: IngestMetrics,
                  limiter: SiteLimiter | None = None, limits: Limits | None = None,
-                 deny_list: DenyList | None = None) -> None:
+                 deny_list: DenyList | None = None, admission: Admission | None = None,
+                 ) -> None:
         self.node = node
         self.limits = limits or Limits()
-        self.limiter = limiter
+        self.admission = admission
+        self.gate = Gate(node=node, limits=self.limits, metrics=metrics, limiter=limiter,
+                         admission=admission)
         self.backend = backend
         self.metrics = metrics
         self.authz = Authorizer(metrics=metrics, deny_list=deny_list)
         self.last_commit: dict[str, float] = {}
-        self._in_flight: dict[str, int] = {}  # per site; a site leaves it at zero
 
     async def PushBatch(self, request: pb.Batch,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.Ack:
@@ -96,51 +100,16 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"batch_id is {len(request.batch_id)} characters; at most "
                                 f"{MAX_BATCH_ID}")
-        # A whole batch's bounds come before any per-envelope work (bridge.ingest.limits).
-        if (problem := self.limits.batch_problem(len(request.envelopes))) is not None:
-            await self._refuse(context, ident.name, request, "batch_too_large", problem, t0,
-                               (("max-batch-envelopes", str(self.limits.max_batch_envelopes)),
-                                ("retry-after-ms", "1")))
-        if self._in_flight.get(ident.name, 0) >= self.limits.max_in_flight_per_site:
-            retry_ms = self.limits.busy_retry_ms()
-            await self._refuse(context, ident.name, request, "site_in_flight",
-                               f"site {ident.name} already has "
-                               f"{self.limits.max_in_flight_per_site} calls in flight "
-                               f"(limits.max_in_flight_per_site); retry in {retry_ms} ms", t0,
-                               (("retry-after-ms", str(retry_ms)),))
-        self._in_flight[ident.name] = self._in_flight.get(ident.name, 0) + 1
+        # A whole call's bounds and the node's admission come before any per-envelope work.
+        await self.gate.enter(context, ident.name, request, t0)
+        a0 = time.perf_counter()
         try:
             return await self._push(request, context, ident.name, t0)
         finally:
-            left = self._in_flight[ident.name] - 1
-            if left:
-                self._in_flight[ident.name] = left
-            else:
-                del self._in_flight[ident.name]
-
-    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], site: str,
-                      request: pb.Batch, reason: str, detail: str, t0: float,
-                      trailers: tuple[tuple[str, str], ...]) -> None:
-        """Answer RESOURCE_EXHAUSTED for the whole call: counted, logged, never retried
-        against the endpoint's health (the agent waits the retry-after, or splits)."""
-        self.metrics.batches.labels("RESOURCE_EXHAUSTED").inc()
-        self.metrics.refused.labels(reason).inc()
-        event("ingest.batch", level=logging.WARNING, site=site, batch_id=request.batch_id,
-              readings=len(request.envelopes), status="RESOURCE_EXHAUSTED", flag="RL",
-              reason=reason, duration_ms=round((time.perf_counter() - t0) * 1000, 3))
-        context.set_trailing_metadata(trailers)
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+            self.gate.leave(ident.name, len(request.envelopes), time.perf_counter() - a0)
 
     async def _push(self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any],
                     site: str, t0: float) -> pb.Ack:
-        if self.limiter is not None:
-            wait = self.limiter.take(site, len(request.envelopes))
-            if wait > 0:
-                self.metrics.throttled.labels(site).inc()
-                retry_ms = max(1, int(wait * 1000))
-                await self._refuse(context, site, request, "rate_limit",
-                                   f"site {site} over its rate limit; retry in {retry_ms} ms",
-                                   t0, (("retry-after-ms", str(retry_ms)),))
         # Validation and the Ack, proportional to the batch, run on a thread (the event loop
         # keeps answering health checks and other sites); the backend owns the commit. A
         # thread-bound store (SQLite) does all three in one hop on its writer thread.
@@ -345,8 +314,15 @@ class IngestNode:
         limiter = SiteLimiter(rate=rate_limit_per_s, burst=max(rate_limit_burst, 1.0)) \
             if rate_limit_per_s > 0 else None
         denied = DenyList(path=deny_list) if deny_list is not None else None
+        lim = limits or Limits()
+        admission = Admission(target_s=lim.admit_target_ms / 1000,
+                              ceiling=lim.max_in_flight_readings) \
+            if lim.admit_target_ms > 0 else None
         self.service = IngestService(node=node, backend=self.backend, metrics=self.metrics,
-                                     limiter=limiter, limits=limits, deny_list=denied)
+                                     limiter=limiter, limits=lim, deny_list=denied,
+                                     admission=admission)
+        if admission is not None:
+            self.metrics.registry.register(AdmissionMetrics(admission=admission))
         if denied is not None:
             self.metrics.registry.register(DenyListMetrics(deny_list=denied))
         self.health = health_aio.HealthServicer()
@@ -452,7 +428,9 @@ async def run(config: IngestConfig) -> None:
                       limits=Limits(max_batch_envelopes=config.max_batch_envelopes,
                                     max_tombstone_span=config.max_tombstone_span,
                                     max_batch_bytes=config.max_batch_bytes,
-                                    max_in_flight_per_site=config.max_in_flight_per_site),
+                                    max_in_flight_per_site=config.max_in_flight_per_site,
+                                    admit_target_ms=config.admit_target_ms,
+                                    max_in_flight_readings=config.max_in_flight_readings),
                       max_epochs_per_site=config.max_epochs_per_site,
                       max_gaps_per_stream=config.max_gaps_per_stream,
                       health_listen=config.health_listen, deny_list=config.deny_list)

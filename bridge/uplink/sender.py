@@ -3,7 +3,9 @@
 The sender reads the spool in seq order and keeps up to ``max_in_flight`` batches in flight.
 Each batch is retried until an ingest node acknowledges it: a call-level failure marks the
 endpoint unhealthy and the same bytes (same request ids) go to the next healthy endpoint;
-throttling waits for the server's hint without blaming the endpoint. Per-envelope results:
+throttling (RESOURCE_EXHAUSTED) waits for the server's hint without blaming the endpoint (no
+breaker count, no stall, no failover) and holds the backlog lane back for as long, so live
+readings go first. Per-envelope results:
 COMMITTED and DUPLICATE release the row; REJECTED (permanent) moves it to the spool's dead
 letters. Nothing is dropped on a call-level error, whatever its code.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 
@@ -31,6 +34,14 @@ _DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE
                  pb.DISPOSITION_REJECTED: "rejected"}
 
 
+def hinted_wait(hint_s: float) -> float:
+    """How long to wait on an ingest's ``retry-after``: the hint, jittered up by at most 5 %
+    (and 20 ms), never less. The ingest already spreads waiting sites and keeps each one's
+    place in line for a moment past the hint (bridge.ingest.admission), so coming back late
+    by much would lose it, and coming back early would be refused again."""
+    return hint_s + random.uniform(0.0, min(0.05 * hint_s, 0.02))
+
+
 class Sender:
     def __init__(self, *, spool: AsyncSpool, pool: EndpointPool, config: UplinkConfig,
                  metrics: AgentMetrics) -> None:
@@ -40,6 +51,8 @@ class Sender:
         self.acked_readings = 0
         self.draining = False
         self.batch_cap: int | None = None  # a smaller bound an ingest asked for (_split)
+        self.busy_until = 0.0  # monotonic: the backlog waits for a throttle's retry-after
+        self.window = 1  # backlog batches in flight at most: 1 after a throttle, doubled per ack
 
     def _batch_rows(self) -> int:
         cap = self.batch_cap
@@ -57,7 +70,9 @@ class Sender:
         than a few batches are waiting (after an outage, or at start), the rows up to the
         current tail become the *backlog*, drained in order in the slots live does not need
         and at most ``drain_max_per_s`` readings a second. So live latency stays low while the
-        agent catches up.
+        agent catches up. The backlog starts with one batch in flight and doubles per ack up
+        to ``max_in_flight`` (slow start), and falls back to one when an ingest throttles: a
+        fleet that recovers at once does not open with every agent's whole window.
         """
         sp = self.spool.spool
         live = 0                              # last rid dispatched in the live lane
@@ -79,7 +94,7 @@ class Sender:
                     live, backlog, generation = 0, None, sp.generation
                 if backlog is None and sp.last_rid - live > threshold:
                     backlog, live = [live, sp.last_rid], sp.last_rid
-                    self.draining = True
+                    self.draining, self.window = True, 1
                     event("uplink.drain_started", readings=backlog[1] - backlog[0],
                           max_per_s=self.config.drain_max_per_s or None)
                 try:
@@ -114,6 +129,11 @@ class Sender:
                             ) -> tuple[list[tuple[int, bytes]], float]:
         """The next backlog batch (advancing ``backlog[0]``), or how long the pace says to wait."""
         want = self._batch_rows()
+        busy = self.busy_until - time.monotonic()
+        if busy > 0:  # an ingest asked us to wait: the backlog waits, live does not
+            return [], busy
+        if self.in_flight >= self.window:  # slow start: woken by the next ack
+            return [], 1.0
         if pace is not None:
             wait = pace.take(want)
             if wait > 0:
@@ -167,7 +187,14 @@ class Sender:
                     if err.max_envelopes is not None and len(rows) > err.max_envelopes:
                         await self._split(rows, generation, err.max_envelopes, ep.name)
                         return
-                    await backoff.sleep(err.retry_after_s)
+                    # Busy, not broken (pool.record counted nothing): wait the hint, and
+                    # hold the backlog back meanwhile so live batches keep the free slots.
+                    wait = backoff.next_delay() if err.retry_after_s is None else \
+                        hinted_wait(err.retry_after_s)
+                    self.busy_until = max(self.busy_until, time.monotonic() + wait)
+                    self.window = 1
+                    self.metrics.throttle_wait.labels(ep.name).inc(wait)
+                    await backoff.sleep(wait)
                     continue
                 self.metrics.retries.labels(ep.name, err.flag).inc()
                 if attempt >= len(self.pool.endpoints):
@@ -176,6 +203,9 @@ class Sender:
                 continue
             self.pool.record(ep, None)
             elapsed = time.perf_counter() - t0
+            if self.window < self.config.max_in_flight:
+                self.window = min(self.config.max_in_flight, 2 * self.window)
+                self.spool.appended.set()  # wakes the dispatch loop for the wider window
             rejected = [(rid, r.reason) for (rid, _), r in zip(rows, ack.results, strict=True)
                         if r.disposition == pb.DISPOSITION_REJECTED]
             await self._release(first, last, rejected, generation)

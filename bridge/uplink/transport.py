@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.common import channel_options
+from bridge.common import DEADLINE_METADATA, channel_options
 from bridge.config import TlsConfig
 from bridge.errors import ErrorKind, TransportError
 
@@ -90,7 +90,9 @@ class GrpcTransport:
     async def push(self, batch: bytes, *, batch_id: str, timeout: float) -> pb.Ack:
         try:
             ack: pb.Ack = await self._push(batch, timeout=timeout,
-                                           metadata=(("x-request-id", batch_id),))
+                                           metadata=(("x-request-id", batch_id),
+                                                     (DEADLINE_METADATA,
+                                                      str(round(timeout * 1000)))))
             return ack
         except grpc.aio.AioRpcError as err:
             raise classify(err) from err

@@ -62,15 +62,27 @@ class Node:
         return ack
 
     def answers(self) -> None:
-        """A health check within 1 s, and another site's push committed."""
+        """A health check within 1 s, and another site's push committed within 5 s, waiting
+        as an agent does when the node answers that it is busy (admission control)."""
         t0 = time.monotonic()
         resp = self.health.Check(health_pb2.HealthCheckRequest(service="bridge.v1.Ingest"),
                                  timeout=1.0)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         assert time.monotonic() - t0 < 1.0
         self.other_seq += 1
-        ack = self.other.PushBatch(pb.Batch(batch_id="o", envelopes=[
-            reading(self.other_seq, epoch=1, site="site-b")]), timeout=5)
+        batch = pb.Batch(batch_id="o", envelopes=[reading(self.other_seq, epoch=1,
+                                                          site="site-b")])
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                ack = self.other.PushBatch(batch, timeout=max(deadline - time.monotonic(), 0))
+                break
+            except grpc.RpcError as exc:
+                busy: Any = exc
+                if busy.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                assert "node_busy" in busy.details() or "admitted work" in busy.details()
+                time.sleep(int(dict(busy.trailing_metadata())["retry-after-ms"]) / 1000)
         assert ack.results[0].disposition == C
 
     def agrees_after_reopen(self) -> None:

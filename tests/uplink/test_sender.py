@@ -235,3 +235,23 @@ async def test_an_endpoint_healthy_to_probes_but_never_acking_is_left_within_one
     assert rig.metrics.stalls.labels("a")._value.get() >= 1
     assert rig.pool.active is rig.pool.endpoints[1]
     assert rig.pool.endpoints[0].gray_failures >= 1
+
+
+async def test_while_an_ingest_asks_to_wait_the_backlog_waits_and_live_readings_go_first(
+        rig_factory):
+    rig: Rig = await rig_factory(["a", "b"], failback_after_s=30)
+    a = rig.fakes["a"]
+    a.throttle_ms = 3000  # the first call (a backlog batch) is told to come back in 3 s
+    await rig.append(200)  # past 2 x max_in_flight x batch: drained as a backlog
+    await rig.until(lambda: rig.sender.busy_until > 0)
+    await rig.append(10)  # live
+    await rig.until(lambda: set(range(201, 211)) <= set(a.committed), timeout=2)
+    backlog = [s for s in a.committed if s <= 200]
+
+    assert 1 not in backlog, "the throttled batch waits its turn"
+    assert len(backlog) <= 30, "the backlog waits with it (only batches already in flight " \
+        "went on)"
+    await rig.until(lambda: rig.delivered() == set(range(1, 211)), timeout=15)
+    assert rig.fakes["b"].committed == []
+    assert rig.pool.failovers == 0
+    assert rig.metrics.throttle_wait.labels("a")._value.get() >= 3.0

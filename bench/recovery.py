@@ -1,0 +1,289 @@
+"""``fleet_recovery``: every site of a fleet drains its backlog at once into two JetStream replicas.
+
+First the tier's saturation rate: ``sat_sites`` sites push back to back as agents do, for
+``sat_seconds``. Then the recovery: ``sites`` sites, each with its own certificate and channel
+and a backlog of ``backlog`` readings, start together. Each site behaves as the agent's uplink
+does with its defaults (bridge.uplink.sender): 1,250-reading batches, up to 4 calls in flight
+(one at first and after a throttle, doubled per ack), a 5 s deadline stated in
+``bridge-deadline-ms``; RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's
+own jitter, ``hinted_wait``) on the same replica and holds new batches back as long; a
+deadline exceeded or an unavailable replica is what makes an agent fail over, so the call
+moves to the other replica with the same readings and is counted as a failover (and a
+deadline exceeded). Reported:
+readings/s from the first call to the last ack and its ratio to the saturation rate, p99 of
+admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
+share of readings re-sent that were already stored (acked DUPLICATE), and what an idle
+connected site costs the replicas (VmRSS with every channel connected minus before, over the
+sites). Afterwards every site's subject is counted with a plain client and must hold exactly
+its backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+
+from bench.memory import rss_mb
+from bench.results import Row, percentile
+from bridge._pb import bridge_pb2 as pb
+from bridge.common import DEADLINE_METADATA
+from bridge.dev import localrun
+from bridge.dev.jscluster import JetStreamCluster
+from bridge.ingest.jetstream import subject_token
+from bridge.uplink.sender import hinted_wait
+
+SCENARIO = "fleet_recovery"
+SYSTEM = "bridge"  # two JetStream replicas: the bridge's cloud tier as deployed
+BATCH = 1250  # the agent's uplink.batch_max_readings: a draining agent sends full batches
+IN_FLIGHT = 4
+DEADLINE_S = 5.0
+PUSH = "/bridge.v1.Ingest/PushBatch"
+SAT_EPOCH, RECOVERY_EPOCH = 1, 2
+_STATED = ((DEADLINE_METADATA, str(round(DEADLINE_S * 1000))),)  # as the agent states it
+
+
+@dataclass
+class _Stats:
+    latencies: list[float] = field(default_factory=list)
+    readings: int = 0
+    refused: int = 0
+    deadlines: int = 0
+    failovers: int = 0
+    duplicates: int = 0
+    last_ack: float = 0.0
+
+
+class _Site:
+    """One site's uplink: its channel to its replica, and to the other one on failover."""
+
+    def __init__(self, site: str, targets: list[str], first: int,
+                 creds: grpc.ChannelCredentials) -> None:
+        self.site, self.targets, self.creds = site, targets, creds
+        self.current = first
+        self.channels: dict[int, grpc.aio.Channel] = {}
+        self.window = 1          # as the agent's sender: slow start, 1 again after a throttle
+        self.busy_until = 0.0    # as the agent's sender: no new backlog batch before this
+
+    def call(self) -> grpc.aio.UnaryUnaryMultiCallable:  # type: ignore[type-arg]
+        ch = self.channels.get(self.current)
+        if ch is None:
+            ch = self.channels[self.current] = grpc.aio.secure_channel(
+                self.targets[self.current], self.creds)
+        return ch.unary_unary(PUSH, request_serializer=None,
+                              response_deserializer=pb.Ack.FromString)
+
+    def batch(self, epoch: int, first: int, n: int) -> bytes:
+        return pb.Batch(batch_id=f"{self.site}-{epoch}-{first}", envelopes=[
+            pb.Envelope(site_id=self.site, epoch=epoch, seq=first + k,
+                        values=[pb.Value(signal="v", number=float(k))])
+            for k in range(n)]).SerializeToString()
+
+    async def push(self, blob: bytes, n: int, stats: _Stats) -> None:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                ack = await self.call()(blob, timeout=DEADLINE_S, metadata=_STATED)
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    stats.refused += 1
+                    trailers: Any = err.trailing_metadata() or ()
+                    hint = next((float(v) / 1000 for k, v in trailers
+                                 if k == "retry-after-ms"), 0.05)
+                    wait = hinted_wait(hint)
+                    self.busy_until = max(self.busy_until, time.monotonic() + wait)
+                    self.window = 1
+                    await asyncio.sleep(wait)
+                    continue
+                if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    stats.deadlines += 1
+                stats.failovers += 1
+                self.current = (self.current + 1) % len(self.targets)
+                continue
+            stats.latencies.append(time.perf_counter() - t0)
+            stats.readings += n
+            stats.duplicates += sum(r.disposition == pb.DISPOSITION_DUPLICATE
+                                    for r in ack.results)
+            stats.last_ack = time.monotonic()
+            self.window = min(IN_FLIGHT, 2 * self.window)
+            return
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close(grace=None)
+
+
+def _sites(names: list[str], targets: list[str], pkis: localrun.Pki) -> list[_Site]:
+    out = []
+    for i, name in enumerate(names):
+        ca, cert, key = pkis.site(name).read()
+        out.append(_Site(name, targets, i % len(targets),
+                         grpc.ssl_channel_credentials(ca, key, cert)))
+    return out
+
+
+async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000) -> float:
+    """Readings/s acknowledged while ``sites`` push back to back, 4 calls each (the first
+    second is warm-up and not counted). The batches are built beforehand, enough for
+    ``rate_hint`` readings/s, so the load generator's own work does not cap the rate."""
+    stats = _Stats()
+    lanes = len(sites) * IN_FLIGHT
+    per_lane = int(rate_hint * (seconds + 1) / BATCH / lanes) + 2
+    ready = {(s.site, k): [s.batch(SAT_EPOCH, k * 10**9 + 1 + i * BATCH, BATCH)
+                           for i in range(per_lane)] for s in sites for k in range(IN_FLIGHT)}
+    stop_at = time.monotonic() + 1.0 + seconds
+    counted: list[int] = []
+
+    async def worker(s: _Site, lane: int) -> None:
+        todo = ready[(s.site, lane)]
+        seq = lane * 10**9 + 1 + per_lane * BATCH
+        while time.monotonic() < stop_at:
+            if todo:
+                blob = todo.pop(0)
+            else:
+                blob, seq = s.batch(SAT_EPOCH, seq, BATCH), seq + BATCH
+            await s.push(blob, BATCH, stats)
+
+    async def mark() -> None:
+        await asyncio.sleep(1.0)
+        counted.append(stats.readings)
+        await asyncio.sleep(seconds)
+        counted.append(stats.readings)
+
+    await asyncio.gather(mark(), *(worker(s, k) for s in sites for k in range(IN_FLIGHT)))
+    return (counted[1] - counted[0]) / seconds
+
+
+async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.IngestProc]
+                   ) -> tuple[_Stats, float, float]:
+    """(stats, seconds from the first call to the last ack, idle MB of the connections)."""
+    # Every batch is built before the clock starts: the load generator is one process, and
+    # building 1,250 envelopes in Python costs it more than the ingest spends refusing them.
+    blobs = {s.site: [(s.batch(RECOVERY_EPOCH, first, min(BATCH, backlog - first + 1)),
+                       min(BATCH, backlog - first + 1))
+                      for first in range(1, backlog + 1, BATCH)] for s in sites}
+    base = sum(rss_mb(p.proc.pid) for p in procs)
+    for s in sites:
+        s.call()
+    await asyncio.gather(*(s.channels[s.current].channel_ready() for s in sites))
+    idle_mb = sum(rss_mb(p.proc.pid) for p in procs) - base
+    stats = _Stats()
+
+    async def drain(s: _Site) -> None:
+        """The agent's backlog lane: a new batch only within the window and after any
+        retry-after; batches already sent retry on their own."""
+        todo = blobs[s.site]
+        sent: set[asyncio.Task[None]] = set()
+        while todo or sent:
+            now = time.monotonic()
+            while todo and len(sent) < s.window and now >= s.busy_until:
+                blob, n = todo.pop(0)
+                sent.add(asyncio.ensure_future(s.push(blob, n, stats)))
+            if not sent:
+                await asyncio.sleep(s.busy_until - now)
+                continue
+            done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(s.busy_until - now, 0.05)
+                                         if todo else None)
+            sent -= done
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(drain(s) for s in sites))
+    return stats, stats.last_ack - t0, idle_mb
+
+
+async def _subject_counts(servers: list[str], epoch: int) -> dict[str, int]:
+    nc = await nats.connect(servers=servers)
+    try:
+        info = await nc.jetstream().stream_info("BRIDGE",
+                                                subjects_filter=f"bridge.r.*.{epoch:016x}")
+        return dict(info.state.subjects or {})
+    finally:
+        await nc.close()
+
+
+def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: float,
+        log: Callable[[str], None]) -> list[Row]:
+    names = [f"rec-site-{i}" for i in range(sites)]
+    t0 = time.monotonic()
+    pkis = localrun.Pki(work / "pki", names)
+    log(f"  {sites} site certificates in {time.monotonic() - t0:.0f} s")
+    cluster = JetStreamCluster(work / "js", sync="default").start()
+    procs = [localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
+                             extra='[log]\nlevel = "warning"\n').start() for i in range(2)]
+    try:
+        for p in procs:
+            try:
+                localrun.wait_healthy(p.target, pkis.consumer(), timeout=60)
+            except TimeoutError as exc:
+                raise RuntimeError(f"{exc}; its log ends:\n{p.proc.tail(30)}") from exc
+        targets = [p.target for p in procs]
+
+        async def both() -> tuple[float, _Stats, float, float]:
+            sat = _sites(names[:sat_sites], targets, pkis)
+            try:
+                sat_rate = await _saturate(sat, sat_seconds)
+            finally:
+                await asyncio.gather(*(s.close() for s in sat))
+            fleet = _sites(names, targets, pkis)
+            try:
+                stats, elapsed, idle_mb = await _recover(fleet, backlog, procs)
+            finally:
+                await asyncio.gather(*(s.close() for s in fleet))
+            return sat_rate, stats, elapsed, idle_mb
+
+        sat_rate, stats, elapsed, idle_mb = asyncio.run(both())
+        counts = asyncio.run(_subject_counts(cluster.servers, RECOVERY_EPOCH))
+    finally:
+        for p in procs:
+            p.proc.stop()
+        cluster.stop()
+    wrong = [n for n in names
+             if counts.get(f"bridge.r.{subject_token(n)}.{RECOVERY_EPOCH:016x}") != backlog]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} sites' subjects do not hold exactly their backlog, "
+                           f"e.g. {wrong[0]}")
+    total = sites * backlog
+    rate = total / elapsed
+    p99 = percentile(stats.latencies, 99) * 1000
+    resent = stats.duplicates / total * 100
+    log(f"  saturation ({sat_sites} sites): {sat_rate:,.0f} readings/s; recovery of {sites} "
+        f"sites x {backlog}: {rate:,.0f} readings/s ({rate / sat_rate:.2f}x) in {elapsed:.0f} s,"
+        f" admitted p99 {p99:.0f} ms, {stats.refused} refused, {stats.deadlines} deadlines "
+        f"exceeded, {stats.failovers} failovers, {stats.duplicates} re-sent; idle channels "
+        f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once")
+    return [Row(SCENARIO, SYSTEM, "saturation_readings_per_s", round(sat_rate, 1), "readings/s"),
+            Row(SCENARIO, SYSTEM, "readings_per_s", round(rate, 1), "readings/s"),
+            Row(SCENARIO, SYSTEM, "ratio_to_saturation", round(rate / sat_rate, 3), "x"),
+            Row(SCENARIO, SYSTEM, "admitted_p99_ms", round(p99, 1), "ms"),
+            Row(SCENARIO, SYSTEM, "calls_refused", stats.refused, "calls"),
+            Row(SCENARIO, SYSTEM, "deadlines_exceeded", stats.deadlines, "calls"),
+            Row(SCENARIO, SYSTEM, "failovers", stats.failovers, "calls"),
+            Row(SCENARIO, SYSTEM, "resent_pct", round(resent, 3), "%"),
+            Row(SCENARIO, SYSTEM, "idle_kb_per_site", round(idle_mb * 1024 / sites, 1), "kB")]
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m bench.recovery")
+    ap.add_argument("--sites", type=int, default=1000)
+    ap.add_argument("--backlog", type=int, default=1000)
+    ap.add_argument("--sat-sites", type=int, default=64)
+    ap.add_argument("--sat-seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+        for r in run(work=Path(tmp), sites=args.sites, backlog=args.backlog,
+                     sat_sites=args.sat_sites, sat_seconds=args.sat_seconds, log=print):
+            print(f"{r.metric:<28} {r.value:g} {r.unit}")
+
+
+if __name__ == "__main__":
+    main()

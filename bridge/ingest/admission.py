@@ -1,0 +1,194 @@
+"""Admission control: a node takes the work it can finish well inside an agent's deadline.
+
+After a regional outage every site drains its backlog at once. Queuing all of it makes every
+call late: the agent's deadline passes, it resends readings already stored and takes a healthy
+node for a stalled one. So a node runs at most ``limit`` readings at once (admitted, not yet
+answered), holds a call briefly when it will have room within ``max_wait_s``, and refuses the
+rest at once, before any per-envelope work, with RESOURCE_EXHAUSTED and a ``retry-after-ms``
+that spreads the waiting sites over the time the node needs to serve them.
+
+**The limit** follows Little's law: readings in flight = commit rate x time in the handler.
+It is re-sized every ``WINDOW_S`` from what the node measured in that window: when the mean
+handler time of the calls it answered exceeded ``target_s`` the limit shrinks in proportion;
+when it had more work than it ran while its calls finished well inside the target it grows by
+a tenth. It stays within ``[floor, ceiling]``, and a node with nothing running admits any
+call, so progress never depends on the estimates. The commit ``rate`` is measured in the
+windows where the node had more work than it ran.
+
+**Waiting before the handler.** A node whose event loop is saturated queues calls where no
+handler sees them (in gRPC, before the call is handed to Python). The agent states its
+deadline (``bridge-deadline-ms``); the deadline gRPC gives the handler is counted from the
+call's arrival, so the difference is how long the call ``waited`` before its handler ran. That
+wait counts against ``max_wait_s``: a call that already waited that long is refused (a refusal
+costs about a thirtieth of an admitted 1,250-reading call, so refusing drains that queue).
+
+**The line.** A refused call is told to come back when the node should have served the
+readings of every call refused before it: its readings are added at the end of a line that
+moves at the measured rate, and the retry-after is the time until its place, jittered.
+Growing with the line keeps the refusals near one per call however large the fleet, and
+spreads a recovering fleet over the time the node needs for it. The line is a schedule, not a
+reservation: a call that finds room is admitted whoever sent it, and one that comes too early
+is refused again with a place at the end. Sites cannot be called back early, so the schedule
+errs on the fast side (``OVERBOOK``): a node whose sites come back too soon refuses a few
+calls twice (a refusal costs about a thirtieth of an admitted 1,250-reading call), one whose
+sites come back too late idles. For the same reason the rate is measured only in windows
+where the handlers had more work than they ran (a call held, or refused as full), never from
+a window spent refusing late calls or waiting for sites that sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from bridge.common import DEADLINE_METADATA
+
+WINDOW_S = 0.5       # how often the limit and the rate are re-sized
+EARLY_S = 0.05       # a ticket is good this long before it is due (clocks, scheduling)
+MAX_RETRY_S = 60.0   # no site is told to wait longer than this
+OVERBOOK = 1.5       # the line moves this much faster than the measured rate (module doc)
+MIN_WAIT_S = 0.05    # a call may always have waited this long before its handler
+
+
+@dataclass(slots=True)
+class Held:
+    """A call waiting for room; ``ready`` resolves when it is admitted."""
+
+    n: int
+    ready: asyncio.Future[None]
+
+
+class Admission:
+    """The admission decision of one node; not thread-safe (the event loop owns it)."""
+
+    def __init__(self, *, target_s: float = 0.3, initial: int = 5_000, floor: int = 500,
+                 ceiling: int = 200_000, clock: Callable[[], float] = time.monotonic,
+                 jitter: Callable[[float, float], float] = random.uniform) -> None:
+        self.target_s, self.floor, self.ceiling = target_s, floor, ceiling
+        self.max_wait_s = max(target_s, MIN_WAIT_S)
+        self.limit = float(max(floor, min(initial, ceiling)))
+        self.rate = self.limit / target_s  # readings/s; measured from the first window on
+        self.in_flight = 0
+        self.held_readings = 0
+        self.refused: dict[str, int] = {"full": 0, "late": 0}  # calls, by why
+        self._clock, self._jitter = clock, jitter
+        self._held: deque[Held] = deque()
+        self._tail = 0.0  # when the readings of the sites told to come back are served
+        self._window_at = clock()
+        self._done_readings = 0
+        self._done_calls = 0
+        self._done_seconds = 0.0
+        self._pressed = 0  # calls held or refused as full in this window: the handlers had
+                           # more work than they ran (not so for calls refused as late)
+
+    @property
+    def line_s(self) -> float:
+        """How far ahead the sites told to come back are spread, in seconds."""
+        return max(0.0, self._tail - self._clock())
+
+    def admit(self, n: int, waited: float = 0.0) -> float | Held | None:
+        """Decide on a call of ``n`` readings that ``waited`` seconds before its handler ran:
+        None (admitted: call ``done`` when answered), a ``Held`` to await (then admitted;
+        ``cancel`` it if the call ends first), or the seconds its site should wait before it
+        asks again."""
+        now = self._clock()
+        self._resize(now)
+        if waited > self.max_wait_s:
+            return self._refuse("late", n, now)
+        if self.in_flight == 0 and not self._held:  # progress never depends on estimates
+            self.in_flight = n
+            return None
+        if not self._held and self.in_flight + n <= self.limit:
+            self.in_flight += n
+            return None
+        ahead = self.in_flight + self.held_readings
+        # Room comes when enough of what is ahead has finished; a call larger than the limit
+        # needs all of it finished (an idle node admits any call).
+        if waited + min(ahead + n - self.limit, ahead) / self.rate <= self.max_wait_s:
+            self._pressed += 1
+            h = Held(n=n, ready=asyncio.get_running_loop().create_future())
+            self._held.append(h)
+            self.held_readings += n
+            return h
+        return self._refuse("full", n, now)
+
+    def cancel(self, held: Held) -> None:
+        """A held call ended (its caller gave up) before it was admitted."""
+        if not held.ready.done():
+            held.ready.cancel()
+        try:
+            self._held.remove(held)
+        except ValueError:
+            return  # already admitted: the caller calls done()
+        self.held_readings -= held.n
+
+    def done(self, n: int, seconds: float) -> None:
+        """An admitted call of ``n`` readings was answered after ``seconds`` in its handler
+        (committed or failed: either way it no longer holds the node); room goes to the
+        held calls, in order."""
+        self.in_flight = max(0, self.in_flight - n)
+        self._done_readings += n
+        self._done_calls += 1
+        self._done_seconds += seconds
+        held = self._held
+        while held and (self.in_flight == 0 or self.in_flight + held[0].n <= self.limit):
+            h = held.popleft()
+            self.held_readings -= h.n
+            if h.ready.done():
+                continue  # cancelled
+            self.in_flight += h.n
+            h.ready.set_result(None)
+
+    def _refuse(self, why: str, n: int, now: float) -> float:
+        """A place at the end of the line: the wait until the node has served the readings
+        of every site told to come back before this one."""
+        self.refused[why] += 1
+        if why == "full":
+            self._pressed += 1
+        start = max(now, self._tail)
+        spacing = n / (self.rate * OVERBOOK)
+        self._tail = start + spacing
+        return min(max(start - now + self._jitter(0.0, spacing), 0.01), MAX_RETRY_S)
+
+    def _resize(self, now: float) -> None:
+        """Every WINDOW_S: the commit rate measured and the limit re-sized (module doc)."""
+        span = now - self._window_at
+        if span < WINDOW_S:
+            return
+        pressed = self._pressed > 0
+        if self._done_calls:
+            measured = self._done_readings / span
+            if pressed or measured > self.rate:  # an idle node's rate says nothing of its
+                self.rate = max(0.7 * self.rate + 0.3 * measured, 1.0)  # capacity
+            mean = self._done_seconds / self._done_calls
+            if mean > self.target_s:
+                self.limit *= max(0.5, self.target_s / mean)
+            elif pressed and mean < 0.7 * self.target_s:
+                self.limit *= 1.1
+            self.limit = max(float(self.floor), min(self.limit, float(self.ceiling)))
+        self._window_at = now
+        self._done_readings = self._done_calls = self._pressed = 0
+        self._done_seconds = 0.0
+
+
+def queued_for(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """Seconds a call waited in the node before its handler ran: the deadline its caller
+    stated (``bridge-deadline-ms``) minus what gRPC says is left; 0 if either is missing."""
+    left = context.time_remaining()
+    if left is None:
+        return 0.0
+    for key, value in context.invocation_metadata() or ():
+        if key == DEADLINE_METADATA:
+            try:
+                stated = int(value) / 1000
+            except (TypeError, ValueError):
+                return 0.0
+            return min(max(stated - left, 0.0), 3600.0)
+    return 0.0
