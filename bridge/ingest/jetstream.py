@@ -65,6 +65,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
+from bridge.common import Backoff
 from bridge.config import JetStreamSettings, site_id_problem
 from bridge.errors import StoreUnavailable
 from bridge.ingest import stream
@@ -78,6 +79,7 @@ from bridge.telemetry import IngestMetrics, event
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
 # Wrong last (subject) sequence: 10071 names the actual one, 10164 (atomic batches) does not.
 WRONG_LAST = (10071, 10164)
+FORMING_S, FORMING = 60.0, ("TimeoutError", "10008", "10005")  # no meta leader/peers yet
 
 
 @functools.lru_cache(maxsize=16384)
@@ -161,16 +163,15 @@ class JetStreamStore:
             # A few tries at start (a refused certificate or no server is a clear error at
             # once, and the service manager restarts us), then reconnect for ever.
             self._nc = await nats.connect(servers=list(s.servers), **s.connect_options(),
-                                          max_reconnect_attempts=2,
-                                          reconnect_time_wait=0.5, connect_timeout=5,
-                                          error_cb=self._on_error,
+                                          max_reconnect_attempts=2, reconnect_time_wait=0.5,
+                                          connect_timeout=5, error_cb=self._on_error,
                                           disconnected_cb=self._on_disconnect,
                                           reconnected_cb=self._on_reconnect)
         except (NatsError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to JetStream at {', '.join(s.servers)}: "
                                    f"{type(exc).__name__}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
-        await self._ensure_stream()
+        await self._until_ready()
         await self.keeper.open(self._client().jetstream(timeout=s.ack_timeout_s),
                                stream=s.stream, stream_id=self._stream_id,
                                replicas=s.replicas, write=not self.read_only)
@@ -207,14 +208,25 @@ class JetStreamStore:
         doc: dict[str, Any] = json.loads(resp.data)
         return doc
 
+    async def _until_ready(self) -> None:
+        """The stream, waiting up to FORMING_S for a cluster still forming (FORMING), saying
+        so; any other error, or a cluster still not ready then, ends the start with it."""
+        deadline, backoff = time.monotonic() + FORMING_S, Backoff(base_s=0.25, cap_s=2.0)
+        while True:
+            try:
+                return await self._ensure_stream()
+            except StoreUnavailable as exc:
+                if time.monotonic() > deadline or not any(m in str(exc) for m in FORMING):
+                    raise
+                event("jetstream.waiting", level=logging.WARNING, reason=str(exc)[:200])
+                await backoff.sleep()
+
     async def _ensure_stream(self) -> None:
         s = self.settings
         info = await self._api(f"$JS.API.STREAM.INFO.{s.stream}", {})
         if "error" not in info or self.read_only:
-            if "error" in info:
-                raise StoreUnavailable(f"stream {s.stream}: {info['error']}")
             cfg = info.get("config", {})
-            if not cfg.get("allow_atomic") and not self.read_only:
+            if "error" not in info and not cfg.get("allow_atomic") and not self.read_only:
                 info = await self._api(f"$JS.API.STREAM.UPDATE.{s.stream}",
                                        {**cfg, "allow_atomic": True})
             if "error" in info:

@@ -95,6 +95,31 @@ def exactly_once(js: JetStreamCluster, published: int) -> None:
     assert max(seqs.values()) == 1, "a seq stored twice in the stream"
 
 
+def test_a_replica_started_before_its_cluster_has_formed_waits_for_it(
+        cluster: Cluster, tmp_path: Path):
+    forming = JetStreamCluster(tmp_path / "forming")
+    try:
+        forming.nodes[0].start(forming.exe)  # one node of three: no meta leader yet
+        forming.nodes[0].wait_listening()
+        proc = localrun.ingest(cluster.workdir, cluster.pki, "aws",
+                               jetstream=[forming.nodes[0].url]).start()
+        wait_for(lambda: "jetstream.waiting" in proc.proc.log.read_text(errors="replace"),
+                 timeout=30, what="the replica saying it waits for the cluster")
+        assert proc.proc.alive()
+        for n in forming.nodes[1:]:
+            n.start(forming.exe)
+        cluster.nodes["aws"] = proc
+        localrun.wait_healthy(proc.target, cluster.pki.consumer(), timeout=60)
+        ca, cert, key = cluster.pki.site("site-a").read()
+        stub = pb_grpc.IngestStub(grpc.secure_channel(
+            proc.target, grpc.ssl_channel_credentials(ca, key, cert)))
+        ack = stub.PushBatch(pb.Batch(batch_id="b", envelopes=[
+            pb.Envelope(site_id="site-a", epoch=1, seq=1)]), timeout=10)
+        assert ack.results[0].disposition == pb.DISPOSITION_COMMITTED
+    finally:
+        forming.stop()
+
+
 def test_replicas_share_one_stream_and_a_replica_killed_mid_load_doubles_nothing(
         cluster: Cluster, js: JetStreamCluster):
     first, _second = replicas(cluster, js, 2)
