@@ -1,17 +1,17 @@
 """``fleet_recovery``: every site of a fleet drains its backlog at once into two JetStream replicas.
 
-First the tier's saturation rate: ``sat_sites`` sites push back to back as agents do, for
-``sat_seconds``. Then the recovery: ``sites`` sites, each with its own certificate and channel
-and a backlog of ``backlog`` readings, start together. Each site behaves as the agent's uplink
-does with its defaults (bridge.uplink.sender): 1,250-reading batches, up to 4 calls in flight
-(one at first and after a throttle, doubled per ack), a 5 s deadline stated in
-``bridge-deadline-ms``; RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's
-own jitter, ``hinted_wait``) on the same replica and holds new batches back as long; a
-deadline exceeded or an unavailable replica is what makes an agent fail over, so the call
-moves to the other replica with the same readings and is counted as a failover (and a
-deadline exceeded). Reported:
-readings/s from the first call to the last ack and its ratio to the saturation rate, p99 of
-admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
+First the tier's saturation rate: ``sat_sites`` sites keep 4 calls each coming back to back for
+``sat_seconds`` (a refused call waits its retry-after, the others go on), so the tier always
+has more work than it takes. Then the recovery: ``sites`` sites, each with its own certificate
+and channel and a backlog of ``backlog`` readings, start together. Each site behaves as the
+agent's uplink does with its defaults (bridge.uplink.sender): 1,250-reading batches, up to 4
+calls in flight (one at first and after a throttle, doubled per ack), a 5 s deadline stated in
+``bridge-deadline-ms``; RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's own
+jitter, ``hinted_wait``) on the same replica and holds new batches back as long; a deadline
+exceeded or an unavailable replica is what makes an agent fail over, so the call moves to the
+other replica with the same readings and is counted as a failover (and a deadline exceeded).
+Reported: readings/s from the first call to the last ack and its ratio to the saturation rate,
+p99 of admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
 share of readings re-sent that were already stored (acked DUPLICATE), and what an idle
 connected site costs the replicas (VmRSS with every channel connected minus before, over the
 sites). Afterwards every site's subject is counted with a plain client and must hold exactly
@@ -128,27 +128,47 @@ def _sites(names: list[str], targets: list[str], pkis: localrun.Pki) -> list[_Si
     return out
 
 
+async def _lane(s: _Site, todo: list[tuple[bytes, int]], stats: _Stats,
+                stop_at: float = float("inf")) -> None:
+    """The agent's backlog lane for one site: a new batch only within its window and after
+    any retry-after, none after ``stop_at``; batches already sent retry on their own."""
+    sent: set[asyncio.Task[None]] = set()
+    while (todo and time.monotonic() < stop_at) or sent:
+        now = time.monotonic()
+        while todo and len(sent) < s.window and now >= s.busy_until and now < stop_at:
+            blob, n = todo.pop(0)
+            sent.add(asyncio.ensure_future(s.push(blob, n, stats)))
+        if not sent:
+            await asyncio.sleep(max(min(s.busy_until, stop_at) - now, 0.0))
+            continue
+        done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=max(s.busy_until - now, 0.05) if todo else None)
+        sent -= done
+
+
+def _batches(s: _Site, epoch: int, readings: int) -> list[tuple[bytes, int]]:
+    """A site's backlog as the agent would send it, built before any clock starts (the load
+    generator is one process: building 1,250 envelopes in Python costs it more than the
+    ingest spends refusing them)."""
+    return [(s.batch(epoch, first, min(BATCH, readings - first + 1)),
+             min(BATCH, readings - first + 1)) for first in range(1, readings + 1, BATCH)]
+
+
 async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000) -> float:
-    """Readings/s acknowledged while ``sites`` push back to back, 4 calls each (the first
-    second is warm-up and not counted). The batches are built beforehand, enough for
-    ``rate_hint`` readings/s, so the load generator's own work does not cap the rate."""
+    """Readings/s acknowledged while ``sites`` keep 4 calls each coming back to back (a
+    refused call waits its retry-after, the other calls go on), so the tier always has more
+    work than it takes; the first second is warm-up and not counted."""
     stats = _Stats()
-    lanes = len(sites) * IN_FLIGHT
-    per_lane = int(rate_hint * (seconds + 1) / BATCH / lanes) + 2
-    ready = {(s.site, k): [s.batch(SAT_EPOCH, k * 10**9 + 1 + i * BATCH, BATCH)
-                           for i in range(per_lane)] for s in sites for k in range(IN_FLIGHT)}
+    each = (int(rate_hint * (seconds + 1) / len(sites)) // BATCH + IN_FLIGHT) * BATCH
+    todo = {s.site: _batches(s, SAT_EPOCH, each) for s in sites}
     stop_at = time.monotonic() + 1.0 + seconds
     counted: list[int] = []
 
-    async def worker(s: _Site, lane: int) -> None:
-        todo = ready[(s.site, lane)]
-        seq = lane * 10**9 + 1 + per_lane * BATCH
-        while time.monotonic() < stop_at:
-            if todo:
-                blob = todo.pop(0)
-            else:
-                blob, seq = s.batch(SAT_EPOCH, seq, BATCH), seq + BATCH
-            await s.push(blob, BATCH, stats)
+    async def worker(s: _Site) -> None:
+        batches = todo[s.site]
+        while batches and time.monotonic() < stop_at:
+            blob, n = batches.pop(0)
+            await s.push(blob, n, stats)
 
     async def mark() -> None:
         await asyncio.sleep(1.0)
@@ -156,45 +176,22 @@ async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_00
         await asyncio.sleep(seconds)
         counted.append(stats.readings)
 
-    await asyncio.gather(mark(), *(worker(s, k) for s in sites for k in range(IN_FLIGHT)))
+    await asyncio.gather(mark(), *(worker(s) for s in sites for _ in range(IN_FLIGHT)))
     return (counted[1] - counted[0]) / seconds
 
 
 async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.IngestProc]
                    ) -> tuple[_Stats, float, float]:
     """(stats, seconds from the first call to the last ack, idle MB of the connections)."""
-    # Every batch is built before the clock starts: the load generator is one process, and
-    # building 1,250 envelopes in Python costs it more than the ingest spends refusing them.
-    blobs = {s.site: [(s.batch(RECOVERY_EPOCH, first, min(BATCH, backlog - first + 1)),
-                       min(BATCH, backlog - first + 1))
-                      for first in range(1, backlog + 1, BATCH)] for s in sites}
+    todo = {s.site: _batches(s, RECOVERY_EPOCH, backlog) for s in sites}
     base = sum(rss_mb(p.proc.pid) for p in procs)
     for s in sites:
         s.call()
     await asyncio.gather(*(s.channels[s.current].channel_ready() for s in sites))
     idle_mb = sum(rss_mb(p.proc.pid) for p in procs) - base
     stats = _Stats()
-
-    async def drain(s: _Site) -> None:
-        """The agent's backlog lane: a new batch only within the window and after any
-        retry-after; batches already sent retry on their own."""
-        todo = blobs[s.site]
-        sent: set[asyncio.Task[None]] = set()
-        while todo or sent:
-            now = time.monotonic()
-            while todo and len(sent) < s.window and now >= s.busy_until:
-                blob, n = todo.pop(0)
-                sent.add(asyncio.ensure_future(s.push(blob, n, stats)))
-            if not sent:
-                await asyncio.sleep(s.busy_until - now)
-                continue
-            done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED,
-                                         timeout=max(s.busy_until - now, 0.05)
-                                         if todo else None)
-            sent -= done
-
     t0 = time.monotonic()
-    await asyncio.gather(*(drain(s) for s in sites))
+    await asyncio.gather(*(_lane(s, todo[s.site], stats) for s in sites))
     return stats, stats.last_ack - t0, idle_mb
 
 
@@ -275,7 +272,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(prog="python -m bench.recovery")
     ap.add_argument("--sites", type=int, default=1000)
-    ap.add_argument("--backlog", type=int, default=1000)
+    ap.add_argument("--backlog", type=int, default=2500)
     ap.add_argument("--sat-sites", type=int, default=64)
     ap.add_argument("--sat-seconds", type=float, default=10.0)
     args = ap.parse_args()
