@@ -1,7 +1,8 @@
 """``fleet``: many sites at once against one SQLite node and against two JetStream replicas.
 
 Every site has its own certificate and its own mTLS channel and pushes 100-reading batches
-back to back, one in flight (an agent's live lane), for ``seconds``; the load generator is
+back to back, one in flight (an agent's live lane), for ``seconds``; a call refused busy
+(admission control) waits its retry-after as the agent does; the load generator is
 one process of this machine. Reported per store: committed readings/s, p99 per call, and the
 ingest's RSS per connected, active site (RSS after the load minus RSS with one site
 connected, over the sites; for two replicas, both processes). Every (site, seq) is then read
@@ -19,23 +20,26 @@ from pathlib import Path
 import grpc
 import nats
 
+from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
+from bridge.uplink.sender import hinted_wait
 
 SCENARIO = "fleet"
 BATCH = 100
 
 
 async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], seconds: float,
-                ) -> tuple[dict[str, int], list[float], int]:
-    """(highest seq stored per site, call seconds, calls refused or failed)."""
+                ) -> tuple[dict[str, int], list[float], int, int]:
+    """(highest seq stored per site, call seconds of answered calls, calls failed, calls
+    refused busy: each waited its retry-after as the agent does)."""
     latencies: list[float] = []
     highest: dict[str, int] = {}
-    failed = 0
+    failed = refused = 0
     start = asyncio.Event()
     ready = 0
     channels = []
@@ -45,7 +49,7 @@ async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], second
                                                 grpc.ssl_channel_credentials(ca, key, cert)))
 
     async def site_loop(ch: grpc.aio.Channel, site: str) -> None:
-        nonlocal failed, ready
+        nonlocal failed, refused, ready
         stub = pb_grpc.IngestStub(ch)
         await ch.channel_ready()
         ready += 1
@@ -61,8 +65,12 @@ async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], second
             t0 = time.perf_counter()
             try:
                 await stub.PushBatch(pb.Batch(batch_id=f"{site}-{seq}", envelopes=envs),
-                                     timeout=30)
-            except grpc.aio.AioRpcError:
+                                     timeout=30, metadata=client.stated(30))
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:  # as the agent does
+                    refused += 1
+                    await asyncio.sleep(hinted_wait(client.retry_after(err)))
+                    continue
                 failed += 1
                 continue
             latencies.append(time.perf_counter() - t0)
@@ -75,7 +83,7 @@ async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], second
     finally:
         for ch in channels:
             await ch.close(grace=None)
-    return highest, latencies, failed
+    return highest, latencies, failed, refused
 
 
 def _sqlite_counts(path: Path) -> dict[str, tuple[int, int, int]]:
@@ -126,8 +134,8 @@ def run(*, work: Path, sites: int, seconds: float, log: Callable[[str], None],
                 localrun.wait_healthy(p.target, pkis.consumer(), timeout=60)
             base = sum(rss_mb(p.proc.pid) for p in procs)
             t1 = time.monotonic()
-            highest, lat, failed = asyncio.run(_load([p.target for p in procs], pkis, names,
-                                                     seconds))
+            highest, lat, failed, refused = asyncio.run(
+                _load([p.target for p in procs], pkis, names, seconds))
             elapsed = time.monotonic() - t1
             grown = sum(rss_mb(p.proc.pid) for p in procs) - base
             counts = _sqlite_counts(where / "store-fleet.db") if cluster is None else \
@@ -151,10 +159,11 @@ def run(*, work: Path, sites: int, seconds: float, log: Callable[[str], None],
         rows += [Row(SCENARIO, system, "readings_per_s", round(rate, 1), "readings/s"),
                  Row(SCENARIO, system, "call_p99_ms", round(p99, 1), "ms"),
                  Row(SCENARIO, system, "rss_kb_per_site", round(per_site_kb, 1), "kB"),
-                 Row(SCENARIO, system, "calls_failed", failed, "calls")]
+                 Row(SCENARIO, system, "calls_failed", failed, "calls"),
+                 Row(SCENARIO, system, "calls_refused_busy", refused, "calls")]
         log(f"  {system}: {sites} sites, {rate:,.0f} readings/s, p99 {p99:.0f} ms, "
-            f"+{per_site_kb:.0f} kB RSS per site, {failed} calls failed, every reading "
-            "stored once")
+            f"+{per_site_kb:.0f} kB RSS per site, {failed} calls failed, {refused} refused busy, "
+            "every reading stored once")
     if len(rates) == 2:
         rows.append(Row(SCENARIO, "bridge", "replicas_ratio_to_sqlite",
                         round(rates["ingest_js_default_2"] / rates["ingest_sqlite"], 3), "x"))

@@ -25,15 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import nats
 
+from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
-from bridge.common import DEADLINE_METADATA
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
 from bridge.ingest.jetstream import subject_token
@@ -46,7 +45,6 @@ IN_FLIGHT = 4
 DEADLINE_S = 5.0
 PUSH = "/bridge.v1.Ingest/PushBatch"
 SAT_EPOCH, RECOVERY_EPOCH = 1, 2
-_STATED = ((DEADLINE_METADATA, str(round(DEADLINE_S * 1000))),)  # as the agent states it
 
 
 @dataclass
@@ -89,14 +87,12 @@ class _Site:
         while True:
             t0 = time.perf_counter()
             try:
-                ack = await self.call()(blob, timeout=DEADLINE_S, metadata=_STATED)
+                ack = await self.call()(blob, timeout=DEADLINE_S,
+                                        metadata=client.stated(DEADLINE_S))
             except grpc.aio.AioRpcError as err:
                 if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     stats.refused += 1
-                    trailers: Any = err.trailing_metadata() or ()
-                    hint = next((float(v) / 1000 for k, v in trailers
-                                 if k == "retry-after-ms"), 0.05)
-                    wait = hinted_wait(hint)
+                    wait = hinted_wait(client.retry_after(err))
                     self.busy_until = max(self.busy_until, time.monotonic() + wait)
                     self.window = 1
                     await asyncio.sleep(wait)
