@@ -202,14 +202,15 @@ async def _subject_counts(servers: list[str], epoch: int) -> dict[str, int]:
 
 
 def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: float,
-        log: Callable[[str], None]) -> list[Row]:
+        log: Callable[[str], None], ingest_extra: str = "") -> list[Row]:
     names = [f"rec-site-{i}" for i in range(sites)]
     t0 = time.monotonic()
     pkis = localrun.Pki(work / "pki", names)
     log(f"  {sites} site certificates in {time.monotonic() - t0:.0f} s")
     cluster = JetStreamCluster(work / "js", sync="default").start()
     procs = [localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
-                             extra='[log]\nlevel = "warning"\n').start() for i in range(2)]
+                             extra='[log]\nlevel = "warning"\n' + ingest_extra).start()
+             for i in range(2)]
     try:
         for p in procs:
             try:
@@ -271,10 +272,14 @@ def main() -> None:
     ap.add_argument("--backlog", type=int, default=2500)
     ap.add_argument("--sat-sites", type=int, default=64)
     ap.add_argument("--sat-seconds", type=float, default=10.0)
+    ap.add_argument("--no-admission", action="store_true",
+                    help="the replicas without admission control (limits.admit_target_ms = 0)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         for r in run(work=Path(tmp), sites=args.sites, backlog=args.backlog,
-                     sat_sites=args.sat_sites, sat_seconds=args.sat_seconds, log=print):
+                     sat_sites=args.sat_sites, sat_seconds=args.sat_seconds, log=print,
+                     ingest_extra="[limits]\nadmit_target_ms = 0\n" if args.no_admission
+                     else ""):
             print(f"{r.metric:<28} {r.value:g} {r.unit}")
 
 

@@ -7,13 +7,14 @@ answered), holds a call briefly when it will have room within ``max_wait_s``, an
 rest at once, before any per-envelope work, with RESOURCE_EXHAUSTED and a ``retry-after-ms``
 that spreads the waiting sites over the time the node needs to serve them.
 
-**The limit** follows Little's law: readings in flight = commit rate x time in the handler.
-It is re-sized every ``WINDOW_S`` from what the node measured in that window: when the mean
+**The limit** follows Little's law: readings in flight = commit rate x time in the handler. It
+is re-sized every ``WINDOW_S`` from what the node measured in that window: when the mean
 handler time of the calls it answered exceeded ``target_s`` the limit shrinks in proportion;
-when it had more work than it ran while its calls finished well inside the target it grows by
-a tenth. It stays within ``[floor, ceiling]``, and a node with nothing running admits any
-call, so progress never depends on the estimates. The commit ``rate`` is measured in the
-windows where the node had more work than it ran.
+when it had more work than it ran while its calls finished well inside the target it grows by a
+tenth. It stays within ``[floor, ceiling]``, and a node with nothing running admits any call,
+so progress never depends on the estimates. The commit ``rate`` is measured in the windows
+where the node had more work than it ran. A call that does not fit yet does not hold back
+smaller held calls behind it that do.
 
 **Waiting before the handler.** A node whose event loop is saturated queues calls where no
 handler sees them (in gRPC, before the call is handed to Python). The agent states its
@@ -22,18 +23,20 @@ call's arrival, so the difference is how long the call ``waited`` before its han
 wait counts against ``max_wait_s``: a call that already waited that long is refused (a refusal
 costs about a thirtieth of an admitted 1,250-reading call, so refusing drains that queue).
 
-**The line.** A refused call is told to come back when the node should have served the
-readings of every call refused before it: its readings are added at the end of a line that
-moves at the measured rate, and the retry-after is the time until its place, jittered.
-Growing with the line keeps the refusals near one per call however large the fleet, and
-spreads a recovering fleet over the time the node needs for it. The line is a schedule, not a
-reservation: a call that finds room is admitted whoever sent it, and one that comes too early
-is refused again with a place at the end. Sites cannot be called back early, so the schedule
-errs on the fast side (``OVERBOOK``): a node whose sites come back too soon refuses a few
-calls twice (a refusal costs about a thirtieth of an admitted 1,250-reading call), one whose
-sites come back too late idles. For the same reason the rate is measured only in windows
-where the handlers had more work than they ran (a call held, or refused as full), never from
-a window spent refusing late calls or waiting for sites that sleep.
+**The line.** A refused call is told to come back when the node should have served the readings
+of every call refused before it: its readings are added at the end of a line that moves at the
+measured rate, and the retry-after is the time until its place, jittered. Growing with the line
+keeps the refusals near one per call however large the fleet, and spreads a recovering fleet
+over the time the node needs for it. A site that comes back before it was told (less
+``EARLY_S``) is refused again at once with the time left and no new place, even by an idle
+node, so a site that ignores its retry-after cannot take the node from the sites that wait.
+Otherwise the line is a schedule, not a reservation: a call that finds room is admitted whoever
+sent it. Sites cannot be called back early, so the schedule errs on the fast side
+(``OVERBOOK``): a node whose sites come back too soon refuses a few calls twice (a refusal
+costs about a thirtieth of an admitted 1,250-reading call), one whose sites come back too late
+idles. For the same reason the rate is measured only in windows where the handlers had more
+work than they ran (a call held, or refused as full), never from a window spent refusing late
+calls or waiting for sites that sleep.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ EARLY_S = 0.05       # a ticket is good this long before it is due (clocks, sche
 MAX_RETRY_S = 60.0   # no site is told to wait longer than this
 OVERBOOK = 1.5       # the line moves this much faster than the measured rate (module doc)
 MIN_WAIT_S = 0.05    # a call may always have waited this long before its handler
+EARLY_S = 0.05       # a site may come back this much before it was told (clocks, scheduling)
 
 
 @dataclass(slots=True)
@@ -77,7 +81,8 @@ class Admission:
         self.rate = self.limit / target_s  # readings/s; measured from the first window on
         self.in_flight = 0
         self.held_readings = 0
-        self.refused: dict[str, int] = {"full": 0, "late": 0}  # calls, by why
+        self.refused: dict[str, int] = {"full": 0, "late": 0, "early": 0}  # calls, by why
+        self._told: dict[str, float] = {}  # site -> when it was told to come back
         self._clock, self._jitter = clock, jitter
         self._held: deque[Held] = deque()
         self._tail = 0.0  # when the readings of the sites told to come back are served
@@ -93,17 +98,24 @@ class Admission:
         """How far ahead the sites told to come back are spread, in seconds."""
         return max(0.0, self._tail - self._clock())
 
-    def admit(self, n: int, waited: float = 0.0) -> float | Held | None:
-        """Decide on a call of ``n`` readings that ``waited`` seconds before its handler ran:
-        None (admitted: call ``done`` when answered), a ``Held`` to await (then admitted;
-        ``cancel`` it if the call ends first), or the seconds its site should wait before it
-        asks again."""
+    def admit(self, site: str, n: int, waited: float = 0.0) -> float | Held | None:
+        """Decide on a call of ``n`` readings of ``site`` that ``waited`` seconds before its
+        handler ran: None (admitted: call ``done`` when answered), a ``Held`` to await (then
+        admitted; ``cancel`` it if the call ends first), or the seconds ``site`` should wait
+        before it asks again."""
         now = self._clock()
         self._resize(now)
         if waited > self.max_wait_s:
-            return self._refuse("late", n, now)
+            return self._refuse("late", site, n, now)
+        back = self._told.get(site)
+        if back is not None and now < back - EARLY_S:
+            # Told to come back later: not before then, even to an idle node (a site that
+            # ignores its retry-after does not jump the line), and its readings do not take
+            # a second place in it.
+            self.refused["early"] += 1
+            return back - now
         if self.in_flight == 0 and not self._held:  # progress never depends on estimates
-            self.in_flight = n
+            self.in_flight += n
             return None
         if not self._held and self.in_flight + n <= self.limit:
             self.in_flight += n
@@ -117,7 +129,8 @@ class Admission:
             self._held.append(h)
             self.held_readings += n
             return h
-        return self._refuse("full", n, now)
+        return self._refuse("full", site, n, now)
+
 
     def cancel(self, held: Held) -> None:
         """A held call ended (its caller gave up) before it was admitted."""
@@ -131,31 +144,37 @@ class Admission:
 
     def done(self, n: int, seconds: float) -> None:
         """An admitted call of ``n`` readings was answered after ``seconds`` in its handler
-        (committed or failed: either way it no longer holds the node); room goes to the
-        held calls, in order."""
+        (committed or failed: either way it no longer holds the node); room goes to the held
+        calls, in order."""
         self.in_flight = max(0, self.in_flight - n)
         self._done_readings += n
         self._done_calls += 1
         self._done_seconds += seconds
-        held = self._held
-        while held and (self.in_flight == 0 or self.in_flight + held[0].n <= self.limit):
-            h = held.popleft()
-            self.held_readings -= h.n
+        # In order, but a call that does not fit yet (one larger than what is free) does not
+        # hold back the smaller calls behind it that do: one site's large calls cannot make
+        # every other site wait for them.
+        for h in list(self._held):
             if h.ready.done():
-                continue  # cancelled
-            self.in_flight += h.n
-            h.ready.set_result(None)
+                self._held.remove(h)  # cancelled
+                self.held_readings -= h.n
+            elif self.in_flight == 0 or self.in_flight + h.n <= self.limit:
+                self._held.remove(h)
+                self.held_readings -= h.n
+                self.in_flight += h.n
+                h.ready.set_result(None)
 
-    def _refuse(self, why: str, n: int, now: float) -> float:
+    def _refuse(self, why: str, site: str, n: int, now: float) -> float:
         """A place at the end of the line: the wait until the node has served the readings
-        of every site told to come back before this one."""
+        of every call refused before it."""
         self.refused[why] += 1
         if why == "full":
             self._pressed += 1
         start = max(now, self._tail)
         spacing = n / (self.rate * OVERBOOK)
         self._tail = start + spacing
-        return min(max(start - now + self._jitter(0.0, spacing), 0.01), MAX_RETRY_S)
+        wait = min(max(start - now + self._jitter(0.0, spacing), 0.01), MAX_RETRY_S)
+        self._told[site] = max(self._told.get(site, 0.0), now + wait)
+        return wait
 
     def _resize(self, now: float) -> None:
         """Every WINDOW_S: the commit rate measured and the limit re-sized (module doc)."""
@@ -173,6 +192,7 @@ class Admission:
             elif pressed and mean < 0.7 * self.target_s:
                 self.limit *= 1.1
             self.limit = max(float(self.floor), min(self.limit, float(self.ceiling)))
+        self._told = {site: t for site, t in self._told.items() if t > now}
         self._window_at = now
         self._done_readings = self._done_calls = self._pressed = 0
         self._done_seconds = 0.0

@@ -60,7 +60,7 @@ class Gate:
                                (("retry-after-ms", str(retry_ms)),))
         a = self.admission
         if a is not None:
-            decision = a.admit(n, queued_for(context))
+            decision = a.admit(site, n, queued_for(context))
             if isinstance(decision, Held):
                 try:
                     await decision.ready
