@@ -56,6 +56,7 @@ from bridge.common import DEADLINE_METADATA
 WINDOW_S = 0.5       # how often the limit and the rate are re-sized
 EARLY_S = 0.05       # a ticket is good this long before it is due (clocks, scheduling)
 MAX_RETRY_S = 60.0   # no site is told to wait longer than this
+MIN_RETRY_S = 0.1    # nor shorter: its other calls of the moment then find it placed (early)
 OVERBOOK = 1.5       # the line moves this much faster than the measured rate (module doc)
 MIN_WAIT_S = 0.05    # a call may always have waited this long before its handler
 EARLY_S = 0.05       # a site may come back this much before it was told (clocks, scheduling)
@@ -172,7 +173,7 @@ class Admission:
         start = max(now, self._tail)
         spacing = n / (self.rate * OVERBOOK)
         self._tail = start + spacing
-        wait = min(max(start - now + self._jitter(0.0, spacing), 0.01), MAX_RETRY_S)
+        wait = min(max(start - now + self._jitter(0.0, spacing), MIN_RETRY_S), MAX_RETRY_S)
         self._told[site] = max(self._told.get(site, 0.0), now + wait)
         return wait
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bridge.ingest.admission import MAX_RETRY_S, OVERBOOK, WINDOW_S, Admission, Held
+from bridge.ingest.admission import MAX_RETRY_S, MIN_RETRY_S, OVERBOOK, WINDOW_S, Admission, Held
 
 
 class Clock:
@@ -73,7 +73,7 @@ async def test_work_beyond_what_the_node_can_take_in_time_waits_its_place_in_a_l
     waits = [admit(a, 500) for _ in range(5)]
     spacing = 500 / (a.rate * OVERBOOK)
     for k, w in enumerate(waits):
-        assert isinstance(w, float) and abs(w - max(k * spacing, 0.01)) < 1e-9, (k, w)
+        assert isinstance(w, float) and abs(w - max(k * spacing, MIN_RETRY_S)) < 1e-9, (k, w)
     assert a.refused["full"] == 5
     assert abs(a.line_s - 5 * spacing) < 1e-9
 
@@ -90,7 +90,7 @@ def test_the_line_is_spent_as_time_passes() -> None:
     clock.now += 10
     assert a.line_s == 0.0
     w = admit(a, 5000)  # a refusal now starts a new line
-    assert isinstance(w, float) and w == 0.01
+    assert isinstance(w, float) and w == MIN_RETRY_S
 
 
 def test_a_call_that_waited_too_long_before_its_handler_is_refused_even_by_an_idle_node(
