@@ -10,12 +10,13 @@ calls in flight (one at first and after a throttle, doubled per ack), a 5 s dead
 jitter, ``hinted_wait``) on the same replica and holds new batches back as long; a deadline
 exceeded or an unavailable replica is what makes an agent fail over, so the call moves to the
 other replica with the same readings and is counted as a failover (and a deadline exceeded).
-Reported: readings/s from the first call to the last ack and its ratio to the saturation rate,
-p99 of admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
-share of readings re-sent that were already stored (acked DUPLICATE), and what an idle
-connected site costs the replicas (VmRSS with every channel connected minus before, over the
-sites). Afterwards every site's subject is counted with a plain client and must hold exactly
-its backlog.
+Reported: readings/s from the first call to the last ack and its ratio to the saturation rate
+(the better of the saturation phase and the recovery's own best 10 s, so the ratio can only be
+harsh), p99 of admitted calls (as the site saw them), calls refused, deadlines exceeded,
+failovers, the share of readings re-sent that were already stored (acked DUPLICATE), and what
+an idle connected site costs the replicas (VmRSS with every channel connected minus before,
+over the sites). Afterwards every site's subject is counted with a plain client and must hold
+exactly its backlog.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ class _Stats:
     failovers: int = 0
     duplicates: int = 0
     last_ack: float = 0.0
+    acks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, readings)
+
+    def best_rate(self, span: float) -> float:
+        """The most readings/s acknowledged over any ``span`` seconds."""
+        best, lo, inside = 0, 0, 0
+        for t, n in self.acks:
+            inside += n
+            while self.acks[lo][0] < t - span:
+                inside -= self.acks[lo][1]
+                lo += 1
+            best = max(best, inside)
+        return best / span
 
 
 class _Site:
@@ -107,6 +120,7 @@ class _Site:
             stats.duplicates += sum(r.disposition == pb.DISPOSITION_DUPLICATE
                                     for r in ack.results)
             stats.last_ack = time.monotonic()
+            stats.acks.append((stats.last_ack, n))
             self.window = min(IN_FLIGHT, 2 * self.window)
             return
 
@@ -232,7 +246,10 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
                 await asyncio.gather(*(s.close() for s in fleet))
             return sat_rate, stats, elapsed, idle_mb
 
-        sat_rate, stats, elapsed, idle_mb = asyncio.run(both())
+        sat_phase, stats, elapsed, idle_mb = asyncio.run(both())
+        # The tier at saturation: the better of the saturation phase and its best 10 s
+        # during the recovery itself (so the ratio can only be harsh, never flattering).
+        sat_rate = max(sat_phase, stats.best_rate(10.0))
         counts = asyncio.run(_subject_counts(cluster.servers, RECOVERY_EPOCH))
     finally:
         for p in procs:
@@ -247,12 +264,15 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
     rate = total / elapsed
     p99 = percentile(stats.latencies, 99) * 1000
     resent = stats.duplicates / total * 100
-    log(f"  saturation ({sat_sites} sites): {sat_rate:,.0f} readings/s; recovery of {sites} "
+    log(f"  saturation ({sat_sites} sites): {sat_phase:,.0f} readings/s, best 10 s of the "
+        f"recovery {stats.best_rate(10.0):,.0f}/s; recovery of {sites} "
         f"sites x {backlog}: {rate:,.0f} readings/s ({rate / sat_rate:.2f}x) in {elapsed:.0f} s,"
         f" admitted p99 {p99:.0f} ms, {stats.refused} refused, {stats.deadlines} deadlines "
         f"exceeded, {stats.failovers} failovers, {stats.duplicates} re-sent; idle channels "
         f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once")
     return [Row(SCENARIO, SYSTEM, "saturation_readings_per_s", round(sat_rate, 1), "readings/s"),
+            Row(SCENARIO, SYSTEM, "saturation_phase_readings_per_s", round(sat_phase, 1),
+                "readings/s"),
             Row(SCENARIO, SYSTEM, "readings_per_s", round(rate, 1), "readings/s"),
             Row(SCENARIO, SYSTEM, "ratio_to_saturation", round(rate / sat_rate, 3), "x"),
             Row(SCENARIO, SYSTEM, "admitted_p99_ms", round(p99, 1), "ms"),
@@ -270,7 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.recovery")
     ap.add_argument("--sites", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=2500)
-    ap.add_argument("--sat-sites", type=int, default=64)
+    ap.add_argument("--sat-sites", type=int, default=200)
     ap.add_argument("--sat-seconds", type=float, default=10.0)
     ap.add_argument("--no-admission", action="store_true",
                     help="the replicas without admission control (limits.admit_target_ms = 0)")

@@ -23,6 +23,13 @@ call's arrival, so the difference is how long the call ``waited`` before its han
 wait counts against ``max_wait_s``: a call that already waited that long is refused (a refusal
 costs about a thirtieth of an admitted 1,250-reading call, so refusing drains that queue).
 
+**Shares.** Each admitted call advances its site's share clock by its readings at the site's
+share of the measured rate (the rate over the sites admitted in the last window). While the
+node is in demand (something held, or sites told to come back) a site more than
+``FAIR_SLACK_S`` ahead of its share is told to come back when its share has caught up, without
+a place in the line: one site with large calls cannot take the node from many with small ones.
+An idle node, or one with room and no one waiting, admits whoever asks.
+
 **The line.** A refused call is told to come back when the node should have served the readings
 of every call refused before it: its readings are added at the end of a line that moves at the
 measured rate, and the retry-after is the time until its place, jittered. Growing with the line
@@ -57,6 +64,7 @@ WINDOW_S = 0.5       # how often the limit and the rate are re-sized
 EARLY_S = 0.05       # a ticket is good this long before it is due (clocks, scheduling)
 MAX_RETRY_S = 60.0   # no site is told to wait longer than this
 MIN_RETRY_S = 0.1    # nor shorter: its other calls of the moment then find it placed (early)
+FAIR_SLACK_S = 1.0   # how far a site may run ahead of its share while the node is in demand
 OVERBOOK = 1.5       # the line moves this much faster than the measured rate (module doc)
 MIN_WAIT_S = 0.05    # a call may always have waited this long before its handler
 EARLY_S = 0.05       # a site may come back this much before it was told (clocks, scheduling)
@@ -82,8 +90,10 @@ class Admission:
         self.rate = self.limit / target_s  # readings/s; measured from the first window on
         self.in_flight = 0
         self.held_readings = 0
-        self.refused: dict[str, int] = {"full": 0, "late": 0, "early": 0}  # calls, by why
+        self.refused: dict[str, int] = {"full": 0, "late": 0, "early": 0, "share": 0}
         self._told: dict[str, float] = {}  # site -> when it was told to come back
+        self._share: dict[str, float] = {}  # site -> when its readings so far are served
+        self._recent: dict[str, float] = {}  # site -> when it was last admitted
         self._clock, self._jitter = clock, jitter
         self._held: deque[Held] = deque()
         self._tail = 0.0  # when the readings of the sites told to come back are served
@@ -116,10 +126,21 @@ class Admission:
             self.refused["early"] += 1
             return back - now
         if self.in_flight == 0 and not self._held:  # progress never depends on estimates
-            self.in_flight += n
+            self._take(site, n, now)
             return None
+        if not self._held and self.in_flight + n <= self.limit and self._tail <= now:
+            self._take(site, n, now)  # room, and no one waits
+            return None
+        ahead_of_share = self._share.get(site, now) - now - FAIR_SLACK_S
+        if ahead_of_share > 0:
+            # The node is in demand and this site has had more than its share lately: it
+            # comes back when its share has caught up, and the line does not grow.
+            self.refused["share"] += 1
+            self._pressed += 1
+            self._told[site] = now + ahead_of_share
+            return min(ahead_of_share, MAX_RETRY_S)
         if not self._held and self.in_flight + n <= self.limit:
-            self.in_flight += n
+            self._take(site, n, now)
             return None
         ahead = self.in_flight + self.held_readings
         # Room comes when enough of what is ahead has finished; a call larger than the limit
@@ -129,9 +150,21 @@ class Admission:
             h = Held(n=n, ready=asyncio.get_running_loop().create_future())
             self._held.append(h)
             self.held_readings += n
+            self._charge(site, n, now)
             return h
         return self._refuse("full", site, n, now)
 
+
+    def _take(self, site: str, n: int, now: float) -> None:
+        self.in_flight += n
+        self._charge(site, n, now)
+
+    def _charge(self, site: str, n: int, now: float) -> None:
+        """Advance the site's share clock: its readings at its share of the measured rate
+        (the rate over the sites served lately)."""
+        self._recent[site] = now
+        fair = self.rate / max(1, len(self._recent))
+        self._share[site] = max(self._share.get(site, now), now) + n / fair
 
     def cancel(self, held: Held) -> None:
         """A held call ended (its caller gave up) before it was admitted."""
@@ -194,6 +227,8 @@ class Admission:
                 self.limit *= 1.1
             self.limit = max(float(self.floor), min(self.limit, float(self.ceiling)))
         self._told = {site: t for site, t in self._told.items() if t > now}
+        self._share = {site: t for site, t in self._share.items() if t > now}
+        self._recent = {site: t for site, t in self._recent.items() if t > now - WINDOW_S}
         self._window_at = now
         self._done_readings = self._done_calls = self._pressed = 0
         self._done_seconds = 0.0

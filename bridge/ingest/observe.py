@@ -165,7 +165,8 @@ class AdmissionMetrics(Collector):
         why = CounterMetricFamily("bridge_ingest_admission_refusals", "Calls refused as "
                                   "node_busy, by why: full (no room within the wait allowed), "
                                   "late (the call already waited that long before its handler "
-                                  "ran), early (its site came back before it was told to)",
+                                  "ran), early (its site came back before it was told to), "
+                                  "share (its site ran ahead of its share while others wait)",
                                   labels=["why"])
         for k, v in sorted(a.refused.items()):
             why.add_metric([k], float(v))

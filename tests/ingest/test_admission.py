@@ -196,3 +196,15 @@ async def test_a_held_call_that_does_not_fit_yet_does_not_hold_back_smaller_ones
     a.done(100, 0.1)
     await asyncio.wait_for(big.ready, 1)
     assert a.in_flight == 1000
+
+
+async def test_a_site_far_ahead_of_its_share_waits_while_others_are_waiting() -> None:
+    a = node(Clock(), initial=20_000)
+    a.rate = 10_000.0
+    assert a.admit("big", 15_000) is None  # an idle node: 1.5 s of its work
+    assert a.admit("small", 100) is None   # room, no one waiting
+    assert isinstance(a.admit("other", 20_000), float)  # no room: now a site waits
+    wait = a.admit("big", 1)  # even a small call: big is ahead of its share
+    assert isinstance(wait, float) and wait > 0
+    assert a.refused["share"] == 1
+    assert a.admit("small", 100) is None  # the small site is within its share: admitted
