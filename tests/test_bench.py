@@ -22,7 +22,8 @@ def test_the_quick_benchmark_suite_runs_and_its_results_validate(tmp_path: Path)
     assert missing(rows) == [], "every scenario with every peer"
     text = report.read_text()
     for scenario in ("throughput_json", "latency", "faults_cloud_killed", "drain", "memory",
-                     "replica_restart", "fleet", "hostile_site", "consumer_catchup"):
+                     "replica_restart", "fleet", "fleet_recovery", "hostile_site",
+                     "consumer_catchup"):
         assert f"### {scenario}" in text
     assert "| throughput_json | msgs_per_s | >= 25,000 |" in text
     # Every system's guarantee was checked in every scenario it ran in, not assumed.

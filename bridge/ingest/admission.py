@@ -154,7 +154,6 @@ class Admission:
             return h
         return self._refuse("full", site, n, now)
 
-
     def _take(self, site: str, n: int, now: float) -> None:
         self.in_flight += n
         self._charge(site, n, now)

@@ -36,9 +36,8 @@ _DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE
 
 def hinted_wait(hint_s: float) -> float:
     """How long to wait on an ingest's ``retry-after``: the hint, jittered up by at most 5 %
-    (and 20 ms), never less. The ingest already spreads waiting sites and keeps each one's
-    place in line for a moment past the hint (bridge.ingest.admission), so coming back late
-    by much would lose it, and coming back early would be refused again."""
+    (and 20 ms), never less. The ingest already spreads the sites it refuses over the time it
+    needs for them (bridge.ingest.admission), and refuses a site that comes back early."""
     return hint_s + random.uniform(0.0, min(0.05 * hint_s, 0.02))
 
 
