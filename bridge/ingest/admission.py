@@ -11,10 +11,10 @@ that spreads the waiting sites over the time the node needs to serve them.
 is re-sized every ``WINDOW_S`` from what the node measured in that window: when the mean
 handler time of the calls it answered exceeded ``target_s`` the limit shrinks in proportion;
 when it had more work than it ran while its calls finished well inside the target it grows by a
-tenth. It stays within ``[floor, ceiling]``, and a node with nothing running admits any call,
-so progress never depends on the estimates. The commit ``rate`` is measured in the windows
-where the node had more work than it ran. A call that does not fit yet does not hold back
-smaller held calls behind it that do.
+tenth. It stays within ``[floor, ceiling]``, and a node with nothing running admits any call
+(but one of a site told to come back later), so progress never depends on the estimates. The
+commit ``rate`` is measured in the windows where the node had more work than it ran. A call
+that does not fit yet does not hold back smaller held calls behind it that do.
 
 **Waiting before the handler.** A node whose event loop is saturated queues calls where no
 handler sees them (in gRPC, before the call is handed to Python). The agent states its
@@ -25,7 +25,7 @@ costs about a thirtieth of an admitted 1,250-reading call, so refusing drains th
 
 **Shares.** Each admitted call advances its site's share clock by its readings at the site's
 share of the measured rate (the rate over the sites admitted in the last window). While the
-node is in demand (something held, or sites told to come back) a site more than
+node is in demand (no room, something held, or sites told to come back) a site more than
 ``FAIR_SLACK_S`` ahead of its share is told to come back when its share has caught up, without
 a place in the line: one site with large calls cannot take the node from many with small ones.
 An idle node, or one with room and no one waiting, admits whoever asks.
