@@ -41,6 +41,22 @@ def stone(first: int, last: int, epoch: int = 7, count: int | None = None) -> pb
         reason="ttl", last_seq=last, count=last - first + 1 if count is None else count))
 
 
+def paced(push: Any, batch: pb.Batch, within: float) -> pb.Ack:
+    """``push(batch)`` acknowledged within ``within`` seconds, waiting out the node's
+    admission control (RESOURCE_EXHAUSTED node_busy: its retry-after) as an agent does."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            ack: pb.Ack = push(batch, timeout=max(deadline - time.monotonic(), 0))
+            return ack
+        except grpc.RpcError as exc:
+            busy: Any = exc
+            if busy.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            assert "admitted work" in busy.details()
+            time.sleep(int(dict(busy.trailing_metadata())["retry-after-ms"]) / 1000)
+
+
 class Node:
     """One real ingest process and clients for a site, a second site and a consumer."""
 
@@ -72,18 +88,7 @@ class Node:
         self.other_seq += 1
         batch = pb.Batch(batch_id="o", envelopes=[reading(self.other_seq, epoch=1,
                                                           site="site-b")])
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                ack = self.other.PushBatch(batch, timeout=max(deadline - time.monotonic(), 0))
-                break
-            except grpc.RpcError as exc:
-                busy: Any = exc
-                if busy.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                assert "node_busy" in busy.details() or "admitted work" in busy.details()
-                time.sleep(int(dict(busy.trailing_metadata())["retry-after-ms"]) / 1000)
-        assert ack.results[0].disposition == C
+        assert paced(self.other.PushBatch, batch, 5).results[0].disposition == C
 
     def agrees_after_reopen(self) -> None:
         """The node's ledger (Status) equals the one a reopen of its file rebuilds from rows."""
@@ -215,8 +220,9 @@ def test_health_and_other_sites_are_answered_while_a_large_batch_commits(node: N
     def push_big() -> None:
         try:
             for i in range(4):
-                node.push([pb.Envelope(site_id="site-a", epoch=9 + i, seq=e.seq,
-                                       values=e.values) for e in big], timeout=30)
+                paced(node.site.PushBatch, pb.Batch(batch_id="big", envelopes=[
+                    pb.Envelope(site_id="site-a", epoch=9 + i, seq=e.seq, values=e.values)
+                    for e in big]), 60)
         except BaseException as exc:
             errors.append(exc)
 
