@@ -138,18 +138,17 @@ def _sites(names: list[str], targets: list[str], pkis: localrun.Pki) -> list[_Si
     return out
 
 
-async def _lane(s: _Site, todo: list[tuple[bytes, int]], stats: _Stats,
-                stop_at: float = float("inf")) -> None:
+async def _lane(s: _Site, todo: list[tuple[bytes, int]], stats: _Stats) -> None:
     """The agent's backlog lane for one site: a new batch only within its window and after
-    any retry-after, none after ``stop_at``; batches already sent retry on their own."""
+    any retry-after; batches already sent retry on their own."""
     sent: set[asyncio.Task[None]] = set()
-    while (todo and time.monotonic() < stop_at) or sent:
+    while todo or sent:
         now = time.monotonic()
-        while todo and len(sent) < s.window and now >= s.busy_until and now < stop_at:
+        while todo and len(sent) < s.window and now >= s.busy_until:
             blob, n = todo.pop(0)
             sent.add(asyncio.ensure_future(s.push(blob, n, stats)))
         if not sent:
-            await asyncio.sleep(max(min(s.busy_until, stop_at) - now, 0.0))
+            await asyncio.sleep(max(s.busy_until - now, 0.0))
             continue
         done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED,
                                      timeout=max(s.busy_until - now, 0.05) if todo else None)
