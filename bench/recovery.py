@@ -57,7 +57,17 @@ class _Stats:
     failovers: int = 0
     duplicates: int = 0
     last_ack: float = 0.0
+    start: float = 0.0
     acks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, readings)
+
+    def timeline(self, t0: float, step: float) -> list[int]:
+        """Readings acknowledged in each ``step`` seconds from ``t0``."""
+        out: list[int] = []
+        for t, n in self.acks:
+            i = int((t - t0) // step)
+            out += [0] * (i + 1 - len(out))
+            out[i] += n
+        return out
 
     def best_rate(self, span: float) -> float:
         """The most readings/s acknowledged over any ``span`` seconds."""
@@ -199,7 +209,7 @@ async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.Ingest
     await asyncio.gather(*(s.channels[s.current].channel_ready() for s in sites))
     idle_mb = sum(rss_mb(p.proc.pid) for p in procs) - base
     stats = _Stats()
-    t0 = time.monotonic()
+    t0 = stats.start = time.monotonic()
     await asyncio.gather(*(_lane(s, todo[s.site], stats) for s in sites))
     return stats, stats.last_ack - t0, idle_mb
 
@@ -269,6 +279,8 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
         f" admitted p99 {p99:.0f} ms, {stats.refused} refused, {stats.deadlines} deadlines "
         f"exceeded, {stats.failovers} failovers, {stats.duplicates} re-sent; idle channels "
         f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once")
+    log("  readings/s in each 10 s of the recovery: " + ", ".join(
+        f"{n / 10:,.0f}" for n in stats.timeline(stats.start, 10.0)))
     return [Row(SCENARIO, SYSTEM, "saturation_readings_per_s", round(sat_rate, 1), "readings/s"),
             Row(SCENARIO, SYSTEM, "saturation_phase_readings_per_s", round(sat_phase, 1),
                 "readings/s"),

@@ -5,7 +5,8 @@
 2. ``site_in_flight``: the site already has ``limits.max_in_flight_per_site`` calls served.
 3. ``rate_limit``: the site's token bucket (``bridge.ingest.ratelimit``).
 4. ``node_busy``: admission control (``bridge.ingest.admission``): the node has no room for
-   the call within the wait allowed; a call with room soon is held, then admitted.
+   the call within the wait allowed; a call with room soon is held, then admitted. A call
+   of a site that asked before it was told to first waits for its site's time (at most 1 s).
 
 Each refusal is RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer, counted in
 ``bridge_ingest_refused_batches_total{reason}`` and logged as an ``ingest.batch`` event with
@@ -29,6 +30,7 @@ from bridge.ingest.ratelimit import SiteLimiter
 from bridge.telemetry import IngestMetrics, event
 
 Context = grpc.aio.ServicerContext[Any, Any]
+HOLD_MARGIN_S = 0.5  # an early call's wait for its site's time ends this long before its deadline
 
 
 class Gate:
@@ -52,34 +54,49 @@ class Gate:
                                f"site {site} already has {limits.max_in_flight_per_site} calls "
                                f"in flight (limits.max_in_flight_per_site); retry in "
                                f"{retry_ms} ms", t0, (("retry-after-ms", str(retry_ms)),))
-        if self.limiter is not None and (wait := self.limiter.take(site, n)) > 0:
-            self.metrics.throttled.labels(site).inc()
-            retry_ms = max(1, int(wait * 1000))
-            await self._refuse(context, site, request, "rate_limit",
-                               f"site {site} over its rate limit; retry in {retry_ms} ms", t0,
-                               (("retry-after-ms", str(retry_ms)),))
-        a = self.admission
-        if a is not None:
-            decision = a.admit(site, n, queued_for(context))
-            if isinstance(decision, Held):
-                try:
-                    await decision.ready
-                except asyncio.CancelledError:
-                    a.cancel(decision)
-                    raise
-            elif decision is not None:
-                retry_ms = max(1, round(decision * 1000))
-                await self._refuse(context, site, request, "node_busy",
-                                   f"node {self.node} is at its admitted work ({a.in_flight} "
-                                   f"readings in flight, limit {a.limit:.0f}); sites are told "
-                                   f"to come back over {a.line_s:.1f} s; retry in {retry_ms} ms",
+        waited = queued_for(context)  # before its site's hold below adds to it
+        self._in_flight[site] = self._in_flight.get(site, 0) + 1  # a held call counts
+        try:
+            if self.limiter is not None and (wait := self.limiter.take(site, n)) > 0:
+                self.metrics.throttled.labels(site).inc()
+                retry_ms = max(1, int(wait * 1000))
+                await self._refuse(context, site, request, "rate_limit",
+                                   f"site {site} over its rate limit; retry in {retry_ms} ms",
                                    t0, (("retry-after-ms", str(retry_ms)),))
-        self._in_flight[site] = self._in_flight.get(site, 0) + 1
+            if self.admission is not None:
+                await self._admit(context, site, request, n, waited, t0)
+        except BaseException:
+            self._left(site)
+            raise
+
+    async def _admit(self, context: Context, site: str, request: pb.Batch, n: int,
+                     waited: float, t0: float) -> None:
+        a = self.admission
+        assert a is not None
+        left = context.time_remaining()
+        await a.wait_turn(site, None if left is None else left - HOLD_MARGIN_S)
+        decision = a.admit(site, n, waited)
+        if isinstance(decision, Held):
+            try:
+                await decision.ready
+            except asyncio.CancelledError:
+                a.cancel(decision)
+                raise
+        elif decision is not None:
+            retry_ms = max(1, round(decision * 1000))
+            await self._refuse(context, site, request, "node_busy",
+                               f"node {self.node} is at its admitted work ({a.in_flight} "
+                               f"readings in flight, limit {a.limit:.0f}); sites are told "
+                               f"to come back over {a.line_s:.1f} s; retry in {retry_ms} ms",
+                               t0, (("retry-after-ms", str(retry_ms)),))
 
     def leave(self, site: str, n: int, seconds: float) -> None:
         """The call let through by ``enter`` was answered after ``seconds``."""
         if self.admission is not None:
             self.admission.done(n, seconds)
+        self._left(site)
+
+    def _left(self, site: str) -> None:
         left = self._in_flight[site] - 1
         if left:
             self._in_flight[site] = left

@@ -157,6 +157,8 @@ class AdmissionMetrics(Collector):
                  "room (they are admitted within limits.admit_target_ms)", a.held_readings),
                 ("bridge_ingest_admission_line_seconds", "How far ahead the calls refused as "
                  "node_busy were told to come back", a.line_s),
+                ("bridge_ingest_admission_early_waiting_calls", "Calls of sites that asked "
+                 "before they were told to, waiting on the node for their time", a.early_holding),
                 ("bridge_ingest_admission_rate_readings_per_second", "Commit rate measured while "
                  "the node refused work (what spaces the retry-after of waiting sites)", a.rate)):
             g = GaugeMetricFamily(name, doc)
@@ -171,3 +173,8 @@ class AdmissionMetrics(Collector):
         for k, v in sorted(a.refused.items()):
             why.add_metric([k], float(v))
         yield why
+        early = CounterMetricFamily("bridge_ingest_admission_early_waits", "Calls of sites "
+                                    "that asked before they were told to which waited on the "
+                                    "node for their time (at most 1 s, inside their deadline)")
+        early.add_metric([], float(a.early_holds))
+        yield early

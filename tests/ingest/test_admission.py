@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from bridge.ingest.admission import MAX_RETRY_S, MIN_RETRY_S, OVERBOOK, WINDOW_S, Admission, Held
+from bridge.ingest.admission import (
+    EARLY_S,
+    HOLD_EARLY_S,
+    MAX_EARLY_HOLDS,
+    MAX_RETRY_S,
+    MIN_RETRY_S,
+    OVERBOOK,
+    WINDOW_S,
+    Admission,
+    Held,
+)
 
 
 class Clock:
@@ -208,3 +218,57 @@ async def test_a_site_far_ahead_of_its_share_waits_while_others_are_waiting() ->
     assert isinstance(wait, float) and wait > 0
     assert a.refused["share"] == 1
     assert a.admit("small", 100) is None  # the small site is within its share: admitted
+
+
+class Sleeps:
+    """The node's timer, on the test's clock: records each wait and moves the clock by it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.waits = clock, list[float]()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.clock.now += seconds
+
+
+def told_to_wait(seconds: float) -> tuple[Clock, Sleeps, Admission]:
+    """A node that told site "hasty" to come back in ``seconds``."""
+    clock = Clock()
+    sleeps = Sleeps(clock)
+    a = Admission(clock=clock, jitter=low, sleep=sleeps, target_s=0.3, initial=1000,
+                  floor=500, ceiling=100_000)
+    assert a.admit("busy", 2000) is None
+    while a.line_s < seconds:
+        assert isinstance(admit(a, 10_000), float)  # the line grows that far ahead
+    assert isinstance(told := a.admit("hasty", 1), float) and told >= seconds
+    return clock, sleeps, a
+
+
+async def test_a_call_that_comes_early_waits_on_the_node_for_its_sites_time_then_is_admitted(
+        ) -> None:
+    clock, sleeps, a = told_to_wait(0.5)
+    left = a.told_left("hasty")
+    await a.wait_turn("hasty", None)
+    assert sleeps.waits == [min(left, HOLD_EARLY_S)] and a.early_holds == 1
+    if left <= HOLD_EARLY_S:
+        clock.now += EARLY_S
+        a.done(2000, 0.1)
+        assert a.admit("hasty", 1) is None  # not refused again: it waited its time here
+
+
+async def test_an_early_call_waits_at_most_a_second_and_never_past_its_deadline() -> None:
+    _, sleeps, a = told_to_wait(5.0)
+    await a.wait_turn("hasty", None)
+    await a.wait_turn("hasty", 0.2)
+    await a.wait_turn("hasty", -1.0)  # no time left before its deadline: no wait at all
+    assert sleeps.waits == [HOLD_EARLY_S, 0.2]
+    assert isinstance(a.admit("hasty", 1), float) and a.refused["early"] == 1
+
+
+async def test_a_site_that_may_ask_never_waits_and_too_many_early_calls_are_refused_at_once(
+        ) -> None:
+    _, sleeps, a = told_to_wait(5.0)
+    await a.wait_turn("someone-else", None)
+    a.early_holding = MAX_EARLY_HOLDS
+    await a.wait_turn("hasty", None)
+    assert sleeps.waits == [] and a.early_holds == 0
