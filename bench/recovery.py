@@ -1,22 +1,29 @@
-"""``fleet_recovery``: every site of a fleet drains its backlog at once into two JetStream replicas.
+"""``fleet_recovery``: every site of a fleet drains its backlog at once into two JetStream
+replicas.
 
-First the tier's saturation rate: ``sat_sites`` sites keep 4 calls each coming back to back for
-``sat_seconds`` (a refused call waits its retry-after, the others go on), so the tier always
-has more work than it takes. Then the recovery: ``sites`` sites, each with its own certificate
-and channel and a backlog of ``backlog`` readings, start together. Each site behaves as the
-agent's uplink does with its defaults (bridge.uplink.sender): 1,250-reading batches, up to 4
-calls in flight (one at first and after a throttle, doubled per ack), a 5 s deadline stated in
-``bridge-deadline-ms``; RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's own
-jitter, ``hinted_wait``) on the same replica and holds new batches back as long; a deadline
-exceeded or an unavailable replica is what makes an agent fail over, so the call moves to the
-other replica with the same readings and is counted as a failover (and a deadline exceeded).
-Reported: readings/s from the first call to the last ack and its ratio to the saturation rate
-(the better of the saturation phase and the recovery's own best 10 s, so the ratio can only be
-harsh), p99 of admitted calls (as the site saw them), calls refused, deadlines exceeded,
-failovers, the share of readings re-sent that were already stored (acked DUPLICATE), and what
-an idle connected site costs the replicas (VmRSS with every channel connected minus before,
-over the sites). Afterwards every site's subject is counted with a plain client and must hold
-exactly its backlog.
+First the tier's saturation rate, what the replicas commit when they always have more work than
+they take: with admission control off, ``sat_sites`` sites keep 2 calls each coming back to
+back, counted for ``sat_seconds`` once every call was answered once (a 60 s deadline: only the
+rate is measured here, and every call is answered: 100 x 2 x 1,250 = 250,000 readings in
+flight, about 6 s of the tier's work on this machine), so no time goes to calls that time out
+or to the admission's pacing. The raw tier commits more the more sites (subjects) it has in
+flight, and runs differ by up to 1.5x on this machine, so the recovery's own best 10 s stays
+a floor of the reference. Then the replicas are restarted with their default admission control
+for the recovery: ``sites`` sites, each with its own certificate and channel and a backlog of
+``backlog`` readings, start together. Each site behaves as the agent's uplink does with its
+defaults (bridge.uplink.sender): 1,250-reading batches, up to 4 calls in flight (one at first
+and after a throttle, doubled per ack), a 5 s deadline stated in ``bridge-deadline-ms``;
+RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's own jitter,
+``hinted_wait``) on the same replica and holds new batches back as long; a deadline exceeded or
+an unavailable replica is what makes an agent fail over, so the call moves to the other replica
+with the same readings and is counted as a failover (and a deadline exceeded). Reported:
+readings/s from the first call to the last ack and its ratio to the saturation rate (the better
+of the saturation phase and the recovery's own best 10 s, so the ratio can only be harsh), p99
+of admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
+share of readings re-sent that were already stored (acked DUPLICATE), and what an idle
+connected site costs the replicas (VmRSS with every channel connected minus before, over the
+sites). Afterwards every site's subject is counted with a plain client and must hold exactly
+its backlog.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ SYSTEM = "bridge"  # two JetStream replicas: the bridge's cloud tier as deployed
 BATCH = 1250  # the agent's uplink.batch_max_readings: a draining agent sends full batches
 IN_FLIGHT = 4
 DEADLINE_S = 5.0
+SAT_DEADLINE_S = 60.0
+SAT_CALLS = 2  # calls in flight per site in the saturation phase
 PUSH = "/bridge.v1.Ingest/PushBatch"
 SAT_EPOCH, RECOVERY_EPOCH = 1, 2
 
@@ -58,6 +67,8 @@ class _Stats:
     duplicates: int = 0
     last_ack: float = 0.0
     start: float = 0.0
+    full_at: int = 0  # acks after which ``full`` is set (the saturation phase's queue is full)
+    full: asyncio.Event = field(default_factory=asyncio.Event)
     acks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, readings)
 
     def timeline(self, t0: float, step: float) -> list[int]:
@@ -106,12 +117,13 @@ class _Site:
                         values=[pb.Value(signal="v", number=float(k))])
             for k in range(n)]).SerializeToString()
 
-    async def push(self, blob: bytes, n: int, stats: _Stats) -> None:
+    async def push(self, blob: bytes, n: int, stats: _Stats,
+                   deadline: float = DEADLINE_S) -> None:
         while True:
             t0 = time.perf_counter()
             try:
-                ack = await self.call()(blob, timeout=DEADLINE_S,
-                                        metadata=client.stated(DEADLINE_S))
+                ack = await self.call()(blob, timeout=deadline,
+                                        metadata=client.stated(deadline))
             except grpc.aio.AioRpcError as err:
                 if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     stats.refused += 1
@@ -131,6 +143,8 @@ class _Site:
                                     for r in ack.results)
             stats.last_ack = time.monotonic()
             stats.acks.append((stats.last_ack, n))
+            if len(stats.acks) == stats.full_at:
+                stats.full.set()
             self.window = min(IN_FLIGHT, 2 * self.window)
             return
 
@@ -174,28 +188,29 @@ def _batches(s: _Site, epoch: int, readings: int) -> list[tuple[bytes, int]]:
 
 
 async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000) -> float:
-    """Readings/s acknowledged while ``sites`` keep 4 calls each coming back to back (a
-    refused call waits its retry-after, the other calls go on), so the tier always has more
-    work than it takes; the first second is warm-up and not counted."""
-    stats = _Stats()
-    each = (int(rate_hint * (seconds + 1) / len(sites)) // BATCH + IN_FLIGHT) * BATCH
+    """Readings/s acknowledged while ``sites`` keep ``SAT_CALLS`` calls each coming back to
+    back, so the tier always has more work than it takes; counted for ``seconds`` from when
+    every call has been answered once (the queue is full and steady)."""
+    workers = len(sites) * SAT_CALLS
+    stats = _Stats(full_at=workers)
+    fill = workers * BATCH / rate_hint  # seconds until every call was answered once, about
+    each = (int(rate_hint * (2 * fill + seconds + 2) / len(sites)) // BATCH + SAT_CALLS) * BATCH
     todo = {s.site: _batches(s, SAT_EPOCH, each) for s in sites}
-    stop_at = time.monotonic() + 1.0 + seconds
     counted: list[int] = []
 
     async def worker(s: _Site) -> None:
         batches = todo[s.site]
-        while batches and time.monotonic() < stop_at:
+        while batches and len(counted) < 2:
             blob, n = batches.pop(0)
-            await s.push(blob, n, stats)
+            await s.push(blob, n, stats, deadline=SAT_DEADLINE_S)
 
     async def mark() -> None:
-        await asyncio.sleep(1.0)
+        await stats.full.wait()
         counted.append(stats.readings)
         await asyncio.sleep(seconds)
         counted.append(stats.readings)
 
-    await asyncio.gather(mark(), *(worker(s) for s in sites for _ in range(IN_FLIGHT)))
+    await asyncio.gather(mark(), *(worker(s) for s in sites for _ in range(SAT_CALLS)))
     return (counted[1] - counted[0]) / seconds
 
 
@@ -231,38 +246,53 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
     pkis = localrun.Pki(work / "pki", names)
     log(f"  {sites} site certificates in {time.monotonic() - t0:.0f} s")
     cluster = JetStreamCluster(work / "js", sync="default").start()
-    procs = [localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
-                             extra='[log]\nlevel = "warning"\n' + ingest_extra).start()
-             for i in range(2)]
-    try:
+
+    def replicas(extra: str) -> list[localrun.IngestProc]:
+        procs = [localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
+                                 extra='[log]\nlevel = "warning"\n' + extra).start()
+                 for i in range(2)]
         for p in procs:
             try:
                 localrun.wait_healthy(p.target, pkis.consumer(), timeout=60)
             except TimeoutError as exc:
+                for q in procs:
+                    q.proc.stop()
                 raise RuntimeError(f"{exc}; its log ends:\n{p.proc.tail(30)}") from exc
-        targets = [p.target for p in procs]
+        return procs
 
-        async def both() -> tuple[float, _Stats, float, float]:
-            sat = _sites(names[:sat_sites], targets, pkis)
-            try:
-                sat_rate = await _saturate(sat, sat_seconds)
-            finally:
-                await asyncio.gather(*(s.close() for s in sat))
-            fleet = _sites(names, targets, pkis)
-            try:
-                stats, elapsed, idle_mb = await _recover(fleet, backlog, procs)
-            finally:
-                await asyncio.gather(*(s.close() for s in fleet))
-            return sat_rate, stats, elapsed, idle_mb
+    async def saturate(targets: list[str]) -> float:
+        sat = _sites(names[:sat_sites], targets, pkis)
+        try:
+            return await _saturate(sat, sat_seconds)
+        finally:
+            await asyncio.gather(*(s.close() for s in sat))
 
-        sat_phase, stats, elapsed, idle_mb = asyncio.run(both())
+    async def recover(targets: list[str], procs: list[localrun.IngestProc]
+                      ) -> tuple[_Stats, float, float]:
+        fleet = _sites(names, targets, pkis)
+        try:
+            return await _recover(fleet, backlog, procs)
+        finally:
+            await asyncio.gather(*(s.close() for s in fleet))
+
+    try:
+        procs = replicas("[limits]\nadmit_target_ms = 0\n")  # the raw tier
+        try:
+            sat_phase = asyncio.run(saturate([p.target for p in procs]))
+        finally:
+            for p in procs:
+                p.proc.stop()
+        procs = replicas(ingest_extra)
+        try:
+            stats, elapsed, idle_mb = asyncio.run(recover([p.target for p in procs], procs))
+        finally:
+            for p in procs:
+                p.proc.stop()
         # The tier at saturation: the better of the saturation phase and its best 10 s
         # during the recovery itself (so the ratio can only be harsh, never flattering).
         sat_rate = max(sat_phase, stats.best_rate(10.0))
         counts = asyncio.run(_subject_counts(cluster.servers, RECOVERY_EPOCH))
     finally:
-        for p in procs:
-            p.proc.stop()
         cluster.stop()
     wrong = [n for n in names
              if counts.get(f"bridge.r.{subject_token(n)}.{RECOVERY_EPOCH:016x}") != backlog]
@@ -301,16 +331,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.recovery")
     ap.add_argument("--sites", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=2500)
-    ap.add_argument("--sat-sites", type=int, default=200)
+    ap.add_argument("--sat-sites", type=int, default=100)
     ap.add_argument("--sat-seconds", type=float, default=10.0)
     ap.add_argument("--no-admission", action="store_true",
                     help="the replicas without admission control (limits.admit_target_ms = 0)")
+    ap.add_argument("--admit-target-ms", type=int, default=None,
+                    help="the replicas' limits.admit_target_ms for the recovery (default: "
+                    "their default)")
     args = ap.parse_args()
+    extra = ""
+    if args.no_admission:
+        extra = "[limits]\nadmit_target_ms = 0\n"
+    elif args.admit_target_ms is not None:
+        extra = f"[limits]\nadmit_target_ms = {args.admit_target_ms}\n"
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         for r in run(work=Path(tmp), sites=args.sites, backlog=args.backlog,
                      sat_sites=args.sat_sites, sat_seconds=args.sat_seconds, log=print,
-                     ingest_extra="[limits]\nadmit_target_ms = 0\n" if args.no_admission
-                     else ""):
+                     ingest_extra=extra):
             print(f"{r.metric:<28} {r.value:g} {r.unit}")
 
 
