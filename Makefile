@@ -9,13 +9,15 @@ N ?= 20000
 # Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/test_tahu.py.
 TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json
 TAHU_VERSION := 3.2.4
+# examples/read_jetstream.mjs's packages, exactly as its package-lock.json pins them.
+JSREADER := $(VENV)/jsreader/node_modules/protobufjs/package.json
 
 .PHONY: demo test lint typecheck protos bench profile hil clean debs venv
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
 
-test: $(STAMP) $(TAHU)
+test: $(STAMP) $(TAHU) $(JSREADER)
 	$(BIN)/ruff check bridge tests tools bench examples hil
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,11 +44,19 @@ protos: $(STAMP)
 
 venv: $(STAMP)
 
-$(TAHU): | $(STAMP)
-	@command -v npm >/dev/null 2>&1 || { \
+NEED_NPM = @command -v npm >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
 	  else echo "error: npm is missing (run: sudo apt-get install nodejs npm)"; exit 1; fi; }
+
+$(TAHU): | $(STAMP)
+	$(NEED_NPM)
 	npm install --prefix $(VENV)/tahu --no-audit --no-fund --silent sparkplug-client@$(TAHU_VERSION)
+
+$(JSREADER): examples/package.json examples/package-lock.json | $(STAMP)
+	$(NEED_NPM)
+	mkdir -p $(VENV)/jsreader
+	cp examples/package.json examples/package-lock.json $(VENV)/jsreader/
+	npm ci --prefix $(VENV)/jsreader --no-audit --no-fund --silent
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

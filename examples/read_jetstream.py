@@ -24,14 +24,23 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 
 def reading(msg: Msg) -> dict[str, Any]:
+    """One reading as a JSON-ready dict: the same line as read_jetstream.mjs prints."""
     env = bridge_pb2.Envelope.FromString(msg.data)
     headers = msg.headers or {}
-    out: dict[str, Any] = {"site": headers["Bridge-Site"], "epoch": headers["Bridge-Epoch"],
-           "seq": env.seq, "stream_seq": msg.metadata.sequence.stream,
-           "topic": env.source.topic,
-           "values": {v.signal: getattr(v, v.WhichOneof("kind")) if v.WhichOneof("kind")
-                      else None for v in env.values}}
-    if env.HasField("dropped"):  # a tombstone: seq..last_seq were dropped at the site
+    epoch = f"{env.epoch:016x}"  # a fixed64: as the subject and Bridge-Epoch write it
+    if headers.get("Bridge-Epoch") != epoch:
+        raise ValueError(f"Bridge-Epoch {headers.get('Bridge-Epoch')} but the envelope "
+                         f"says {epoch}")
+    out: dict[str, Any] = {
+        "site": headers["Bridge-Site"], "epoch": epoch, "seq": env.seq,
+        "stream_seq": msg.metadata.sequence.stream, "topic": env.source.topic,
+        # optional fields: absent is not 0 (HasField tells)
+        "source_time_ns": env.source_time_ns if env.HasField("source_time_ns") else None,
+        "gateway_time_ns": env.gateway_time_ns,
+        "source_seq": env.source_seq if env.HasField("source_seq") else None,
+        "values": {v.signal: getattr(v, v.WhichOneof("kind")) if v.WhichOneof("kind")
+                   else None for v in env.values}}
+    if env.HasField("dropped"):  # a tombstone: seq..last_seq (inclusive) were dropped
         out["dropped"] = {"last_seq": env.dropped.last_seq, "reason": env.dropped.reason}
     return out
 
