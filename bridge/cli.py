@@ -342,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="sources", action="append", metavar="HOST:PORT",
                    help="an ingest node (repeat, one per cloud)")
     c.add_argument("--config", help="consumer TOML config (from, cursor, [tls])")
-    c.add_argument("--ca")
-    c.add_argument("--cert")
-    c.add_argument("--key")
+    c.add_argument("--ca", help="the CA that signed the ingest nodes' certificates (PEM)")
+    c.add_argument("--cert", help="this consumer's certificate (PEM; bridge pki consumer)")
+    c.add_argument("--key", help="its private key (PEM)")
     c.add_argument("--cursor", help="resume from and save to this cursor file")
     c.add_argument("--follow", action="store_true", help="keep streaming new readings")
     c.add_argument("--status", action="store_true",
@@ -360,21 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
         kp = ksub.add_parser(name, help=hlp)
         kp.add_argument("--dir", required=True, help="the CA directory (ca.pem, ca.key)")
         kp.add_argument("--force", action="store_true", help="overwrite existing files")
-        kp.add_argument("--days", type=int, default=3650 if name == "ca" else 825)
+        kp.add_argument("--days", type=int, default=3650 if name == "ca" else 825,
+                        help="validity in days (default: %(default)s)")
         if name != "ca":
             kp.add_argument("--out", help="where to write (default: --dir)")
         if name == "ca":
-            kp.add_argument("--name", default="bridge CA")
+            kp.add_argument("--name", default="bridge CA",
+                            help="the CA's common name (default: %(default)s)")
         elif name == "server":
-            kp.add_argument("--name", required=True)
-            kp.add_argument("--dns", action="append", default=[])
-            kp.add_argument("--ip", action="append", default=[])
+            kp.add_argument("--name", required=True,
+                            help="the node's name: the certificate's common name and file names")
+            kp.add_argument("--dns", action="append", default=[],
+                            help="a DNS name agents use to reach it (repeat)")
+            kp.add_argument("--ip", action="append", default=[],
+                            help="an IP address agents use to reach it (repeat)")
         elif name == "site":
-            kp.add_argument("--site", required=True)
+            kp.add_argument("--site", required=True,
+                            help="the site id the certificate proves (a-z, 0-9, '-', '.')")
         else:
-            kp.add_argument("--name", required=True)
+            kp.add_argument("--name", required=True,
+                            help="the consumer's name: the certificate's common name")
     kc = ksub.add_parser("csr", help="on the gateway: a new site key and a request to sign")
-    kc.add_argument("--site", required=True)
+    kc.add_argument("--site", required=True, help="this gateway's site id")
     kc.add_argument("--out", required=True, help="where to write the key and the request")
     kc.add_argument("--force", action="store_true", help="overwrite existing files")
     ks = ksub.add_parser("sign", help="on the CA host: a site certificate for a request")
@@ -382,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--csr", required=True, help="the request bridge pki csr wrote")
     ks.add_argument("--site", help="refuse a request for any other site id")
     ks.add_argument("--out", help="where to write the certificate (default: --dir)")
-    ks.add_argument("--days", type=int, default=825)
+    ks.add_argument("--days", type=int, default=825,
+                    help="validity in days (default: %(default)s)")
     ks.add_argument("--force", action="store_true", help="overwrite an existing certificate")
     kr = ksub.add_parser("revoke", help="append certificates to an ingest deny-list")
     kr.add_argument("--deny-list", required=True,
@@ -395,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="publish realistic SCADA readings over MQTT or AMQP")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                    help="mqtt://HOST:PORT, or amqp://USER:PASSWORD@HOST:PORT/VHOST")
-    s.add_argument("--payload", choices=("json", "sparkplug"), default="json")
+    s.add_argument("--payload", choices=("json", "sparkplug"), default="json",
+                   help="JSON readings or Sparkplug B (default: %(default)s)")
     s.add_argument("--exchange", default="scada", help="AMQP: the topic exchange")
     s.add_argument("--metrics-per-message", type=int, default=10, help="sparkplug: per DDATA")
     s.add_argument("--devices", type=int, default=4, help="sparkplug: devices of the node")
@@ -403,35 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MQTT protocol version (NATS's MQTT listener speaks 3.1.1 only)")
     s.add_argument("--group", help="sparkplug: group id (default \"Bridge Sim\"; NATS's MQTT "
                    "listener takes no spaces in topics)")
-    s.add_argument("--site", required=True)
+    s.add_argument("--site", required=True, help="the site id in the topics it publishes")
     s.add_argument("--rate", type=float, default=100.0, help="messages/s (0: unlimited)")
-    s.add_argument("--count", type=int, default=1000)
-    s.add_argument("--profile", choices=("grid", "water"), default="grid")
+    s.add_argument("--count", type=int, default=1000,
+                   help="messages to publish (default: %(default)s)")
+    s.add_argument("--profile", choices=("grid", "water"), default="grid",
+                   help="a substation's or a water plant's signals (default: %(default)s)")
     s.set_defaults(fn=cmd_simulate)
 
     d = sub.add_parser("demo", help="the whole pipeline on this machine, primary killed halfway")
-    d.add_argument("--readings", type=int, default=20_000)
+    d.add_argument("--readings", type=int, default=20_000,
+                   help="readings to publish (default: %(default)s)")
     d.add_argument("--rate", type=float, default=0.0, help="publish rate (0: unlimited)")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.add_argument("--keep", action="store_true", help="keep the working directory")
     d.add_argument("--workdir", help="use this directory instead of a temporary one")
     d.add_argument("--source", choices=("mqtt", "amqp"), default="mqtt",
                    help="the plant broker: a local mosquitto, or the machine's RabbitMQ")
-    d.add_argument("--payload", choices=("json", "sparkplug"), default="json")
+    d.add_argument("--payload", choices=("json", "sparkplug"), default="json",
+                   help="JSON readings or Sparkplug B (default: %(default)s)")
     d.add_argument("--store", choices=("sqlite", "jetstream"), default="sqlite",
                    help="each cloud's store: a SQLite file, or a 3-node JetStream cluster")
     d.set_defaults(fn=cmd_demo)
 
     dl = sub.add_parser("dead-letters", help="messages the agent could not turn into readings")
     dl.add_argument("--config", required=True, help="the agent's config (uses spool.path)")
-    dl.add_argument("--limit", type=int, default=20)
+    dl.add_argument("--limit", type=int, default=20,
+                    help="newest dead letters to list (default: %(default)s)")
     dl.add_argument("--json", action="store_true", help="JSON lines with the payload in base64")
     dl.set_defaults(fn=cmd_dead_letters)
 
     st = sub.add_parser("status", help="a running agent's spool, sources and endpoints")
     st.add_argument("--config", help="the agent's config (uses metrics.listen)")
     st.add_argument("--url", help="the agent's HTTP endpoint, e.g. http://127.0.0.1:9464")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the agent's /status as JSON")
     st.set_defaults(fn=cmd_status)
     return p
 

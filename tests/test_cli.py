@@ -304,3 +304,23 @@ def _group_used(gid: int) -> bool:
         return True
     except KeyError:
         return any(p.pw_gid == gid for p in pwd.getpwall())
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from bridge.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) \
+                    and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "bridge")
+    assert missing == []
