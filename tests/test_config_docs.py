@@ -167,3 +167,15 @@ def test_a_wrong_documented_default_is_caught(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(globals(), "_documented", lambda: doctored)
     with pytest.raises(AssertionError, match=r"uplink\.max_in_flight"):
         test_documented_defaults_are_the_schemas_defaults("agent")
+
+
+def test_every_table_on_the_configuration_page_starts_with_a_header_row():
+    """A table row after prose (no header and separator) renders as plain text."""
+    lines = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+             ).read_text().splitlines()
+    headless = []
+    for i, line in enumerate(lines):
+        starts = line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|"))
+        if starts and not (i + 1 < len(lines) and lines[i + 1].startswith("|---")):
+            headless.append(f"line {i + 1}: {line[:60]}")
+    assert headless == []

@@ -70,3 +70,19 @@ def test_systemctl_reload_sends_sighup_to_the_service() -> None:
     for name in ("bridge-agent.service", "bridge-ingest.service"):
         text = (UNITS / name).read_text()
         assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, re.M), name
+
+
+@pytest.mark.parametrize("unit,example", [("bridge-agent.service", "agent.toml"),
+                                          ("bridge-ingest.service", "ingest.toml")])
+def test_the_example_configs_write_only_where_their_unit_lets_them(unit: str,
+                                                                   example: str) -> None:
+    """ProtectSystem=strict: a service writes only its StateDirectory (and ReadWritePaths),
+    so every /var path the example config names must lie inside one of them."""
+    text = (UNITS / unit).read_text()
+    writable = [f"/var/lib/{d}/" for d in re.findall(r"^StateDirectory=(\S+)", text, re.M)]
+    writable += [p.rstrip("/") + "/" for line in
+                 re.findall(r"^ReadWritePaths=(.+)$", text, re.M) for p in line.split()]
+    config = (UNITS.parent / "examples" / example).read_text()
+    paths = re.findall(r'"(/var/[^"]+)"', config)
+    assert paths, f"{example} names no /var path"
+    assert [p for p in paths if not any(p.startswith(w) for w in writable)] == []
