@@ -5,13 +5,15 @@ unique, files that must exist, paths relative to the config file)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from bridge.codecs import JsonMapping
-from bridge.config import schema
+from bridge.config import interpolate, schema
 from bridge.config.model import (
     DEFAULT_AMQP_PORT,
     DEFAULT_INGEST_PORT,
@@ -43,6 +45,27 @@ from bridge.config.model import (
 )
 from bridge.errors import ConfigError, MappingError
 from bridge.files import exposure
+
+C = TypeVar("C")
+
+
+def _scrubbed(load: Callable[[Path], C]) -> Callable[[Path], C]:
+    """``load``, whose errors never print a value the file took from the environment (it may
+    be a secret): each is written as the ``${VAR}`` that brought it."""
+    @functools.wraps(load)
+    def run(path: Path) -> C:
+        seen: dict[str, str] = {}
+        token = interpolate.SEEN.set(seen)
+        try:
+            return load(path)
+        except ConfigError as exc:
+            if not seen:
+                raise
+            raise ConfigError(exc.file, exc.key, interpolate.scrub(exc.message, seen)) \
+                from None
+        finally:
+            interpolate.SEEN.reset(token)
+    return run
 
 
 class _File:
@@ -267,6 +290,7 @@ def _uplink(f: _File, u: schema.UplinkFile) -> UplinkConfig:
                               half_open_probes=b.half_open_probes))
 
 
+@_scrubbed
 def load_agent(path: Path) -> AgentConfig:
     a, _ = schema.decode(path, schema.AgentFile)
     f = _File(path)
@@ -286,7 +310,9 @@ def load_agent(path: Path) -> AgentConfig:
                          uplink=_uplink(f, a.uplink),
                          metrics_listen=_listen(f, "metrics.listen", a.metrics.listen),
                          log_level=a.log.level, tls_check_s=a.tls.check_s)
-    secret = next((s.name for s in sources if s.password not in (None, "guest")), None)
+    from_env = interpolate.SEEN.get() or {}  # a password from the environment is not in
+    secret = next((s.name for s in sources if s.password not in (None, "guest")  # the file
+                   and s.password not in from_env), None)
     if secret is not None and (problem := exposure(path)):
         raise f.error(f"sources[{secret}]", f"holds a password, and {problem}")
     return config
@@ -334,6 +360,7 @@ def _jetstream(f: _File, s: schema.StoreFile) -> JetStreamSettings:
                              ack_timeout_s=s.ack_timeout_s, cache_mb=s.cache_mb, **access)
 
 
+@_scrubbed
 def load_ingest(path: Path) -> IngestConfig:
     c, raw = schema.decode(path, schema.IngestFile)
     f = _File(path)
@@ -380,6 +407,7 @@ def load_ingest(path: Path) -> IngestConfig:
         deny_list=deny_list)
 
 
+@_scrubbed
 def load_consumer(path: Path) -> ConsumerConfig:
     c, _ = schema.decode(path, schema.ConsumerFile)
     f = _File(path)

@@ -12,6 +12,7 @@ loader (a source's ``name``, an endpoint's ``priority``, the rate limit's ``burs
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 import typing
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import msgspec
 from msgspec import Meta
 
+from bridge.config import interpolate
 from bridge.errors import ConfigError
 
 Text = Annotated[str, Meta(pattern=r"\S")]  # a string with something in it
@@ -268,6 +270,12 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), "", f"invalid TOML: {exc}") from exc
+    try:
+        secrets = interpolate.expand(raw, os.environ)
+    except interpolate.InterpolationError as exc:
+        raise ConfigError(str(path), exc.key, exc.message) from None
+    if (seen := interpolate.SEEN.get()) is not None:
+        seen.update(secrets)
     if (bad := _non_finite(raw)) is not None:
         raise ConfigError(str(path), bad, "must be a finite number (inf and nan mean nothing "
                           "for a bound or a duration)")
@@ -277,7 +285,8 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
     try:
         return msgspec.convert(raw, schema, strict=True), raw
     except msgspec.ValidationError as exc:
-        raise _error(str(path), schema, str(exc), raw) from None
+        err = _error(str(path), schema, str(exc), raw)
+        raise ConfigError(err.file, err.key, interpolate.scrub(err.message, secrets)) from None
 
 
 def _non_finite(value: Any, where: str = "") -> str | None:
