@@ -99,5 +99,6 @@ def test_a_password_from_the_environment_may_sit_in_a_file_others_can_read(
     in_file = agent_config(tmp_path, pkis, GOOD_AGENT.replace(
         'topics = ["#"]', creds.format("in-the-${{MQTT_PASSWORD}}")))
     in_file.chmod(0o644)
-    with pytest.raises(ConfigError, match="holds a password"):
+    with pytest.raises(ConfigError,
+                       match=r"sources\[0\]: \(source 'mqtt0'\) holds a password"):
         load_agent(in_file)

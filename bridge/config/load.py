@@ -311,10 +311,12 @@ def load_agent(path: Path) -> AgentConfig:
                          metrics_listen=_listen(f, "metrics.listen", a.metrics.listen),
                          log_level=a.log.level, tls_check_s=a.tls.check_s)
     from_env = interpolate.SEEN.get() or {}  # a password from the environment is not in
-    secret = next((s.name for s in sources if s.password not in (None, "guest")  # the file
-                   and s.password not in from_env), None)
+    secret = next((i for i, s in enumerate(sources) if s.password not in (None, "guest")
+                   and s.password not in from_env), None)  # (the file holds it)
     if secret is not None and (problem := exposure(path)):
-        raise f.error(f"sources[{secret}]", f"holds a password, and {problem}")
+        # A source is named by its place in the file in every error, as the schema's do.
+        raise f.error(f"sources[{secret}]", f"(source {sources[secret].name!r}) holds a "
+                      f"password, and {problem}")
     return config
 
 
