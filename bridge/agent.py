@@ -21,6 +21,7 @@ from bridge.certinfo import ROLE_SITE
 from bridge.codecs import Decoder, make_decoder
 from bridge.config import AgentConfig, SourceConfig, load_agent
 from bridge.errors import SpoolFull, SpoolReset
+from bridge.httpserve import HttpEndpoint, loop_answers, on_loop
 from bridge.intake import ClockSync, Intake, IntakePolicy
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.reload import Reloader
@@ -28,7 +29,7 @@ from bridge.service import Notifier
 from bridge.sources import make_source
 from bridge.spool import AsyncSpool, Spool
 from bridge.spool.clock import SpoolClock
-from bridge.telemetry import AgentMetrics, CertExpiry, HttpEndpoint, event
+from bridge.telemetry import AgentMetrics, CertExpiry, event
 from bridge.uplink.breaker import CircuitBreaker
 from bridge.uplink.credentials import CredentialWatcher, Pem
 from bridge.uplink.pool import Endpoint, EndpointPool
@@ -36,6 +37,8 @@ from bridge.uplink.sender import Sender
 from bridge.uplink.transport import GrpcTransport
 
 SHUTDOWN_GRACE_S = 5.0
+SOURCE_BUDGET_S = 5.0    # a source may be reconnecting this long, or twice its backoff cap
+SPOOL_READY_FILL = 0.9   # with no endpoint healthy, not ready once the spool is this full
 
 
 class Agent:
@@ -111,6 +114,10 @@ class Agent:
                                policy=IntakePolicy.of(config.spool, s))
                         for src, s in zip(self.sources, config.sources, strict=True)]
         self.started_ns = time.time_ns()
+        self._phase = "starting"  # running, stopping (readiness)
+        # when each source was last seen not subscribed, since it was last subscribed
+        self._down_since: dict[str, float] = {s.info.name: time.monotonic()
+                                               for s in self.sources}
         self._hup = asyncio.Event()
         self.reloader: Reloader[AgentConfig] = Reloader(
             component="agent", running=config, load=self._load_config,
@@ -236,9 +243,42 @@ class Agent:
             "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
         }
 
+    def readiness(self) -> list[str]:
+        """Why the agent is not ready (``/readyz``; [] when it is): starting or stopping; a
+        source not subscribed for longer than its reconnect budget; no endpoint healthy while
+        the spool is nearly full (without a healthy endpoint but with room, readings are
+        kept: the agent does its job)."""
+        if self._phase != "running":
+            return [f"{self._phase}"]
+        reasons = []
+        now = time.monotonic()
+        for src in self.sources:
+            since = self._down_since.get(src.info.name)
+            budget = max(SOURCE_BUDGET_S, 2 * src.reconnect_max_s)
+            if since is not None and now - since > budget:
+                reasons.append(f"source {src.info.name} ({src.info.broker}) not subscribed for "
+                               f"{now - since:.0f} s (budget {budget:.0f} s)")
+        if not any(e["state"] == "healthy" and e["breaker"] != "open"
+                   for e in self.pool.snapshot()):
+            sp = self.spool.spool
+            fill = (sp.bytes + sp.dead_bytes) / sp.max_bytes
+            if fill >= SPOOL_READY_FILL:
+                reasons.append(f"no endpoint healthy and the spool {fill:.0%} full")
+        return reasons
+
+    def _watch_sources(self) -> None:
+        now = time.monotonic()
+        for s in self.sources:
+            if s.subscribed.is_set():
+                self._down_since.pop(s.info.name, None)
+            else:
+                self._down_since.setdefault(s.info.name, now)
+
     async def _bounds(self, interval_s: float = 2.0) -> None:
-        """Expire readings past ``max_age_s``; refresh the spool figures /status shows."""
+        """Expire readings past ``max_age_s``; refresh the spool figures /status shows and
+        the sources' down times /readyz reads."""
         while True:
+            self._watch_sources()
             n = 0
             try:
                 n = await self.spool.expire()
@@ -283,7 +323,9 @@ class Agent:
             notify_task = tg.create_task(
                 self.notifier.run(waiting_for=self._waiting_for, status=self._status_line),
                 name="service-notify")
+            self._phase = "running"
             await stop.wait()
+            self._phase = "stopping"
             t0 = time.monotonic()
             event("agent.stopping", spooled=sp.readings, in_flight=self.sender.in_flight)
             # 1. Stop taking from brokers; everything committed gets acked before disconnect.
@@ -316,13 +358,14 @@ class Agent:
 async def run(config: AgentConfig) -> None:
     agent = Agent(config=config)
     http = None
+    loop = asyncio.get_running_loop()
     if config.metrics_listen:
         http = HttpEndpoint(listen=config.metrics_listen, registry=agent.metrics.registry,
-                            status=agent.status)
+                            status=agent.status, live=lambda: loop_answers(loop),
+                            ready=lambda: on_loop(loop, agent.readiness))
         http.start()
         event("agent.http", listen=config.metrics_listen, port=http.port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, agent.request_reload)

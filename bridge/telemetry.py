@@ -1,4 +1,4 @@
-"""Structured events, Prometheus metrics and the loopback HTTP endpoint (/metrics, /status).
+"""Structured events and Prometheus metrics (the HTTP endpoint serving them: bridge.httpserve).
 
 Every drop, retry and failover is one named event (a JSON log line with a ``reason``) and a
 counter. Event and metric names are listed in docs/metrics.md. Each component (agent, ingest)
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +22,11 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from bridge import __version__, certinfo
-from bridge.common import address_error
-from bridge.config import parse_hostport
 from bridge.errors import redact
 
 # A counter's ``_created`` series doubles what every scrape carries and no rule or panel reads
@@ -301,48 +295,3 @@ class IngestMetrics:
         self.subject_bytes = Gauge(
             "bridge_ingest_subject_state_bytes", "Estimated bytes of the subject states held "
             "(kept within store.cache_mb)", registry=r)
-
-
-class HttpEndpoint:
-    """Loopback HTTP: ``/metrics`` (Prometheus) and ``/status`` (JSON from a callback)."""
-
-    def __init__(self, *, listen: str, registry: CollectorRegistry,
-                 status: Callable[[], dict[str, Any]], key: str = "metrics.listen") -> None:
-        """``key``: the config key of ``listen``, named in the error if it is taken."""
-        host, port = parse_hostport(listen, listen=True)
-        registry_ = registry
-        status_ = status
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    body, ctype = generate_latest(registry_), CONTENT_TYPE_LATEST
-                elif self.path == "/status":
-                    body, ctype = orjson.dumps(status_()), "application/json"
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        try:  # exclusive: Python's HTTP server sets SO_REUSEADDR but never SO_REUSEPORT
-            self._server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise address_error(key, listen, exc) from exc
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="http-endpoint", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "bridge"
-NEUTRAL = {"bridge.common", "bridge.config", "bridge.telemetry", "bridge.files", "bridge.certinfo",
+NEUTRAL = {"bridge.common", "bridge.config", "bridge.telemetry", "bridge.httpserve",
+           "bridge.files", "bridge.certinfo",
            "bridge.pki", "bridge.service", "bridge.errors", "bridge.reload", "bridge._pb"}
 # Agent side 1-4, cloud side 5-6.
 STAGES = {"bridge.sources": 1, "bridge.codecs": 2, "bridge.intake": 2, "bridge.envelope": 2,

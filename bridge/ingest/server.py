@@ -28,6 +28,7 @@ from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import IngestConfig, JetStreamSettings, TlsConfig, load_ingest
+from bridge.httpserve import HttpEndpoint, loop_answers
 from bridge.ingest.admission import Admission
 from bridge.ingest.authz import Authorizer
 from bridge.ingest.backend import Backend, SqliteBackend, status_reply
@@ -41,7 +42,7 @@ from bridge.ingest.ratelimit import SiteLimiter
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, Store
 from bridge.reload import Reloader
 from bridge.service import Notifier
-from bridge.telemetry import CertExpiry, HttpEndpoint, IngestMetrics, event
+from bridge.telemetry import CertExpiry, IngestMetrics, event
 
 MAX_BATCH_ID = 128  # the agent sends a UUID (36); anything longer is refused, not logged
 SUBSCRIBE_BATCH = 500  # readings per SubscribeBatches message at most
@@ -326,6 +327,7 @@ class IngestNode:
         if denied is not None:
             self.metrics.registry.register(DenyListMetrics(deny_list=denied))
         self.health = health_aio.HealthServicer()
+        self._not_ready = ["starting"]  # reasons for /readyz; [] once serving
         self.metrics.registry.register(SiteProgress(backend=self.backend,
                                                      last_commit=self.service.last_commit))
         self.metrics.registry.register(CertExpiry(files={"server": tls.cert, "ca": tls.ca}))
@@ -349,6 +351,10 @@ class IngestNode:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = bind(self.health_server, health_listen, "health.listen", None)
 
+    def readiness(self) -> list[str]:
+        """Why the node is not ready (``/readyz``; [] when it is)."""
+        return list(self._not_ready)
+
     async def _store_health(self, ok: bool) -> None:
         """The Ingest service's health follows the store's connection: NOT_SERVING while it
         is lost (agents and readiness probes leave the node). The server's own status ("")
@@ -357,6 +363,7 @@ class IngestNode:
         status = health_pb2.HealthCheckResponse.SERVING if ok else \
             health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(SERVICE, status)
+        self._not_ready = [] if ok else ["the store's connection is lost"]
         event("ingest.health", node=self.node, serving=ok, reason="store connection "
               + ("restored" if ok else "lost"), level=logging.INFO if ok else logging.WARNING)
 
@@ -367,6 +374,7 @@ class IngestNode:
             await self.health_server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._not_ready = []
         event("ingest.listening", node=self.node, port=self.port,
               health_port=self.health_port or None)
 
@@ -377,6 +385,7 @@ class IngestNode:
         when the process exits, and the agent resends the batch elsewhere.
         """
         t0 = time.monotonic()
+        self._not_ready = ["stopping"]
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.health_server is not None:
@@ -436,8 +445,10 @@ async def run(config: IngestConfig) -> None:
                       health_listen=config.health_listen, deny_list=config.deny_list)
     http = None
     if config.metrics_listen:
+        loop = asyncio.get_running_loop()
         http = HttpEndpoint(listen=config.metrics_listen, registry=node.metrics.registry,
-                            status=lambda: {"node": config.node, "port": node.port})
+                            status=lambda: {"node": config.node, "port": node.port},
+                            live=lambda: loop_answers(loop), ready=node.readiness)
         http.start()
     await node.start()
     stop = asyncio.Event()

@@ -40,6 +40,7 @@ class AmqpSource:
         self.metrics = metrics
         self.info = SourceInfo(name=config.name, protocol="amqp", broker=config.url)
         self.subscribed = asyncio.Event()
+        self.reconnect_max_s = config.reconnect_max_s
         self.generation = 0
         self._inbox = Inbox()
         self._channel: aiormq.abc.AbstractChannel | None = None

@@ -31,6 +31,7 @@ class Message:
 class Source(Protocol):
     info: SourceInfo
     subscribed: asyncio.Event  # set while connected and consuming
+    reconnect_max_s: float     # the cap of its reconnect backoff (the agent's readiness)
 
     async def run(self) -> None:
         """Connect, consume and reconnect until ``stop``; returns once stopped (a task of the

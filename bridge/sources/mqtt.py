@@ -46,6 +46,7 @@ from bridge.telemetry import AgentMetrics, event
 # Payload bytes waiting in the inbox before paho's thread stops reading (besides the count
 # bound): large messages between max_payload_bytes and max_packet_bytes cannot pile up in RAM.
 INBOX_BYTES = 64 << 20
+RECONNECT_MAX_S = 30.0  # paho's reconnect delay cap
 
 
 
@@ -67,6 +68,7 @@ class MqttSource:
         self._stopping = False  # our own offline STATE at stop must not be re-asserted
         self.generation = 0
         self.subscribed = asyncio.Event()
+        self.reconnect_max_s = RECONNECT_MAX_S
         self._connacked = False  # a CONNACK since the last (re)connect attempt
         client = FastClient(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
@@ -82,7 +84,7 @@ class MqttSource:
                   "use mqtts:// with [sources.tls]")
         client.bind_interface = config.interface
         client.on_connect_fail = self._on_connect_fail
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=1, max_delay=int(RECONNECT_MAX_S))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

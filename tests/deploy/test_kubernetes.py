@@ -152,9 +152,9 @@ def test_the_ingest_config_loads_and_its_ports_match_the_pod_and_the_probes(
     assert cfg.listen.endswith(f":{ports['grpc']}") and ports["grpc"] == 6443
     assert cfg.metrics_listen.endswith(f":{ports['metrics']}")
     assert cfg.health_listen.endswith(f":{ports['health']}")
-    assert c["readinessProbe"]["grpc"] == {"port": ports["health"], "service": "bridge.v1.Ingest"}
-    assert c["livenessProbe"]["grpc"] == {"port": ports["health"]}
-    assert c["startupProbe"]["grpc"]["port"] == ports["health"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["image"] == "registry.example.com/edge/bridge:0.1.0"
     assert c["args"] == ["ingest", "--config", "/etc/bridge/ingest.toml"]
     if name == "small":

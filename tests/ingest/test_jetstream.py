@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,8 +358,17 @@ def test_a_replica_cut_off_from_its_cluster_says_not_serving_until_it_is_back(
         cluster: Cluster, js: JetStreamCluster):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    probe_port = localrun.free_port()
-    (rep,) = replicas(cluster, js, 1, extra=f'[health]\nlisten = "127.0.0.1:{probe_port}"\n')
+    probe_port, http_port = localrun.free_port(), localrun.free_port()
+    (rep,) = replicas(cluster, js, 1, extra=f'[health]\nlisten = "127.0.0.1:{probe_port}"\n'
+                      f'[metrics]\nlisten = "127.0.0.1:{http_port}"\n')
+
+    def http(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
     ca, cert, key = cluster.pki.consumer().read()
     health = health_pb2_grpc.HealthStub(grpc.secure_channel(
         rep.target, grpc.ssl_channel_credentials(ca, key, cert)))
@@ -378,10 +389,14 @@ def test_a_replica_cut_off_from_its_cluster_says_not_serving_until_it_is_back(
     # the pod would not bring NATS back.
     assert status(probe) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert status(probe, "") == health_pb2.HealthCheckResponse.SERVING
+    # The HTTP probes say the same: not ready (with the reason), still live.
+    assert http("/readyz") == (503, b"the store's connection is lost\n")
+    assert http("/healthz") == (200, b"ok\n")
     for i in range(3):
         js.restart(i)
     wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout=60,
              what="SERVING again once reconnected")
+    assert http("/readyz") == (200, b"ready\n")
 
 
 def test_a_foreign_message_on_a_subject_is_skipped_not_a_wedge(cluster: Cluster,
