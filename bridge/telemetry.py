@@ -140,7 +140,7 @@ class AgentMetrics:
             ["outcome"], registry=r)
         self.site = Gauge("bridge_agent_site", "1, labelled with the site id this agent "
                           "ships for (join on instance to name a gateway's series)",
-                          ["site_id"], registry=r)
+                          ["site"], registry=r)
         self.spool_max_bytes = Gauge("bridge_spool_max_bytes", "The spool's bound on envelope "
                                      "and dead-letter bytes (max_bytes)", registry=r)
         self.spool_fill = Gauge("bridge_spool_fill_ratio", "Envelope plus dead-letter bytes "

@@ -13,7 +13,7 @@ import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.yml"
 AGENT = 'job="agent",instance="gw1:9100"'
-SITE = {f'bridge_agent_site{{{AGENT},site_id="site-a"}}': "1x100"}
+SITE = {f'bridge_agent_site{{{AGENT},site="site-a"}}': "1x100"}
 INGEST = 'job="ingest",instance="10.0.0.7:9102"'
 
 # alert -> (series when it must fire, eval time, labels it fires with) and
@@ -22,19 +22,19 @@ Case = tuple[dict[str, str], str, dict[str, str]]
 CASES: dict[str, tuple[Case, tuple[dict[str, str], str]]] = {
     "BridgeBacklogOld": (
         ({**SITE, f"bridge_spool_oldest_age_seconds{{{AGENT}}}": "1000x20"}, "10m",
-         {"site_id": "site-a", "severity": "warning"}),
+         {"site": "site-a", "severity": "warning"}),
         ({**SITE, f"bridge_spool_oldest_age_seconds{{{AGENT}}}": "100x20"}, "10m")),
     "BridgeBacklogOldCritical": (
         ({**SITE, f"bridge_spool_oldest_age_seconds{{{AGENT}}}": "30000x20"}, "10m",
-         {"site_id": "site-a", "severity": "critical"}),
+         {"site": "site-a", "severity": "critical"}),
         ({**SITE, f"bridge_spool_oldest_age_seconds{{{AGENT}}}": "1000x20"}, "10m")),
     "BridgeBacklogLarge": (
         ({**SITE, f"bridge_spool_readings{{{AGENT}}}": "2000000x30"}, "15m",
-         {"site_id": "site-a", "severity": "warning"}),
+         {"site": "site-a", "severity": "warning"}),
         ({**SITE, f"bridge_spool_readings{{{AGENT}}}": "1000x30"}, "15m")),
     "BridgeSpoolNearlyFull": (
         ({**SITE, f"bridge_spool_fill_ratio{{{AGENT}}}": "0.95x10"}, "5m",
-         {"site_id": "site-a", "severity": "critical"}),
+         {"site": "site-a", "severity": "critical"}),
         ({**SITE, f"bridge_spool_fill_ratio{{{AGENT}}}": "0.5x10"}, "5m")),
     "BridgeSpoolDropping": (
         ({f'bridge_spool_dropped_total{{{AGENT},reason="ttl"}}': "0 0 0 100 100"}, "4m",
@@ -42,7 +42,7 @@ CASES: dict[str, tuple[Case, tuple[dict[str, str], str]]] = {
         ({f'bridge_spool_dropped_total{{{AGENT},reason="ttl"}}': "0x10"}, "4m")),
     "BridgeDeadLettersRising": (
         ({**SITE, f'bridge_dead_letters_total{{{AGENT},reason="invalid_json"}}': "0+5x40"},
-         "30m", {"site_id": "site-a", "reason": "invalid_json", "severity": "warning"}),
+         "30m", {"site": "site-a", "reason": "invalid_json", "severity": "warning"}),
         ({**SITE, f'bridge_dead_letters_total{{{AGENT},reason="invalid_json"}}': "3x40"},
          "30m")),
     "BridgeFailover": (
@@ -55,7 +55,7 @@ CASES: dict[str, tuple[Case, tuple[dict[str, str], str]]] = {
     "BridgeFailoverFlapping": (
         ({**SITE, f'bridge_uplink_failovers_total{{{AGENT},from_endpoint="aws",'
                   'to_endpoint="azure"}': "0+1x70"}, "65m",
-         {"site_id": "site-a", "severity": "warning"}),
+         {"site": "site-a", "severity": "warning"}),
         ({**SITE, f'bridge_uplink_failovers_total{{{AGENT},from_endpoint="aws",'
                   'to_endpoint="azure"}': "0 1 2 2x70"}, "65m")),
     "BridgeNoHealthyUpstream": (

@@ -66,6 +66,30 @@ def test_the_dashboard_is_a_grafana_model_with_a_query_in_every_panel() -> None:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+PER_SITE_INGEST = ("bridge_ingest_readings_committed", "bridge_ingest_duplicates",
+                   "bridge_ingest_throttled", "bridge_ingest_site_")
+
+
+def test_every_dashboard_query_honours_the_site_and_job_variables() -> None:
+    """A query filters by its job variable, and a query of per-site series (every agent
+    series, through the bridge_agent_site join; the ingest's series labelled by site) by
+    $site; both sides call the label ``site``. (A node's own series have no site.)"""
+    doc = json.loads(DASHBOARD.read_text())
+    for p in doc["panels"]:
+        for t in p.get("targets", []):
+            expr = t["expr"]
+            assert "site_id" not in expr, (p["title"], expr)
+            per_site = "$agent_job" in expr or any(
+                m in expr for m in PER_SITE_INGEST) or expr.startswith("site:")
+            assert not per_site or '$site"' in expr, (p["title"], expr)
+            for m in re.finditer(r"(?<![:\w])(bridge_[a-z_]+)(\{[^}]*\})?(?!:)", expr):
+                name, labels = m.group(1), m.group(2) or ""
+                if name.startswith("bridge_ingest_"):
+                    assert 'job=~"$ingest_job"' in labels, (p["title"], name)
+                elif name not in ("bridge_agent_site", "bridge_cert_expiry_seconds"):
+                    assert 'job=~"$agent_job"' in labels, (p["title"], name)
+
+
 def test_prometheus_scrapes_every_metric_the_rules_and_the_dashboard_use(
         cluster: Cluster, tmp_path: Path) -> None:
     exe = shutil.which("prometheus")
@@ -146,8 +170,8 @@ def test_prometheus_scrapes_every_metric_the_rules_and_the_dashboard_use(
         # The recording group runs every 30 s: its first run may precede the agent's first
         # scrape, so wait for a run that saw it.
         def sites() -> list[str]:
-            res = _get(prom_port, "/api/v1/query", query="site_id:bridge_spool_readings:max")
-            return [r["metric"]["site_id"] for r in res["result"]]
+            res = _get(prom_port, "/api/v1/query", query="site:bridge_spool_readings:max")
+            return [r["metric"]["site"] for r in res["result"]]
 
         wait_for(lambda: sites() == ["site-a"], timeout=90,
                  what="the per-site recording rule to name site-a")
