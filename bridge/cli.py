@@ -278,6 +278,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as lines, every column but the last as wide as its widest cell (long names and
+    targets push the columns out instead of breaking them)."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [" ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+            for r in rows]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     url = args.url
     if args.config:
@@ -307,17 +317,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("dropped " + ", ".join(f"{n} ({r})" for r, n in sorted(sp["dropped"].items())))
     for q in sp.get("quarantined", []):
         print(f"QUARANTINED {q['moved_to']}: {q['reason']} (salvaged {q['salvaged']})")
-    for s in doc["sources"]:
-        print(f"source  {s['name']:<10} {s['broker']:<28} "
-              f"{'subscribed' if s['subscribed'] else 'NOT SUBSCRIBED'}")
+    rows = [["source ", " " + s["name"], s["broker"],
+             "subscribed" if s["subscribed"] else "NOT SUBSCRIBED", ""]
+            for s in doc["sources"]]
     up = doc["uplink"]
     for e in up["endpoints"]:
-        mark = "*" if e["active"] else " "
         err = f"  last error: {e['last_error']}" if e["last_error"] else ""
         if e.get("last_ack_ns"):
             err = f"  last ack {(time.time_ns() - e['last_ack_ns']) / 1e9:.1f} s ago" + err
-        print(f"uplink {mark}{e['name']:<10} {e['target']:<24} {e['state']:<10} "
-              f"breaker {e['breaker']}{err}")
+        rows.append(["uplink ", ("*" if e["active"] else " ") + e["name"], e["target"],
+                     e["state"], f"breaker {e['breaker']}{err}"])
+    for line in _aligned(rows):
+        print(line)
     print(f"failovers {up['failovers']}, batches in flight {up['in_flight']}")
     return 0
 

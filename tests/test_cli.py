@@ -324,3 +324,20 @@ def test_every_option_of_every_command_has_help_text():
 
     walk(build_parser(), "bridge")
     assert missing == []
+
+
+def test_status_keeps_its_columns_aligned_for_long_names_and_targets():
+    from bridge.cli import _aligned
+
+    lines = _aligned([
+        ["source ", " plant", "mqtt://127.0.0.1:1883", "subscribed", ""],
+        ["uplink ", "*aws", "ingest-primary.eu-central-1.example.com:6443", "healthy",
+         "breaker closed"],
+        ["uplink ", " a-much-longer-endpoint-name", "10.0.0.9:6443", "unhealthy",
+         "breaker open  last error: UNAVAILABLE"]])
+    starts = [[line.index(cell) for cell in cells] for line, cells in zip(lines, [
+        ["plant", "mqtt://", "subscribed"], ["aws", "ingest-primary", "healthy", "breaker"],
+        ["a-much", "10.0.0.9", "unhealthy", "breaker"]], strict=True)]
+    assert starts[0][:3] == starts[1][:3] == starts[2][:3]
+    assert starts[1][3] == starts[2][3]
+    assert lines[0].endswith("subscribed")  # no trailing blanks
