@@ -179,6 +179,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         return 0 if all("error" not in n for n in doc["nodes"]) else 1
     merger = consume.Merger(cursors=consume.load_cursors(cursor_path))
     out = sys.stdout.buffer
+    # Progress only for a person watching: nothing when standard error is a file or a pipe.
+    progress = consume.Progress(sys.stderr) if sys.stderr.isatty() else None
 
     def emit(batch: list[Any]) -> None:
         for c in batch:
@@ -186,6 +188,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         out.flush()
         if cursor_path is not None and batch:
             consume.save_cursors(cursor_path, merger.cursors)
+        if progress is not None:
+            progress.add(batch)
 
     if args.follow:
         async def go() -> None:
@@ -196,11 +200,17 @@ def cmd_consume(args: argparse.Namespace) -> int:
             await consume.follow(targets=targets, tls=tls, merger=merger, emit=emit, stop=stop,
                                  jetstream=jetstream)
 
-        asyncio.run(go())
+        try:
+            asyncio.run(go())
+        finally:
+            if progress is not None:
+                progress.done()
         return 0
     errors = asyncio.run(consume.read_all(targets=targets, tls=tls, merger=merger,
                                           jetstream=jetstream, emit=emit))
     emit(merger.drain())
+    if progress is not None:
+        progress.done()
     for target, err in errors.items():
         print(f"warning: {target}: {err} (its readings are not in this output)",
               file=sys.stderr)

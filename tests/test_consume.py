@@ -112,3 +112,96 @@ def test_a_whole_read_has_no_deadline_only_a_limit_on_silence_and_streams_as_it_
     finally:
         node.proc.signal(signal.SIGCONT)
     assert errors[node.target].startswith("UNAVAILABLE")
+
+
+def _paths(obj: object, prefix: str = "") -> set[str]:
+    """Every field path of a JSON line: ``source.topic``, ``values[].unit``, ..."""
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            path = f"{prefix}.{k}" if prefix else k
+            out.add(path)
+            if k != "labels":  # its keys are the publisher's, not the contract's
+                out |= _paths(v, path)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= _paths(v, f"{prefix}[]")
+    return out
+
+
+def test_every_field_bridge_consume_prints_is_documented_and_every_documented_one_printed(
+        cluster: Cluster):
+    import re
+    import subprocess
+    import sys
+
+    import orjson
+
+    node = cluster.ingest("aws")
+    ca, cert, key = cluster.pki.site("site-a").read()
+    stub = pb_grpc.IngestStub(grpc.secure_channel(
+        node.target, grpc.ssl_channel_credentials(ca, key, cert)))
+    rich = pb.Envelope(
+        site_id="site-a", epoch=2**63 - 1, seq=1, gateway_time_ns=2**62, clock_synced=True,
+        source_time_ns=2**62 - 1, source_seq=2**64 - 1, codec="json",
+        source=pb.Source(protocol=pb.PROTOCOL_MQTT, broker="mqtt://10.0.0.5:1883",
+                         topic="plant/7/bus", name="plant"),
+        labels={"asset": "bus-7"},
+        values=[pb.Value(signal="v", number=110.5, unit="kV", quality=pb.QUALITY_GOOD,
+                         source_time_ns=2**62 - 2, historical=True),
+                pb.Value(signal="n", is_null=True)])
+    raw = pb.Envelope(site_id="site-a", epoch=2**63 - 1, seq=2, gateway_time_ns=1,
+                      codec="raw", raw=b"\x00\xff", source=pb.Source(topic="t"))
+    stone = pb.Envelope(site_id="site-a", epoch=2**63 - 1, seq=3, gateway_time_ns=2,
+                        dropped=pb.DropNotice(reason="ttl", last_seq=5, count=3))
+    ack = stub.PushBatch(pb.Batch(batch_id="doc", envelopes=[rich, raw, stone]), timeout=20)
+    assert {r.disposition for r in ack.results} == {pb.DISPOSITION_COMMITTED}
+    tls = cluster.pki.consumer()
+    res = subprocess.run([sys.executable, "-m", "bridge", "consume", "--from", node.target,
+                          "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    lines = [orjson.loads(x) for x in res.stdout.splitlines()]
+    assert [x["seq"] for x in lines] == [1, 2, 3] and lines[0]["source_seq"] == 2**64 - 1
+    printed = set().union(*(_paths(x) for x in lines))
+    page = (Path(__file__).resolve().parent.parent / "docs" / "consuming.md").read_text()
+    section = page.split("## `bridge consume` output", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_.\[\]]+)` \|", section, re.M))
+    assert printed - documented == set(), "printed but not documented"
+    assert documented - printed == set(), "documented but never printed"
+
+
+def test_progress_goes_to_a_terminal_on_standard_error_and_nowhere_else(cluster: Cluster):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    node = cluster.ingest("aws")
+    ca, cert, key = cluster.pki.site("site-a").read()
+    stub = pb_grpc.IngestStub(grpc.secure_channel(
+        node.target, grpc.ssl_channel_credentials(ca, key, cert)))
+    stub.PushBatch(pb.Batch(batch_id="p", envelopes=[
+        pb.Envelope(site_id="site-a", epoch=4, seq=s) for s in range(1, 2501)]), timeout=30)
+    tls = cluster.pki.consumer()
+    argv = [sys.executable, "-m", "bridge", "consume", "--from", node.target, "--ca",
+            str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
+    piped = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert piped.stdout.count("\n") == 2500 and piped.stderr == ""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, timeout=60,
+                              check=True)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.stdout.count(b"\n") == 2500  # the output itself is unchanged
+    assert b"2,500 readings" in seen and b"(aws 2,500)" in seen

@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import orjson
@@ -100,6 +101,35 @@ def reading_json(c: pb.Committed) -> dict[str, Any]:
     if env.raw:
         out["raw_hex"] = env.raw.hex()
     return out
+
+
+class Progress:
+    """Progress of a read on a terminal (standard error): readings emitted, their rate, and
+    how many came from each cloud; redrawn in place at most every ``every_s``."""
+
+    def __init__(self, out: TextIO, *, every_s: float = 0.5) -> None:
+        self.out, self.every_s = out, every_s
+        self.total = 0
+        self.per_node: dict[str, int] = {}
+        self._t0 = self._shown = time.monotonic()
+
+    def add(self, batch: list[pb.Committed]) -> None:
+        for c in batch:
+            self.per_node[c.node] = self.per_node.get(c.node, 0) + 1
+        self.total += len(batch)
+        if time.monotonic() - self._shown >= self.every_s:
+            self._draw("")
+
+    def done(self) -> None:
+        self._draw("\n")
+
+    def _draw(self, end: str) -> None:
+        self._shown = now = time.monotonic()
+        rate = self.total / max(now - self._t0, 1e-9)
+        clouds = ", ".join(f"{n} {k:,}" for n, k in sorted(self.per_node.items()))
+        self.out.write(f"\r\x1b[K{self.total:,} readings, {rate:,.0f}/s"
+                       + (f" ({clouds})" if clouds else "") + end)
+        self.out.flush()
 
 
 class NodeClient:
