@@ -88,6 +88,18 @@ def cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+# gRPC core's own log lines (``I1207 ... ssl_transport_security.cc:2563] Handshake failed``)
+# are not JSON: only at log.level "debug" do its informational lines reach standard error;
+# otherwise only its errors. gRPC reads GRPC_VERBOSITY once, when it is first imported, so a
+# reload cannot change it; an operator's own GRPC_VERBOSITY is kept.
+_GRPC_VERBOSITY = {"debug": "INFO", "info": "ERROR", "warning": "ERROR", "error": "ERROR"}
+
+
+def _grpc_verbosity(level: str) -> None:
+    """Set before grpc is first imported (``bridge.agent`` and ``bridge.ingest`` import it)."""
+    os.environ.setdefault("GRPC_VERBOSITY", _GRPC_VERBOSITY.get(level, "ERROR"))
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     config = load_agent(Path(args.config))
     # The checks the ingest's TLS would make, now rather than as refusals later.
@@ -100,6 +112,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK (site {config.site_id}, {len(config.sources)} source(s), "
               f"{len(config.uplink.endpoints)} endpoint(s))")
         return 0
+    _grpc_verbosity(config.log_level)
     from bridge import agent
     from bridge.telemetry import setup_logging
 
@@ -117,6 +130,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f"SQLite {config.store_path}"
         print(f"{args.config}: OK (node {config.node}, listen {config.listen}, store {store})")
         return 0
+    _grpc_verbosity(config.log_level)
     from bridge.ingest import server
     from bridge.telemetry import setup_logging
 

@@ -341,3 +341,32 @@ def test_status_keeps_its_columns_aligned_for_long_names_and_targets():
     assert starts[0][:3] == starts[1][:3] == starts[2][:3]
     assert starts[1][3] == starts[2][3]
     assert lines[0].endswith("subscribed")  # no trailing blanks
+
+
+@pytest.mark.parametrize(("level", "core_lines"), [("info", False), ("debug", True)])
+def test_grpc_cores_own_log_lines_reach_standard_error_only_at_debug(
+        tmp_path: Path, pkis: localrun.Pki, level: str, core_lines: bool):
+    import contextlib
+    import socket
+    import ssl
+
+    import orjson
+
+    node = localrun.ingest(tmp_path, pkis, "aws", extra=f'[log]\nlevel = "{level}"\n').start()
+    try:
+        localrun.wait_healthy(node.target, pkis.consumer())
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw, \
+                contextlib.suppress(ssl.SSLError, OSError), ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"x")  # no client certificate: the node ends the handshake
+            assert tls.recv(10) == b""
+    finally:
+        node.proc.stop()
+    lines = [x for x in node.proc.log.read_text().splitlines() if x.strip()]
+    foreign = [x for x in lines if not x.startswith("{")]
+    assert all(isinstance(orjson.loads(x), dict) for x in lines if x.startswith("{"))
+    if core_lines:
+        assert any("Handshake failed" in x for x in foreign), lines[-5:]
+    else:
+        assert foreign == []
