@@ -18,11 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.certinfo import ROLE_SITE
-from bridge.codecs import Decoder, make_decoder
+from bridge.codecs import Decoder
 from bridge.config import AgentConfig, SourceConfig, load_agent
 from bridge.errors import SpoolFull, SpoolReset
 from bridge.httpserve import HttpEndpoint, loop_answers, on_loop
-from bridge.intake import ClockSync, Intake, IntakePolicy
+from bridge.intake import ClockSync, Intake, IntakePolicy, decoder_for
 from bridge.netbind import BindProxy, resolve_vlan
 from bridge.reload import Reloader
 from bridge.service import Notifier
@@ -163,23 +163,13 @@ class Agent:
                           grace_s=self.config.uplink.deadline_s)
 
     def _decoder(self, source: SourceConfig) -> Decoder:
-        dc = source.decode
-        sp = dc.sparkplug
         counter = self.metrics.sparkplug_events
 
         def notice(kind: str, fields: dict[str, Any]) -> None:
             counter.labels(source.name, kind).inc(fields.get("count", 1))
             event(f"sparkplug.{kind}", level=logging.WARNING, source=source.name, **fields)
 
-        if sp is None:
-            return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
-                                rebirth=False, rebirth_on_gap=False, rebirth_interval_s=0.0)
-        return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
-                            rebirth=sp.rebirth, rebirth_on_gap=sp.rebirth_on_gap,
-                            rebirth_interval_s=sp.rebirth_interval_s,
-                            rebirth_max_per_s=sp.rebirth_max_per_s,
-                            max_edge_nodes=sp.max_edge_nodes,
-                            max_decompressed_bytes=sp.max_decompressed_bytes)
+        return decoder_for(source, notice)
 
     def _zero_series(self) -> None:
         """Create the labelled series alerts and dashboards read at 0, so that ``rate()`` and
@@ -304,6 +294,8 @@ class Agent:
         self.metrics.spool_quarantines.set_function(lambda: len(sp.quarantines))
         self.metrics.spool_salvaged.set_function(lambda: sum(q.salvaged for q in sp.quarantines))
         self.metrics.spool_max_bytes.set(sp.max_bytes)
+        self.metrics.dead_letters_replayed.inc(sp.dead_counter("dead_replayed"))
+        self.metrics.dead_letters_purged.inc(sp.dead_counter("dead_purged"))
         self.metrics.spool_fill.set_function(lambda: (sp.bytes + sp.dead_bytes) / sp.max_bytes)
         self.metrics.site.labels(self.config.site_id).set(1)
         for name, proxy in self.proxies.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import signal
 import sys
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bridge import __version__
+from bridge import __version__, cli_deadletters
 from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
 from bridge.config import (
     DEFAULT_INGEST_PORT,
@@ -263,28 +262,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if prog.failed == 0 else 1
 
 
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from bridge.spool import read_dead_letters
-
-    cfg = load_agent(Path(args.config))
-    letters = read_dead_letters(cfg.spool.path, limit=args.limit)
-    for at_ns, d in letters:
-        doc = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_ns / 1e9)),
-               "source": d.source, "topic": d.topic, "reason": d.reason, "detail": d.detail,
-               "bytes": d.size if d.size is not None else len(d.payload),
-               "truncated": d.size is not None and d.size > len(d.payload)}
-        if args.json:
-            doc["payload_b64"] = base64.b64encode(d.payload).decode()
-            print(orjson.dumps(doc).decode())
-        else:
-            preview = d.payload[:60].decode("utf-8", "backslashreplace")
-            print(f"{doc['at']}  {d.source:<8} {d.reason:<18} {d.topic}  ({doc['bytes']} "
-                  f"bytes) {d.detail}\n    {preview!r}")
-    if not letters and not args.json:
-        print(f"no dead letters in {cfg.spool.path}")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.dev import demo
 
@@ -470,12 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each cloud's store: a SQLite file, or a 3-node JetStream cluster")
     d.set_defaults(fn=cmd_demo)
 
-    dl = sub.add_parser("dead-letters", help="messages the agent could not turn into readings")
-    dl.add_argument("--config", required=True, help="the agent's config (uses spool.path)")
-    dl.add_argument("--limit", type=int, default=20,
-                    help="newest dead letters to list (default: %(default)s)")
-    dl.add_argument("--json", action="store_true", help="JSON lines with the payload in base64")
-    dl.set_defaults(fn=cmd_dead_letters)
+    cli_deadletters.add_parser(sub)
 
     st = sub.add_parser("status", help="a running agent's spool, sources and endpoints")
     st.add_argument("--config", help="the agent's config (uses metrics.listen)")

@@ -17,13 +17,15 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.codecs import Decoder
+from bridge.codecs import Decoder, make_decoder
 from bridge.common import Backoff
 from bridge.config import DEFAULT_MAX_PAYLOAD, SourceConfig, SpoolConfig
 from bridge.envelope import prepare_envelope, seal
@@ -51,6 +53,29 @@ class IntakePolicy:
                    priority=spool.priority, backpressure_s=spool.backpressure_s,
                    full_policy=spool.full_policy,
                    dedupe_retransmissions=source.decode.dedupe_retransmissions)
+
+
+def decoder_for(source: SourceConfig,
+                notice: Callable[[str, dict[str, Any]], None]) -> Decoder:
+    """The decoder ``source``'s config asks for (the agent's intake, and a dead letter's
+    replay, ``bridge.redrive``); ``notice`` hears the Sparkplug decoder's events."""
+    dc = source.decode
+    sp = dc.sparkplug
+    if sp is None:
+        return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
+                            rebirth=False, rebirth_on_gap=False, rebirth_interval_s=0.0)
+    return make_decoder(codec=dc.codec, mappings=list(dc.mappings), notice=notice,
+                        rebirth=sp.rebirth, rebirth_on_gap=sp.rebirth_on_gap,
+                        rebirth_interval_s=sp.rebirth_interval_s,
+                        rebirth_max_per_s=sp.rebirth_max_per_s,
+                        max_edge_nodes=sp.max_edge_nodes,
+                        max_decompressed_bytes=sp.max_decompressed_bytes)
+
+
+def priority_of(priority: tuple[tuple[str, str], ...], topic: str) -> int:
+    """The class of the first ``spool.priority`` pattern ``topic`` matches (0: telemetry)."""
+    return next((PRIORITIES[cls] for pattern, cls in priority
+                 if mqtt.topic_matches_sub(pattern, topic)), 0)
 
 
 def digest(topic: str, payload: bytes) -> bytes:
@@ -178,8 +203,7 @@ class Intake:
     def _prio(self, topic: str) -> int:
         prio = self._prio_cache.get(topic)
         if prio is None:
-            prio = next((PRIORITIES[cls] for pattern, cls in self.priority
-                         if mqtt.topic_matches_sub(pattern, topic)), 0)
+            prio = priority_of(self.priority, topic)
             if len(self._prio_cache) < 100_000:
                 self._prio_cache[topic] = prio
         return prio

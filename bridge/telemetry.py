@@ -189,6 +189,12 @@ class AgentMetrics:
         self.spool_commit_errors = Counter(
             "bridge_spool_commit_errors", "Group commits that failed for a reason other than a "
             "full spool (retried with backoff; nothing acked meanwhile)", registry=r)
+        self.dead_letters_replayed = Counter(
+            "bridge_dead_letters_replayed", "Dead letters replayed into readings by `bridge "
+            "dead-letters replay` (kept in the spool; read when the agent starts)", registry=r)
+        self.dead_letters_purged = Counter(
+            "bridge_dead_letters_purged", "Dead letters deleted by `bridge dead-letters purge` "
+            "(kept in the spool; read when the agent starts)", registry=r)
         self.dead_letters_evicted = Counter(
             "bridge_spool_dead_letters_evicted", "Dead letters removed to keep the table within "
             "its bounds, oldest first", registry=r)

@@ -21,11 +21,12 @@ NEUTRAL = {"bridge.common", "bridge.config", "bridge.telemetry", "bridge.httpser
            "bridge.pki", "bridge.service", "bridge.errors", "bridge.reload", "bridge._pb"}
 # Agent side 1-4, cloud side 5-6.
 STAGES = {"bridge.sources": 1, "bridge.codecs": 2, "bridge.intake": 2, "bridge.envelope": 2,
+          "bridge.redrive": 2,
           "bridge.spool": 3,
 "bridge.uplink": 4, "bridge.netbind": 4,
           "bridge.ingest": 5, "bridge.consume": 6}
 WIRING = {"bridge.agent": 4}  # wires the agent side
-FREE = {"bridge.cli", "bridge.__main__", "bridge.dev"}
+FREE = {"bridge.cli", "bridge.cli_deadletters", "bridge.__main__", "bridge.dev"}
 
 
 def _module(path: Path) -> str:

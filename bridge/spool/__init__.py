@@ -27,7 +27,7 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
     is sent on as a *tombstone* envelope (``dropped`` set, no values) in place of the readings,
     so the ingest and the consumers see the gap by name instead of waiting for it.
 ``dead_letters(id INTEGER PRIMARY KEY, at_ns, source, topic, payload BLOB, reason, detail,
-size)``
+size, attempts, last_attempt_ns)``
     Messages that will never be sent (undecodable payloads, ingest rejections), kept for an
     operator; written in the same transaction that lets the broker message be acked.
     ``payload`` holds at most the first ``dead_letter_payload_bytes`` of the message and
@@ -35,7 +35,11 @@ size)``
     ``dead_letters_max_bytes`` (payload, topic and detail), oldest evicted first in the same
     transaction, each eviction counted; its bytes count inside ``max_bytes`` and their bound
     is at most a tenth of it, so dead letters can never fill the spool and stop readings.
-    Schema version 1 files (no ``size``) are migrated in place at open.
+    Schema version 1 files (no ``size``) are migrated in place at open. ``attempts`` and
+    ``last_attempt_ns`` record each re-drive that failed (``bridge.redrive``); they were added
+    within version 2 (at open, if missing), so an older agent still reads the file. A replay
+    deletes the rows it appended readings for in the same transaction as the appends;
+    ``meta.dead_replayed`` and ``meta.dead_purged`` count re-driven and purged letters.
 ``recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, PRIMARY KEY (source, slot))``
     A ring, per source, of the digests of the last ``ring_size`` messages committed (``n``
     counts messages per source; ``slot`` = ``n`` mod ``ring_size``). A broker redelivers
@@ -123,6 +127,7 @@ from bridge.spool.base import (
     TOMBSTONE,
     WAL_LIMIT,
     DeadLetter,
+    DeadRow,
     Pending,
     Quarantine,
     transaction,
@@ -142,6 +147,7 @@ __all__ = [
     "WAL_LIMIT",
     "AsyncSpool",
     "DeadLetter",
+    "DeadRow",
     "Pending",
     "Quarantine",
     "RedeliveryRing",

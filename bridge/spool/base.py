@@ -3,10 +3,11 @@ the one transaction helper every write goes through."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import sqlite3
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -41,6 +42,16 @@ class DeadLetter:
     reason: str
     detail: str
     size: int | None = None  # the message's full length when ``payload`` is a prefix
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    """A stored dead letter with its row id and its re-drive attempts (``bridge.redrive``)."""
+
+    id: int
+    at_ns: int
+    letter: DeadLetter
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +159,8 @@ class SpoolState:
                          ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
         def _dead_committed(self, added: list[tuple[int, int]],
                             evicted: list[tuple[int, int]]) -> None: ...
+        def _reload_dead(self) -> None: ...
+        def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
+                    state: Mapping[str, builtins.bytes | None],
+                    resolve: Callable[[sqlite3.Connection], None] | None = None
+                    ) -> list[int]: ...

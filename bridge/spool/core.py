@@ -113,7 +113,10 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         return {str(k)[len(prefix):]: bytes(v) for k, v in rows}
 
     def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
-                state: Mapping[str, bytes | None]) -> list[int]:
+                state: Mapping[str, bytes | None],
+                resolve: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
+        """``resolve`` runs inside the transaction, after the appends (dead letters
+        re-driven: ``bridge.spool.deadletters``)."""
         seq, rid = self.next_seq, self._next_rid
         at = self.clock.now()
         rows: list[tuple[int, bytes, int, float]] = []
@@ -154,6 +157,8 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
                     (seq, "next_seq"), (self.readings + len(rows), "readings"),
                     (self.bytes + size, "bytes")])
+                if resolve is not None:
+                    resolve(db)
                 self.save_clock()
         except sqlite3.OperationalError as exc:
             if _is_full(exc):

@@ -1,4 +1,6 @@
-"""Dead letters: bounded by count and bytes, oldest evicted first; the offline reader."""
+"""Dead letters: bounded by count and bytes, oldest evicted first; the offline reader; and
+the spool side of re-driving them (``bridge.redrive``): replayed ones leave the table in the
+transaction that appends their envelopes, failed attempts are recorded on their rows."""
 
 from __future__ import annotations
 
@@ -6,16 +8,23 @@ import itertools
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 from bridge.errors import SpoolError
-from bridge.spool.base import DeadLetter, SpoolState, _text
+from bridge.spool.base import DeadLetter, DeadRow, Pending, SpoolState, _text, transaction
 from bridge.telemetry import event
 
+_NEWEST = ("SELECT id, at_ns, source, topic, payload, reason, detail, "
+           "coalesce(size, length(payload)), attempts FROM dead_letters ORDER BY id DESC "
+           "LIMIT ?")
+# a file no agent of this version has opened yet (read-only: not migrated here)
+_NEWEST_BEFORE_ATTEMPTS = _NEWEST.replace(", attempts FROM", ", 0 FROM")
 
-def read_dead_letters(path: Path, *, limit: int = 100) -> list[tuple[int, DeadLetter]]:
-    """The newest dead letters of a spool file, (at_ns, letter), for ``bridge dead-letters``.
+
+def read_dead_letters(path: Path, *, limit: int = 100) -> list[DeadRow]:
+    """The newest dead letters of a spool file, newest first, for ``bridge dead-letters``.
 
     Read-only and safe while the agent runs (WAL readers do not block the writer).
     """
@@ -24,15 +33,15 @@ def read_dead_letters(path: Path, *, limit: int = 100) -> list[tuple[int, DeadLe
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows = db.execute("SELECT at_ns, source, topic, payload, reason, detail, "
-                              "coalesce(size, length(payload)) FROM dead_letters "
-                              "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            columns = {r[1] for r in db.execute("PRAGMA table_info(dead_letters)")}
+            query = _NEWEST if "attempts" in columns else _NEWEST_BEFORE_ATTEMPTS
+            rows = db.execute(query, (limit,)).fetchall()
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise SpoolError(f"{path}: cannot read dead letters: {exc}") from exc
-    return [(int(r[0]), DeadLetter(r[1], r[2], bytes(r[3]), r[4], r[5], int(r[6])))
-            for r in rows]
+    return [DeadRow(int(r[0]), int(r[1]), DeadLetter(r[2], r[3], bytes(r[4]), r[5], r[6],
+                                                      int(r[7])), int(r[8])) for r in rows]
 
 
 class DeadLetters(SpoolState):
@@ -88,3 +97,60 @@ class DeadLetters(SpoolState):
             "SELECT source, topic, payload, reason, detail FROM dead_letters ORDER BY id DESC "
             "LIMIT ?", (limit,)).fetchall())
         return [DeadLetter(*r) for r in rows]
+
+    def dead_rows(self, *, ids: Sequence[int] = (), reasons: Sequence[str] = (),
+                  before_ns: int | None = None) -> list[DeadRow]:
+        """Stored dead letters, oldest first (their arrival order), each selector narrowing
+        the set (none: all). The table is bounded (``dead_letters_max``): read whole."""
+        rows = self._guard(lambda: self._db.execute(
+            "SELECT id, at_ns, source, topic, payload, reason, detail, "
+            "coalesce(size, length(payload)), attempts FROM dead_letters ORDER BY id"
+        ).fetchall())
+        want_ids, want_reasons = set(ids), set(reasons)
+        return [DeadRow(int(r[0]), int(r[1]), DeadLetter(r[2], r[3], bytes(r[4]), r[5], r[6],
+                                                          int(r[7])), int(r[8]))
+                for r in rows
+                if (not want_ids or int(r[0]) in want_ids)
+                and (not want_reasons or r[5] in want_reasons)
+                and (before_ns is None or int(r[1]) < before_ns)]
+
+    def replay_dead(self, pending: Sequence[Pending], replayed: Sequence[int],
+                    failed: Sequence[tuple[int, str, str]], now_ns: int) -> list[int]:
+        """One durable transaction: append ``pending`` (fresh seqs, in order), delete the
+        ``replayed`` rows, and record an attempt on each ``failed`` (id, reason, detail)."""
+        def resolve(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM dead_letters WHERE id=?", [(i,) for i in replayed])
+            db.executemany("UPDATE dead_letters SET reason=?, detail=?, attempts=attempts+1, "
+                           "last_attempt_ns=? WHERE id=?",
+                           [(_text(r), _text(d)[:1024], now_ns, i) for i, r, d in failed])
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_replayed', ?)",
+                       (self.dead_counter("dead_replayed") + len(replayed),))
+
+        rids = self._guard(lambda: self._commit(pending, (), {}, resolve))
+        self._reload_dead()
+        return rids
+
+    def purge_dead(self, ids: Sequence[int]) -> int:
+        """Delete these dead letters (one durable transaction); how many were deleted."""
+        def purge() -> int:
+            with transaction(self._db):
+                n = sum(self._db.execute("DELETE FROM dead_letters WHERE id=?", (i,)).rowcount
+                        for i in ids)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_purged', ?)",
+                                 (self.dead_counter("dead_purged") + n,))
+            return n
+
+        n = self._guard(purge)
+        self._reload_dead()
+        return n
+
+    def dead_counter(self, key: str) -> int:
+        """``dead_replayed`` or ``dead_purged``: dead letters re-driven or purged, ever."""
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _reload_dead(self) -> None:
+        self._dead = deque((int(i), int(n)) for i, n in self._db.execute(
+            "SELECT id, length(payload) + length(topic) + length(detail) FROM dead_letters"
+            " ORDER BY id"))
+        self.dead_bytes = sum(n for _, n in self._dead)

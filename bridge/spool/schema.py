@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections import Counter, deque
+from collections import Counter
 
 import orjson
 
@@ -50,10 +50,7 @@ class Schema(SpoolState):
             (next_rid,) = self._db.execute(
                 "SELECT coalesce(max(rid), 0) + 1 FROM readings").fetchone()
             self._next_rid = int(next_rid)
-            self._dead = deque((int(i), int(n)) for i, n in self._db.execute(
-                "SELECT id, length(payload) + length(topic) + length(detail) FROM dead_letters"
-                " ORDER BY id"))
-            self.dead_bytes = sum(n for _, n in self._dead)
+            self._reload_dead()
             self._drop_totals: Counter[str] = Counter({
                 str(r): int(n) for r, n in self._db.execute(
                     "SELECT reason, sum(count) FROM drops GROUP BY reason")})
@@ -83,7 +80,8 @@ class Schema(SpoolState):
                            "epoch INTEGER, first_seq INTEGER, last_seq INTEGER, count INTEGER)")
                 db.execute("CREATE TABLE dead_letters(id INTEGER PRIMARY KEY, at_ns INTEGER, "
                            "source TEXT, topic TEXT, payload BLOB, reason TEXT, detail TEXT, "
-                           "size INTEGER)")
+                           "size INTEGER, attempts INTEGER NOT NULL DEFAULT 0, "
+                           "last_attempt_ns INTEGER)")
                 db.execute("CREATE TABLE recent(source TEXT, slot INTEGER, n INTEGER, digest BLOB, "
                            "PRIMARY KEY (source, slot)) WITHOUT ROWID")
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -102,6 +100,12 @@ class Schema(SpoolState):
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                            (SCHEMA_VERSION,))
             meta["schema_version"] = SCHEMA_VERSION
+        columns = {r[1] for r in db.execute("PRAGMA table_info(dead_letters)")}
+        if "attempts" not in columns:  # added within version 2: older agents ignore them
+            with transaction(db):
+                db.execute("ALTER TABLE dead_letters ADD COLUMN attempts INTEGER NOT NULL "
+                           "DEFAULT 0")
+                db.execute("ALTER TABLE dead_letters ADD COLUMN last_attempt_ns INTEGER")
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise _Corrupt(f"schema version {meta.get('schema_version')!r}, this agent reads "
                            f"{SCHEMA_VERSION}")
