@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBS := mosquitto mosquitto-clients nats-server prometheus systemd
+DEBS := mosquitto mosquitto-clients nats-server prometheus systemd lintian binutils python3-venv
 N ?= 20000
 # Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/test_tahu.py.
 TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json
@@ -12,7 +12,7 @@ TAHU_VERSION := 3.2.4
 # examples/read_jetstream.mjs's packages, exactly as its package-lock.json pins them.
 JSREADER := $(VENV)/jsreader/node_modules/protobufjs/package.json
 
-.PHONY: demo test lint typecheck protos bench profile hil clean debs venv
+.PHONY: demo test lint typecheck protos bench profile hil clean debs venv package
 
 demo: $(STAMP)
 	$(BIN)/bridge demo --readings $(N)
@@ -38,6 +38,10 @@ profile: $(STAMP)
 # Every hil/ scenario at full size in network namespaces (root); the table goes to docs/hil.md.
 hil: $(STAMP)
 	$(BIN)/python -m hil run all --write
+
+# The gateway package: build/bridge_<version>_<arch>.deb (tools/build_deb.py; PACKAGE_DIR=...).
+package: $(STAMP)
+	$(BIN)/python tools/build_deb.py $(or $(PACKAGE_DIR),build)
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
