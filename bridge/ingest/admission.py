@@ -35,22 +35,22 @@ of every call refused before it: its readings are added at the end of a line tha
 measured rate, and the retry-after is the time until its place, jittered. Growing with the line
 keeps the refusals near one per call however large the fleet, and spreads a recovering fleet
 over the time the node needs for it. A site that comes back before it was told (less
-``EARLY_S``) is refused again at once with the time left and no new place, even by an idle
-node, so a site that ignores its retry-after cannot take the node from the sites that wait.
-An early call first waits for its site's time on
-the node, at most ``HOLD_EARLY_S`` and inside its deadline (``MAX_EARLY_HOLDS`` at once): a
+``EARLY_S``) is not admitted before its time, even by an idle node, and takes no new place, so
+a site that ignores its retry-after cannot take the node from the sites that wait. Its call
+first waits for its site's time on the node, at most ``HOLD_EARLY_S`` and inside its deadline
+(``MAX_EARLY_HOLDS`` at once), and is refused with the time left if that is not enough: a
 client that ignores its retry-after and resends at once would otherwise spin the node on
 refusals (receiving and refusing a 10,000-envelope call costs milliseconds; measured in
 ``bench.hostile``, 300 a second took the other sites' p99 from 0.25 s to 2.6 s), while a
 waiting call costs a stream its site already holds and a timer. An agent's live batch sent
-while its backlog waits is then admitted at its site's time instead of refused.
-Otherwise the line is a schedule, not a reservation: a call that finds room is admitted whoever
-sent it. Sites cannot be called back early, so the schedule errs on the fast side
-(``OVERBOOK``): a node whose sites come back too soon refuses a few calls twice (a refusal
-costs about a thirtieth of an admitted 1,250-reading call), one whose sites come back too late
-idles. For the same reason the rate is measured only in windows where the handlers had more
-work than they ran (a call held, or refused as full), never from a window spent refusing late
-calls or waiting for sites that sleep.
+while its backlog waits is then admitted at its site's time instead of refused. Otherwise the
+line is a schedule, not a reservation: a call that finds room is admitted whoever sent it.
+Sites cannot be called back early, so the schedule errs on the fast side (``OVERBOOK``): a node
+whose sites come back too soon refuses a few calls twice (a refusal costs about a thirtieth of
+an admitted 1,250-reading call), one whose sites come back too late idles. For the same reason
+the rate is measured only in windows where the handlers had more work than they ran (a call
+held, or refused as full), never from a window spent refusing late calls or waiting for sites
+that sleep.
 """
 
 from __future__ import annotations
