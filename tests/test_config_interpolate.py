@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bridge.config import load_agent
-from bridge.config.interpolate import InterpolationError, expand, scrub
+from bridge.config.interpolate import expand, scrub
 from bridge.dev import localrun
 from bridge.errors import ConfigError
 from tests.test_cli import GOOD_AGENT, agent_config
@@ -42,9 +42,10 @@ def test_a_value_from_the_environment_is_not_expanded_again() -> None:
     ("${UNCLOSED", "is not '${NAME}'"),
 ])
 def test_an_unresolvable_reference_names_its_key(value: str, says: str) -> None:
-    with pytest.raises(InterpolationError) as info:
-        expand({"sources": [{"url": value}]}, {})
-    assert info.value.key == "sources[0].url" and says in info.value.message
+    with pytest.raises(ConfigError) as info:
+        expand({"sources": [{"url": value}]}, {}, "agent.toml")
+    assert (info.value.file, info.value.key) == ("agent.toml", "sources[0].url")
+    assert says in info.value.message
 
 
 def test_scrub_writes_each_environment_value_as_its_reference() -> None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
+from bridge.errors import ConfigError
+
 NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _TOKEN = re.compile(r"\$\$\{|\$\{(" + NAME + r")(?::-([^}]*))?\}|\$\{")
 
@@ -27,17 +29,11 @@ _TOKEN = re.compile(r"\$\$\{|\$\{(" + NAME + r")(?::-([^}]*))?\}|\$\{")
 SEEN: ContextVar[dict[str, str] | None] = ContextVar("interpolated", default=None)
 
 
-class InterpolationError(Exception):
-    """A ``${...}`` that cannot be resolved, at ``key``."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key, self.message = key, message
-        super().__init__(f"{key}: {message}")
-
-
-def expand(raw: Any, environ: Mapping[str, str], where: str = "") -> dict[str, str]:
+def expand(raw: Any, environ: Mapping[str, str], file: str = "", where: str = ""
+           ) -> dict[str, str]:
     """Expand every string value of the parsed TOML ``raw`` in place; return the values that
-    came from the environment, each with the ``${VAR}`` that brought it (for ``scrub``)."""
+    came from the environment, each with the ``${VAR}`` that brought it (for ``scrub``).
+    ``ConfigError`` (naming ``file`` and the key) for a reference that cannot be resolved."""
     secrets: dict[str, str] = {}
     items = list(raw.items()) if isinstance(raw, dict) else \
         list(enumerate(raw)) if isinstance(raw, list) else []
@@ -45,25 +41,26 @@ def expand(raw: Any, environ: Mapping[str, str], where: str = "") -> dict[str, s
         key = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
         if isinstance(v, str):
             if "$" in v:
-                raw[k] = _string(v, key, environ, secrets)
+                raw[k] = _string(v, file, key, environ, secrets)
         elif isinstance(v, dict | list):
-            secrets.update(expand(v, environ, key))
+            secrets.update(expand(v, environ, file, key))
     return secrets
 
 
-def _string(value: str, key: str, environ: Mapping[str, str], secrets: dict[str, str]) -> str:
+def _string(value: str, file: str, key: str, environ: Mapping[str, str],
+            secrets: dict[str, str]) -> str:
     def one(m: re.Match[str]) -> str:
         if m.group(0) == "$${":
             return "${"
         name, default = m.group(1), m.group(2)
         if name is None:
-            raise InterpolationError(key, "a '${' that is not '${NAME}' or '${NAME:-default}' "
+            raise ConfigError(file, key, "a '${' that is not '${NAME}' or '${NAME:-default}' "
                                      "(NAME: letters, digits, '_'; write '$${' for a literal "
                                      "'${')")
         got = environ.get(name)
         if got is None or (got == "" and default is not None):
             if default is None:
-                raise InterpolationError(key, f"environment variable {name} is not set (give "
+                raise ConfigError(file, key, f"environment variable {name} is not set (give "
                                          f"it a value, or a default: ${{{name}:-default}})")
             return default
         if got:

@@ -270,10 +270,7 @@ def decode(path: Path, schema: type[F]) -> tuple[F, dict[str, Any]]:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), "", f"invalid TOML: {exc}") from exc
-    try:
-        secrets = interpolate.expand(raw, os.environ)
-    except interpolate.InterpolationError as exc:
-        raise ConfigError(str(path), exc.key, exc.message) from None
+    secrets = interpolate.expand(raw, os.environ, str(path))
     if (seen := interpolate.SEEN.get()) is not None:
         seen.update(secrets)
     if (bad := _non_finite(raw)) is not None:
