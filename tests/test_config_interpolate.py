@@ -4,6 +4,7 @@ value from the environment never printed in an error."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from bridge.config import load_agent
 from bridge.config.interpolate import expand, scrub
 from bridge.dev import localrun
 from bridge.errors import ConfigError
+from tests.conftest import Cluster
 from tests.test_cli import GOOD_AGENT, agent_config
 
 
@@ -103,3 +105,20 @@ def test_a_password_from_the_environment_may_sit_in_a_file_others_can_read(
     with pytest.raises(ConfigError,
                        match=r"sources\[0\]: \(source 'mqtt0'\) holds a password"):
         load_agent(in_file)
+
+
+def test_a_secret_from_the_environment_never_reaches_status_metrics_or_the_log(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "Zq8-env-only-secret"
+    monkeypatch.setenv("MQTT_PASSWORD", secret)
+    monkeypatch.setenv("PLANT_HOST", "127.0.0.1")
+    cluster.ingest("aws")
+    port = cluster.broker.port
+    agent = cluster.agent(sources=(
+        '[[sources]]\nname = "plant"\nurl = "mqtt://${PLANT_HOST}:' + str(port) + '"\n'
+        'topics = ["#"]\nusername = "bridge"\npassword = "${MQTT_PASSWORD}"\n'))
+    status = json.dumps(agent.status())
+    assert "127.0.0.1" in status  # the interpolated host is there, the password is not
+    assert secret not in status and secret not in agent.metrics()
+    agent.proc.stop()
+    assert secret not in agent.proc.log.read_text()
