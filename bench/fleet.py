@@ -25,6 +25,7 @@ from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import mtls_channel
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
 from bridge.uplink.sender import hinted_wait
@@ -44,9 +45,7 @@ async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], second
     ready = 0
     channels = []
     for i, site in enumerate(sites):
-        ca, cert, key = pkis.site(site).read()
-        channels.append(grpc.aio.secure_channel(targets[i % len(targets)],
-                                                grpc.ssl_channel_credentials(ca, key, cert)))
+        channels.append(mtls_channel(targets[i % len(targets)], pkis.site(site).read()))
 
     async def site_loop(ch: grpc.aio.Channel, site: str) -> None:
         nonlocal failed, refused, ready

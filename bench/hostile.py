@@ -25,6 +25,7 @@ from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import mtls_channel
 from bridge.dev import localrun
 
 SCENARIO = "hostile_site"
@@ -41,8 +42,7 @@ async def _run(target: str, pkis: localrun.Pki, sites: list[str], hostile: str |
     stop = time.monotonic() + seconds
 
     def chan(site: str) -> grpc.aio.Channel:
-        ca, cert, key = pkis.site(site).read()
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert))
+        return mtls_channel(target, pkis.site(site).read())
 
     async def normal(site: str) -> None:
         async with chan(site) as ch:
@@ -107,8 +107,7 @@ async def _attack(target: str, pki_dir: Path, site: str, calls: int, seconds: fl
                     raise
                 refused += 1
 
-    async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca, key,
-                                                                            cert)) as ch:
+    async with mtls_channel(target, (ca, cert, key)) as ch:
         await asyncio.gather(*(lane(ch, i) for i in range(calls)))
     return refused
 

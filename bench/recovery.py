@@ -41,6 +41,7 @@ from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
+from bridge.common import mtls_credentials
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
 from bridge.ingest.jetstream import subject_token
@@ -156,9 +157,8 @@ class _Site:
 def _sites(names: list[str], targets: list[str], pkis: localrun.Pki) -> list[_Site]:
     out = []
     for i, name in enumerate(names):
-        ca, cert, key = pkis.site(name).read()
         out.append(_Site(name, targets, i % len(targets),
-                         grpc.ssl_channel_credentials(ca, key, cert)))
+                         mtls_credentials(pkis.site(name).read())))
     return out
 
 

@@ -25,6 +25,7 @@ from bench.memory import rss_mb
 from bench.results import Row
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import mtls_credentials
 from bridge.config import JetStreamSettings, TlsConfig
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
@@ -62,8 +63,7 @@ async def _purge(servers: list[str], epoch: int) -> None:
 
 
 def _push(target: str, tls: TlsConfig, site: str, epoch: int, first: int) -> float:
-    ca, cert, key = tls.read()
-    with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert)) as ch:
+    with grpc.secure_channel(target, mtls_credentials(tls.read())) as ch:
         stub = pb_grpc.IngestStub(ch)
         envs = [pb.Envelope(site_id=site, epoch=epoch, seq=s) for s in range(first, first + 100)]
         t0 = time.perf_counter()

@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from bench import client
 from bench.results import Row, percentile
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.common import mtls_channel
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
 
@@ -44,9 +43,7 @@ async def _load(targets: list[str], pkis: localrun.Pki, sites: list[str], second
 
     async def site_loop(i: int, site: str) -> None:
         nonlocal committed
-        ca, cert, key = pkis.site(site).read()
-        ch = grpc.aio.secure_channel(targets[i % len(targets)],
-                                     grpc.ssl_channel_credentials(ca, key, cert))
+        ch = mtls_channel(targets[i % len(targets)], pkis.site(site).read())
         stub = pb_grpc.IngestStub(ch)
         seq = 0
         try:

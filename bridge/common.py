@@ -25,7 +25,10 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
 
 from bridge.errors import ConfigError, InUseError
 
@@ -89,6 +92,28 @@ def channel_options(*, backoff_max_s: float) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
         ("grpc.enable_retries", 0),  # retries are ours: same request ids, other endpoints
     ]
+
+
+Pem = tuple[bytes, bytes, bytes]  # (ca, cert, key), as TlsConfig.read() gives them
+
+
+def mtls_credentials(pem: Pem) -> grpc.ChannelCredentials:
+    """Client credentials for mutual TLS: trust ``ca``, present ``cert`` with ``key``. The one
+    place the PEM triple meets gRPC's (root, key, chain) argument order."""
+    import grpc  # not at import time: the CLI sets GRPC_VERBOSITY before gRPC starts
+
+    ca, cert, key = pem
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+def mtls_channel(target: str, pem: Pem, *, options: list[tuple[str, Any]] | None = None
+                 ) -> grpc.aio.Channel:
+    """An asyncio gRPC channel to ``target`` with ``mtls_credentials(pem)`` (the agent's
+    uplink, the consumer, the bench's sites)."""
+    import grpc
+
+    return grpc.aio.secure_channel(target, mtls_credentials(pem), options=options)
 
 
 def check_interface(name: str) -> None:

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import Backoff, channel_options, wait_event
+from bridge.common import Backoff, channel_options, mtls_channel, wait_event
 from bridge.config import JetStreamSettings, TlsConfig, nats_servers
 from bridge.errors import CursorError, SourceUnavailable
 from bridge.telemetry import event
@@ -136,12 +136,9 @@ class NodeClient:
     """One ingest node, read with a consumer certificate."""
 
     def __init__(self, *, target: str, tls: TlsConfig) -> None:
-        ca, cert, key = tls.read()
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                             certificate_chain=cert)
         self.target = target
-        self.channel = grpc.aio.secure_channel(target, creds,
-                                               options=channel_options(backoff_max_s=5.0))
+        self.channel = mtls_channel(target, tls.read(),
+                                    options=channel_options(backoff_max_s=5.0))
         self.stub = pb_grpc.IngestStub(self.channel)
 
     async def subscribe(self, cursors: dict[Key, int], *, follow: bool,

@@ -27,6 +27,7 @@ import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge import pki
+from bridge.common import mtls_credentials
 from bridge.config import TlsConfig
 
 _PORTS_GIVEN: set[int] = set()
@@ -236,10 +237,8 @@ def ingest(workdir: Path, pkis: Pki, node: str, *, port: int = 0, extra: str = "
 
 
 def wait_healthy(target: str, tls: TlsConfig, timeout: float = 15.0) -> None:
-    ca, cert, key = tls.read()
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
     deadline = time.monotonic() + timeout
-    with grpc.secure_channel(target, creds) as ch:
+    with grpc.secure_channel(target, mtls_credentials(tls.read())) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge._pb import bridge_pb2 as pb
-from bridge.common import DEADLINE_METADATA, channel_options
+from bridge.common import DEADLINE_METADATA, channel_options, mtls_channel
 from bridge.config import TlsConfig
 from bridge.errors import ErrorKind, TransportError
 
@@ -76,13 +76,10 @@ class GrpcTransport:
                  pem: tuple[bytes, bytes, bytes] | None = None) -> None:
         """``pem`` (ca, cert, key), already read and checked, takes the place of reading
         ``tls``'s files (a credential rotation, ``bridge.uplink.credentials``)."""
-        ca, cert, key = pem or tls.read()
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                             certificate_chain=cert)
         options = channel_options(backoff_max_s=backoff_max_s)
         if proxy_url:  # interface binding (bridge.netbind): tunnel through the bound proxy
             options.append(("grpc.http_proxy", proxy_url))
-        self._channel = grpc.aio.secure_channel(target, creds, options=options)
+        self._channel = mtls_channel(target, pem or tls.read(), options=options)
         self._push = self._channel.unary_unary(PUSH_METHOD, request_serializer=None,
                                                response_deserializer=pb.Ack.FromString)
         self._health = health_pb2_grpc.HealthStub(self._channel)
