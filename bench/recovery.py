@@ -44,7 +44,7 @@ from bridge._pb import bridge_pb2 as pb
 from bridge.common import mtls_credentials
 from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
-from bridge.ingest.jetstream import subject_token
+from bridge.ingest.subjects import subject_token
 from bridge.uplink.sender import hinted_wait
 
 SCENARIO = "fleet_recovery"

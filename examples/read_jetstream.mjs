@@ -25,6 +25,10 @@
 // * Reading to the end. An ordered consumer with the client's default start (everything);
 //   "read everything" is a message whose info.pending is 0, or a stream that holds nothing
 //   on the subject when the read starts.
+// * A lost first pull. Just after the consumer is made, a pull can reach a server that does
+//   not yet know it (the cluster routes its interest a moment later); the client notices
+//   only when two idle heartbeats are missed, and heartbeats follow `expires` (default 30 s,
+//   so a 30 s stall now and then). With expires 5 s a lost pull costs about 8 s.
 
 import { parseArgs } from "node:util";
 import { connect } from "@nats-io/transport-node";
@@ -101,7 +105,7 @@ try {
     const consumer = await jetstream(nc).consumers.get(opt.stream, {
       filter_subjects: [opt.subject],
     });
-    for await (const msg of await consumer.consume()) {
+    for await (const msg of await consumer.consume({ expires: 5000 })) {
       console.log(toJson(reading(msg)));
       if (!opt.follow && msg.info.pending === 0) break;
     }

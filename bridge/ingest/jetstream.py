@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -66,34 +65,23 @@ from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
 from bridge.common import Backoff
-from bridge.config import JetStreamSettings, site_id_problem
+from bridge.config import JetStreamSettings
 from bridge.errors import StoreUnavailable
 from bridge.ingest import stream
 from bridge.ingest.backend import StreamState
 from bridge.ingest.fair import FairExecutor
 from bridge.ingest.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.ingest.store import COMMITTED, DUPLICATE, Incoming, narrow
-from bridge.ingest.subjects import Keeper, SubjectState, checkpoint_key
+from bridge.ingest.subjects import Keeper, SubjectState, checkpoint_key, site_of, subject_token
 from bridge.telemetry import IngestMetrics, event
 
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
 # Wrong last (subject) sequence: 10071 names the actual one, 10164 (atomic batches) does not.
 WRONG_LAST = (10071, 10164)
-FORMING_S, FORMING = 60.0, ("TimeoutError", "10008", "10005")  # no meta leader/peers yet
-
-
-@functools.lru_cache(maxsize=16384)
-def subject_token(site: str) -> str:
-    """The subject token of a valid site id: ``.`` written as ``_``. Injective by
-    construction: a valid id has no ``_`` (anything else is ``ValueError``, and the ingest
-    refuses such an identity before it gets here), so two ids never share a subject."""
-    if (problem := site_id_problem(site)) is not None:
-        raise ValueError(f"not a site id, no subject: {problem}")
-    return site.replace(".", "_")
-
-
-def site_of(token: str) -> str:
-    return token.replace("_", ".")
+# No meta leader or peers yet, or a new stream's interest not yet routed to our server. The
+# probe expects a last subject sequence no subject has: refused (10071), never stored.
+FORMING_S, FORMING = 60.0, ("TimeoutError", "10008", "10005", "probe")
+PROBE = {"Nats-Expected-Last-Subject-Sequence": str(2**63 - 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +187,12 @@ class JetStreamStore:
             raise StoreUnavailable("not connected to the JetStream cluster")
         return self._nc
 
-    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _api(self, subject: str, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
         try:
             resp = await self._client().request(subject, json.dumps(body).encode(),
-                                                timeout=self.settings.ack_timeout_s)
+                                                timeout=self.settings.ack_timeout_s,
+                                                headers=headers)
         except (NatsError, TimeoutError) as exc:
             raise StoreUnavailable(f"{subject}: {type(exc).__name__}: {exc}") from exc
         doc: dict[str, Any] = json.loads(resp.data)
@@ -214,7 +204,12 @@ class JetStreamStore:
         deadline, backoff = time.monotonic() + FORMING_S, Backoff(base_s=0.25, cap_s=2.0)
         while True:
             try:
-                return await self._ensure_stream()
+                await self._ensure_stream()
+                probe = f"{self.settings.prefix}.probe.0"  # 16 hex digits in an epoch token
+                if not self.read_only and (await self._api(probe, {}, PROBE)).get(
+                        "error", {}).get("err_code") != 10071:
+                    raise StoreUnavailable(f"no probe answer from the stream on {probe}")
+                return
             except StoreUnavailable as exc:
                 if time.monotonic() > deadline or not any(m in str(exc) for m in FORMING):
                     raise

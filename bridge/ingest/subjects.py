@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 import zlib
@@ -68,6 +69,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from bridge.config import site_id_problem
 from bridge.ingest.ledger import Key, StreamLedger
 from bridge.telemetry import IngestMetrics, event
 
@@ -79,6 +81,20 @@ CHECKPOINT_EVERY = 1000  # messages of a subject between two checkpoints
 CHECKPOINT_IDLE_S = 5.0  # a changed subject is checkpointed this long after its last change
 MAX_CHECKPOINT_BYTES = 768 * 1024  # below the servers' default max_payload (1 MiB)
 MAX_INFLATED = 8 * 1024 * 1024     # a checkpoint's JSON is far smaller (20,000 gaps: ~0.8 MB)
+
+
+@functools.lru_cache(maxsize=16384)
+def subject_token(site: str) -> str:
+    """The subject token of a valid site id: ``.`` written as ``_``. Injective by
+    construction: a valid id has no ``_`` (anything else is ``ValueError``, and the ingest
+    refuses such an identity before it gets here), so two ids never share a subject."""
+    if (problem := site_id_problem(site)) is not None:
+        raise ValueError(f"not a site id, no subject: {problem}")
+    return site.replace(".", "_")
+
+
+def site_of(token: str) -> str:
+    return token.replace("_", ".")
 
 
 @dataclass

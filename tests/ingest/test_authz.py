@@ -22,7 +22,7 @@ from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.config import SITE_ID_RE, TlsConfig
 from bridge.dev import localrun
-from bridge.ingest.jetstream import subject_token
+from bridge.ingest.subjects import subject_token
 from tests.conftest import metric_value, wait_for
 
 

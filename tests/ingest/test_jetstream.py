@@ -22,7 +22,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
 from bridge.dev import localrun
+from bridge.config import JetStreamSettings
 from bridge.dev.jscluster import JetStreamCluster
+from bridge.ingest.jetstream import JetStreamStore
+from bridge.ingest.store import Incoming
 from tests.conftest import Cluster, Publisher, idle, wait_active, wait_for
 
 
@@ -120,6 +123,39 @@ def test_a_replica_started_before_its_cluster_has_formed_waits_for_it(
         assert ack.results[0].disposition == pb.DISPOSITION_COMMITTED
     finally:
         forming.stop()
+
+
+async def test_a_replica_starts_only_once_the_stream_answers_on_its_subjects(
+        js: JetStreamCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream made on another server is known to ours a moment later; until then a publish
+    meets no responders. Here the stream does not cover the replica's subjects at first (as
+    if its interest were still on its way): the replica waits, saying so, and starts, its
+    first commit stored, once it does. The probe itself stores nothing."""
+    nc = await nats.connect(servers=js.servers)
+    try:
+        jsc = nc.jetstream()
+        await jsc.add_stream(name="BRIDGE", subjects=["elsewhere.>"], num_replicas=3,
+                             allow_atomic=True)
+        writer = JetStreamStore(settings=JetStreamSettings(servers=(js.servers[2],)))
+        starting = asyncio.create_task(writer.start())
+        async with asyncio.timeout(30):
+            while "jetstream.waiting" not in caplog.text:
+                await asyncio.wait({starting}, timeout=0.05)
+        assert not starting.done()
+        info = await jsc.stream_info("BRIDGE")
+        info.config.subjects = ["bridge.r.>"]
+        await jsc.update_stream(info.config)
+        async with asyncio.timeout(30):
+            await starting
+        try:
+            got = await writer.commit([Incoming("site-a", 1, 1, pb.Envelope(
+                site_id="site-a", epoch=1, seq=1).SerializeToString())])
+            assert got == ["committed"]
+        finally:
+            await writer.close()
+        assert (await jsc.stream_info("BRIDGE")).state.messages == 1
+    finally:
+        await nc.close()
 
 
 def test_replicas_share_one_stream_and_a_replica_killed_mid_load_doubles_nothing(
