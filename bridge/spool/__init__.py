@@ -107,9 +107,10 @@ The package: ``base`` (constants, errors, records, ``SpoolState`` and the one
 ``transaction`` helper every write goes through), ``core`` (``Spool``: open, the append path,
 the redelivery ring), ``schema`` (pragmas, tables, migrations), ``recovery`` (quarantine and
 salvage), ``headroom`` (the reserve file and full-disk space), ``bounds`` (expiry, drops,
-tombstones), ``send`` (reads after a position, holds, release), ``deadletters`` (bounded dead
-letters and the CLI's offline reader), ``ring`` (the redelivery ring's mirror), ``clock`` (the
-spool clock) and ``facade`` (``AsyncSpool``).
+tombstones), ``send`` (reads after a position, holds, release), ``fresh`` (the newest rows
+in memory: live batches are not read back from the file; its own invariant), ``deadletters``
+(bounded dead letters and the CLI's offline reader), ``ring`` (the redelivery ring's mirror),
+``clock`` (the spool clock) and ``facade`` (``AsyncSpool``).
 
 All methods are synchronous and must be called from one thread (``AsyncSpool`` runs them on a
 dedicated thread so fsyncs never block the event loop).

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.spool.clock import SpoolClock
+from bridge.spool.fresh import FreshTail
 from bridge.spool.ring import RedeliveryRing
 
 R = TypeVar("R")
@@ -140,6 +141,7 @@ class SpoolState:
     _db: sqlite3.Connection
     _next_rid: int
     _held: dict[int, int]
+    fresh: FreshTail
     _tight: bool
     _dead: deque[tuple[int, int]]
     _drop_totals: Counter[str]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bridge._pb import bridge_pb2 as pb
 from bridge.errors import SpoolFull
@@ -48,7 +48,7 @@ class Bounds(SpoolState):
             cur.close()
             return out
 
-        return self._guard(lambda: self._drop(pick(), "ttl"))
+        return self._guard(lambda: self._picked_drop(pick, "ttl"))
 
     def make_room(self, need_bytes: int) -> int:
         """``drop_oldest``: drop the lowest class first, oldest first, to free ``need_bytes``."""
@@ -71,7 +71,7 @@ class Bounds(SpoolState):
                     break
             return out
 
-        return self._guard(lambda: self._drop(pick(), "spool_full"))
+        return self._guard(lambda: self._picked_drop(pick, "spool_full"))
 
     def commit_dropped(self, pending: Sequence[Pending], reason: str) -> int:
         """``reject_new``: number the messages but keep only tombstones; returns how many."""
@@ -79,9 +79,18 @@ class Bounds(SpoolState):
             # next_seq moves only with the transaction that records the tombstone: a failed
             # commit must not leave numbered seqs that no row and no tombstone accounts for.
             first = self.next_seq
-            return self._drop([], reason, extra=[(self.epoch, first, first + len(pending) - 1)],
-                              next_seq=first + len(pending))
+            return self._picked_drop(list, reason,
+                                     extra=[(self.epoch, first, first + len(pending) - 1)],
+                                     next_seq=first + len(pending))
         return self._guard(run) if pending else 0
+
+    def _picked_drop(self, pick: Callable[[], list[tuple[int, bytes, int]]], reason: str, *,
+                     extra: Sequence[tuple[int, int, int]] = (), next_seq: int | None = None
+                     ) -> int:
+        """``_drop`` of what ``pick`` chose, both under the fresh tail's lock: the sender
+        cannot take and hold a row from the tail between the pick and the delete."""
+        with self.fresh.lock:
+            return self._drop(pick(), reason, extra=extra, next_seq=next_seq)
 
     def _drop(self, rows: list[tuple[int, bytes, int]], reason: str, *,
               extra: Sequence[tuple[int, int, int]] = (), next_seq: int | None = None) -> int:
@@ -130,6 +139,7 @@ class Bounds(SpoolState):
                     ranges: list[tuple[int, int, int]], reason: str, now_ns: int,
                     at: float, next_seq: int) -> None:
         rid = self._next_rid
+        self.fresh.clear()  # rule 3 of bridge.spool.fresh (the caller holds its lock)
         freed = sum(len(b) for _, b, _ in rows)
         added = sum(len(s) for s in stones)
         db = self._db

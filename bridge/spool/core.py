@@ -27,6 +27,7 @@ from bridge.spool.base import (
 from bridge.spool.bounds import Bounds
 from bridge.spool.clock import SpoolClock
 from bridge.spool.deadletters import DeadLetters
+from bridge.spool.fresh import FreshTail
 from bridge.spool.headroom import Headroom
 from bridge.spool.recovery import Recovery
 from bridge.spool.schema import Schema
@@ -58,6 +59,7 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         # (live or backlog) sent them. Written by ``read_after(hold=True)`` on the spool
         # thread, removed by ``unhold`` when the batch is done.
         self._held: dict[int, int] = {}
+        self.fresh = FreshTail()  # the newest rows, for the sender (bridge.spool.fresh)
         self.site_id = site_id
         self.max_bytes = max_bytes
         self.reserve_bytes = reserve_bytes
@@ -170,6 +172,8 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
             self._dead_committed(*dead_rows)
         for source, _, _, digest in ring_rows:
             self.rings[source].push(digest)
+        with self.fresh.lock:
+            self.fresh.add([(r, b) for r, b, _, _ in rows])
         self.next_seq = seq
         self._next_rid = rid
         self.readings += len(rows)

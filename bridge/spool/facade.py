@@ -57,6 +57,10 @@ class AsyncSpool:
 
     async def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
                          hold: bool = False) -> list[tuple[int, bytes]]:
+        """From the fresh tail at once when it holds them, else from the file (thread)."""
+        rows = self.spool.take_fresh(rid, max_rows=max_rows, max_bytes=max_bytes, hold=hold)
+        if rows is not None:
+            return rows
         return await self.run(self.spool.read_after, rid, max_rows=max_rows,
                               max_bytes=max_bytes, hold=hold)
 

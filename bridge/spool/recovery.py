@@ -120,6 +120,8 @@ class Recovery(SpoolState):
         self.quarantines.append(q)
         self.generation += 1
         self._held = {}  # the old file's rids mean nothing now
+        with self.fresh.lock:
+            self.fresh.clear()
         event("spool.quarantined", level=logging.ERROR, spool=str(self.path),
               moved_to=str(moved), reason=reason, salvaged=q.salvaged, unreadable=unreadable,
               new_epoch=f"{self.epoch:016x}")

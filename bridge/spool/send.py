@@ -20,6 +20,16 @@ class SendSide(SpoolState):
         """The batch starting at rid ``first`` is done (acked or abandoned at shutdown)."""
         self._held.pop(first, None)
 
+    def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False
+                   ) -> list[tuple[int, bytes]] | None:
+        """``read_after`` from the fresh tail, on any thread, or None when the tail does not
+        hold what follows ``rid`` (then read the file)."""
+        with self.fresh.lock:
+            out = self.fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes)
+            if hold and out:
+                self._held[out[0][0]] = out[-1][0]
+            return out
+
     def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
                    hold: bool = False) -> list[tuple[int, bytes]]:
         """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one).
@@ -51,6 +61,8 @@ class SendSide(SpoolState):
         """
         if generation is not None and generation != self.generation:
             return
+        with self.fresh.lock:  # before the delete: the tail never holds a deleted row
+            self.fresh.forget_through(last)
         remedies = [self._truncate_wal, self._give_up_reserve]
         while True:
             try:

@@ -21,8 +21,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bridge._pb import bridge_pb2 as pb
 from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.dev import localrun
 from bridge.config import JetStreamSettings
+from bridge.dev import localrun
 from bridge.dev.jscluster import JetStreamCluster
 from bridge.ingest.jetstream import JetStreamStore
 from bridge.ingest.store import Incoming
