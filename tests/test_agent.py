@@ -11,6 +11,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+from bridge.dev import localrun
 from tests.conftest import (
     Cluster,
     Publisher,
@@ -259,3 +262,36 @@ def test_consume_follow_streams_new_readings_as_they_commit_and_saves_its_cursor
         out.close()
     saved = json.loads(cursor.read_text())
     assert saved["streams"][0]["after_seq"] == published
+
+
+LOADED = """
+import sys
+from bridge.agent import Agent
+from bridge.config import load_agent
+from pathlib import Path
+agent = Agent(config=load_agent(Path(sys.argv[1])))
+print(" ".join(m for m in ("bridge.codecs.sparkplug", "bridge._pb.sparkplug_b_pb2", "aiormq")
+               if m in sys.modules))
+agent.spool.spool.close()
+"""
+
+
+@pytest.mark.parametrize("codec", ["json", "sparkplug"])
+def test_an_agent_loads_a_decoder_only_when_its_configuration_uses_it(tmp_path: Path,
+                                                                        codec: str) -> None:
+    """The Sparkplug schema and decoder (1.8 MB of RSS) and the AMQP client are imported
+    only by an agent whose sources need them."""
+    pki = localrun.Pki(tmp_path / "pki", ["site-a"])
+    node = localrun.ingest(tmp_path, pki, "aws")  # its address only: never started
+    cfg = localrun.agent(tmp_path, pki, "site-a", mqtt_port=1883, endpoints=[node], sources=(
+        f'[[sources]]\nname = "plant"\nurl = "mqtt://127.0.0.1:1883"\ncodec = "{codec}"\n'
+        + ('topics = ["#"]\n' if codec == "json" else ""))).config
+    out = subprocess.run([sys.executable, "-c", LOADED, str(cfg)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "aiormq" not in loaded
+    if codec == "json":
+        assert loaded == set()
+    else:
+        assert {"bridge.codecs.sparkplug", "bridge._pb.sparkplug_b_pb2"} <= loaded
