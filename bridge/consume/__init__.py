@@ -206,20 +206,19 @@ class JetStreamClient:
                                        idle_s=None if follow else timeout or IDLE_S)
             node = f"jetstream:{self.stream}"
             async for msg in messages:
-                meta = msg.metadata
+                meta = stream.delivery(msg)
                 c = pb.Committed(node=node)
                 try:
                     c.envelope.MergeFromString(msg.data)  # parsed in place: no copy
                 except DecodeError:  # another publisher's message on our subjects
                     event("consume.unreadable_record", level=logging.WARNING,
-                          target=self.target, stream_seq=meta.sequence.stream)
+                          target=self.target, stream_seq=meta.stream_seq)
                     continue
                 env = c.envelope
                 if env.seq > cursors.get((env.site_id, env.epoch), 0):
-                    if meta.timestamp:
-                        c.commit_time_ns = int(meta.timestamp.timestamp() * 1e9)
+                    c.commit_time_ns = meta.time_ns
                     yield c
-                if not follow and meta.num_pending == 0:
+                if not follow and meta.pending == 0:
                     return
         except (nats.errors.Error, OSError) as exc:  # before TimeoutError: nats's subclass it
             raise SourceUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -285,7 +285,7 @@ class JetStreamStore:
 
     def _fold(self, key: Key, sub: SubjectState, msg: Msg) -> None:
         h = msg.headers or {}
-        stream_seq = int(msg.metadata.sequence.stream)
+        stream_seq = stream.delivery(msg).stream_seq
         try:
             seq = int(h["Bridge-Seq"])
             last = int(h.get("Bridge-Last-Seq", seq))
@@ -483,12 +483,10 @@ class JetStreamStore:
         wait = None if end is None else self.settings.ack_timeout_s
         try:
             async for msg in stream.messages(js, subject, start=start, idle_s=wait):
-                meta = msg.metadata
-                stream_seq = int(meta.sequence.stream)
+                stream_seq, time_ns, _ = stream.delivery(msg)
                 if end is not None and stream_seq > end:
                     return
-                yield msg.data, int(meta.timestamp.timestamp() * 1e9) if meta.timestamp \
-                    else 0
+                yield msg.data, time_ns
                 if end is not None and stream_seq >= end:
                     return
         except TimeoutError:
