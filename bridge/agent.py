@@ -1,11 +1,12 @@
 """The edge agent: wires sources -> intake (``bridge.intake``) -> spool -> sender -> ingest.
 
-Ownership hand-offs (DESIGN.md "Data flows one way"): a broker message is acked only after the
-spool transaction holding its envelope or its dead letter committed (the intake's invariant); a
-spool row is released only after an ingest node acknowledged it. Shutdown runs in the reverse
-order of the flow: stop taking from the brokers (after acking everything committed), let
-in-flight batches finish within the grace period, then close the uplink and the spool.
-Whatever was not acknowledged stays in the spool or in the broker's session for the next start.
+Ownership hand-offs (docs/architecture.md, "Ownership hand-offs"): a broker message is acked
+only after the spool transaction holding its envelope or its dead letter committed (the
+intake's invariant); a spool row is released only after an ingest node acknowledged it.
+Shutdown runs in the reverse order of the flow: stop taking from the brokers (after acking
+everything committed), let in-flight batches finish within the grace period, then close the
+uplink and the spool. Whatever was not acknowledged stays in the spool or in the broker's
+session for the next start.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decoded payload -> ``bridge.v1.Envelope``; request ids; batch wire encoding. Pure, no I/O.
 
-A reading's identity is ``(site_id, epoch, seq)`` (DESIGN.md, "Identity of a reading"); this
-module is the only place that composes it into bytes.
+A reading's identity is ``(site_id, epoch, seq)`` (docs/architecture.md, "Identity and
+dedupe"); this module is the only place that composes it into bytes.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The intake: one source's path into the spool (decode, dead-letter, group commit, then ack).
 
-Invariant (DESIGN.md "Data flows one way"): a broker message is acked only after the spool
-transaction holding its envelope, its dead letter or its skip committed, and acks go out in
-receive order. A commit that fails is retried with backoff and nothing is acked meanwhile; a
-full spool applies the configured policy (``drop_oldest`` forces out the oldest readings as
-tombstones, ``backpressure`` stops acking so the broker holds the readings).
+Invariant (docs/architecture.md, "Ownership hand-offs"): a broker message is acked only after
+the spool transaction holding its envelope, its dead letter or its skip committed, and acks go
+out in receive order. A commit that fails is retried with backoff and nothing is acked
+meanwhile. A full spool first stops the acks (backpressure: the broker holds the readings);
+after ``spool.backpressure_s`` it applies ``spool.full_policy``: ``drop_oldest`` forces out
+the oldest readings as tombstones, ``reject_new`` numbers the new ones and keeps only their
+tombstone.
 """
 
 from __future__ import annotations

@@ -61,9 +61,6 @@ class StreamLedger:
             out.append((cur, last))
         return out
 
-    def has_all(self, first: int, last: int) -> bool:
-        return not self.missing(first, last)
-
     def add(self, seq: int) -> None:
         """Record one seq (already-known seqs are not counted twice)."""
         self.add_range(seq, seq)

@@ -14,7 +14,7 @@ On-disk format (SQLite 3, one file, WAL mode, ``synchronous=FULL`` for appends)
 ``readings(rid INTEGER PRIMARY KEY, envelope BLOB, prio INTEGER, at REAL)``
     One row per message, in commit order (``rid``, local to this file). ``prio`` is its class (0
     telemetry, 1 event, 2 alarm; 99 a tombstone, never dropped); ``at`` is the spool clock
-    (``bridge.spoolclock``: elapsed seconds, immune to wall-clock jumps) at commit. ``envelope`` is
+    (``bridge.spool.clock``: elapsed seconds, immune to wall-clock jumps) at commit. ``envelope`` is
     the serialised ``bridge.v1.Envelope``; its identity ``(site_id, epoch, seq)`` is what the ingest
     dedupes on. For envelopes created in this file ``epoch`` is the file's and ``seq`` runs with
     ``rid``; envelopes salvaged from a quarantined file keep their original identity, so a reading

@@ -102,6 +102,3 @@ class CircuitBreaker:
         self._outcomes.clear()
         self._failures = 0
 
-    def error_ratio(self) -> float:
-        self._prune(self._clock())
-        return self._failures / len(self._outcomes) if self._outcomes else 0.0
