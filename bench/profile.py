@@ -93,6 +93,7 @@ def main() -> None:
             elapsed = time.monotonic() - t0
             after = {k: cpu_ticks(p) for k, p in pids.items()}
             rate = (bridge.committed() - c0) / elapsed
+            reads = bridge.agent.status()["spool"].get("reads", {})
         finally:
             blast.stop()
             for proc in load:
@@ -104,6 +105,8 @@ def main() -> None:
               f"({os.cpu_count()} CPUs on this machine)")
         for name in pids:
             print(f"  {name:<15} {(after[name] - before[name]) / hz / elapsed * 100:5.0f}% CPU")
+        print(f"  the sender's batches so far: {reads.get('memory', 0):,} from memory, "
+              f"{reads.get('file', 0):,} from the spool file")
         print(top_frames(folded, args.top))
 
 

@@ -260,3 +260,24 @@ def run_sparkplug(*, work: Path, messages: int, procs: int, log: Log) -> list[Ro
         rows += _sparkplug_rate(system, scenario=scenario, messages=messages, procs=procs,
                                 log=log)
     return rows
+
+
+def main() -> None:
+    """``python -m bench.throughput --sparkplug N``: the Sparkplug scenario for the bridge
+    alone (no peers), ``N`` messages: the figure a change to the agent's Sparkplug path is
+    measured by, back to back with the commit before it."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m bench.throughput")
+    ap.add_argument("--sparkplug", type=int, default=20_000, help="DDATA messages to publish")
+    ap.add_argument("--procs", type=int, default=2, help="bridge simulate processes")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-sparkplug-") as tmp:
+        _sparkplug_rate(Bridge(workdir=Path(tmp), codec="sparkplug"),
+                        scenario="throughput_sparkplug", messages=args.sparkplug,
+                        procs=args.procs, log=print)
+
+
+if __name__ == "__main__":
+    main()

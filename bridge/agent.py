@@ -219,6 +219,8 @@ class Agent:
                       "oldest_age_s": None if self._oldest_age is None
                       else round(self._oldest_age, 3),
                       "dropped": dict(self._drops),
+                      # batches the sender took from memory, and from the file (the backlog)
+                      "reads": {"memory": sp.fresh.hits, "file": sp.fresh.misses},
                       "quarantined": [{"moved_to": str(q.moved_to), "reason": q.reason,
                                        "salvaged": q.salvaged, "unreadable": q.unreadable}
                                       for q in sp.quarantines]},

@@ -120,5 +120,7 @@ def test_the_tail_keeps_only_a_dense_run_ending_at_the_newest_row() -> None:
     tail.add([(4, b"dd")])  # not contiguous: the tail starts over
     assert tail.take(0, max_rows=9, max_bytes=99) is None
     assert tail.take(3, max_rows=9, max_bytes=99) == [(4, b"dd")]
-    tail.add([(5, b"eeeeeeeeeee")])  # larger than the tail: nothing kept
+    tail.add([(5, b"eeeeeeeeeee")])  # a row larger than the tail: not kept
     assert tail.take(4, max_rows=9, max_bytes=99) is None
+    tail.add([(6, b"fff"), (7, b"ggg"), (8, b"hhhh")])  # a commit larger than the tail
+    assert tail.take(6, max_rows=9, max_bytes=99) == [(7, b"ggg"), (8, b"hhhh")]

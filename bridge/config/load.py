@@ -229,6 +229,7 @@ def _spool(f: _File, s: schema.SpoolFile) -> SpoolConfig:
                       "(8 MiB): it must cover a checkpoint of the spool's WAL")
     return SpoolConfig(
         path=f.path(s.path), max_bytes=s.max_bytes, commit_max_messages=s.commit_max_messages,
+        commit_max_bytes=s.commit_max_bytes,
         reserve_bytes=s.reserve_bytes, max_age_s=s.max_age_s, backpressure_s=s.backpressure_s,
         full_policy=s.full_policy, priority=tuple((r.topic, r.class_) for r in s.priority),
         dead_letter_payload_bytes=s.dead_letter_payload_bytes,

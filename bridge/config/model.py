@@ -268,6 +268,7 @@ class SpoolConfig:
     max_bytes: int
     commit_max_messages: int
     reserve_bytes: int
+    commit_max_bytes: int = 512 * 1024  # payload bytes per group commit (at least one message)
     max_age_s: float = 0.0
     backpressure_s: float = 60.0
     full_policy: str = "drop_oldest"

@@ -127,6 +127,7 @@ class SpoolFile(_Table, kw_only=True):
     path: Text
     max_bytes: Annotated[int, Meta(ge=1 << 20)] = 1 << 30
     commit_max_messages: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    commit_max_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
     reserve_bytes: Annotated[int, Meta(ge=0)] = 32 << 20
     max_age_s: Seconds = 30 * 86400.0
     backpressure_s: Seconds = 60.0

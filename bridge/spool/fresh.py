@@ -40,16 +40,13 @@ class FreshTail:
 
     def add(self, rows: list[tuple[int, bytes]]) -> None:
         """Rows just committed (rule 1); the caller holds ``lock``."""
-        size = sum(len(b) for _, b in rows)
         if not rows:
             return
-        if size > self.max_bytes or (self._rows and self._rows[-1][0] + 1 != rows[0][0]):
+        if self._rows and self._rows[-1][0] + 1 != rows[0][0]:
             self.clear()
-            if size > self.max_bytes:
-                return
         self._rows.extend(rows)
-        self._bytes += size
-        while self._bytes > self.max_bytes:
+        self._bytes += sum(len(b) for _, b in rows)
+        while self._bytes > self.max_bytes:  # a commit larger than the tail keeps its newest
             self._bytes -= len(self._rows.popleft()[1])
 
     def forget_through(self, rid: int) -> None:
