@@ -124,3 +124,28 @@ def test_the_tail_keeps_only_a_dense_run_ending_at_the_newest_row() -> None:
     assert tail.take(4, max_rows=9, max_bytes=99) is None
     tail.add([(6, b"fff"), (7, b"ggg"), (8, b"hhhh")])  # a commit larger than the tail
     assert tail.take(6, max_rows=9, max_bytes=99) == [(7, b"ggg"), (8, b"hhhh")]
+
+
+def test_a_take_never_waits_for_a_drop_it_reads_the_file_behind_it_instead(tmp_path: Path):
+    """The event loop must not stall behind a bound's drop (its pick, tombstones and fsync
+    hold the tail's lock on the spool's thread): the take gives up at once."""
+    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=MB)
+    sp.commit(pending(3))
+    held = threading.Event()
+    release = threading.Event()
+
+    def drop_in_progress() -> None:
+        with sp.fresh.lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=drop_in_progress)
+    t.start()
+    try:
+        assert held.wait(10)
+        assert sp.take_fresh(0, max_rows=10, max_bytes=MB) is None  # at once, not after
+    finally:
+        release.set()
+        t.join()
+    assert [r for r, _ in sp.take_fresh(0, max_rows=10, max_bytes=MB) or []] == [1, 2, 3]
+    sp.close()

@@ -13,7 +13,8 @@ in the tail (or finds ``rid`` to be its end) returns exactly what the query woul
 1. a commit appends its rows after its transaction, contiguous with the tail or replacing it;
 2. a release forgets every row at or below its last rid (rows the sender took already);
 3. a drop (ttl, spool full, reject new) and a quarantine empty it, under the same lock as the
-   read here, so a bound never drops a row between its read and its hold;
+   read here, so a bound never drops a row between its read and its hold (a read that finds
+   the lock taken does not wait: it reads the file on the spool's thread, behind the drop);
 4. past ``max_bytes`` the oldest rows leave it first (they are read from the file instead).
 
 Anything not found here is read from the file: the tail makes reads cheaper, never different.

@@ -23,12 +23,18 @@ class SendSide(SpoolState):
     def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False
                    ) -> list[tuple[int, bytes]] | None:
         """``read_after`` from the fresh tail, on any thread, or None when the tail does not
-        hold what follows ``rid`` (then read the file)."""
-        with self.fresh.lock:
+        hold what follows ``rid`` (then read the file). Never waits: while a bound holds the
+        tail's lock to drop rows on the spool's thread, the caller (the event loop) reads
+        the file on that thread instead, behind the drop."""
+        if not self.fresh.lock.acquire(blocking=False):
+            return None
+        try:
             out = self.fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes)
             if hold and out:
                 self._held[out[0][0]] = out[-1][0]
             return out
+        finally:
+            self.fresh.lock.release()
 
     def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
                    hold: bool = False) -> list[tuple[int, bytes]]:
