@@ -30,7 +30,12 @@ import paho.mqtt.client as mqtt
 from bridge._pb import bridge_pb2 as pb
 from bridge.codecs import Decoder, make_decoder
 from bridge.common import Backoff
-from bridge.config import DEFAULT_MAX_PAYLOAD, SourceConfig, SpoolConfig
+from bridge.config import (
+    DEFAULT_COMMIT_MAX_BYTES,
+    DEFAULT_MAX_PAYLOAD,
+    SourceConfig,
+    SpoolConfig,
+)
 from bridge.envelope import prepare_envelope, seal
 from bridge.errors import DecodeError, SpoolFull, SpoolReset
 from bridge.sources.base import Message, Source
@@ -45,7 +50,7 @@ class IntakePolicy:
     """How one source's messages are committed: group size, bounds and the full-spool policy."""
 
     commit_max: int = 1000
-    commit_max_bytes: int = 512 * 1024
+    commit_max_bytes: int = DEFAULT_COMMIT_MAX_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     priority: tuple[tuple[str, str], ...] = ()
     backpressure_s: float = 60.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 from bridge.config.load import load_agent, load_consumer, load_ingest
 from bridge.config.model import (
     DEFAULT_AMQP_PORT,
+    DEFAULT_COMMIT_MAX_BYTES,
     DEFAULT_INGEST_PORT,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_MQTT_PORT,
@@ -47,6 +48,7 @@ from bridge.errors import ConfigError
 
 __all__ = [
     "DEFAULT_AMQP_PORT",
+    "DEFAULT_COMMIT_MAX_BYTES",
     "DEFAULT_INGEST_PORT",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_MQTT_PORT",

@@ -27,6 +27,7 @@ TLS_PORTS = {"mqtts": 8883, "amqps": 5671}
 
 
 DEFAULT_MAX_PAYLOAD = 1 << 20
+DEFAULT_COMMIT_MAX_BYTES = 512 * 1024  # payload bytes per group commit (at least one message)
 
 
 # MQTT: a packet holds the payload plus the topic (up to 65,535 bytes and its length), the
@@ -268,7 +269,7 @@ class SpoolConfig:
     max_bytes: int
     commit_max_messages: int
     reserve_bytes: int
-    commit_max_bytes: int = 512 * 1024  # payload bytes per group commit (at least one message)
+    commit_max_bytes: int = DEFAULT_COMMIT_MAX_BYTES
     max_age_s: float = 0.0
     backpressure_s: float = 60.0
     full_policy: str = "drop_oldest"
