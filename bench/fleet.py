@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +171,28 @@ def run(*, work: Path, sites: int, seconds: float, log: Callable[[str], None],
     return rows
 
 
+def bare(*, work: Path, sites: int, seconds: float, log: Callable[[str], None]) -> float:
+    """kB of RSS per connected, active site of a bare grpcio mTLS server (bench.bare_ingest)
+    under the same load as the stores: grpcio's own share of the per-site figure."""
+    names = [f"fleet-site-{i}" for i in range(sites)]
+    pkis = localrun.Pki(work / "pki-fleet", names)
+    srv = pkis.server()
+    target = f"127.0.0.1:{localrun.free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_ingest", target, str(srv.ca),
+                             str(srv.cert), str(srv.key)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        base = rss_mb(proc.pid)
+        highest, _, failed, _ = asyncio.run(_load([target], pkis, names, seconds))
+        per_site_kb = (rss_mb(proc.pid) - base) * 1024 / sites
+    finally:
+        proc.kill()
+        proc.wait()
+    log(f"  grpc_bare: {sites} sites, {sum(highest.values()) / seconds:,.0f} readings/s "
+        f"answered, +{per_site_kb:.0f} kB RSS per site, {failed} calls failed")
+    return per_site_kb
+
+
 def main() -> None:
     import argparse
     import tempfile
@@ -177,9 +201,13 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--only", choices=[s for s, _ in SYSTEMS])
+    ap.add_argument("--bare", action="store_true",
+                    help="also a bare grpcio mTLS server under the same load (bench.bare_ingest)")
     args = ap.parse_args()
     systems = tuple(x for x in SYSTEMS if args.only in (None, x[0]))
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        if args.bare:
+            bare(work=Path(tmp) / "bare", sites=args.sites, seconds=args.seconds, log=print)
         for r in run(work=Path(tmp), sites=args.sites, seconds=args.seconds, log=print,
                      systems=systems):
             print(f"{r.system:<22} {r.metric:<18} {r.value:g} {r.unit}")
