@@ -95,3 +95,17 @@ def test_the_stage_breakdown_splits_every_reading_and_measures_the_idle_floor():
     floor = [line for line in out.splitlines()
              if line.lstrip().startswith(("health check", "PushBatch, 1 reading"))]
     assert len(floor) == 2 and all("(n=50), ingest CPU" in line for line in floor), out
+
+
+def test_the_fleet_bare_baseline_and_the_sparkplug_rate_run_on_their_own():
+    """The two standalone measurements docs/deployment.md and docs/performance.md quote."""
+    res = subprocess.run([sys.executable, "-m", "bench.fleet", "--sites", "20", "--seconds",
+                          "1", "--bare", "--only", "ingest_sqlite"], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "grpc_bare: 20 sites" in res.stdout and "0 calls failed" in res.stdout, res.stdout
+    assert "ingest_sqlite: 20 sites" in res.stdout, res.stdout
+    res = subprocess.run([sys.executable, "-m", "bench.throughput", "--sparkplug", "200"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "bridge: 200 messages" in res.stdout, res.stdout
