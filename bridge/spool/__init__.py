@@ -113,7 +113,9 @@ in memory: live batches are not read back from the file; its own invariant), ``d
 ``clock`` (the spool clock) and ``facade`` (``AsyncSpool``).
 
 All methods are synchronous and must be called from one thread (``AsyncSpool`` runs them on a
-dedicated thread so fsyncs never block the event loop).
+dedicated thread so fsyncs never block the event loop), except ``take_fresh``: the event loop
+takes live batches from the fresh tail under its lock, never waiting for it
+(``bridge.spool.fresh``).
 """
 
 from __future__ import annotations
