@@ -79,7 +79,6 @@ _UNSIGNED: dict[int, int] = {sp.UInt8: 8, sp.UInt16: 16, sp.UInt32: 32, sp.UInt6
 _INT_FIELDS = {"int_value", "long_value"}
 _FLOAT_FIELDS = {"float_value", "double_value"}
 _STRINGS = {sp.String, sp.Text, sp.UUID}
-_FLOATS, _BOOLEAN, _DATETIME = {sp.Float, sp.Double}, sp.Boolean, sp.DateTime
 
 Notice = Callable[[str, dict[str, Any]], None]
 
@@ -165,11 +164,11 @@ def _value(m: Any, dtype: int, name: str) -> tuple[Scalar | None, str] | None:
             raise DecodeError("bad_value", f"metric {name!r}: UInt64 {v} is above the "
                               "envelope's int64 range")
         return v, ""
-    if dtype in _FLOATS:
+    if dtype in (sp.Float, sp.Double):
         if kind not in _FLOAT_FIELDS:
             raise DecodeError("type_mismatch", f"metric {name!r}: float type with {kind}")
         return (_float32(v) if kind == "float_value" else v), ""
-    if dtype == _BOOLEAN:
+    if dtype == sp.Boolean:
         if kind != "boolean_value":
             raise DecodeError("type_mismatch", f"metric {name!r}: Boolean with {kind}")
         return v, ""
@@ -177,7 +176,7 @@ def _value(m: Any, dtype: int, name: str) -> tuple[Scalar | None, str] | None:
         if kind != "string_value":
             raise DecodeError("type_mismatch", f"metric {name!r}: string type with {kind}")
         return v, ""
-    if dtype == _DATETIME:
+    if dtype == sp.DateTime:
         if kind not in _INT_FIELDS:
             raise DecodeError("type_mismatch", f"metric {name!r}: DateTime with {kind}")
         if v >= _I64:
@@ -187,8 +186,11 @@ def _value(m: Any, dtype: int, name: str) -> tuple[Scalar | None, str] | None:
     return None
 
 
-def _ms_to_ns(ms: int, what: str) -> int:
+def _ms_to_ns(ms: int, metric: str | None = None) -> int:
+    """``ms`` in ns; the message names ``metric`` (the payload's own timestamp when None),
+    built only when it is raised: this runs for every metric."""
     if ms > _MAX_NS_MS:
+        what = "payload timestamp" if metric is None else f"metric {metric!r} timestamp"
         raise DecodeError("bad_timestamp", f"{what} {ms} ms is out of range")
     return ms * 1_000_000
 
@@ -419,17 +421,12 @@ class SparkplugDecoder:
                 unsupported.append(name)
                 continue
             value, unit = typed
-            ts = None
-            if m.HasField("timestamp"):  # the check inline: no message built per metric
-                ts = m.timestamp
-                if ts > _MAX_NS_MS:
-                    raise DecodeError("bad_timestamp", f"metric {name!r} timestamp {ts} ms "
-                                      "is out of range")
-                ts *= 1_000_000
-            values.append(DecodedValue(signal=name, value=value, unit=unit,
-                                       historical=m.is_historical, source_time_ns=ts))
+            values.append(DecodedValue(
+                signal=name, value=value, unit=unit, historical=m.is_historical,
+                source_time_ns=_ms_to_ns(m.timestamp, name) if m.HasField("timestamp")
+                else None))
         out = Decoded(values=values, labels=labels, source_seq=seq,
-                      source_time_ns=_ms_to_ns(msg.timestamp, "payload timestamp")
+                      source_time_ns=_ms_to_ns(msg.timestamp)
                       if msg.HasField("timestamp") else None)
         if unsupported:
             out.raw = payload
