@@ -99,8 +99,8 @@ def _fill(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
         env.labels.update(decoded.labels)
     add = env.values.add
     for dv in decoded.values:
-        # One call with only the fields set: half the cost of setting them one by one (50
-        # metrics a Sparkplug message: 26 us against 45 us, measured).
+        # One call with only the fields set: a third less than setting them one by one (a
+        # 50-metric Sparkplug message: 32 us against 51 us, python -m bench.decode).
         value = dv.value
         kw: dict[str, Any] = {"signal": dv.signal}
         if value is None:

@@ -97,8 +97,8 @@ def test_the_stage_breakdown_splits_every_reading_and_measures_the_idle_floor():
     assert len(floor) == 2 and all("(n=50), ingest CPU" in line for line in floor), out
 
 
-def test_the_fleet_bare_baseline_and_the_sparkplug_rate_run_on_their_own():
-    """The two standalone measurements docs/deployment.md and docs/performance.md quote."""
+def test_the_fleet_bare_baseline_the_sparkplug_rate_and_decode_costs_run_on_their_own():
+    """The standalone measurements docs/deployment.md and docs/performance.md quote."""
     res = subprocess.run([sys.executable, "-m", "bench.fleet", "--sites", "20", "--seconds",
                           "1", "--bare", "--only", "ingest_sqlite"], capture_output=True,
                          text=True, timeout=300, check=False)
@@ -109,3 +109,8 @@ def test_the_fleet_bare_baseline_and_the_sparkplug_rate_run_on_their_own():
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "bridge: 200 messages" in res.stdout, res.stdout
+    res = subprocess.run([sys.executable, "-m", "bench.decode", "--n", "20"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line.split()[0] for line in res.stdout.splitlines()] == [
+        "parse", "decode", "check_wire", "envelope", "seal"], res.stdout
