@@ -205,7 +205,7 @@ class JetStreamStore:
         while True:
             try:
                 await self._ensure_stream()
-                probe = f"{self.settings.prefix}.probe.0"  # 16 hex digits in an epoch token
+                probe = f"{self.settings.prefix}.probe.0"  # no site's: epochs are 16 hex digits
                 if not self.read_only and (await self._api(probe, {}, PROBE)).get(
                         "error", {}).get("err_code") != 10071:
                     raise StoreUnavailable(f"no probe answer from the stream on {probe}")
