@@ -20,7 +20,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -254,13 +253,12 @@ class Intake:
             dead += d
             skipped += s
             ignored += i
-            seen.update(x.digest for x in p)
         return pending, dead, skipped, ignored
 
-    def _prepare(self, messages: list[Message], seen: AbstractSet[bytes] = frozenset()
+    def _prepare(self, messages: list[Message], seen: set[bytes]
                  ) -> tuple[list[Pending], list[DeadLetter], int, Counter[str]]:
         """Decode a batch: envelopes to append, dead letters, redeliveries, skips by reason.
-        ``seen``: digests of this commit group's earlier slices."""
+        ``seen``: the digests of the commit group's readings so far; this slice's are added."""
         info = self.source.info
         now = time.time_ns()
         synced = self.clock.synced()
@@ -270,7 +268,6 @@ class Intake:
         ignored: Counter[str] = Counter()
         spool = self.spool.spool
         limit = self.max_payload_bytes
-        batch: set[bytes] = set()
         for m in messages:
             try:
                 d = digest(m.topic, m.payload)
@@ -278,7 +275,7 @@ class Intake:
                     skipped += 1
                     continue
                 if self.dedupe_retransmissions and (
-                        d in batch or d in seen or spool.recently_committed(info.name, d)) and \
+                        d in seen or spool.recently_committed(info.name, d)) and \
                         self.decoder.stamped(m.topic, m.payload):
                     # The same bytes with the publisher's own seq: its QoS 1 resend after a
                     # broker restart, not a new reading (see docs/architecture.md).
@@ -302,7 +299,7 @@ class Intake:
                 dead.append(DeadLetter(info.name, m.topic, m.payload, "intake_error",
                                        f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            batch.add(d)
+            seen.add(d)
             pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
                                    build=partial(self._seal, env)))
         return pending, dead, skipped, ignored
