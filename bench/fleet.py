@@ -181,7 +181,10 @@ def bare(*, work: Path, sites: int, seconds: float, log: Callable[[str], None]) 
     proc = subprocess.Popen([sys.executable, "-m", "bench.bare_ingest", target, str(srv.ca),
                              str(srv.cert), str(srv.key)], stdout=subprocess.PIPE)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        line = proc.stdout.readline().strip() if proc.stdout is not None else b""
+        if line != b"ready":
+            raise RuntimeError(f"bench.bare_ingest did not start (exit {proc.poll()}): "
+                               f"{line[:200]!r}")
         base = rss_mb(proc.pid)
         highest, _, failed, _ = asyncio.run(_load([target], pkis, names, seconds))
         per_site_kb = (rss_mb(proc.pid) - base) * 1024 / sites
