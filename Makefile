@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBS := mosquitto mosquitto-clients nats-server prometheus systemd lintian binutils python3-venv
 N ?= 20000
-# Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/test_tahu.py.
+# Eclipse Tahu's JavaScript Sparkplug client: the outside witness of tests/tahu/test_tahu.py.
 TAHU := $(VENV)/tahu/node_modules/sparkplug-client/package.json
 TAHU_VERSION := 3.2.4
 # examples/read_jetstream.mjs's packages, exactly as its package-lock.json pins them.
@@ -15,15 +15,15 @@ JSREADER := $(VENV)/jsreader/node_modules/protobufjs/package.json
 .PHONY: demo test lint typecheck protos bench profile hil clean debs venv package
 
 demo: $(STAMP)
-	$(BIN)/bridge demo --readings $(N)
+	$(BIN)/python -m devkit demo --readings $(N)
 
 test: $(STAMP) $(TAHU) $(JSREADER)
-	$(BIN)/ruff check bridge tests tools bench examples hil
+	$(BIN)/ruff check bridge devkit tests tools bench examples hil
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge tests tools bench examples hil
+	$(BIN)/ruff check bridge devkit tests tools bench examples hil
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from bridge._pb import bridge_pb2 as pb
-from bridge._pb import bridge_pb2_grpc as pb_grpc
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
 
 
 class _Bare(pb_grpc.IngestServicer):

@@ -1,4 +1,4 @@
-"""How the benches' load generators call PushBatch: as the agent does (bridge.uplink).
+"""How the benches' load generators call PushBatch: as the agent does (bridge.edge.uplink).
 
 The call states its deadline (``bridge-deadline-ms``), and a RESOURCE_EXHAUSTED refusal (the
 node's admission control, a site's calls in flight) is waited out for its ``retry-after-ms``
@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bridge.common import DEADLINE_METADATA
-from bridge.uplink.sender import hinted_wait
+from bridge.edge.uplink.sender import hinted_wait
+from bridge.shared.grpcconn import DEADLINE_METADATA
 
 T = TypeVar("T")
 

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.results import Row
-from bridge._pb import bridge_pb2 as pb
-from bridge.config import JetStreamSettings
-from bridge.dev import localrun
-from bridge.dev.jscluster import JetStreamCluster
-from bridge.ingest.jetstream import JetStreamStore
-from bridge.ingest.store import Incoming
+from bridge.cloud.store.jetstream import JetStreamStore
+from bridge.cloud.store.records import Incoming
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared.config import JetStreamSettings
+from devkit import localrun
+from devkit.jscluster import JetStreamCluster
 
 SCENARIO = "consumer_catchup"
 SITES = 10
@@ -35,7 +35,7 @@ PLAIN = textwrap.dedent('''
     import asyncio, sys
     import nats, orjson
     from nats.js.api import ConsumerConfig, DeliverPolicy
-    from bridge._pb import bridge_pb2 as pb
+    from bridge.shared._pb import bridge_pb2 as pb
 
     async def main():
         nc = await nats.connect(servers=sys.argv[1].split(","))
@@ -62,7 +62,7 @@ PLAIN_CB = textwrap.dedent('''
     import asyncio, sys
     import nats, orjson
     from nats.js.api import ConsumerConfig, DeliverPolicy
-    from bridge._pb import bridge_pb2 as pb
+    from bridge.shared._pb import bridge_pb2 as pb
 
     async def main():
         nc = await nats.connect(servers=sys.argv[1].split(","))

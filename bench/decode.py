@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import timeit
 
-from bridge._pb import sparkplug_b_pb2 as sp
-from bridge.codecs.sparkplug import SparkplugDecoder
-from bridge.envelope import SourceInfo, _check_wire, _fill, seal
+from bridge.edge.codecs.sparkplug import SparkplugDecoder
+from bridge.edge.envelope import SourceInfo, _check_wire, _fill, seal
+from bridge.shared._pb import sparkplug_b_pb2 as sp
 
 METRICS = 50
 TOPIC = "spBv1.0/g/DDATA/n/dev"

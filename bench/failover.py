@@ -14,7 +14,7 @@ from typing import Any
 
 from bench import until
 from bench.results import Row, percentile
-from bridge.dev import localrun, simulate
+from devkit import localrun, simulate
 
 
 def run(*, kills: int, mode: str, log: Callable[[str], None]) -> list[Row]:

@@ -25,12 +25,12 @@ import nats
 from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
-from bridge._pb import bridge_pb2 as pb
-from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import mtls_channel
-from bridge.dev import localrun
-from bridge.dev.jscluster import JetStreamCluster
-from bridge.uplink.sender import hinted_wait
+from bridge.edge.uplink.sender import hinted_wait
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
+from bridge.shared.grpcconn import mtls_channel
+from devkit import localrun
+from devkit.jscluster import JetStreamCluster
 
 SCENARIO = "fleet"
 BATCH = 100

@@ -23,10 +23,10 @@ import grpc
 from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
-from bridge._pb import bridge_pb2 as pb
-from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import mtls_channel
-from bridge.dev import localrun
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
+from bridge.shared.grpcconn import mtls_channel
+from devkit import localrun
 
 SCENARIO = "hostile_site"
 BIG = 10_000

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.results import Row
-from bridge.codecs.json import decode_json
-from bridge.dev import localrun, simulate
-from bridge.envelope import SourceInfo, prepare_envelope, seal
-from bridge.spool import Pending, Spool
+from bridge.edge.codecs.json import decode_json
+from bridge.edge.envelope import SourceInfo, prepare_envelope, seal
+from bridge.edge.spool import Pending, Spool
+from devkit import localrun, simulate
 
 SITE = "bench-site"
 

@@ -40,8 +40,8 @@ import orjson
 
 from bench.evidence import FileWatch, GuaranteeNotMet, no_save_errors
 from bench.systems import Bridge, Record, System, exe, record
-from bridge.dev import localrun
-from bridge.dev.jscluster import nats_server
+from devkit import localrun
+from devkit.jscluster import nats_server
 
 # The guarantee of each column, as the report prints it (checked by each ``verify``).
 GUARANTEES = {

@@ -6,7 +6,7 @@ for ``seconds`` in the middle of the run measures each process's CPU share (from
 so root or CAP_SYS_PTRACE). Prints the CPU table, the agent's rate meanwhile, and the hottest
 frames (own time and inclusive), so a claim about the bottleneck comes with its evidence.
 
-``--load sparkplug`` profiles the Sparkplug scenario's load instead (2 ``bridge simulate``
+``--load sparkplug`` profiles the Sparkplug scenario's load instead (2 ``python -m devkit simulate``
 processes, 50 metrics a message), ``--load drain`` a 1M-reading backlog drained with no live
 traffic (the spool filled before the agent starts, as ``make bench``'s drain scenario does).
 """

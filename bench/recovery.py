@@ -11,7 +11,7 @@ flight, and runs differ by up to 1.5x on this machine, so the recovery's own bes
 a floor of the reference. Then the replicas are restarted with their default admission control
 for the recovery: ``sites`` sites, each with its own certificate and channel and a backlog of
 ``backlog`` readings, start together. Each site behaves as the agent's uplink does with its
-defaults (bridge.uplink.sender): 1,250-reading batches, up to 4 calls in flight (one at first
+defaults (bridge.edge.uplink.sender): 1,250-reading batches, up to 4 calls in flight (one at first
 and after a throttle, doubled per ack), a 5 s deadline stated in ``bridge-deadline-ms``;
 RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's own jitter,
 ``hinted_wait``) on the same replica and holds new batches back as long; a deadline exceeded or
@@ -40,12 +40,12 @@ import nats
 from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
-from bridge._pb import bridge_pb2 as pb
-from bridge.common import mtls_credentials
-from bridge.dev import localrun
-from bridge.dev.jscluster import JetStreamCluster
-from bridge.ingest.subjects import subject_token
-from bridge.uplink.sender import hinted_wait
+from bridge.cloud.store.subjects import subject_token
+from bridge.edge.uplink.sender import hinted_wait
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared.grpcconn import mtls_credentials
+from devkit import localrun
+from devkit.jscluster import JetStreamCluster
 
 SCENARIO = "fleet_recovery"
 SYSTEM = "bridge"  # two JetStream replicas: the bridge's cloud tier as deployed

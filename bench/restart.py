@@ -23,14 +23,14 @@ import nats
 
 from bench.memory import rss_mb
 from bench.results import Row
-from bridge._pb import bridge_pb2 as pb
-from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import mtls_credentials
-from bridge.config import JetStreamSettings, TlsConfig
-from bridge.dev import localrun
-from bridge.dev.jscluster import JetStreamCluster
-from bridge.ingest.jetstream import JetStreamStore
-from bridge.ingest.store import Incoming
+from bridge.cloud.store.jetstream import JetStreamStore
+from bridge.cloud.store.records import Incoming
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
+from bridge.shared.config import JetStreamSettings, TlsConfig
+from bridge.shared.grpcconn import mtls_credentials
+from devkit import localrun
+from devkit.jscluster import JetStreamCluster
 
 SCENARIO = "replica_restart"
 SITE, WARM = "bench-deep", "bench-warm"

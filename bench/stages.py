@@ -33,9 +33,9 @@ from bench.latency import _settle
 from bench.load import Paced
 from bench.results import percentile
 from bench.systems import Bridge
-from bridge._pb import bridge_pb2 as pb
-from bridge.envelope import encode_batch
-from bridge.uplink.transport import GrpcTransport
+from bridge.edge.envelope import encode_batch
+from bridge.edge.uplink.transport import GrpcTransport
+from bridge.shared._pb import bridge_pb2 as pb
 
 
 def _line(name: str, values: list[float]) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from bench import client
 from bench.results import Row, percentile
-from bridge._pb import bridge_pb2 as pb
-from bridge._pb import bridge_pb2_grpc as pb_grpc
-from bridge.common import mtls_channel
-from bridge.dev import localrun
-from bridge.dev.jscluster import JetStreamCluster
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
+from bridge.shared.grpcconn import mtls_channel
+from devkit import localrun
+from devkit.jscluster import JetStreamCluster
 
 SCENARIO = "ingest_stores"
 # system -> (sync_interval or None for SQLite, replicas)

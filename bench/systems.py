@@ -32,9 +32,9 @@ import orjson
 
 from bench.evidence import FileWatch
 from bench.results import Row
-from bridge import consume
-from bridge._pb import bridge_pb2 as pb
-from bridge.dev import localrun
+from bridge.cloud import consume
+from bridge.shared._pb import bridge_pb2 as pb
+from devkit import localrun
 
 
 class Record(NamedTuple):

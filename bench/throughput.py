@@ -3,7 +3,7 @@ publish to the moment the cloud side holds all of them.
 
 JSON (``throughput_json``): ~100-byte readings from several ``mosquitto_pub`` processes
 (``bench.load.Blast``), the same load for every system and ceiling. Sparkplug
-(``throughput_sparkplug``): DDATA with 50 metrics each, from ``bridge simulate`` processes
+(``throughput_sparkplug``): DDATA with 50 metrics each, from ``python -m devkit simulate`` processes
 (one edge node each); every metric value is a reading.
 
 Ceilings, on the same load: ``broker_ceiling`` is mosquitto delivering to ``mosquitto_sub``
@@ -27,7 +27,7 @@ from bench.load import Blast
 from bench.peers import peers, systems
 from bench.results import Row
 from bench.systems import Bridge, System, checked
-from bridge.dev import localrun
+from devkit import localrun
 
 SITE = "bench-site"
 Log = Callable[[str], None]
@@ -177,12 +177,12 @@ def sparkplug_load(port: int, messages: int, procs: int, *, output: int = subpro
     """``procs`` simulators publishing ``messages`` in all (``_finish`` reads their output)."""
     per = -(-messages // procs)
     return [subprocess.Popen(
-        [*localrun.bridge_argv("simulate", "--broker", f"mqtt://127.0.0.1:{port}",
+        [*localrun.devkit_argv("simulate", "--broker", f"mqtt://127.0.0.1:{port}",
                                "--payload", "sparkplug", "--metrics-per-message", "50",
                                "--devices", "4", "--rate", "0", "--count", str(per),
                                "--site", f"edge{i}", "--group", SPARKPLUG_GROUP,
                                "--mqtt-version", "3.1.1")],
-        stdout=output, stderr=subprocess.STDOUT) for i in range(procs)]
+        stdout=output, stderr=subprocess.STDOUT, cwd=localrun.ROOT) for i in range(procs)]
 
 
 def _finish(procs: list[subprocess.Popen[bytes]]) -> tuple[int, int]:
@@ -191,7 +191,7 @@ def _finish(procs: list[subprocess.Popen[bytes]]) -> tuple[int, int]:
         out, _ = p.communicate(timeout=600)
         m = _PUBLISHED.search(out)
         if m is None or p.returncode != 0:
-            raise RuntimeError(f"bridge simulate failed: {out.decode(errors='replace')}")
+            raise RuntimeError(f"devkit simulate failed: {out.decode(errors='replace')}")
         messages += int(m.group(1))
         readings += int(m.group(2))
     return messages, readings
@@ -252,7 +252,7 @@ def run_sparkplug(*, work: Path, messages: int, procs: int, log: Log) -> list[Ro
         solo = readings / (time.monotonic() - t0)
     finally:
         broker.stop()
-    log(f"  load generator alone ({procs} x bridge simulate): {solo:,.0f} readings/s")
+    log(f"  load generator alone ({procs} x devkit simulate): {solo:,.0f} readings/s")
     rows = [Row(scenario, "load_generator", "readings_per_s", round(solo), "readings/s")]
     tested: list[System] = [Bridge(workdir=work / "sparkplug", codec="sparkplug"),
                             *peers(work / "sparkplug-peers")]
@@ -271,7 +271,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(prog="python -m bench.throughput")
     ap.add_argument("--sparkplug", type=int, default=20_000, help="DDATA messages to publish")
-    ap.add_argument("--procs", type=int, default=2, help="bridge simulate processes")
+    ap.add_argument("--procs", type=int, default=2, help="devkit simulate processes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-sparkplug-") as tmp:
         _sparkplug_rate(Bridge(workdir=Path(tmp), codec="sparkplug"),

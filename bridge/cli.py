@@ -12,13 +12,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import orjson
 
 from bridge import __version__, cli_deadletters
-from bridge.certinfo import ROLE_CONSUMER, ROLE_SITE
-from bridge.config import (
+from bridge.shared.certinfo import ROLE_CONSUMER, ROLE_SITE
+from bridge.shared.config import (
     DEFAULT_INGEST_PORT,
     JetStreamSettings,
     TlsConfig,
@@ -28,13 +27,13 @@ from bridge.config import (
     nats_servers,
     parse_hostport,
 )
-from bridge.errors import ConfigError, DemoError, StoreUnavailable, UsageError, UserError
+from bridge.shared.errors import ConfigError, StoreUnavailable, UsageError, UserError
 
 EXIT_USAGE = 2
 
 
 if TYPE_CHECKING:
-    from bridge import pki
+    from bridge.shared import pki
 
 # Imported by the commands that use them: cryptography (pki) and aiormq cost the long-running
 # agent about 11 MB of RSS it never needs (measured with VmRSS before and after each import).
@@ -49,7 +48,7 @@ def _print_issued(what: str, issued: pki.Issued) -> None:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
-    from bridge import pki
+    from bridge.shared import pki
 
     if args.pki_cmd == "revoke":
         if not args.cert and not args.serial:
@@ -95,7 +94,8 @@ _GRPC_VERBOSITY = {"debug": "INFO", "info": "ERROR", "warning": "ERROR", "error"
 
 
 def _grpc_verbosity(level: str) -> None:
-    """Set before grpc is first imported (``bridge.agent`` and ``bridge.ingest`` import it)."""
+    """Set before grpc is first imported (``bridge.edge.agent`` and ``bridge.cloud.ingest``
+    import it)."""
     os.environ.setdefault("GRPC_VERBOSITY", _GRPC_VERBOSITY.get(level, "ERROR"))
 
 
@@ -105,15 +105,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     config.tls.verified(role=ROLE_SITE, name=config.site_id)
     if args.check:
         if any(s.protocol == "mqtt" for s in config.sources):
-            from bridge.sources.paho import check_paho
+            from bridge.edge.sources.paho import check_paho
 
             check_paho()
         print(f"{args.config}: OK (site {config.site_id}, {len(config.sources)} source(s), "
               f"{len(config.uplink.endpoints)} endpoint(s))")
         return 0
     _grpc_verbosity(config.log_level)
-    from bridge import agent
-    from bridge.telemetry import setup_logging
+    from bridge.edge import agent
+    from bridge.shared.telemetry import setup_logging
 
     setup_logging(config.log_level, component="agent")
     asyncio.run(agent.run(config))
@@ -130,8 +130,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK (node {config.node}, listen {config.listen}, store {store})")
         return 0
     _grpc_verbosity(config.log_level)
-    from bridge.ingest import server
-    from bridge.telemetry import setup_logging
+    from bridge.cloud.ingest import server
+    from bridge.shared.telemetry import setup_logging
 
     setup_logging(config.log_level, component="ingest")
     try:
@@ -182,7 +182,7 @@ def _consumer_setup(args: argparse.Namespace
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from bridge import consume
+    from bridge.cloud import consume
 
     targets, tls, cursor_path, jetstream = _consumer_setup(args)
     if args.status:
@@ -232,51 +232,6 @@ def cmd_consume(args: argparse.Namespace) -> int:
         print(f"note: {held} reading(s) held back above a gap; they are emitted once the gap "
               "fills (see --status)", file=sys.stderr)
     return 1 if errors else 0
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from bridge.dev import simulate
-
-    parts = urlsplit(args.broker)
-    if parts.scheme not in ("mqtt", "amqp") or not parts.hostname:
-        raise ConfigError("command line", "--broker", f'expected "mqtt://HOST[:PORT]" or '
-                          f'"amqp://USER:PASSWORD@HOST[:PORT]/VHOST", got {args.broker!r}')
-    if parts.scheme == "amqp":
-        if args.payload != "json":
-            raise UsageError("--payload sparkplug needs an mqtt:// broker (Sparkplug is MQTT)")
-        prog = simulate.run_amqp(url=args.broker, exchange=args.exchange, site=args.site,
-                                 count=args.count, rate=args.rate, profile=args.profile)
-    else:
-        try:
-            prog = simulate.run(host=parts.hostname, port=parts.port or 1883, site=args.site,
-                                count=args.count, rate=args.rate, profile=args.profile,
-                                payload=args.payload,
-                                metrics_per_message=args.metrics_per_message,
-                                devices=args.devices, mqtt_version=args.mqtt_version,
-                                group=args.group or simulate.SPARKPLUG_GROUP)
-        except OSError as exc:  # refused, unreachable, or no CONNACK (wrong protocol version)
-            print(f"error: cannot publish to {args.broker}: {exc}", file=sys.stderr)
-            return 1
-    print(f"published {prog.acked} messages, {prog.readings} readings (broker-acknowledged), "
-          f"failed {prog.failed}")
-    return 0 if prog.failed == 0 else 1
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from bridge.dev import demo
-
-    try:
-        summary = demo.run(readings=args.readings, rate=args.rate, keep=args.keep,
-                           source=args.source, payload=args.payload, store=args.store,
-                           workdir=Path(args.workdir) if args.workdir else None)
-    except DemoError as exc:
-        raise UsageError(str(exc)) from exc
-    if args.json:
-        print(orjson.dumps(summary.as_dict()).decode())
-    else:
-        print(demo.format_summary(summary))
-    ok = summary.lost == 0 and summary.duplicates == 0 and summary.committed == summary.published
-    return 0 if ok else 1
 
 
 def _aligned(rows: list[list[str]]) -> list[str]:
@@ -412,41 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a serial number in hex (when the certificate file is gone)")
     k.set_defaults(fn=cmd_pki)
 
-    s = sub.add_parser("simulate", help="publish realistic SCADA readings over MQTT or AMQP")
-    s.add_argument("--broker", default="mqtt://127.0.0.1:1883",
-                   help="mqtt://HOST:PORT, or amqp://USER:PASSWORD@HOST:PORT/VHOST")
-    s.add_argument("--payload", choices=("json", "sparkplug"), default="json",
-                   help="JSON readings or Sparkplug B (default: %(default)s)")
-    s.add_argument("--exchange", default="scada", help="AMQP: the topic exchange")
-    s.add_argument("--metrics-per-message", type=int, default=10, help="sparkplug: per DDATA")
-    s.add_argument("--devices", type=int, default=4, help="sparkplug: devices of the node")
-    s.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
-                   help="MQTT protocol version (NATS's MQTT listener speaks 3.1.1 only)")
-    s.add_argument("--group", help="sparkplug: group id (default \"Bridge Sim\"; NATS's MQTT "
-                   "listener takes no spaces in topics)")
-    s.add_argument("--site", required=True, help="the site id in the topics it publishes")
-    s.add_argument("--rate", type=float, default=100.0, help="messages/s (0: unlimited)")
-    s.add_argument("--count", type=int, default=1000,
-                   help="messages to publish (default: %(default)s)")
-    s.add_argument("--profile", choices=("grid", "water"), default="grid",
-                   help="a substation's or a water plant's signals (default: %(default)s)")
-    s.set_defaults(fn=cmd_simulate)
-
-    d = sub.add_parser("demo", help="the whole pipeline on this machine, primary killed halfway")
-    d.add_argument("--readings", type=int, default=20_000,
-                   help="readings to publish (default: %(default)s)")
-    d.add_argument("--rate", type=float, default=0.0, help="publish rate (0: unlimited)")
-    d.add_argument("--json", action="store_true", help="print the summary as JSON")
-    d.add_argument("--keep", action="store_true", help="keep the working directory")
-    d.add_argument("--workdir", help="use this directory instead of a temporary one")
-    d.add_argument("--source", choices=("mqtt", "amqp"), default="mqtt",
-                   help="the plant broker: a local mosquitto, or the machine's RabbitMQ")
-    d.add_argument("--payload", choices=("json", "sparkplug"), default="json",
-                   help="JSON readings or Sparkplug B (default: %(default)s)")
-    d.add_argument("--store", choices=("sqlite", "jetstream"), default="sqlite",
-                   help="each cloud's store: a SQLite file, or a 3-node JetStream cluster")
-    d.set_defaults(fn=cmd_demo)
-
     cli_deadletters.add_parser(sub)
 
     st = sub.add_parser("status", help="a running agent's spool, sources and endpoints")
@@ -457,11 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None
+         ) -> None:
+    """Run one command; ``parser`` is another command set with the same error handling (the
+    dev harness's ``python -m devkit``)."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         code = args.fn(args)
-    except UserError as exc:  # one line, exit 2 (bridge.errors)
+    except UserError as exc:  # one line, exit 2 (bridge.shared.errors)
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 """``bridge dead-letters``: list the spool's dead letters, replay them with the current
-config, or purge them (``bridge.redrive`` does the work)."""
+config, or purge them (``bridge.edge.redrive`` does the work)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from bridge.config import AgentConfig, load_agent
-from bridge.errors import UsageError
+from bridge.shared.config import AgentConfig, load_agent
+from bridge.shared.errors import UsageError
 
 
 def add_parser(sub: Any) -> None:
@@ -44,7 +44,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.id or args.reason or args.older_than_days is not None or args.all:
         raise UsageError("--id, --reason, --older-than-days and --all select letters for "
                          "replay or purge; listing takes --limit")
-    from bridge.spool import read_dead_letters
+    from bridge.edge.spool import read_dead_letters
 
     letters = read_dead_letters(cfg.spool.path, limit=args.limit)
     for row in letters:
@@ -69,8 +69,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def _replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
-    from bridge import redrive
-    from bridge.telemetry import setup_logging
+    from bridge.edge import redrive
+    from bridge.shared.telemetry import setup_logging
 
     if args.older_than_days is not None or args.all:
         raise UsageError("replay selects with --id and --reason (none: every dead letter)")
@@ -85,8 +85,8 @@ def _replay(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _purge(cfg: AgentConfig, args: argparse.Namespace) -> int:
-    from bridge import redrive
-    from bridge.telemetry import setup_logging
+    from bridge.edge import redrive
+    from bridge.shared.telemetry import setup_logging
 
     if not (args.id or args.reason or args.older_than_days is not None or args.all):
         raise UsageError("purge needs --id, --reason, --older-than-days or --all")

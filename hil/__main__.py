@@ -17,7 +17,7 @@ from hil.scenarios import SCENARIOS, Result, run
 DOC = Path(__file__).resolve().parent.parent / "docs" / "hil.md"
 
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "hil.json"
 
 
 def _record(r: Result, command: str, caps: list[str]) -> dict[str, object]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("scenario", choices=[*SCENARIOS, "all"])
     r.add_argument("--quick", action="store_true", help="the smaller size make test runs")
     r.add_argument("--write", action="store_true", help="store the results in "
-                   "hil/results.json and render the table in docs/hil.md")
+                   "docs/hil.json and render the table in docs/hil.md")
     args = p.parse_args(argv)
     caps = probe()
     if args.cmd == "probe":

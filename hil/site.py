@@ -21,9 +21,10 @@ from typing import Any
 
 import orjson
 
-from bridge import consume, pki
-from bridge.config import TlsConfig
-from bridge.dev import localrun, simulate
+from bridge.cloud import consume
+from bridge.shared import pki
+from bridge.shared.config import TlsConfig
+from devkit import localrun, simulate
 from hil.topology import CLOUDS, Topology
 
 SITE = "hil-site"

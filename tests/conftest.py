@@ -13,9 +13,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge import consume
-from bridge.dev import localrun, simulate
-from bridge.dev.localrun import AgentProc
+from bridge.cloud import consume
+from devkit import localrun, simulate
+from devkit.localrun import AgentProc
 
 
 def wait_for(cond: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition",

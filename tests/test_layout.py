@@ -1,11 +1,15 @@
-"""The package reads along the data flow: the import graph has no edge against it.
+"""The package reads along the wire: the directory tree says where each module belongs, and
+the import graph has no edge against the flow.
 
-sources -> intake (with codecs and envelope) -> spool -> uplink -> (the wire) -> ingest ->
-consume. Neutral modules (config, telemetry, common, files, pki, service, errors, reload,
-generated code) may be imported by every stage. A stage imports neutral modules, stages
-upstream of it and the next stage, which it hands its output to (the intake commits into the
-spool), on its own side of the wire; never a stage further on, never across the wire.
-Nothing but the CLI imports the dev tooling.
+``bridge/edge/`` holds the gateway's stages in flow order (sources -> codecs, intake, envelope,
+redrive -> spool -> uplink, with ``agent`` wiring them); ``bridge/cloud/`` the cloud's
+(ingest -> store -> consume); ``bridge/shared/`` what both sides use (the wire schema,
+config, telemetry, errors, PKI, files, pacing, gRPC client settings, sockets, the HTTP
+endpoint, systemd, SIGHUP). Only the command line sits at the top. A stage imports shared
+modules, stages upstream of it and the next stage, which it hands its output to, on its own
+side; never a stage further on, never across the wire. Shared modules import no stage, but
+config validates JSON mappings with the codecs' own parser. The development harness
+(``devkit/``) is outside the package, and nothing in it is imported by the package.
 """
 
 from __future__ import annotations
@@ -15,31 +19,21 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / "bridge"
-NEUTRAL = {"bridge.common", "bridge.config", "bridge.telemetry", "bridge.httpserve",
-           "bridge.files", "bridge.certinfo",
-           "bridge.pki", "bridge.service", "bridge.errors", "bridge.reload", "bridge._pb"}
-# Agent side 1-4, cloud side 5-6.
-STAGES = {"bridge.sources": 1, "bridge.codecs": 2, "bridge.intake": 2, "bridge.envelope": 2,
-          "bridge.redrive": 2,
-          "bridge.spool": 3,
-"bridge.uplink": 4, "bridge.netbind": 4,
-          "bridge.ingest": 5, "bridge.consume": 6}
-WIRING = {"bridge.agent": 4}  # wires the agent side
-FREE = {"bridge.cli", "bridge.cli_deadletters", "bridge.__main__", "bridge.dev"}
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "bridge"
+# Each side's stages in flow order; a stage is a module or package directly under its side.
+FLOW = {
+    "edge": [{"sources"}, {"codecs", "intake", "envelope", "redrive"}, {"spool"},
+             {"uplink", "agent"}],
+    "cloud": [{"ingest"}, {"store"}, {"consume"}],
+}
+TOP = {"__init__", "__main__", "cli", "cli_deadletters", "edge", "cloud", "shared", "py"}
 
 
 def _module(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
+    rel = path.relative_to(ROOT).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
-
-
-def _group(name: str, table: set[str] | dict[str, int]) -> str | None:
-    for key in sorted(table, key=len, reverse=True):
-        if name == key or name.startswith(key + "."):
-            return key
-    return None
 
 
 def _imports(path: Path) -> set[str]:
@@ -48,49 +42,65 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names
-                       if (PKG.parent / node.module.replace(".", "/") / a.name).exists()
-                       or (PKG.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+                       if (ROOT / node.module.replace(".", "/") / a.name).exists()
+                       or (ROOT / node.module.replace(".", "/") / f"{a.name}.py").exists())
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
-    return {m for m in out if m == "bridge" or m.startswith("bridge.")}
+    return {m for m in out if m.split(".")[0] in {"bridge", "devkit"}}
 
 
-def _rank(name: str) -> tuple[str, int | None]:
-    if name == "bridge":  # the package itself: __version__ only
-        return "neutral", None
-    if _group(name, FREE):
-        return "free", None
-    if _group(name, NEUTRAL):
-        return "neutral", None
-    if (g := _group(name, STAGES)) is not None:
-        return "stage", STAGES[g]
-    if (g := _group(name, WIRING)) is not None:
-        return "wiring", WIRING[g]
+def _place(name: str) -> tuple[str, int | None]:
+    """(side, rank): side is edge, cloud, shared or cli; rank is the stage's place in FLOW."""
+    parts = name.split(".")
+    if parts[0] == "devkit":
+        return "devkit", None
+    if (len(parts) <= 2 and parts[-1] in {"bridge", *FLOW}) or parts[1] == "shared":
+        # the package itself (__version__ only) and each side's package (a docstring)
+        return "shared", None
+    if len(parts) == 2 and parts[1] in {"cli", "cli_deadletters", "__main__"}:
+        return "cli", None
+    if len(parts) < 3 or parts[1] not in FLOW:
+        return "unknown", None
+    for rank, stages in enumerate(FLOW[parts[1]]):
+        if parts[2] in stages:
+            return parts[1], rank
     return "unknown", None
 
 
 MODULES = sorted(p for p in PKG.rglob("*.py") if "_pb" not in p.parts)
 
 
+def test_the_top_of_the_package_holds_only_the_sides_and_the_command_line() -> None:
+    stray = sorted(p.name for p in PKG.iterdir()
+                   if p.name != "__pycache__" and p.stem not in TOP and p.name != "py.typed")
+    assert not stray, f"{stray}: put each under bridge/edge, bridge/cloud or bridge/shared"
+
+
+@pytest.mark.parametrize("side", sorted(FLOW))
+def test_every_stage_on_a_side_is_in_the_flow(side: str) -> None:
+    named = set().union(*FLOW[side])
+    present = {p.stem for p in (PKG / side).iterdir()
+               if p.name not in {"__init__.py", "__pycache__"}}
+    assert present == named, f"bridge/{side}: {present ^ named} not in FLOW, or gone"
+
+
 @pytest.mark.parametrize("path", MODULES, ids=_module)
 def test_no_module_imports_against_the_flow(path: Path) -> None:
     me = _module(path)
-    kind, rank = _rank(me)
-    assert kind != "unknown", f"{me} is in no stage: add it to tests/test_layout.py"
+    side, rank = _place(me)
+    assert side != "unknown", f"{me} is in no stage of FLOW"
     for dep in _imports(path):
-        dkind, drank = _rank(dep)
-        if dep == "bridge" or kind == "free":
+        dside, drank = _place(dep)
+        assert dside != "devkit", f"{me} imports {dep}: the dev harness is not shipped"
+        if side == "cli" or dside == "shared":
             continue
-        assert dkind != "free", f"{me} imports {dep} (dev tooling or the CLI)"
-        if dkind == "neutral":
+        assert dside != "cli", f"{me} imports {dep} (the command line)"
+        if side == "shared":
+            assert me.startswith("bridge.shared.config") and \
+                dep.startswith("bridge.edge.codecs"), f"shared {me} imports the stage {dep}"
             continue
-        if kind == "neutral":
-            # config validates codec names and JSON mappings with the codecs' own parser.
-            assert me.startswith("bridge.config") and dep.startswith("bridge.codecs"), (me, dep)
-            continue
-        assert drank is not None and rank is not None
-        same_side = (rank <= 4) == (drank <= 4)
-        assert same_side and drank <= rank + 1, \
+        assert dside == side, f"{me} ({side}) imports {dep} across the wire ({dside})"
+        assert rank is not None and drank is not None and drank <= rank + 1, \
             f"{me} (stage {rank}) imports {dep} (stage {drank})"
 
 
@@ -101,11 +111,11 @@ def test_no_module_is_over_500_lines(path: Path) -> None:
 
 
 def test_the_module_map_names_every_module() -> None:
-    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    doc = (ROOT / "docs" / "architecture.md").read_text()
     table = doc[doc.index("## Module map"):doc.index("## Decisions")]
     for path in MODULES:
-        rel = path.relative_to(PKG.parent).as_posix()
-        parent = f"{path.parent.relative_to(PKG.parent).as_posix()}/"
+        rel = path.relative_to(ROOT).as_posix()
+        parent = f"{path.parent.relative_to(ROOT).as_posix()}/"
         named = f"`{rel}`" in table or f"`{path.name}`" in table or \
             f"`{path.stem}`" in table or path.name == "__init__.py"
         assert named and (parent == "bridge/" or f"`{parent}" in table or parent in table), rel

@@ -27,6 +27,11 @@ def test_the_wheel_ships_the_license_file_and_declares_apache_2(tmp_path: Path) 
         assert z.read(lic) == (ROOT / "LICENSE").read_bytes()
         (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         assert "Apache-2.0" in z.read(meta).decode()
+    # The package and nothing else: the dev harness, tests and benches stay in the checkout.
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"bridge"}, tops
+    assert {"bridge/edge/agent.py", "bridge/cloud/ingest/server.py",
+            "bridge/shared/_pb/bridge_pb2.py"} <= set(names)
     assert b"Apache License" in (ROOT / "LICENSE").read_bytes()[:200]
 
 
@@ -107,7 +112,7 @@ def test_nothing_is_started_or_enabled_on_install(tree: Path):
 
 def test_the_packaged_bridge_runs_its_version_and_checks_an_agent_config(
         tree: Path, tmp_path: Path):
-    from bridge.dev import localrun
+    from devkit import localrun
 
     python = tree / "opt/bridge/.venv/bin/python"
     script = tree / "opt/bridge/.venv/bin/bridge"

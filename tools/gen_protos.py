@@ -1,10 +1,10 @@
-"""Regenerate bridge/_pb from protos/ with the pinned grpcio-tools and mypy-protobuf.
+"""Regenerate bridge/shared/_pb from protos/ with the pinned grpcio-tools and mypy-protobuf.
 
-Usage: python tools/gen_protos.py [OUT_DIR]   (default: bridge/_pb)
+Usage: python tools/gen_protos.py [OUT_DIR]   (default: bridge/shared/_pb)
 
 protoc names imports after the proto package (``from bridge.v1 import ...``); the generated
-files live flat in ``bridge._pb``, so imports are rewritten. The output is deterministic, which
-is what lets tests/test_protos.py compare it with the committed files.
+files live flat in ``bridge.shared._pb``, so imports are rewritten. The output is
+deterministic, which is what lets tests/shared/test_protos.py compare it with the committed files.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ def generate(out_dir: Path) -> list[Path]:
             if path.suffix not in {".py", ".pyi"}:
                 continue
             text = path.read_text()
-            text = re.sub(r"^from (bridge\.v1|sparkplug_b) import ", "from bridge._pb import ",
-                          text, flags=re.MULTILINE)
-            text = re.sub(r"^import (bridge\.v1|sparkplug_b)\.(\w+)", r"import bridge._pb.\2",
-                          text, flags=re.MULTILINE)
-            text = text.replace("bridge.v1.bridge_pb2", "bridge._pb.bridge_pb2")
+            text = re.sub(r"^from (bridge\.v1|sparkplug_b) import ",
+                          "from bridge.shared._pb import ", text, flags=re.MULTILINE)
+            text = re.sub(r"^import (bridge\.v1|sparkplug_b)\.(\w+)",
+                          r"import bridge.shared._pb.\2", text, flags=re.MULTILINE)
+            text = text.replace("bridge.v1.bridge_pb2", "bridge.shared._pb.bridge_pb2")
             target = out_dir / path.name
             target.write_text(HEADER + text)
             written.append(target)
@@ -55,8 +55,8 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bridge" / "_pb"
-    if out.exists() and out == ROOT / "bridge" / "_pb":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bridge" / "shared" / "_pb"
+    if out.exists() and out == ROOT / "bridge" / "shared" / "_pb":
         shutil.rmtree(out)
     for path in generate(out):
         print(path.relative_to(out.parent) if out.parent in path.parents else path)

@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bridge.config import load_ingest
-from bridge.dev.jscluster import nats_server
-from bridge.telemetry import IngestMetrics
+from bridge.shared.config import load_ingest
+from bridge.shared.telemetry import IngestMetrics
+from devkit.jscluster import nats_server
 from tests.deploy import kustomize
 from tests.deploy.test_nats import make_pki
 from tools import gen_prometheusrule
@@ -169,7 +169,7 @@ def test_the_ingest_config_loads_and_its_ports_match_the_pod_and_the_probes(
 
 def test_the_deny_list_is_mounted_as_a_directory_so_an_edit_reaches_running_pods(
         overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
-    from bridge.ingest.denylist import parse
+    from bridge.cloud.ingest.denylist import parse
 
     _, objs = overlay
     cfg = _ingest_config(objs, tmp_path)

@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bridge._pb import bridge_pb2 as pb
-from bridge.config import JetStreamSettings
-from bridge.dev.jscluster import nats_server
-from bridge.dev.localrun import Proc, bridge_argv, free_port, wait_port
-from bridge.ingest.jetstream import JetStreamStore
-from bridge.ingest.store import Incoming
-from bridge.telemetry import IngestMetrics
+from bridge.cloud.store.jetstream import JetStreamStore
+from bridge.cloud.store.records import Incoming
+from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared.config import JetStreamSettings
+from bridge.shared.telemetry import IngestMetrics
+from devkit.jscluster import nats_server
+from devkit.localrun import Proc, bridge_argv, free_port, wait_port
 from tests.conftest import wait_for
 from tests.deploy import kustomize
 

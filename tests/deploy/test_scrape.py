@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.dev import localrun
+from devkit import localrun
 from tests.conftest import Cluster, Publisher, blast, idle, publish_raw, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -1,5 +1,5 @@
 // A Sparkplug B edge node built on Eclipse Tahu's own JavaScript client (npm sparkplug-client),
-// the witness for tests/test_tahu.py: it publishes NBIRTH, a DBIRTH and N rounds of NDATA and
+// the witness for tests/tahu/test_tahu.py: it publishes NBIRTH, a DBIRTH and N rounds of NDATA and
 // DDATA, a third of each uncompressed, a third DEFLATE (Tahu's default) and a third GZIP, then
 // prints one JSON line per published message (what the test expects back) and exits.
 // Usage: node publish.js MQTT_PORT ROUNDS
