@@ -28,6 +28,7 @@ from bridge.shared.config import (
     parse_hostport,
 )
 from bridge.shared.errors import ConfigError, StoreUnavailable, UsageError, UserError
+from bridge.shared.kinds import Protocol
 
 EXIT_USAGE = 2
 
@@ -104,7 +105,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     # The checks the ingest's TLS would make, now rather than as refusals later.
     config.tls.verified(role=ROLE_SITE, name=config.site_id)
     if args.check:
-        if any(s.protocol == "mqtt" for s in config.sources):
+        if any(s.protocol == Protocol.MQTT for s in config.sources):
             from bridge.edge.sources.paho import check_paho
 
             check_paho()

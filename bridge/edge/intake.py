@@ -29,15 +29,15 @@ import paho.mqtt.client as mqtt
 from bridge.edge.codecs import Decoder, make_decoder
 from bridge.edge.envelope import prepare_envelope, seal
 from bridge.edge.sources.base import Message, Source
-from bridge.edge.spool import PRIORITIES, AsyncSpool, DeadLetter, Pending
+from bridge.edge.spool import AsyncSpool, DeadLetter, Pending
+from bridge.shared import defaults as D
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.config import (
-    DEFAULT_COMMIT_MAX_BYTES,
-    DEFAULT_MAX_PAYLOAD,
     SourceConfig,
     SpoolConfig,
 )
 from bridge.shared.errors import DecodeError, SpoolFull, SpoolReset
+from bridge.shared.kinds import FullPolicy, ReadingClass
 from bridge.shared.pacing import Backoff
 from bridge.shared.telemetry import AgentMetrics, event
 
@@ -48,13 +48,13 @@ PREPARE_SLICE = 64  # messages decoded between two turns of the event loop
 class IntakePolicy:
     """How one source's messages are committed: group size, bounds and the full-spool policy."""
 
-    commit_max: int = 1000
-    commit_max_bytes: int = DEFAULT_COMMIT_MAX_BYTES
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
-    priority: tuple[tuple[str, str], ...] = ()
-    backpressure_s: float = 60.0
-    full_policy: str = "drop_oldest"
-    dedupe_retransmissions: bool = True
+    commit_max: int = D.COMMIT_MAX_MESSAGES
+    commit_max_bytes: int = D.COMMIT_MAX_BYTES
+    max_payload_bytes: int = D.MAX_PAYLOAD_BYTES
+    priority: tuple[tuple[str, ReadingClass], ...] = ()
+    backpressure_s: float = D.BACKPRESSURE_S
+    full_policy: FullPolicy = D.FULL_POLICY
+    dedupe_retransmissions: bool = D.DEDUPE_RETRANSMISSIONS
 
     @classmethod
     def of(cls, spool: SpoolConfig, source: SourceConfig) -> IntakePolicy:
@@ -82,10 +82,11 @@ def decoder_for(source: SourceConfig,
                         max_decompressed_bytes=sp.max_decompressed_bytes)
 
 
-def priority_of(priority: tuple[tuple[str, str], ...], topic: str) -> int:
-    """The class of the first ``spool.priority`` pattern ``topic`` matches (0: telemetry)."""
-    return next((PRIORITIES[cls] for pattern, cls in priority
-                 if mqtt.topic_matches_sub(pattern, topic)), 0)
+def priority_of(priority: tuple[tuple[str, ReadingClass], ...], topic: str) -> int:
+    """The rank of the first ``spool.priority`` pattern's class that ``topic`` matches
+    (telemetry's when none does)."""
+    return next((cls.rank for pattern, cls in priority
+                 if mqtt.topic_matches_sub(pattern, topic)), ReadingClass.TELEMETRY.rank)
 
 
 def digest(topic: str, payload: bytes) -> bytes:
@@ -163,7 +164,7 @@ class Intake:
                                   policy_after_s=self.backpressure_s, policy=self.full_policy)
                         if now - full_since >= self.backpressure_s and await self._apply_policy(
                                 pending):
-                            if self.full_policy == "reject_new":
+                            if self.full_policy == FullPolicy.REJECT_NEW:
                                 pending = []
                             continue
                         await backoff.sleep()
@@ -215,7 +216,7 @@ class Intake:
     async def _apply_policy(self, pending: list[Pending]) -> bool:
         """The spool stayed full past the backpressure window: drop by policy (recorded)."""
         try:
-            if self.full_policy == "reject_new":
+            if self.full_policy == FullPolicy.REJECT_NEW:
                 n = await self.spool.commit_dropped(pending, "spool_full")
             else:
                 # Free 5 % of the bound at a time: not one drop per message.

@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 from bridge.cloud.store.ledger import TOO_MANY_GAPS
+from bridge.shared import defaults as D
 from bridge.shared._pb import bridge_pb2 as pb
 
 SEQ_MAX = 2**63 - 1
@@ -30,12 +31,12 @@ SEQ_MAX = 2**63 - 1
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    max_batch_envelopes: int = 10_000
-    max_tombstone_span: int = 2**40
-    max_batch_bytes: int = 4 * 1024 * 1024
-    max_in_flight_per_site: int = 8
-    admit_target_ms: int = 300            # 0: no admission control (bridge.cloud.ingest.admission)
-    max_in_flight_readings: int = 200_000  # the admission limit's ceiling
+    max_batch_envelopes: int = D.MAX_BATCH_ENVELOPES
+    max_tombstone_span: int = D.MAX_TOMBSTONE_SPAN
+    max_batch_bytes: int = D.MAX_BATCH_BYTES
+    max_in_flight_per_site: int = D.MAX_IN_FLIGHT_PER_SITE
+    admit_target_ms: int = D.ADMIT_TARGET_MS  # 0: no admission control (ingest.admission)
+    max_in_flight_readings: int = D.MAX_IN_FLIGHT_READINGS  # the admission limit's ceiling
 
     def batch_problem(self, envelopes: int) -> str | None:
         """Why a batch of ``envelopes`` is refused whole, or None."""

@@ -41,6 +41,7 @@ from bridge.cloud.ingest.ratelimit import SiteLimiter
 from bridge.cloud.store import open_backend
 from bridge.cloud.store.backend import Backend, status_reply
 from bridge.cloud.store.records import COMMITTED, DUPLICATE, Incoming
+from bridge.shared import defaults as D
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
 from bridge.shared.certinfo import ROLE_CONSUMER, ROLE_SITE
@@ -302,7 +303,8 @@ class IngestNode:
                  jetstream: JetStreamSettings | None = None,
                  rate_limit_per_s: float = 0.0, rate_limit_burst: float = 0.0,
                  metrics: IngestMetrics | None = None, limits: Limits | None = None,
-                 max_epochs_per_site: int = 256, max_gaps_per_stream: int = 10_000,
+                 max_epochs_per_site: int = D.MAX_EPOCHS_PER_SITE,
+                 max_gaps_per_stream: int = D.MAX_GAPS_PER_STREAM,
                  health_listen: str | None = None, deny_list: Path | None = None) -> None:
         self.node = node
         self.metrics = metrics or IngestMetrics()

@@ -70,6 +70,7 @@ from bridge.cloud.store.fair import FairExecutor
 from bridge.cloud.store.ledger import TOO_MANY_GAPS, Key, Overlay
 from bridge.cloud.store.records import COMMITTED, DUPLICATE, Incoming, narrow
 from bridge.cloud.store.subjects import Keeper, SubjectState, checkpoint_key, site_of, subject_token
+from bridge.shared import defaults as D
 from bridge.shared.config import JetStreamSettings
 from bridge.shared.errors import StoreUnavailable
 from bridge.shared.pacing import Backoff
@@ -102,8 +103,9 @@ async def _ignore(_: bool) -> None:
 class JetStreamStore:
     """Commits batches to JetStream with the invariant above; one instance per replica."""
 
-    def __init__(self, *, settings: JetStreamSettings, max_epochs_per_site: int = 256,
-                 max_gaps_per_stream: int = 10_000,
+    def __init__(self, *, settings: JetStreamSettings,
+                 max_epochs_per_site: int = D.MAX_EPOCHS_PER_SITE,
+                 max_gaps_per_stream: int = D.MAX_GAPS_PER_STREAM,
                  on_health: Callable[[bool], Awaitable[None]] | None = None,
                  metrics: IngestMetrics | None = None, read_only: bool = False) -> None:
         """``on_health(False)`` when the connection to the cluster is lost, ``(True)`` when it

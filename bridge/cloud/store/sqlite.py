@@ -30,6 +30,7 @@ from bridge.cloud.store.backend import StreamState
 from bridge.cloud.store.fair import FairExecutor
 from bridge.cloud.store.ledger import TOO_MANY_GAPS, Key, Ledger, Overlay, StreamLedger
 from bridge.cloud.store.records import COMMITTED, DUPLICATE, Incoming, narrow
+from bridge.shared import defaults as D
 from bridge.shared.files import private_file
 from bridge.shared.pacing import wait_event
 
@@ -55,8 +56,9 @@ class Row:
 class Store:
     """Single-writer; ``commit`` runs on one thread, readers use ``Reader`` connections."""
 
-    def __init__(self, *, path: Path, max_epochs_per_site: int = 256,
-                 max_gaps_per_stream: int = 10_000, busy_timeout_s: float = 2.0) -> None:
+    def __init__(self, *, path: Path, max_epochs_per_site: int = D.MAX_EPOCHS_PER_SITE,
+                 max_gaps_per_stream: int = D.MAX_GAPS_PER_STREAM,
+                 busy_timeout_s: float = 2.0) -> None:
         self.path = path
         self.max_epochs_per_site = max_epochs_per_site
         self.max_gaps_per_stream = max_gaps_per_stream

@@ -18,21 +18,25 @@ from bridge.edge.codecs._base import Decoded, DecodedValue, Decoder, Publish, St
 from bridge.edge.codecs.json import decode_json
 from bridge.edge.codecs.mapping import JsonMapping, MappedJson
 from bridge.edge.codecs.raw import decode_raw
+from bridge.shared import defaults as D
 from bridge.shared.errors import DecodeError
+from bridge.shared.kinds import Codec
 
 if TYPE_CHECKING:
     from bridge.edge.codecs.sparkplug import Notice
 
-CODECS = ("json", "raw", "sparkplug")
-DECODERS: dict[str, Callable[[str, bytes], Decoded]] = {"json": decode_json, "raw": decode_raw}
+CODECS = tuple(Codec)
+DECODERS: dict[Codec, Callable[[str, bytes], Decoded]] = {Codec.JSON: decode_json,
+                                                         Codec.RAW: decode_raw}
 
 
-def make_decoder(*, codec: str, mappings: list[JsonMapping] | None = None,
+def make_decoder(*, codec: Codec, mappings: list[JsonMapping] | None = None,
                  notice: Notice | None = None, rebirth: bool = True,
-                 rebirth_on_gap: bool = True, rebirth_interval_s: float = 10.0,
-                 rebirth_max_per_s: float = 10.0, max_edge_nodes: int = 10_000,
-                 max_decompressed_bytes: int = 16 << 20) -> Decoder:
-    if codec == "sparkplug":
+                 rebirth_on_gap: bool = True, rebirth_interval_s: float = D.REBIRTH_INTERVAL_S,
+                 rebirth_max_per_s: float = D.REBIRTH_MAX_PER_S,
+                 max_edge_nodes: int = D.MAX_EDGE_NODES,
+                 max_decompressed_bytes: int = D.MAX_DECOMPRESSED_BYTES) -> Decoder:
+    if codec == Codec.SPARKPLUG:
         # Imported here: its generated schema and decoder cost a JSON-only agent 1.8 MB of RSS.
         from bridge.edge.codecs.sparkplug import SparkplugDecoder
 
@@ -44,7 +48,7 @@ def make_decoder(*, codec: str, mappings: list[JsonMapping] | None = None,
     fn = DECODERS[codec]
     if mappings:
         fn = MappedJson(mappings=mappings, fallback=fn).decode
-    return StatelessDecoder(codec="json" if mappings else codec, fn=fn)
+    return StatelessDecoder(codec=Codec.JSON if mappings else codec, fn=fn)
 
 
 __all__ = ["CODECS", "DECODERS", "DecodeError", "Decoded", "DecodedValue", "Decoder",

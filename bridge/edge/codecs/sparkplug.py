@@ -61,6 +61,7 @@ import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from bridge.edge.codecs._base import Decoded, DecodedValue, Publish, Scalar
+from bridge.shared import defaults as D
 from bridge.shared._pb import sparkplug_b_pb2 as sp
 from bridge.shared.errors import DecodeError
 from bridge.shared.pacing import TokenBucket
@@ -70,7 +71,6 @@ NODE_TYPES = {"NBIRTH", "NDEATH", "NDATA", "NCMD"}
 DEVICE_TYPES = {"DBIRTH", "DDEATH", "DDATA", "DCMD"}
 REBIRTH_METRIC = "Node Control/Rebirth"
 COMPRESSED_UUID = "SPBV1.0_COMPRESSED"
-DEFAULT_MAX_DECOMPRESSED = 16 << 20
 _ZLIB_WBITS = {"GZIP": (16 + zlib.MAX_WBITS,), "DEFLATE": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
 _MAX_NS_MS = (2**63 - 1) // 1_000_000
 _I64 = 2**63
@@ -254,9 +254,10 @@ class SparkplugDecoder:
     codec = "sparkplug"
 
     def __init__(self, *, rebirth: bool = True, rebirth_on_gap: bool = True,
-                 rebirth_interval_s: float = 10.0, notice: Notice | None = None,
-                 max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
-                 max_edge_nodes: int = 10_000, rebirth_max_per_s: float = 10.0,
+                 rebirth_interval_s: float = D.REBIRTH_INTERVAL_S, notice: Notice | None = None,
+                 max_decompressed_bytes: int = D.MAX_DECOMPRESSED_BYTES,
+                 max_edge_nodes: int = D.MAX_EDGE_NODES,
+                 rebirth_max_per_s: float = D.REBIRTH_MAX_PER_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_decompressed_bytes = max_decompressed_bytes
         self.max_edge_nodes = max_edge_nodes

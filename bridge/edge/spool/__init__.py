@@ -122,8 +122,6 @@ takes live batches from the fresh tail under its lock, never waiting for it
 from __future__ import annotations
 
 from bridge.edge.spool.base import (
-    DEAD_MAX,
-    DEAD_PAYLOAD_BYTES,
     HEADROOM,
     PRIORITIES,
     SCHEMA_VERSION,
@@ -142,8 +140,6 @@ from bridge.edge.spool.ring import RedeliveryRing
 from bridge.shared.errors import SpoolError, SpoolFull, SpoolReset
 
 __all__ = [
-    "DEAD_MAX",
-    "DEAD_PAYLOAD_BYTES",
     "HEADROOM",
     "PRIORITIES",
     "SCHEMA_VERSION",

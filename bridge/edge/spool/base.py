@@ -16,17 +16,16 @@ from bridge.edge.spool.clock import SpoolClock
 from bridge.edge.spool.fresh import FreshTail
 from bridge.edge.spool.ring import RedeliveryRing
 from bridge.shared._pb import bridge_pb2 as pb
+from bridge.shared.kinds import ReadingClass
 
 R = TypeVar("R")
 SCHEMA_VERSION = 2
-DEAD_PAYLOAD_BYTES = 4096
-DEAD_MAX = 10_000
 WAL_LIMIT = 4 << 20
 HEADROOM = 2 * WAL_LIMIT  # free disk kept for deletes: a whole WAL and its checkpoint
 _PAGE = 4096
 _TABLES = {"meta", "readings", "dead_letters", "recent", "drops"}
 TOMBSTONE = 99
-PRIORITIES = {"telemetry": 0, "event": 1, "alarm": 2}
+PRIORITIES = {c: c.rank for c in ReadingClass}  # a row's prio column, by class
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE",
             "SQLITE_CORRUPT_VTAB", "SQLITE_IOERR_SHORT_READ"}
 

@@ -13,8 +13,6 @@ from typing import TypeVar
 import orjson
 
 from bridge.edge.spool.base import (
-    DEAD_MAX,
-    DEAD_PAYLOAD_BYTES,
     DeadLetter,
     Pending,
     Quarantine,
@@ -30,6 +28,7 @@ from bridge.edge.spool.headroom import Headroom
 from bridge.edge.spool.recovery import Recovery
 from bridge.edge.spool.schema import Schema
 from bridge.edge.spool.send import SendSide
+from bridge.shared import defaults as D
 from bridge.shared.errors import SpoolError, SpoolFull
 from bridge.shared.files import OwnerLock
 
@@ -41,9 +40,10 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
 
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
                  ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0,
-                 max_age_s: float = 0.0, clock: SpoolClock | None = None,
-                 dead_letter_payload_bytes: int = DEAD_PAYLOAD_BYTES,
-                 dead_letters_max: int = DEAD_MAX, dead_letters_max_bytes: int | None = None,
+                 max_age_s: float = D.MAX_AGE_S, clock: SpoolClock | None = None,
+                 dead_letter_payload_bytes: int = D.DEAD_LETTER_PAYLOAD_BYTES,
+                 dead_letters_max: int = D.DEAD_LETTERS_MAX,
+                 dead_letters_max_bytes: int | None = None,
                  on_evict: Callable[[int], None] | None = None) -> None:
         self.path = path
         self.dead_payload_bytes = dead_letter_payload_bytes

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from bridge.shared import certinfo
+from bridge.shared import defaults as D
 from bridge.shared.config import TlsConfig
 from bridge.shared.errors import ConfigError
 from bridge.shared.files import Stamp, stamp
@@ -58,7 +59,7 @@ class CredentialWatcher:
     """Polls the uplink's TLS files; calls ``on_change(pem)`` with every new set that passes."""
 
     def __init__(self, *, tls: TlsConfig, site_id: str, metrics: AgentMetrics,
-                 on_change: Callable[[Pem], Awaitable[None]], check_s: float = 5.0,
+                 on_change: Callable[[Pem], Awaitable[None]], check_s: float = D.TLS_CHECK_S,
                  also: Mapping[str, Path] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """``also``: further certificates held (role -> file) whose expiry is watched."""

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 
 from bridge.edge.uplink.breaker import BreakerState, CircuitBreaker
 from bridge.edge.uplink.transport import Transport
+from bridge.shared import defaults as D
 from bridge.shared.errors import ErrorKind, TransportError
 from bridge.shared.pacing import Backoff, wait_event
 from bridge.shared.telemetry import AgentMetrics, event
@@ -81,7 +82,7 @@ class EndpointPool:
     def __init__(self, *, endpoints: Sequence[Endpoint], metrics: AgentMetrics,
                  health_interval_s: float, health_timeout_s: float,
                  health_timeout_min_s: float = 0.3, failback_after_s: float = 30.0,
-                 refused_retry_s: float = 60.0,
+                 refused_retry_s: float = D.REFUSED_RETRY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics

@@ -17,9 +17,7 @@ from __future__ import annotations
 from bridge.shared.config.load import load_agent, load_consumer, load_ingest
 from bridge.shared.config.model import (
     DEFAULT_AMQP_PORT,
-    DEFAULT_COMMIT_MAX_BYTES,
     DEFAULT_INGEST_PORT,
-    DEFAULT_MAX_PAYLOAD,
     DEFAULT_MQTT_PORT,
     NATS_URL,
     SITE_ID_MAX,
@@ -48,9 +46,7 @@ from bridge.shared.errors import ConfigError
 
 __all__ = [
     "DEFAULT_AMQP_PORT",
-    "DEFAULT_COMMIT_MAX_BYTES",
     "DEFAULT_INGEST_PORT",
-    "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_MQTT_PORT",
     "NATS_URL",
     "SITE_ID_MAX",

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from bridge.edge.codecs import JsonMapping
+from bridge.shared import defaults as D
 from bridge.shared.config import interpolate, schema
 from bridge.shared.config.model import (
     DEFAULT_AMQP_PORT,
     DEFAULT_INGEST_PORT,
-    DEFAULT_MAX_PACKET,
     DEFAULT_MQTT_PORT,
     MQTT_MAX_PACKET,
     MQTT_PACKET_OVERHEAD,
@@ -45,6 +45,7 @@ from bridge.shared.config.model import (
 )
 from bridge.shared.errors import ConfigError, MappingError
 from bridge.shared.files import exposure
+from bridge.shared.kinds import Codec, StoreKind
 
 C = TypeVar("C")
 
@@ -113,10 +114,10 @@ def _decode(f: _File, s: schema.MqttSourceFile | schema.AmqpSourceFile, where: s
         except MappingError as exc:
             key, _, message = str(exc).partition(": ")
             raise f.error(key, message) from exc
-    if mappings and s.codec == "sparkplug":
+    if mappings and s.codec == Codec.SPARKPLUG:
         raise f.error(f"{where}.mappings", 'JSON mappings do not apply to codec = "sparkplug"')
     sparkplug = None
-    if s.codec == "sparkplug":
+    if s.codec == Codec.SPARKPLUG:
         sp = s.sparkplug or schema.SparkplugFile()
         if sp.host_id is not None and not re.fullmatch(r"[^/+#]+", sp.host_id):
             raise f.error(f"{where}.sparkplug.host_id", "must not contain '/', '+' or '#'")
@@ -204,7 +205,7 @@ def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> Mq
                       "mode 0600)")
     tls = _source_tls(f, s, parts.scheme, where)
     decode = _decode(f, s, where, separator="/")
-    if s.topics is None and decode.codec != "sparkplug":
+    if s.topics is None and decode.codec != Codec.SPARKPLUG:
         raise f.error(f"{where}.topics", "required key is missing")
     topics = tuple(s.topics) if s.topics is not None else SPARKPLUG_TOPICS
     if not topics:
@@ -215,7 +216,7 @@ def _mqtt_source(f: _File, s: schema.MqttSourceFile, i: int, site_id: str) -> Mq
                       f"+ {MQTT_PACKET_OVERHEAD} for the topic and headers): a message just "
                       "past max_payload_bytes must still reach the agent to be dead-lettered")
     return MqttSourceConfig(
-        max_packet_bytes=s.max_packet_bytes or max(DEFAULT_MAX_PACKET, floor),
+        max_packet_bytes=s.max_packet_bytes or max(D.MQTT_MAX_PACKET_BYTES, floor),
         name=name, host=host, port=port, topics=topics,
         client_id=s.client_id or f"bridge-{site_id}-{name}",
         session_expiry_s=s.session_expiry_s, receive_maximum=s.receive_maximum,
@@ -372,7 +373,7 @@ def load_ingest(path: Path) -> IngestConfig:
     given: dict[str, Any] = raw.get("store", {})
     store_path: Path | None = None
     jetstream = None
-    if store.kind == "sqlite":
+    if store.kind == StoreKind.SQLITE:
         if store.path is None:
             raise f.error("store.path", "required key is missing")
         other = next((k for k in _JETSTREAM_KEYS if k in given), None)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from bridge.edge.codecs import JsonMapping
 from bridge.shared import certinfo
+from bridge.shared import defaults as D
 from bridge.shared.errors import ConfigError
 from bridge.shared.files import exposure
+from bridge.shared.kinds import Codec, FullPolicy, LogLevel, Protocol, ReadingClass
 
 DEFAULT_INGEST_PORT = 6443
 
@@ -26,15 +28,10 @@ DEFAULT_AMQP_PORT = 5672
 TLS_PORTS = {"mqtts": 8883, "amqps": 5671}
 
 
-DEFAULT_MAX_PAYLOAD = 1 << 20
-DEFAULT_COMMIT_MAX_BYTES = 512 * 1024  # payload bytes per group commit (at least one message)
-
-
 # MQTT: a packet holds the payload plus the topic (up to 65,535 bytes and its length), the
 # fixed header and properties; MQTT cannot encode a packet above MQTT_MAX_PACKET.
 MQTT_PACKET_OVERHEAD = 65_535 + 2 + 5 + 1024
 MQTT_MAX_PACKET = 268_435_455
-DEFAULT_MAX_PACKET = 16 << 20
 
 
 SPARKPLUG_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/NDEATH/+", "spBv1.0/+/NDATA/+",
@@ -186,20 +183,21 @@ class SparkplugConfig:
     rebirth: bool                # request a rebirth (NCMD) for DATA that cannot be typed
     rebirth_on_gap: bool         # ... and for a seq gap
     rebirth_interval_s: float    # at most one request per edge node per this interval
-    rebirth_max_per_s: float = 10.0  # rebirth requests per second for the whole source
-    max_edge_nodes: int = 10_000     # edge nodes tracked per source
-    max_decompressed_bytes: int = 16 << 20  # a compressed payload inflates to at most this
+    rebirth_max_per_s: float = D.REBIRTH_MAX_PER_S  # requests per second, the whole source
+    max_edge_nodes: int = D.MAX_EDGE_NODES            # edge nodes tracked per source
+    max_decompressed_bytes: int = D.MAX_DECOMPRESSED_BYTES  # a compressed payload's bound
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
     """How a source's payloads become readings; the same for every protocol."""
 
-    codec: str = "json"
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    codec: Codec = D.CODEC
+    max_payload_bytes: int = D.MAX_PAYLOAD_BYTES
     mappings: tuple[JsonMapping, ...] = ()
     sparkplug: SparkplugConfig | None = None
-    dedupe_retransmissions: bool = True  # byte-identical repeats that carry the publisher's seq
+    # byte-identical repeats that carry the publisher's seq
+    dedupe_retransmissions: bool = D.DEDUPE_RETRANSMISSIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,10 +213,10 @@ class MqttSourceConfig:
     username: str | None
     password: str | None
     decode: DecodeConfig = DecodeConfig()
-    protocol: str = "mqtt"
+    protocol: Protocol = Protocol.MQTT
     tls: SourceTls | None = None
     interface: str | None = None  # SO_BINDTODEVICE for the broker connection
-    max_packet_bytes: int = DEFAULT_MAX_PACKET  # CONNECT Maximum Packet Size: the hard bound
+    max_packet_bytes: int = D.MQTT_MAX_PACKET_BYTES  # CONNECT Maximum Packet Size: the bound
 
     @property
     def url(self) -> str:
@@ -246,7 +244,7 @@ class AmqpSourceConfig:
     heartbeat_s: int
     reconnect_max_s: float
     decode: DecodeConfig = DecodeConfig()
-    protocol: str = "amqp"
+    protocol: Protocol = Protocol.AMQP
     tls: SourceTls | None = None
 
     @property
@@ -269,14 +267,14 @@ class SpoolConfig:
     max_bytes: int
     commit_max_messages: int
     reserve_bytes: int
-    commit_max_bytes: int = DEFAULT_COMMIT_MAX_BYTES
-    max_age_s: float = 0.0
-    backpressure_s: float = 60.0
-    full_policy: str = "drop_oldest"
-    priority: tuple[tuple[str, str], ...] = ()  # (topic filter, class)
-    dead_letter_payload_bytes: int = 4096  # the prefix of a bad message kept
-    dead_letters_max: int = 10_000         # rows
-    dead_letters_max_bytes: int = 16 << 20  # and at most max_bytes / 10
+    commit_max_bytes: int = D.COMMIT_MAX_BYTES
+    max_age_s: float = D.MAX_AGE_S
+    backpressure_s: float = D.BACKPRESSURE_S
+    full_policy: FullPolicy = D.FULL_POLICY
+    priority: tuple[tuple[str, ReadingClass], ...] = ()  # (topic filter, class)
+    dead_letter_payload_bytes: int = D.DEAD_LETTER_PAYLOAD_BYTES  # a bad message's prefix kept
+    dead_letters_max: int = D.DEAD_LETTERS_MAX                    # rows
+    dead_letters_max_bytes: int = D.DEAD_LETTERS_MAX_BYTES        # and at most max_bytes / 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,8 +316,8 @@ class UplinkConfig:
     failback_after_s: float
     backoff_max_s: float
     breaker: BreakerConfig
-    drain_max_per_s: float = 0.0
-    refused_retry_s: float = 60.0  # an endpoint that refused this identity is retried after
+    drain_max_per_s: float = D.DRAIN_MAX_PER_S
+    refused_retry_s: float = D.REFUSED_RETRY_S  # an endpoint that refused us is retried after
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,8 +329,8 @@ class AgentConfig:
     sources: tuple[SourceConfig, ...]
     uplink: UplinkConfig
     metrics_listen: str | None
-    log_level: str
-    tls_check_s: float = 5.0  # how often the uplink's TLS files are checked for a rotation
+    log_level: LogLevel
+    tls_check_s: float = D.TLS_CHECK_S  # how often the uplink's TLS files are checked
 
 
 NATS_URL = re.compile(r"(nats|tls)://[^/\s:,]+:\d{1,5}")
@@ -352,11 +350,11 @@ class JetStreamSettings:
     """``[store] kind = "jetstream"``: where the stream lives and how to reach it."""
 
     servers: tuple[str, ...]
-    stream: str = "BRIDGE"
-    prefix: str = "bridge.r"
-    replicas: int = 3
-    ack_timeout_s: float = 5.0
-    cache_mb: float = 64.0          # subject states a replica holds (bridge.cloud.store.subjects)
+    stream: str = D.STREAM
+    prefix: str = D.SUBJECT_PREFIX
+    replicas: int = D.REPLICAS
+    ack_timeout_s: float = D.ACK_TIMEOUT_S
+    cache_mb: float = D.CACHE_MB    # subject states a replica holds (bridge.cloud.store.subjects)
     creds: str | None = None        # a NATS user credentials file (JWT + nkey seed)
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -382,15 +380,15 @@ class IngestConfig:
     rate_limit_per_s: float
     rate_limit_burst: float
     metrics_listen: str | None
-    log_level: str
-    max_batch_envelopes: int = 10_000
-    max_tombstone_span: int = 2**40
-    max_epochs_per_site: int = 256
-    max_gaps_per_stream: int = 10_000
-    max_batch_bytes: int = 4 * 1024 * 1024
-    max_in_flight_per_site: int = 8
-    admit_target_ms: int = 300
-    max_in_flight_readings: int = 200_000
+    log_level: LogLevel
+    max_batch_envelopes: int = D.MAX_BATCH_ENVELOPES
+    max_tombstone_span: int = D.MAX_TOMBSTONE_SPAN
+    max_epochs_per_site: int = D.MAX_EPOCHS_PER_SITE
+    max_gaps_per_stream: int = D.MAX_GAPS_PER_STREAM
+    max_batch_bytes: int = D.MAX_BATCH_BYTES
+    max_in_flight_per_site: int = D.MAX_IN_FLIGHT_PER_SITE
+    admit_target_ms: int = D.ADMIT_TARGET_MS
+    max_in_flight_readings: int = D.MAX_IN_FLIGHT_READINGS
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)
     deny_list: Path | None = None  # revoked serials/fingerprints (bridge.cloud.ingest.denylist)

@@ -11,6 +11,7 @@ loader (a source's ``name``, an endpoint's ``priority``, the rate limit's ``burs
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import re
@@ -22,8 +23,17 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import msgspec
 from msgspec import Meta
 
+from bridge.shared import defaults as D
 from bridge.shared.config import interpolate
 from bridge.shared.errors import ConfigError
+from bridge.shared.kinds import (
+    Codec,
+    ExchangeType,
+    FullPolicy,
+    LogLevel,
+    ReadingClass,
+    StoreKind,
+)
 
 Text = Annotated[str, Meta(pattern=r"\S")]  # a string with something in it
 Texts = list[Text]
@@ -41,7 +51,7 @@ class TlsFile(_Table, kw_only=True):
 
 
 class AgentTlsFile(TlsFile, kw_only=True):
-    check_s: Annotated[float, Meta(ge=0.1)] = 5.0  # how often the files are checked for change
+    check_s: Annotated[float, Meta(ge=0.1)] = D.TLS_CHECK_S  # how often files are checked
 
 
 class MetricsFile(_Table, kw_only=True):
@@ -49,7 +59,7 @@ class MetricsFile(_Table, kw_only=True):
 
 
 class LogFile(_Table, kw_only=True):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = LogLevel.INFO
 
 
 class MappingFile(_Table, kw_only=True):
@@ -69,10 +79,10 @@ class SparkplugFile(_Table, kw_only=True):
     host_id: Text | None = None
     rebirth: bool = True
     rebirth_on_gap: bool = True
-    rebirth_interval_s: Seconds = 10.0
-    rebirth_max_per_s: Annotated[float, Meta(ge=0.0)] = 10.0
-    max_edge_nodes: Annotated[int, Meta(ge=1)] = 10_000
-    max_decompressed_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 16 << 20
+    rebirth_interval_s: Seconds = D.REBIRTH_INTERVAL_S
+    rebirth_max_per_s: Annotated[float, Meta(ge=0.0)] = D.REBIRTH_MAX_PER_S
+    max_edge_nodes: Annotated[int, Meta(ge=1)] = D.MAX_EDGE_NODES
+    max_decompressed_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = D.MAX_DECOMPRESSED_BYTES
 
 
 class SourceTlsFile(_Table, kw_only=True):
@@ -84,9 +94,9 @@ class SourceTlsFile(_Table, kw_only=True):
 class _SourceFile(_Table, kw_only=True, tag_field="type"):
     name: Text | None = None
     tls: SourceTlsFile | None = None
-    codec: Literal["json", "sparkplug", "raw"] = "json"
-    max_payload_bytes: Annotated[int, Meta(ge=64, le=256 << 20)] = 1 << 20
-    dedupe_retransmissions: bool = True
+    codec: Codec = D.CODEC
+    max_payload_bytes: Annotated[int, Meta(ge=64, le=256 << 20)] = D.MAX_PAYLOAD_BYTES
+    dedupe_retransmissions: bool = D.DEDUPE_RETRANSMISSIONS
     mappings: list[MappingFile] = msgspec.field(default_factory=list)
     sparkplug: SparkplugFile | None = None
 
@@ -111,7 +121,7 @@ class AmqpSourceFile(_SourceFile, kw_only=True, tag="amqp"):
     queue: Text
     durable: bool = True
     exchange: Text | None = None
-    exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    exchange_type: ExchangeType = ExchangeType.TOPIC
     bindings: Texts | None = None
     prefetch: Annotated[int, Meta(ge=1, le=65535)] = 1000
     heartbeat_s: Annotated[int, Meta(ge=0)] = 30
@@ -120,22 +130,22 @@ class AmqpSourceFile(_SourceFile, kw_only=True, tag="amqp"):
 
 class PriorityFile(_Table, kw_only=True):
     topic: Text
-    class_: Literal["alarm", "event", "telemetry"] = msgspec.field(name="class")
+    class_: ReadingClass = msgspec.field(name="class")
 
 
 class SpoolFile(_Table, kw_only=True):
     path: Text
     max_bytes: Annotated[int, Meta(ge=1 << 20)] = 1 << 30
-    commit_max_messages: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    commit_max_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
+    commit_max_messages: Annotated[int, Meta(ge=1, le=100_000)] = D.COMMIT_MAX_MESSAGES
+    commit_max_bytes: Annotated[int, Meta(ge=1024)] = D.COMMIT_MAX_BYTES
     reserve_bytes: Annotated[int, Meta(ge=0)] = 32 << 20
-    max_age_s: Seconds = 30 * 86400.0
-    backpressure_s: Seconds = 60.0
-    full_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    max_age_s: Seconds = D.MAX_AGE_S
+    backpressure_s: Seconds = D.BACKPRESSURE_S
+    full_policy: FullPolicy = D.FULL_POLICY
     priority: list[PriorityFile] = msgspec.field(default_factory=list)
-    dead_letter_payload_bytes: Annotated[int, Meta(ge=0, le=1 << 20)] = 4096
-    dead_letters_max: Annotated[int, Meta(ge=1)] = 10_000
-    dead_letters_max_bytes: Annotated[int, Meta(ge=0)] = 16 << 20
+    dead_letter_payload_bytes: Annotated[int, Meta(ge=0, le=1 << 20)] = D.DEAD_LETTER_PAYLOAD_BYTES
+    dead_letters_max: Annotated[int, Meta(ge=1)] = D.DEAD_LETTERS_MAX
+    dead_letters_max_bytes: Annotated[int, Meta(ge=0)] = D.DEAD_LETTERS_MAX_BYTES
 
 
 VlanId = Annotated[int, Meta(ge=1, le=4094)]
@@ -168,8 +178,8 @@ class UplinkFile(_Table, kw_only=True):
     health_timeout_min_s: Annotated[float, Meta(ge=0.01)] = 0.3
     failback_after_s: Seconds = 30.0
     backoff_max_s: Annotated[float, Meta(ge=0.05)] = 10.0
-    refused_retry_s: Annotated[float, Meta(ge=0.1)] = 60.0
-    drain_max_per_s: Annotated[float, Meta(ge=0.0)] = 0.0
+    refused_retry_s: Annotated[float, Meta(ge=0.1)] = D.REFUSED_RETRY_S
+    drain_max_per_s: Annotated[float, Meta(ge=0.0)] = D.DRAIN_MAX_PER_S
     breaker: BreakerFile = msgspec.field(default_factory=BreakerFile)
 
 
@@ -185,14 +195,14 @@ class AgentFile(_Table, kw_only=True):
 
 
 class StoreFile(_Table, kw_only=True):
-    kind: Literal["sqlite", "jetstream"] = "sqlite"
+    kind: StoreKind = StoreKind.SQLITE
     path: Text | None = None
     servers: Texts = msgspec.field(default_factory=list)
-    stream: Text = "BRIDGE"
-    subject_prefix: Text = "bridge.r"
-    replicas: Annotated[int, Meta(ge=1, le=5)] = 3
-    ack_timeout_s: Annotated[float, Meta(ge=0.1)] = 5.0
-    cache_mb: Annotated[float, Meta(ge=1)] = 64.0
+    stream: Text = D.STREAM
+    subject_prefix: Text = D.SUBJECT_PREFIX
+    replicas: Annotated[int, Meta(ge=1, le=5)] = D.REPLICAS
+    ack_timeout_s: Annotated[float, Meta(ge=0.1)] = D.ACK_TIMEOUT_S
+    cache_mb: Annotated[float, Meta(ge=1)] = D.CACHE_MB
     creds: Text | None = None
     tls_ca: Text | None = None
     tls_cert: Text | None = None
@@ -200,14 +210,15 @@ class StoreFile(_Table, kw_only=True):
 
 
 class LimitsFile(_Table, kw_only=True):
-    max_batch_envelopes: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
-    max_tombstone_span: Annotated[int, Meta(ge=1, le=2**63 - 1)] = 2**40
-    max_epochs_per_site: Annotated[int, Meta(ge=1)] = 256
-    max_gaps_per_stream: Annotated[int, Meta(ge=1, le=20_000)] = 10_000
-    max_batch_bytes: Annotated[int, Meta(ge=65_536, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
-    max_in_flight_per_site: Annotated[int, Meta(ge=1, le=1024)] = 8
-    admit_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = 300
-    max_in_flight_readings: Annotated[int, Meta(ge=1_000, le=10_000_000)] = 200_000
+    max_batch_envelopes: Annotated[int, Meta(ge=1, le=1_000_000)] = D.MAX_BATCH_ENVELOPES
+    max_tombstone_span: Annotated[int, Meta(ge=1, le=2**63 - 1)] = D.MAX_TOMBSTONE_SPAN
+    max_epochs_per_site: Annotated[int, Meta(ge=1)] = D.MAX_EPOCHS_PER_SITE
+    max_gaps_per_stream: Annotated[int, Meta(ge=1, le=20_000)] = D.MAX_GAPS_PER_STREAM
+    max_batch_bytes: Annotated[int, Meta(ge=65_536, le=64 * 1024 * 1024)] = D.MAX_BATCH_BYTES
+    max_in_flight_per_site: Annotated[int, Meta(ge=1, le=1024)] = D.MAX_IN_FLIGHT_PER_SITE
+    admit_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = D.ADMIT_TARGET_MS
+    max_in_flight_readings: Annotated[int, Meta(ge=1_000, le=10_000_000)] = \
+        D.MAX_IN_FLIGHT_READINGS
 
 
 class RateLimitFile(_Table, kw_only=True):
@@ -239,8 +250,8 @@ class IngestFile(_Table, kw_only=True):
 class ConsumerJetStreamFile(_Table, kw_only=True):
     """How ``nats://`` sources in ``from`` are read (the stream's name, its subjects, access)."""
 
-    stream: Text = "BRIDGE"
-    subject_prefix: Text = "bridge.r"
+    stream: Text = D.STREAM
+    subject_prefix: Text = D.SUBJECT_PREFIX
     creds: Text | None = None
     tls_ca: Text | None = None
     tls_cert: Text | None = None
@@ -354,6 +365,8 @@ def _choices(schema: type[Any], where: str) -> list[str]:
         types = found
     values = [str(v) for t in types if typing.get_origin(t) is Literal
               for v in typing.get_args(t)]
+    values += [str(v) for t in types if isinstance(t, type) and issubclass(t, enum.Enum)
+               for v in t]
     return list(dict.fromkeys(values))
 
 

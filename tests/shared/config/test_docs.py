@@ -4,6 +4,7 @@ documented defaults are the schema's."""
 
 from __future__ import annotations
 
+import enum
 import re
 import tomllib
 import typing
@@ -67,7 +68,8 @@ def _types(struct: type[msgspec.Struct], prefix: str = "") -> dict[str, set[Any]
                     out.setdefault(k, set()).update(v)
             continue
         kinds = {list if typing.get_origin(t) is list else
-                 str if typing.get_origin(t) is typing.Literal else t
+                 str if typing.get_origin(t) is typing.Literal
+                 or (isinstance(t, type) and issubclass(t, enum.Enum)) else t
                  for t in schema._unwrap(f.type) if t is not type(None)}
         if typing.get_origin(f.type) is list or any(
                 typing.get_origin(a) is list for a in typing.get_args(f.type)):
