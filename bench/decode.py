@@ -55,7 +55,7 @@ def main() -> None:
     info = SourceInfo(name="plant", protocol="mqtt", broker="mqtt://127.0.0.1")
 
     def fill() -> object:
-        return _fill(site_id="s", epoch=1, seq=0, source=info, topic=TOPIC, decoded=decoded,
+        return _fill(site_id="s", source=info, topic=TOPIC, decoded=decoded,
                      codec="sparkplug", gateway_time_ns=1, clock_synced=True)
 
     env = fill()

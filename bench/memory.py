@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.results import Row
 from bridge.edge.codecs.json import decode_json
-from bridge.edge.envelope import SourceInfo, prepare_envelope, seal
+from bridge.edge.envelope import SourceInfo, prepare_envelope
 from bridge.edge.spool import Pending, Spool
 from devkit import localrun, simulate
 
@@ -32,14 +32,11 @@ def fill(path: Path, n: int) -> int:
     decoded = decode_json(topic, payload)
     now = time.time_ns()
 
-    env = prepare_envelope(site_id=SITE, epoch=sp.epoch, source=info, topic=topic,
+    env = prepare_envelope(site_id=SITE, source=info, topic=topic,
                            decoded=decoded, codec="json", gateway_time_ns=now,
                            clock_synced=True)
 
-    def build(seq: int) -> bytes:
-        return seal(env, sp.epoch, seq)
-
-    chunk = [Pending(source="plant", digest=b"", build=build)] * 10_000
+    chunk = [Pending(envelope=env)] * 10_000
     done = 0
     while done < n:
         sp.commit(chunk[: min(10_000, n - done)])

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "bridge"
 # Each side's stages in flow order; a stage is a module or package directly under its side.
 FLOW = {
-    "edge": [{"sources"}, {"codecs", "intake", "envelope", "redrive"}, {"spool"},
+    "edge": [{"sources"}, {"codecs", "intake", "redelivery", "envelope", "redrive"}, {"spool"},
              {"uplink", "agent"}],
     "cloud": [{"ingest"}, {"store"}, {"consume"}],
 }

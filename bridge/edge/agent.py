@@ -57,10 +57,9 @@ class Agent:
             if src.tls is not None and src.tls.ca is not None:
                 held[f"source-ca:{src.name}"] = src.tls.ca
         self.metrics.registry.register(CertExpiry(files=held, clock=wall))
-        ring_sizes = {s.name: 2 * s.window for s in config.sources}
         sc = config.spool
         self.spool = AsyncSpool(Spool(path=config.spool.path, site_id=config.site_id,
-                                      max_bytes=config.spool.max_bytes, ring_sizes=ring_sizes,
+                                      max_bytes=config.spool.max_bytes,
                                       reserve_bytes=config.spool.reserve_bytes,
                                       max_age_s=config.spool.max_age_s, clock=spool_clock,
                                       dead_letter_payload_bytes=sc.dead_letter_payload_bytes,
@@ -204,13 +203,12 @@ class Agent:
             f"{s.info.name} at {s.info.broker}" for s in self.sources) + ")"
 
     def _status_line(self) -> str:
-        sp = self.spool.spool
         up = sum(s.subscribed.is_set() for s in self.sources)
-        return (f"spooled {sp.readings} readings; {up}/{len(self.sources)} sources subscribed; "
-                f"{self.sender.in_flight} batches in flight")
+        return (f"spooled {self.spool.figures().readings} readings; {up}/{len(self.sources)} "
+                f"sources subscribed; {self.sender.in_flight} batches in flight")
 
     def status(self) -> dict[str, Any]:
-        sp = self.spool.spool
+        sp = self.spool.figures()
         return {
             "site_id": self.config.site_id,
             "epoch": f"{sp.epoch:016x}",
@@ -220,7 +218,7 @@ class Agent:
                       else round(self._oldest_age, 3),
                       "dropped": dict(self._drops),
                       # batches the sender took from memory, and from the file (the backlog)
-                      "reads": {"memory": sp.fresh.hits, "file": sp.fresh.misses},
+                      "reads": {"memory": sp.reads_memory, "file": sp.reads_file},
                       "quarantined": [{"moved_to": str(q.moved_to), "reason": q.reason,
                                        "salvaged": q.salvaged, "unreadable": q.unreadable}
                                       for q in sp.quarantines]},
@@ -253,8 +251,7 @@ class Agent:
                                f"{now - since:.0f} s (budget {budget:.0f} s)")
         if not any(e["state"] == "healthy" and e["breaker"] != "open"
                    for e in self.pool.snapshot()):
-            sp = self.spool.spool
-            fill = (sp.bytes + sp.dead_bytes) / sp.max_bytes
+            fill = self.spool.figures().fill
             if fill >= SPOOL_READY_FILL:
                 reasons.append(f"no endpoint healthy and the spool {fill:.0%} full")
         return reasons
@@ -288,18 +285,20 @@ class Agent:
                 await asyncio.sleep(interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        sp = self.spool.spool
-        event("agent.started", site_id=self.config.site_id, epoch=f"{sp.epoch:016x}",
-              spooled=sp.readings, spool=str(sp.path),
+        spool, fig = self.spool, self.spool.figures()
+        event("agent.started", site_id=self.config.site_id, epoch=f"{fig.epoch:016x}",
+              spooled=fig.readings, spool=str(fig.path),
               endpoints=[e.name for e in self.config.uplink.endpoints])
-        self.metrics.spool_readings.set_function(lambda: sp.readings)
-        self.metrics.spool_bytes.set_function(lambda: sp.bytes)
-        self.metrics.spool_quarantines.set_function(lambda: len(sp.quarantines))
-        self.metrics.spool_salvaged.set_function(lambda: sum(q.salvaged for q in sp.quarantines))
-        self.metrics.spool_max_bytes.set(sp.max_bytes)
-        self.metrics.dead_letters_replayed.inc(sp.dead_counter("dead_replayed"))
-        self.metrics.dead_letters_purged.inc(sp.dead_counter("dead_purged"))
-        self.metrics.spool_fill.set_function(lambda: (sp.bytes + sp.dead_bytes) / sp.max_bytes)
+        # Read at scrape time, on the scrape thread: figures only (see AsyncSpool).
+        self.metrics.spool_readings.set_function(lambda: spool.figures().readings)
+        self.metrics.spool_bytes.set_function(lambda: spool.figures().bytes)
+        self.metrics.spool_quarantines.set_function(lambda: len(spool.figures().quarantines))
+        self.metrics.spool_salvaged.set_function(
+            lambda: sum(q.salvaged for q in spool.figures().quarantines))
+        self.metrics.spool_max_bytes.set(fig.max_bytes)
+        self.metrics.dead_letters_replayed.inc(await spool.dead_counter("dead_replayed"))
+        self.metrics.dead_letters_purged.inc(await spool.dead_counter("dead_purged"))
+        self.metrics.spool_fill.set_function(lambda: spool.figures().fill)
         self.metrics.site.labels(self.config.site_id).set(1)
         for name, proxy in self.proxies.items():
             await proxy.start()
@@ -322,7 +321,8 @@ class Agent:
             await stop.wait()
             self._phase = "stopping"
             t0 = time.monotonic()
-            event("agent.stopping", spooled=sp.readings, in_flight=self.sender.in_flight)
+            event("agent.stopping", spooled=spool.figures().readings,
+                  in_flight=self.sender.in_flight)
             # 1. Stop taking from brokers; everything committed gets acked before disconnect.
             for intake in self.intakes:
                 intake.stop()
@@ -346,7 +346,7 @@ class Agent:
         for proxy in self.proxies.values():
             await proxy.close()
         await self.spool.close()
-        event("agent.stopped", spooled=sp.readings,
+        event("agent.stopped", spooled=spool.figures().readings,
               shutdown_s=round(time.monotonic() - t0, 3))
 
 

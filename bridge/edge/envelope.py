@@ -52,17 +52,18 @@ def _check_wire(decoded: Decoded) -> None:
                                 "fit int64")
 
 
-def prepare_envelope(*, site_id: str, epoch: int, source: SourceInfo, topic: str,
+def prepare_envelope(*, site_id: str, source: SourceInfo, topic: str,
                      decoded: Decoded, codec: str, gateway_time_ns: int,
                      clock_synced: bool) -> pb.Envelope:
-    """Everything of the envelope but its seq; ``EnvelopeError`` if the wire cannot hold it.
+    """Everything of the envelope but its identity (``seal`` gives it the spool's epoch and
+    seq in the commit); ``EnvelopeError`` if the wire cannot hold it.
 
     Called before the spool transaction, so a value that does not fit is a dead letter for
     that message and never an error inside the commit of its whole group.
     """
     _check_wire(decoded)
     try:
-        return _fill(site_id=site_id, epoch=epoch, seq=0, source=source, topic=topic,
+        return _fill(site_id=site_id, source=source, topic=topic,
                      decoded=decoded, codec=codec, gateway_time_ns=gateway_time_ns,
                      clock_synced=clock_synced)
     except (ValueError, TypeError, UnicodeError) as exc:
@@ -79,10 +80,10 @@ def seal(env: pb.Envelope, epoch: int, seq: int) -> bytes:
     return env.SerializeToString()
 
 
-def _fill(*, site_id: str, epoch: int, seq: int, source: SourceInfo, topic: str,
+def _fill(*, site_id: str, source: SourceInfo, topic: str,
           decoded: Decoded, codec: str, gateway_time_ns: int,
           clock_synced: bool) -> pb.Envelope:
-    env = pb.Envelope(site_id=site_id, epoch=epoch, seq=seq, codec=codec,
+    env = pb.Envelope(site_id=site_id, codec=codec,
                       gateway_time_ns=gateway_time_ns, clock_synced=clock_synced)
     src = env.source
     src.protocol = PROTOCOLS[source.protocol]

@@ -21,17 +21,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from bridge.edge.codecs import Decoder, make_decoder
-from bridge.edge.envelope import prepare_envelope, seal
+from bridge.edge.envelope import prepare_envelope
+from bridge.edge.redelivery import RedeliveryRing
 from bridge.edge.sources.base import Message, Source
 from bridge.edge.spool import AsyncSpool, DeadLetter, Pending
 from bridge.shared import defaults as D
-from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.config import (
     SourceConfig,
     SpoolConfig,
@@ -55,6 +54,7 @@ class IntakePolicy:
     backpressure_s: float = D.BACKPRESSURE_S
     full_policy: FullPolicy = D.FULL_POLICY
     dedupe_retransmissions: bool = D.DEDUPE_RETRANSMISSIONS
+    ring_size: int = 0  # the redelivery ring (bridge.edge.redelivery); 0: none
 
     @classmethod
     def of(cls, spool: SpoolConfig, source: SourceConfig) -> IntakePolicy:
@@ -62,7 +62,8 @@ class IntakePolicy:
                    max_payload_bytes=source.decode.max_payload_bytes,
                    priority=spool.priority, backpressure_s=spool.backpressure_s,
                    full_policy=spool.full_policy,
-                   dedupe_retransmissions=source.decode.dedupe_retransmissions)
+                   dedupe_retransmissions=source.decode.dedupe_retransmissions,
+                   ring_size=2 * source.window)
 
 
 def decoder_for(source: SourceConfig,
@@ -115,6 +116,7 @@ class Intake:
         self.clock = clock
         self._stopping = asyncio.Event()
         self.committed_messages = 0
+        self.ring: RedeliveryRing | None = None  # this source's, loaded at start (run)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -122,6 +124,8 @@ class Intake:
     async def run(self) -> None:
         name = self.source.info.name
         self.decoder.restore(await self.spool.load_state(name))
+        if self.policy.ring_size > 0:
+            self.ring = RedeliveryRing(self.policy.ring_size, await self.spool.load_ring(name))
         backoff = Backoff(base_s=0.05, cap_s=2.0)
         full_since: float | None = None
         while not self._stopping.is_set():
@@ -139,12 +143,13 @@ class Intake:
             # Groups bounded in payload bytes too: a commit holds the spool's thread, where the
             # sender reads what the fresh tail no longer holds.
             for messages in self._groups(take.result()):
-                pending, dead, skipped, ignored = await self._prepare_sliced(messages)
+                digests: list[bytes] = []
+                pending, dead, skipped, ignored = await self._prepare_sliced(messages, digests)
                 state = {f"{name}/{k}": v for k, v in self.decoder.take_state().items()}
                 taken = len(pending)  # stored, or numbered and dropped by reject_new
                 while True:
                     try:
-                        await self.spool.commit(pending, dead, state)
+                        await self.spool.commit(pending, dead, state, self._ring_rows(digests))
                         backoff.reset()
                         full_since = None
                         break
@@ -165,7 +170,7 @@ class Intake:
                         if now - full_since >= self.backpressure_s and await self._apply_policy(
                                 pending):
                             if self.full_policy == FullPolicy.REJECT_NEW:
-                                pending = []
+                                pending, digests = [], []
                             continue
                         await backoff.sleep()
                     except Exception as exc:  # noqa: BLE001 - never let the intake task die
@@ -177,6 +182,9 @@ class Intake:
                         event("spool.commit_failed", level=logging.ERROR, source=name,
                               reason=f"{type(exc).__name__}: {exc}"[:300], waiting=len(messages))
                         await backoff.sleep()
+                if self.ring is not None:
+                    for dg in digests:
+                        self.ring.push(dg)
                 await self.source.ack(messages)
                 self.committed_messages += taken
                 self.metrics.source_messages.labels(name).inc(len(messages))
@@ -199,6 +207,10 @@ class Intake:
                           messages=len(dead), reason=dead[0].reason, detail=dead[0].detail,
                           topic=dead[0].topic)
                 self.spool.appended.set()
+
+    def _ring_rows(self, digests: list[bytes]) -> list[tuple[str, int, int, bytes]]:
+        """The ring's rows for a group's envelopes, written with them; pushed after."""
+        return [] if self.ring is None else self.ring.rows_for(self.source.info.name, digests)
 
     def _groups(self, messages: list[Message]) -> list[list[Message]]:
         """``messages`` in receive order, cut into groups of at most ``commit_max_bytes`` of
@@ -236,7 +248,7 @@ class Intake:
                 self._prio_cache[topic] = prio
         return prio
 
-    async def _prepare_sliced(self, messages: list[Message]
+    async def _prepare_sliced(self, messages: list[Message], digests: list[bytes]
                               ) -> tuple[list[Pending], list[DeadLetter], int, Counter[str]]:
         """``_prepare`` in slices of ``PREPARE_SLICE`` messages, letting the event loop run
         between them: a group of 1,000 Sparkplug messages of 50 metrics takes about 140 ms to
@@ -250,17 +262,18 @@ class Intake:
         for start in range(0, len(messages), PREPARE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            p, d, s, i = self._prepare(messages[start:start + PREPARE_SLICE], seen)
+            p, d, s, i = self._prepare(messages[start:start + PREPARE_SLICE], seen, digests)
             pending += p
             dead += d
             skipped += s
             ignored += i
         return pending, dead, skipped, ignored
 
-    def _prepare(self, messages: list[Message], seen: set[bytes]
+    def _prepare(self, messages: list[Message], seen: set[bytes], digests: list[bytes]
                  ) -> tuple[list[Pending], list[DeadLetter], int, Counter[str]]:
         """Decode a batch: envelopes to append, dead letters, redeliveries, skips by reason.
-        ``seen``: the digests of the commit group's readings so far; this slice's are added."""
+        ``seen``: the digests of the commit group's readings so far; this slice's are added,
+        and appended to ``digests`` in the order of the envelopes (the ring's rows)."""
         info = self.source.info
         now = time.time_ns()
         synced = self.clock.synced()
@@ -268,16 +281,16 @@ class Intake:
         dead: list[DeadLetter] = []
         skipped = 0
         ignored: Counter[str] = Counter()
-        spool = self.spool.spool
+        ring = self.ring
         limit = self.max_payload_bytes
         for m in messages:
             try:
                 d = digest(m.topic, m.payload)
-                if m.redelivered and spool.claim_redelivery(info.name, d):
+                if m.redelivered and ring is not None and ring.claim(d):
                     skipped += 1
                     continue
                 if self.dedupe_retransmissions and (
-                        d in seen or spool.recently_committed(info.name, d)) and \
+                        d in seen or (ring is not None and ring.holds(d))) and \
                         self.decoder.stamped(m.topic, m.payload):
                     # The same bytes with the publisher's own seq: its QoS 1 resend after a
                     # broker restart, not a new reading (see docs/architecture.md).
@@ -291,7 +304,7 @@ class Intake:
                 if decoded.skip is not None:
                     ignored[decoded.skip] += 1
                     continue
-                env = prepare_envelope(site_id=self.site_id, epoch=spool.epoch, source=info,
+                env = prepare_envelope(site_id=self.site_id, source=info,
                                        topic=m.topic, decoded=decoded, codec=self.decoder.codec,
                                        gateway_time_ns=now, clock_synced=synced)
             except DecodeError as exc:
@@ -302,12 +315,10 @@ class Intake:
                                        f"{type(exc).__name__}: {exc}"[:300]))
                 continue
             seen.add(d)
-            pending.append(Pending(source=info.name, digest=d, prio=self._prio(m.topic),
-                                   build=partial(self._seal, env)))
+            digests.append(d)
+            pending.append(Pending(prio=self._prio(m.topic), envelope=env))
         return pending, dead, skipped, ignored
 
-    def _seal(self, env: pb.Envelope, seq: int) -> bytes:
-        return seal(env, self.spool.epoch, seq)
 
 
 class ClockSync:

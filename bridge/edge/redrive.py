@@ -26,11 +26,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from bridge.edge.envelope import SourceInfo, prepare_envelope, seal
-from bridge.edge.intake import ClockSync, decoder_for, digest, priority_of
+from bridge.edge.envelope import SourceInfo, prepare_envelope
+from bridge.edge.intake import ClockSync, decoder_for, priority_of
 from bridge.edge.spool import DeadRow, Pending, Spool
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.config import AgentConfig, SourceConfig
@@ -55,7 +54,6 @@ def open_spool(config: AgentConfig) -> Spool:
     """The agent's spool, as the agent opens it (its one writer)."""
     sc = config.spool
     return Spool(path=sc.path, site_id=config.site_id, max_bytes=sc.max_bytes,
-                 ring_sizes={s.name: 2 * s.window for s in config.sources},
                  reserve_bytes=sc.reserve_bytes, max_age_s=sc.max_age_s,
                  dead_letter_payload_bytes=sc.dead_letter_payload_bytes,
                  dead_letters_max=sc.dead_letters_max,
@@ -86,11 +84,8 @@ def replay(config: AgentConfig, *, ids: Sequence[int] = (), reasons: Sequence[st
                 if verdict is None:
                     out.skipped += 1
                     continue
-                letter = row.letter
-                pending.append(Pending(source=letter.source,
-                                       digest=digest(letter.topic, letter.payload),
-                                       prio=priority_of(config.spool.priority, letter.topic),
-                                       build=partial(_seal, verdict, spool)))
+                pending.append(Pending(prio=priority_of(config.spool.priority, row.letter.topic),
+                                       envelope=verdict))
             first = spool.next_seq
             spool.replay_dead(pending, done, failed, time.time_ns())
             if pending:
@@ -104,10 +99,6 @@ def replay(config: AgentConfig, *, ids: Sequence[int] = (), reasons: Sequence[st
         return out
     finally:
         spool.close()
-
-
-def _seal(env: pb.Envelope, spool: Spool, seq: int) -> bytes:
-    return seal(env, spool.epoch, seq)
 
 
 def _decode(config: AgentConfig, spool: Spool, sources: dict[str, SourceConfig],
@@ -133,7 +124,7 @@ def _decode(config: AgentConfig, spool: Spool, sources: dict[str, SourceConfig],
         if decoded.skip is not None:
             return None
         info = SourceInfo(name=source.name, protocol=source.protocol, broker=source.url)
-        return prepare_envelope(site_id=config.site_id, epoch=spool.epoch, source=info,
+        return prepare_envelope(site_id=config.site_id, source=info,
                                 topic=letter.topic, decoded=decoded, codec=decoder.codec,
                                 gateway_time_ns=time.time_ns(), clock_synced=synced)
     except DecodeError as exc:

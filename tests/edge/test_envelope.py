@@ -23,7 +23,7 @@ KIND = {bool: "boolean", int: "integer", float: "number", str: "text"}
 @given(values=st.lists(VALUES, max_size=30))
 def test_every_value_keeps_its_type_and_exactly_its_optional_fields(
         values: list[DecodedValue]) -> None:
-    env = prepare_envelope(site_id="s", epoch=1, source=SourceInfo(
+    env = prepare_envelope(site_id="s", source=SourceInfo(
         name="plant", protocol="mqtt", broker="mqtt://x"), topic="t", decoded=Decoded(
         values=values), codec="json", gateway_time_ns=1, clock_synced=True)
     env = pb.Envelope.FromString(env.SerializeToString())  # as a consumer reads it

@@ -77,7 +77,7 @@ async def test_a_group_is_cut_at_commit_max_bytes_and_acked_in_receive_order(tmp
     try:
         assert source.acks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
         assert metrics.spool_commits._value.get() == 5
-        assert spool.spool.readings == 10
+        assert spool.figures().readings == 10
     finally:
         await spool.close()
 
@@ -88,7 +88,7 @@ async def test_a_message_larger_than_commit_max_bytes_is_a_group_of_its_own(tmp_
                                                                commit_max_bytes=2_000))
     try:
         assert [len(a) for a in source.acks] == [1, 2]
-        assert spool.spool.readings == 3
+        assert spool.figures().readings == 3
     finally:
         await spool.close()
 
@@ -109,9 +109,9 @@ async def test_the_event_loop_turns_while_a_large_group_is_decoded(tmp_path: Pat
     decode = Intake._prepare
     during: list[int] = []
 
-    def spy(self: Intake, batch: list[Message], seen: object = frozenset()) -> object:
+    def spy(self: Intake, batch: list[Message], seen: object, digests: object) -> object:
         during.append(turns)
-        return decode(self, batch, seen)  # type: ignore[arg-type]
+        return decode(self, batch, seen, digests)  # type: ignore[arg-type]
 
     Intake._prepare = spy  # type: ignore[assignment,method-assign]
     try:

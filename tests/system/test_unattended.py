@@ -136,7 +136,7 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
     async def months() -> None:
         agent = Agent(config=config, wall=sim.wall, spool_clock=SpoolClock(
             boottime=sim.boottime, wall=sim.wall, boot_id=lambda: "simulated-boot"))
-        epoch = agent.spool.spool.epoch
+        epoch = agent.spool.epoch
         stop = asyncio.Event()
         run = asyncio.create_task(agent.run(stop))
         plant = await asyncio.to_thread(Plant, broker.port)
@@ -171,9 +171,9 @@ def test_ninety_days_with_an_outage_a_renewal_and_a_bound_lose_nothing_silently(
                 # hours); here the clock outruns it, so look once per step as well.
                 await agent.credentials.check()
                 if cloud_up:
-                    await _until(lambda: not (agent.spool.spool.readings
+                    await _until(lambda: not (agent.spool.figures().readings
                                               or agent.sender.in_flight), "delivery", 120)
-            assert agent.spool.spool.epoch == epoch, "one spool, one epoch, all along"
+            assert agent.spool.epoch == epoch, "one spool, one epoch, all along"
         finally:
             stop.set()
             await run

@@ -47,7 +47,11 @@ size, attempts, last_attempt_ns)``
     (MQTT DUP=1, AMQP ``redelivered``) only messages it sent but saw no ack for, and it never
     has more unacked than the receive window, so a ring twice that size holds every message
     that can come back. A *flagged* redelivery whose digest is in the ring is acked without
-    being stored again; unflagged identical payloads are separate readings.
+    being stored again; unflagged identical payloads are separate readings. The ring belongs
+    to the source's intake (``bridge.edge.redelivery``): it computes the rows, the spool
+    writes them in the transaction of their messages and hands them back at start
+    (``load_ring``). A file that replaces a quarantined one starts with no rows; the intake
+    keeps its ring in memory across the replacement.
 
 Invariants
 ==========
@@ -106,12 +110,12 @@ A spool of another ``site_id`` is a configuration mistake, not corruption: ``Spo
 
 The package: ``base`` (constants, errors, records, ``SpoolState`` and the one
 ``transaction`` helper every write goes through), ``core`` (``Spool``: open, the append path,
-the redelivery ring), ``schema`` (pragmas, tables, migrations), ``recovery`` (quarantine and
-salvage), ``headroom`` (the reserve file and full-disk space), ``bounds`` (expiry, drops,
-tombstones), ``send`` (reads after a position, holds, release), ``fresh`` (the newest rows
-in memory: live batches are not read back from the file; its own invariant), ``deadletters``
-(bounded dead letters and the CLI's offline reader), ``ring`` (the redelivery ring's mirror),
-``clock`` (the spool clock) and ``facade`` (``AsyncSpool``).
+the redelivery ring's rows), ``schema`` (pragmas, tables, migrations), ``recovery``
+(quarantine and salvage), ``headroom`` (the reserve file and full-disk space), ``bounds``
+(expiry, drops, tombstones), ``send`` (reads after a position, holds, release), ``fresh`` (the
+newest rows in memory: live batches are not read back from the file; its own invariant),
+``deadletters`` (bounded dead letters and the CLI's offline reader), ``clock`` (the spool
+clock) and ``facade`` (``AsyncSpool``).
 
 All methods are synchronous and must be called from one thread (``AsyncSpool`` runs them on a
 dedicated thread so fsyncs never block the event loop), except ``take_fresh``: the event loop
@@ -136,7 +140,6 @@ from bridge.edge.spool.base import (
 from bridge.edge.spool.core import Spool
 from bridge.edge.spool.deadletters import read_dead_letters
 from bridge.edge.spool.facade import AsyncSpool
-from bridge.edge.spool.ring import RedeliveryRing
 from bridge.shared.errors import SpoolError, SpoolFull, SpoolReset
 
 __all__ = [
@@ -150,7 +153,6 @@ __all__ = [
     "DeadRow",
     "Pending",
     "Quarantine",
-    "RedeliveryRing",
     "Spool",
     "SpoolError",
     "SpoolFull",

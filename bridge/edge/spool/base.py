@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from bridge.edge.spool.clock import SpoolClock
 from bridge.edge.spool.fresh import FreshTail
-from bridge.edge.spool.ring import RedeliveryRing
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.kinds import ReadingClass
 
@@ -56,11 +55,10 @@ class DeadRow:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """One message to append: ``build(seq)`` returns its serialised envelope."""
+    """One message to append: its envelope, complete but for the identity the spool gives it
+    in the commit (``bridge.edge.envelope.seal``: this file's epoch and the next seq)."""
 
-    source: str
-    digest: bytes
-    build: Callable[[int], bytes]
+    envelope: pb.Envelope
     prio: int = 0
 
 
@@ -124,8 +122,6 @@ class SpoolState:
     clock: SpoolClock
     reserve: Path
     reserve_bytes: int
-    ring_sizes: dict[str, int]
-    rings: dict[str, RedeliveryRing]
     generation: int
     quarantines: list[Quarantine]
     sent_through: int
@@ -163,5 +159,6 @@ class SpoolState:
         def _reload_dead(self) -> None: ...
         def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
                     state: Mapping[str, builtins.bytes | None],
+                    ring: Sequence[tuple[str, int, int, builtins.bytes]] = (),
                     resolve: Callable[[sqlite3.Connection], None] | None = None
                     ) -> list[int]: ...

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import orjson
 
+from bridge.edge.envelope import seal
 from bridge.edge.spool.base import (
     DeadLetter,
     Pending,
@@ -39,7 +40,7 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
     """One site's spool file; every method on one thread (``AsyncSpool`` provides it)."""
 
     def __init__(self, *, path: Path, site_id: str, max_bytes: int,
-                 ring_sizes: dict[str, int] | None = None, reserve_bytes: int = 0,
+                 reserve_bytes: int = 0,
                  max_age_s: float = D.MAX_AGE_S, clock: SpoolClock | None = None,
                  dead_letter_payload_bytes: int = D.DEAD_LETTER_PAYLOAD_BYTES,
                  dead_letters_max: int = D.DEAD_LETTERS_MAX,
@@ -65,7 +66,6 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         self.reserve_bytes = reserve_bytes
         self.reserve = path.with_name(path.name + ".reserve")
         self._tight = False  # the disk was found full: checkpoint after every release
-        self.ring_sizes = dict(ring_sizes or {})
         self.generation = 0
         self.quarantines: list[Quarantine] = []
         try:
@@ -99,12 +99,19 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
                          (orjson.dumps(self.clock.snapshot()).decode(),))
 
     def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = (),
-               state: Mapping[str, bytes | None] | None = None) -> list[int]:
+               state: Mapping[str, bytes | None] | None = None,
+               ring: Sequence[tuple[str, int, int, bytes]] = ()) -> list[int]:
         """Append envelopes and dead letters in one durable transaction; returns their rids.
 
-        ``state`` maps ``<source>/<key>`` to a decoder's new state (None deletes it).
+        ``state`` maps ``<source>/<key>`` to a decoder's new state (None deletes it); ``ring``
+        is the redelivery ring's rows for these messages (``RedeliveryRing.rows_for``).
         """
-        return self._guard(lambda: self._commit(pending, dead, state or {}))
+        return self._guard(lambda: self._commit(pending, dead, state or {}, ring))
+
+    def load_ring(self, source: str) -> list[tuple[int, bytes]]:
+        """A source's redelivery ring as committed: (n, digest) rows."""
+        return [(int(n), bytes(d)) for n, d in self._guard(lambda: self._db.execute(
+            "SELECT n, digest FROM recent WHERE source=?", (source,)).fetchall())]
 
     def load_state(self, source: str) -> dict[str, bytes]:
         """A source's decoder state, by key (without the ``state/<source>/`` prefix)."""
@@ -116,6 +123,7 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
 
     def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
                 state: Mapping[str, bytes | None],
+                ring: Sequence[tuple[str, int, int, bytes]] = (),
                 resolve: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
         """``resolve`` runs inside the transaction, after the appends (dead letters
         re-driven: ``bridge.edge.spool.deadletters``)."""
@@ -124,7 +132,7 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         rows: list[tuple[int, bytes, int, float]] = []
         size = 0
         for p in pending:
-            blob = p.build(seq)
+            blob = seal(p.envelope, self.epoch, seq)
             rows.append((rid, blob, p.prio, at))
             size += len(blob)
             seq += 1
@@ -134,22 +142,14 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
                             f"included) would exceed max_bytes={self.max_bytes}")
         if rows:
             self._keep_headroom(size)
-        ring_rows = []
-        next_n: dict[str, int] = {}
-        for p in pending:
-            ring = self.rings.get(p.source)
-            if ring is not None:
-                n = next_n.get(p.source, ring.next_n)
-                ring_rows.append((p.source, n % ring.size, n, p.digest))
-                next_n[p.source] = n + 1
         db = self._db
         try:
             with transaction(db):
                 if rows:
                     db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
                 dead_rows = self._insert_dead(dead) if dead else None
-                if ring_rows:
-                    db.executemany("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", ring_rows)
+                if ring:
+                    db.executemany("INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", ring)
                 for key, value in state.items():
                     if value is None:
                         db.execute("DELETE FROM meta WHERE key=?", (f"state/{key}",))
@@ -170,8 +170,6 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
             raise
         if dead_rows is not None:
             self._dead_committed(*dead_rows)
-        for source, _, _, digest in ring_rows:
-            self.rings[source].push(digest)
         with self.fresh.lock:
             self.fresh.add([(r, b) for r, b, _, _ in rows])
         self.next_seq = seq
@@ -185,10 +183,3 @@ class Spool(Schema, Recovery, Headroom, Bounds, SendSide, DeadLetters):
         """The rid of the newest row (0 when none was ever written to this file)."""
         return self._next_rid - 1
 
-    def claim_redelivery(self, source: str, digest: bytes) -> bool:
-        ring = self.rings.get(source)
-        return ring is not None and ring.claim(digest)
-
-    def recently_committed(self, source: str, digest: bytes) -> bool:
-        ring = self.rings.get(source)
-        return ring is not None and ring.holds(digest)

@@ -126,7 +126,7 @@ class DeadLetters(SpoolState):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_replayed', ?)",
                        (self.dead_counter("dead_replayed") + len(replayed),))
 
-        rids = self._guard(lambda: self._commit(pending, (), {}, resolve))
+        rids = self._guard(lambda: self._commit(pending, (), {}, resolve=resolve))
         self._reload_dead()
         return rids
 

@@ -1,17 +1,49 @@
-"""``AsyncSpool``: the spool on its own thread, so fsyncs never block the event loop."""
+"""``AsyncSpool``: the spool on its own thread, so fsyncs never block the event loop; the only
+way the intake, the sender and the agent reach the spool.
+
+Two kinds of call. Operations (commit, reads from the file, release, expiry, ...) run on the
+spool's thread, one at a time. Figures (``figures``, ``epoch``, ``generation``, ``last_rid``)
+and the sender's two marks (``mark_sent``, ``unhold``) are read or written on the caller's
+thread: each is one attribute the spool thread writes whole (an int, a reference), so a
+reader sees the old or the new value, never a torn one, and none of them is an invariant
+another read depends on (a figure set is a snapshot, not one instant). The fresh tail is
+the one structure both threads change; it has its own lock (``bridge.edge.spool.fresh``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from bridge.edge.spool.base import DeadLetter, Pending
+from bridge.edge.spool.base import DeadLetter, Pending, Quarantine
 from bridge.edge.spool.core import Spool
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolFigures:
+    """What /status, the metrics and the readiness check show of the spool."""
+
+    path: Path
+    epoch: int
+    readings: int
+    bytes: int
+    dead_bytes: int
+    max_bytes: int
+    next_seq: int
+    reads_memory: int  # batches the sender took from the fresh tail
+    reads_file: int    # ... and from the file (the backlog)
+    quarantines: tuple[Quarantine, ...]
+
+    @property
+    def fill(self) -> float:
+        return (self.bytes + self.dead_bytes) / self.max_bytes
 
 
 class AsyncSpool:
@@ -26,8 +58,6 @@ class AsyncSpool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
-    # The operations the intake, the sender and the agent's bounds loop use, on the spool's
-    # thread (callers never reach through ``.spool`` for them).
 
     @property
     def epoch(self) -> int:
@@ -42,12 +72,35 @@ class AsyncSpool:
         """Bumped when a corrupt file is replaced: positions (rids) of another are void."""
         return self.spool.generation
 
+    @property
+    def last_rid(self) -> int:
+        """The rid of the newest row (0 when none was ever written to this file)."""
+        return self.spool.last_rid
+
+    def mark_sent(self, rid: int) -> None:
+        """Rows at or below ``rid`` were handed to the uplink: no bound drops them now."""
+        self.spool.sent_through = rid
+
+    def figures(self) -> SpoolFigures:
+        sp = self.spool
+        return SpoolFigures(path=sp.path, epoch=sp.epoch, readings=sp.readings, bytes=sp.bytes,
+                            dead_bytes=sp.dead_bytes, max_bytes=sp.max_bytes,
+                            next_seq=sp.next_seq, reads_memory=sp.fresh.hits,
+                            reads_file=sp.fresh.misses, quarantines=tuple(sp.quarantines))
+
+    async def dead_counter(self, key: str) -> int:
+        return await self.run(self.spool.dead_counter, key)
+
     async def load_state(self, source: str) -> dict[str, bytes]:
         return await self.run(self.spool.load_state, source)
 
+    async def load_ring(self, source: str) -> list[tuple[int, bytes]]:
+        return await self.run(self.spool.load_ring, source)
+
     async def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = (),
-                     state: Mapping[str, bytes | None] | None = None) -> list[int]:
-        return await self.run(self.spool.commit, pending, dead, state)
+                     state: Mapping[str, bytes | None] | None = None,
+                     ring: Sequence[tuple[str, int, int, bytes]] = ()) -> list[int]:
+        return await self.run(self.spool.commit, pending, dead, state, ring)
 
     async def commit_dropped(self, pending: Sequence[Pending], reason: str) -> int:
         return await self.run(self.spool.commit_dropped, pending, reason)

@@ -19,7 +19,6 @@ from bridge.edge.spool.base import (
     _is_corruption,
     transaction,
 )
-from bridge.edge.spool.ring import RedeliveryRing
 from bridge.shared.errors import SpoolError
 from bridge.shared.files import private_file
 
@@ -54,11 +53,6 @@ class Schema(SpoolState):
             self._drop_totals: Counter[str] = Counter({
                 str(r): int(n) for r, n in self._db.execute(
                     "SELECT reason, sum(count) FROM drops GROUP BY reason")})
-            self.rings = {}
-            for source, size in self.ring_sizes.items():
-                rows = self._db.execute("SELECT n, digest FROM recent WHERE source=?",
-                                        (source,)).fetchall()
-                self.rings[source] = RedeliveryRing(size, rows)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):

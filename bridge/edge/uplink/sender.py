@@ -73,7 +73,7 @@ class Sender:
         to ``max_in_flight`` (slow start), and falls back to one when an ingest throttles: a
         fleet that recovers at once does not open with every agent's whole window.
         """
-        sp = self.spool.spool
+        sp = self.spool
         live = 0                              # last rid dispatched in the live lane
         backlog: list[int] | None = None      # [cursor, boundary] while draining
         generation = sp.generation
@@ -120,7 +120,7 @@ class Sender:
                         await self.spool.appended.wait()
                     continue
                 # Rows handed to the uplink are never dropped by a bound (they are in flight).
-                sp.sent_through = backlog[0] if backlog is not None else live
+                sp.mark_sent(backlog[0] if backlog is not None else live)
                 tg.create_task(self._deliver(rows, generation, slots),
                                name=f"batch-{rows[0][0]}")
 

@@ -86,7 +86,7 @@ def _fits_the_wire(decoded) -> None:
     """Whatever the decoder accepted becomes an envelope: every value fits its wire type."""
     from bridge.edge.envelope import SourceInfo, prepare_envelope, seal
     from bridge.shared._pb import bridge_pb2 as pb
-    env = prepare_envelope(site_id="s", epoch=1, source=SourceInfo(name="n", protocol="mqtt",
+    env = prepare_envelope(site_id="s", source=SourceInfo(name="n", protocol="mqtt",
                                                                    broker="b"),
                            topic="plant/x", decoded=decoded, codec="json", gateway_time_ns=1,
                            clock_synced=True)

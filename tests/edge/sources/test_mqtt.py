@@ -69,7 +69,7 @@ async def wait_until(cond, timeout: float = 20.0) -> None:
 async def running(source, spool: AsyncSpool, metrics: AgentMetrics):
     intake = Intake(source=source, spool=spool, site_id="site-a",
                     decoder=make_decoder(codec="json"), metrics=metrics, clock=ClockSync(),
-                    policy=IntakePolicy(commit_max=50))
+                    policy=IntakePolicy(commit_max=50, ring_size=200))
     await source.start()
     task = asyncio.create_task(intake.run())
     try:
@@ -89,14 +89,14 @@ async def test_a_redelivered_message_already_in_the_spool_is_acked_not_stored_tw
 
         def open_spool() -> AsyncSpool:
             return AsyncSpool(Spool(path=tmp_path / "spool.db", site_id="site-a",
-                                    max_bytes=1 << 24, ring_sizes={"plant": 200}))
+                                    max_bytes=1 << 24))
 
         spool, metrics = open_spool(), AgentMetrics()
         first = MqttSource(config=cfg, metrics=metrics)
         async with running(CrashBeforeAck(first), spool, metrics):
             await asyncio.wait_for(first.subscribed.wait(), 10)
             await asyncio.to_thread(publish_raw, broker.port, payloads)
-            await wait_until(lambda: spool.spool.readings == 20)
+            await wait_until(lambda: spool.figures().readings == 20)
         await spool.close()
 
         # "Restart": the spool reopens from disk; the broker redelivers the 20 unacked (DUP=1).
@@ -105,10 +105,10 @@ async def test_a_redelivered_message_already_in_the_spool_is_acked_not_stored_tw
         skipped = metrics.source_redelivered_skipped.labels("plant")
         async with running(second, spool, metrics):
             await wait_until(lambda: skipped._value.get() == 20)
-            assert spool.spool.readings == 20
+            assert spool.figures().readings == 20
             # The same payloads published again, unflagged, are new readings and are kept.
             await asyncio.to_thread(publish_raw, broker.port, payloads[:5])
-            await wait_until(lambda: spool.spool.readings == 25)
+            await wait_until(lambda: spool.figures().readings == 25)
         await spool.close()
 
         # Everything was acked this time: a third session gets nothing back.
@@ -117,7 +117,7 @@ async def test_a_redelivered_message_already_in_the_spool_is_acked_not_stored_tw
         async with running(third, spool, metrics) as intake:
             await asyncio.wait_for(third.subscribed.wait(), 10)
             await asyncio.to_thread(publish_raw, broker.port, [("plant/p/flow", b"1")])
-            await wait_until(lambda: spool.spool.readings == 26)
+            await wait_until(lambda: spool.figures().readings == 26)
             assert intake.committed_messages == 1
         await spool.close()
     finally:

@@ -7,7 +7,6 @@ from pathlib import Path
 from bridge.edge.spool import PRIORITIES, Pending, Spool
 from bridge.edge.spool.clock import SpoolClock
 from bridge.shared._pb import bridge_pb2 as pb
-from tests.edge.spool.test_core import EPOCH
 
 
 class Clocks:
@@ -24,9 +23,8 @@ class Clocks:
 
 
 def rows(n: int, *, prio: int = 0, start: int = 0) -> list[Pending]:
-    return [Pending(source="x", digest=b"", prio=prio,
-                    build=lambda seq: pb.Envelope(site_id="s", epoch=EPOCH, seq=seq,
-                                                  raw=b"r" * 100).SerializeToString())
+    return [Pending(prio=prio,
+                    envelope=pb.Envelope(site_id="s", raw=b"r" * 100))
             for _ in range(n)]
 
 

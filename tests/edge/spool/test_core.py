@@ -4,18 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge.edge.spool import DeadLetter, Pending, RedeliveryRing, Spool
+from bridge.edge.spool import DeadLetter, Pending, Spool
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.errors import SpoolError, SpoolFull
 
-EPOCH = 77  # what the agent's envelopes carry: the spool's epoch (fixed here for the tests)
 
-
-def pending(n: int, *, source: str = "plant", size: int = 10) -> list[Pending]:
-    def build(i: int):
-        return lambda seq: pb.Envelope(site_id="s", epoch=EPOCH, seq=seq,
-                                       raw=bytes([i % 256]) * size).SerializeToString()
-    return [Pending(source=source, digest=i.to_bytes(16, "big"), build=build(i))
+def pending(n: int, *, size: int = 10) -> list[Pending]:
+    return [Pending(envelope=pb.Envelope(site_id="s", raw=bytes([i % 256]) * size))
             for i in range(n)]
 
 
@@ -69,29 +64,3 @@ def test_a_spool_of_another_site_or_schema_is_refused_not_reused(tmp_path: Path)
         Spool(path=tmp_path / "s.db", site_id="other", max_bytes=1 << 20)
 
 
-def test_a_flagged_redelivery_of_a_committed_message_is_recognised_once_across_reopen(
-        tmp_path: Path):
-    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20,
-               ring_sizes={"plant": 4})
-    sp.commit(pending(6))
-    sp.close()
-    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20,
-               ring_sizes={"plant": 4})
-    assert not sp.claim_redelivery("plant", (0).to_bytes(16, "big")), "fell out of the ring"
-    assert sp.claim_redelivery("plant", (5).to_bytes(16, "big"))
-    assert not sp.claim_redelivery("plant", (5).to_bytes(16, "big")), "claimed only once"
-    assert sp.claim_redelivery("plant", (2).to_bytes(16, "big"))
-    assert not sp.claim_redelivery("other", (3).to_bytes(16, "big"))
-
-
-def test_the_redelivery_ring_forgets_what_falls_out_of_it():
-    """A digest that left the window is gone from memory too (it leaked: ~140 B a message)."""
-    ring = RedeliveryRing(10, [])
-    for i in range(10_000):
-        ring.push(b"d%d" % i)
-    assert len(ring) == 10
-    assert not ring.claim(b"d9989"), "evicted"
-    assert ring.claim(b"d9990") and not ring.claim(b"d9990"), "one claim per stored copy"
-    ring.push(b"d9999")  # a second copy of an identical payload
-    assert ring.claim(b"d9999") and ring.claim(b"d9999") and not ring.claim(b"d9999")
-    assert len(ring) <= 10

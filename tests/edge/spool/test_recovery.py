@@ -12,7 +12,7 @@ import pytest
 from bridge.edge.spool import Spool
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.errors import SpoolReset
-from tests.edge.spool.test_core import EPOCH, pending
+from tests.edge.spool.test_core import pending
 
 ROWS = 3000
 
@@ -69,7 +69,7 @@ def test_a_spool_of_another_schema_version_is_quarantined_and_fully_salvaged(tmp
     db.close()
     sp, envs = reopen_reading_through_corruption(path)
     assert len(envs) == ROWS
-    assert {e.epoch for e in envs} == {EPOCH}, "salvaged readings keep their identity"
+    assert {e.epoch for e in envs} == {epoch}, "salvaged readings keep their identity"
     assert [e.seq for e in envs] == list(range(1, ROWS + 1))
     assert sp.epoch != epoch and sp.quarantines[0].salvaged == ROWS
     sp.commit(pending(1))
@@ -94,7 +94,7 @@ def test_damaged_pages_are_found_at_runtime_and_what_is_readable_is_salvaged(
     assert 0 < q.salvaged < ROWS
     assert len(envs) == q.salvaged
     seqs = [e.seq for e in envs]
-    assert seqs == sorted(set(seqs)) and {e.epoch for e in envs} == {EPOCH}
+    assert seqs == sorted(set(seqs)) and {e.epoch for e in envs} == {epoch}
     assert seqs[0] == 1, "the undamaged start is salvaged"
     assert sp.generation == 1 and sp.epoch != epoch
     assert len(quarantined_files(tmp_path)) == 1

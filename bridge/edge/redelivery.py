@@ -1,4 +1,14 @@
-"""The redelivery ring's in-memory mirror (see Redelivery)."""
+"""The redelivery ring: which of a source's recent messages are already committed.
+
+A broker redelivers (MQTT DUP=1, AMQP ``redelivered``) only messages it sent but saw no ack
+for, and it never has more unacked than the receive window; a ring twice that size holds
+every message that can come back. The ring belongs to the source's intake, the only stage
+that reads or changes it, all on the event loop: it checks a flagged redelivery against the
+ring (``claim``, once per stored copy) and a publisher's retransmission (``holds``) before
+decoding, and pushes a group's digests after the spool committed them. The spool keeps the
+ring durable (its ``recent`` table, written in the same transaction as the messages,
+``rows_for`` gives the rows) and hands it back at start (``AsyncSpool.load_ring``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ from collections.abc import Sequence
 
 
 class RedeliveryRing:
-    """In-memory mirror of one source's ``recent`` ring (a multiset of digests)."""
+    """One source's ring of committed digests (a multiset), ``size`` deep."""
 
     def __init__(self, size: int, rows: Sequence[tuple[int, bytes]]) -> None:
         self.size = size
@@ -26,6 +36,13 @@ class RedeliveryRing:
     def holds(self, digest: bytes) -> bool:
         """Whether a message with this digest was committed within the ring (consumes nothing)."""
         return digest in self._count
+
+    def rows_for(self, source: str, digests: Sequence[bytes]
+                 ) -> list[tuple[str, int, int, bytes]]:
+        """The ``recent`` rows (source, slot, n, digest) that pushing ``digests`` will make:
+        written with the commit, pushed only once it succeeded."""
+        n = self.next_n
+        return [(source, (n + i) % self.size, n + i, d) for i, d in enumerate(digests)]
 
     def push(self, digest: bytes) -> None:
         self.next_n += 1
