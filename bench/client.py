@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bridge.edge.uplink.sender import hinted_wait
+from bridge.edge.uplink.layers import hinted_wait
 from bridge.shared.grpcconn import DEADLINE_METADATA
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ import nats
 from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
-from bridge.edge.uplink.sender import hinted_wait
+from bridge.edge.uplink.layers import hinted_wait
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
 from bridge.shared.grpcconn import mtls_channel

@@ -41,7 +41,7 @@ from bench import client
 from bench.memory import rss_mb
 from bench.results import Row, percentile
 from bridge.cloud.store.subjects import subject_token
-from bridge.edge.uplink.sender import hinted_wait
+from bridge.edge.uplink.layers import hinted_wait
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.grpcconn import mtls_credentials
 from devkit import localrun

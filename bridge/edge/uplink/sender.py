@@ -10,35 +10,34 @@ COMMITTED and DUPLICATE release the row; REJECTED (permanent) moves it to the sp
 letters. Nothing is dropped on a call-level error, whatever its code.
 
 Each attempt writes one ``uplink.batch`` access-log line with an Envoy-style response flag.
+Retry, failover, the breaker's feed, strict acks and the deadline are layers around one call
+(``bridge.edge.uplink.layers``); the sender batches, dispatches and releases.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 import uuid
 
-from bridge.edge.envelope import encode_batch, identity
 from bridge.edge.spool import AsyncSpool
-from bridge.edge.uplink.pool import Endpoint, EndpointPool
+from bridge.edge.uplink.layers import (
+    DISPOSITIONS,
+    Deadline,
+    Failover,
+    Outgoing,
+    Oversized,
+    Recorded,
+    Retry,
+    StrictAcks,
+)
+from bridge.edge.uplink.pool import EndpointPool
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.config import UplinkConfig
-from bridge.shared.errors import ErrorKind, SpoolFull, SpoolReset, TransportError
+from bridge.shared.errors import SpoolFull, SpoolReset
 from bridge.shared.pacing import Backoff, TokenBucket, wait_event
 from bridge.shared.telemetry import AgentMetrics, event
-
-_DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE: "duplicate",
-                 pb.DISPOSITION_REJECTED: "rejected"}
-
-
-def hinted_wait(hint_s: float) -> float:
-    """How long to wait on an ingest's ``retry-after``: the hint, jittered up by at most 5 %
-    (and 20 ms), never less. The ingest already spreads the sites it refuses over the time it
-    needs for them (bridge.cloud.ingest.admission), and refuses a site that comes back early."""
-    return hint_s + random.uniform(0.0, min(0.05 * hint_s, 0.02))
 
 
 class Sender:
@@ -52,6 +51,18 @@ class Sender:
         self.batch_cap: int | None = None  # a smaller bound an ingest asked for (_split)
         self.busy_until = 0.0  # monotonic: the backlog waits for a throttle's retry-after
         self.window = 1  # backlog batches in flight at most: 1 after a throttle, doubled per ack
+        self._freed = asyncio.Event()  # a batch in flight finished (its slot is free)
+        self.send = Retry(
+            Failover(Recorded(StrictAcks(Deadline(deadline_s=config.deadline_s),
+                                         metrics=metrics), pool=pool),
+                     pool=pool, metrics=metrics),
+            pool=pool, metrics=metrics, backoff_max_s=config.backoff_max_s,
+            on_throttled=self._throttled)
+
+    def _throttled(self, wait_s: float) -> None:
+        """An ingest is busy: the backlog waits ``wait_s`` and restarts at one batch."""
+        self.busy_until = max(self.busy_until, time.monotonic() + wait_s)
+        self.window = 1
 
     def _batch_rows(self) -> int:
         cap = self.batch_cap
@@ -61,6 +72,7 @@ class Sender:
     def stop(self) -> None:
         self._stopping.set()
         self.spool.appended.set()
+        self._freed.set()
 
     async def run(self) -> None:
         """Dispatch batches until ``stop()``; then wait for the batches in flight.
@@ -81,12 +93,14 @@ class Sender:
                            burst=max(self.config.drain_max_per_s, 1.0)) \
             if self.config.drain_max_per_s > 0 else None
         threshold = 2 * self.config.max_in_flight * self.config.batch_max_readings
-        slots = asyncio.Semaphore(self.config.max_in_flight)
         async with asyncio.TaskGroup() as tg:
             while not self._stopping.is_set():
-                await slots.acquire()
-                if self._stopping.is_set():
-                    break
+                # A slot is taken at dispatch (in_flight) and freed in one place: the end of
+                # its batch (_deliver); nothing else holds one.
+                if self.in_flight >= self.config.max_in_flight:
+                    self._freed.clear()
+                    await self._freed.wait()
+                    continue
                 self.spool.appended.clear()
                 if sp.generation != generation:
                     # The file was quarantined and replaced: its rids start over.
@@ -108,21 +122,18 @@ class Sender:
                             backlog, self.draining = None, False
                             event("uplink.drain_finished")
                         if wait:
-                            slots.release()
                             await wait_event(self.spool.appended, wait)
                             continue
                 except SpoolReset:
-                    slots.release()
                     continue
                 if not rows:
-                    slots.release()
                     if backlog is None:
                         await self.spool.appended.wait()
                     continue
                 # Rows handed to the uplink are never dropped by a bound (they are in flight).
                 sp.mark_sent(backlog[0] if backlog is not None else live)
-                tg.create_task(self._deliver(rows, generation, slots),
-                               name=f"batch-{rows[0][0]}")
+                self.in_flight += 1
+                tg.create_task(self._deliver(rows, generation), name=f"batch-{rows[0][0]}")
 
     async def _backlog_rows(self, backlog: list[int], pace: TokenBucket | None,
                             ) -> tuple[list[tuple[int, bytes]], float]:
@@ -143,92 +154,50 @@ class Sender:
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
 
-    async def _deliver(self, rows: list[tuple[int, bytes]], generation: int,
-                       slots: asyncio.Semaphore) -> None:
-        self.in_flight += 1
+    async def _deliver(self, rows: list[tuple[int, bytes]], generation: int) -> None:
+        """One batch until acked and released; frees its slot however it ends."""
         try:
             await self._deliver_until_acked(rows, generation)
         finally:
             if generation == self.spool.generation:
                 self.spool.unhold(rows[0][0])
             self.in_flight -= 1
-            slots.release()
+            self._freed.set()
 
     async def _deliver_until_acked(self, rows: list[tuple[int, bytes]],
                                    generation: int) -> None:
-        batch_id = str(uuid.uuid4())
-        blob = encode_batch(batch_id, [b for _, b in rows])
+        batch = Outgoing.of(str(uuid.uuid4()), [b for _, b in rows])
         first, last = rows[0][0], rows[-1][0]  # rids: positions in the spool file
-        # What each ack result must echo (strict acks), read from the envelopes' heads.
-        ids = [identity(b) for _, b in rows]
-        first_seq, last_seq = ids[0][1], ids[-1][1]
-        backoff = Backoff(base_s=0.05, cap_s=self.config.backoff_max_s)
-        attempt = 0
-        while True:
-            ep = await self.pool.pick()
-            attempt += 1
-            t0 = time.perf_counter()
-            try:
-                ack = await self._push(ep, blob, batch_id)
-                self._check_ack(ep, ack, ids)
-            except TransportError as err:
-                elapsed = time.perf_counter() - t0
-                self.pool.record(ep, err)
-                self.metrics.batches.labels(ep.name, err.code).inc()
-                self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
-                event("uplink.batch", level=logging.WARNING, endpoint=ep.name, leg=ep.leg,
-                      batch_id=batch_id, first_seq=first_seq, last_seq=last_seq,
-                      readings=len(rows),
-                      status=err.code, flag=err.flag, attempt=attempt,
-                      duration_ms=round(elapsed * 1000, 3), reason=err.detail)
-                if err.kind is ErrorKind.THROTTLED:
-                    self.metrics.throttled.labels(ep.name).inc()
-                    if err.max_envelopes is not None and len(rows) > err.max_envelopes:
-                        await self._split(rows, generation, err.max_envelopes, ep.name)
-                        return
-                    # Busy, not broken (pool.record counted nothing): wait the hint, and
-                    # hold the backlog back meanwhile so live batches keep the free slots.
-                    wait = backoff.next_delay() if err.retry_after_s is None else \
-                        hinted_wait(err.retry_after_s)
-                    self.busy_until = max(self.busy_until, time.monotonic() + wait)
-                    self.window = 1
-                    self.metrics.throttle_wait.labels(ep.name).inc(wait)
-                    await backoff.sleep(wait)
-                    continue
-                self.metrics.retries.labels(ep.name, err.flag).inc()
-                if attempt >= len(self.pool.endpoints):
-                    # Every endpoint had a go: back off, but wake as soon as health changes.
-                    await self.pool.wait_changed(backoff.next_delay())
-                continue
-            self.pool.record(ep, None)
-            elapsed = time.perf_counter() - t0
-            if self.window < self.config.max_in_flight:
-                self.window = min(self.config.max_in_flight, 2 * self.window)
-                self.spool.appended.set()  # wakes the dispatch loop for the wider window
-            rejected = [(rid, r.reason) for (rid, _), r in zip(rows, ack.results, strict=True)
-                        if r.disposition == pb.DISPOSITION_REJECTED]
-            await self._release(first, last, rejected, generation)
-            counts: dict[str, int] = {}
-            for r in ack.results:
-                d = _DISPOSITIONS.get(r.disposition, "unknown")
-                counts[d] = counts.get(d, 0) + 1
-            for d, n in counts.items():
-                self.metrics.readings_acked.labels(ep.name, d).inc(n)
-            if rejected:
-                self.metrics.dead_letters.labels("rejected").inc(len(rejected))
-                event("uplink.rejected", level=logging.ERROR, endpoint=ep.name,
-                      batch_id=batch_id, seqs=[r.seq for r in ack.results
-                                               if r.disposition == pb.DISPOSITION_REJECTED][:20],
-                      reason=rejected[0][1])
-            self.metrics.batches.labels(ep.name, "OK").inc()
-            self.metrics.batch_seconds.labels(ep.name).observe(elapsed)
-            self.acked_readings += len(rows)
-            event("uplink.batch", endpoint=ep.name, leg=ep.leg, batch_id=batch_id,
-                  first_seq=first_seq,
-                  last_seq=last_seq, readings=len(rows), status="OK", flag="-",
-                  attempt=attempt,
-                  duration_ms=round(elapsed * 1000, 3), **counts)
+        done = await self.send.send(batch)
+        if isinstance(done, Oversized):
+            await self._split(rows, generation, done.most, done.endpoint.name)
             return
+        ack, ep = done.ack, done.endpoint
+        if self.window < self.config.max_in_flight:
+            self.window = min(self.config.max_in_flight, 2 * self.window)
+            self.spool.appended.set()  # wakes the dispatch loop for the wider window
+        rejected = [(rid, r.reason) for (rid, _), r in zip(rows, ack.results, strict=True)
+                    if r.disposition == pb.DISPOSITION_REJECTED]
+        await self._release(first, last, rejected, generation)
+        counts: dict[str, int] = {}
+        for r in ack.results:
+            d = DISPOSITIONS.get(r.disposition, "unknown")
+            counts[d] = counts.get(d, 0) + 1
+        for d, n in counts.items():
+            self.metrics.readings_acked.labels(ep.name, d).inc(n)
+        if rejected:
+            self.metrics.dead_letters.labels("rejected").inc(len(rejected))
+            event("uplink.rejected", level=logging.ERROR, endpoint=ep.name,
+                  batch_id=batch.batch_id, seqs=[r.seq for r in ack.results
+                                                 if r.disposition == pb.DISPOSITION_REJECTED][:20],
+                  reason=rejected[0][1])
+        self.metrics.batches.labels(ep.name, "OK").inc()
+        self.metrics.batch_seconds.labels(ep.name).observe(done.elapsed_s)
+        self.acked_readings += len(rows)
+        event("uplink.batch", endpoint=ep.name, leg=ep.leg, batch_id=batch.batch_id,
+              first_seq=batch.ids[0][1], last_seq=batch.ids[-1][1], readings=len(rows),
+              status="OK", flag="-", attempt=done.attempt,
+              duration_ms=round(done.elapsed_s * 1000, 3), **counts)
 
     async def _split(self, rows: list[tuple[int, bytes]], generation: int, most: int,
                      endpoint: str) -> None:
@@ -241,30 +210,6 @@ class Sender:
                      "lower uplink.batch_max_readings to at most that")
         for start in range(0, len(rows), most):
             await self._deliver_until_acked(rows[start:start + most], generation)
-
-    def _check_ack(self, ep: Endpoint, ack: pb.Ack, ids: list[tuple[int, int]]) -> None:
-        """Strict acks: one result per envelope, in order, echoing its (epoch, seq), with a
-        disposition we know. Anything else releases nothing: a protocol error, retried."""
-        kind = detail = ""
-        if len(ack.results) != len(ids):
-            kind, detail = "count", f"ack has {len(ack.results)} results for {len(ids)} " \
-                "envelopes"
-        else:
-            for i, (r, (epoch, seq)) in enumerate(zip(ack.results, ids, strict=True)):
-                if (r.epoch, r.seq) != (epoch, seq):
-                    kind, detail = "identity", f"result {i} is for ({r.epoch:016x}, {r.seq}), " \
-                        f"sent ({epoch:016x}, {seq})"
-                    break
-                if r.disposition not in _DISPOSITIONS:
-                    kind, detail = "disposition", f"result {i} (seq {seq}) has disposition " \
-                        f"{r.disposition}"
-                    break
-        if kind:
-            self.metrics.protocol_errors.labels(ep.name, kind).inc()
-            event("uplink.protocol_error", level=logging.ERROR, endpoint=ep.name, kind=kind,
-                  detail=detail, flag="UPE")
-            raise TransportError(code="PROTOCOL_ERROR", flag="UPE", kind=ErrorKind.RETRYABLE,
-                                 detail=detail)
 
     async def _release(self, first: int, last: int, rejected: list[tuple[int, str]],
                        generation: int) -> None:
@@ -281,26 +226,3 @@ class Sender:
                     event("spool.release_blocked", level=logging.ERROR, reason=str(exc),
                           first_rid=first, last_rid=last)
                 await backoff.sleep()
-
-    async def _push(self, ep: Endpoint, blob: bytes, batch_id: str) -> pb.Ack:
-        """One call, abandoned as soon as the endpoint is found down (hung or unreachable)."""
-        down = ep.down
-        if down.is_set():
-            raise TransportError(code="UNAVAILABLE", flag=ep.last_flag or "UF",
-                                 kind=ErrorKind.RETRYABLE, detail=ep.last_error)
-        call = asyncio.ensure_future(ep.transport.push(blob, batch_id=batch_id,
-                                                       timeout=self.config.deadline_s))
-        watch = asyncio.ensure_future(down.wait())
-        try:
-            await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not call.done():
-            call.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TransportError):
-                await call
-            raise TransportError(code="UNAVAILABLE", flag=ep.last_flag or "UF",
-                                 kind=ErrorKind.RETRYABLE,
-                                 detail=f"abandoned in flight: endpoint went down "
-                                        f"({ep.last_error})")
-        return call.result()
