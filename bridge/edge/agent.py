@@ -23,7 +23,7 @@ from bridge.edge.intake import ClockSync, Intake, IntakePolicy, decoder_for
 from bridge.edge.sources import make_source
 from bridge.edge.spool import AsyncSpool, Spool
 from bridge.edge.spool.clock import SpoolClock
-from bridge.edge.uplink.breaker import CircuitBreaker
+from bridge.edge.uplink.breaker import for_uplink, reachable_minimum
 from bridge.edge.uplink.credentials import CredentialWatcher, Pem
 from bridge.edge.uplink.netbind import BindProxy, resolve_vlan
 from bridge.edge.uplink.pool import Endpoint, EndpointPool
@@ -69,17 +69,7 @@ class Agent:
         self._drops: dict[str, int] = {}
         self._oldest_age: float | None = None
         up = config.uplink
-        b = up.breaker
-        # Calls that time out end one deadline after they start: at most max_in_flight of them
-        # per deadline, so a window holds at most this many. A larger minimum could never be
-        # reached by a stalled endpoint, and its breaker would never open.
-        reachable = max(1, int(up.max_in_flight * b.window_s / up.deadline_s))
-        min_requests = min(b.min_requests, reachable)
-        if min_requests < b.min_requests:
-            event("uplink.breaker_minimum_lowered",
-                  configured=b.min_requests, effective=min_requests,
-                  reason=f"max_in_flight={up.max_in_flight} calls with a {up.deadline_s:g} s "
-                         f"deadline fill a {b.window_s:g} s window with at most {reachable}")
+        min_requests = reachable_minimum(up)
         self.proxies: dict[str, BindProxy] = {}
         for e in up.endpoints:
             iface = resolve_vlan(e.vlan) if e.vlan else e.interface
@@ -91,11 +81,7 @@ class Agent:
             endpoints=[Endpoint(name=e.name, target=e.target, leg=e.leg,
                                 transport=self._transport(e.name, None),
                                 backoff_max_s=up.backoff_max_s,
-                                breaker=CircuitBreaker(window_s=b.window_s,
-                                                       error_rate=b.error_rate,
-                                                       min_requests=min_requests,
-                                                       open_s=b.open_s,
-                                                       half_open_probes=b.half_open_probes))
+                                breaker=for_uplink(up, min_requests=min_requests))
                        for e in up.endpoints],
             metrics=self.metrics, health_interval_s=up.health_interval_s,
             health_timeout_s=up.health_timeout_s, health_timeout_min_s=up.health_timeout_min_s,

@@ -7,6 +7,8 @@ time; that many successes in a row close it, any failure opens it again. Throttl
 (RESOURCE_EXHAUSTED) are not failures: the endpoint is healthy, only busy.
 
 Pure logic with an injectable clock, so its behaviour is tested without sleeping.
+``for_uplink`` builds one from the uplink's config, with the minimum a stalled endpoint can
+reach (``reachable_minimum``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,25 @@ import enum
 import time
 from collections import deque
 from collections.abc import Callable
+
+from bridge.shared.config import UplinkConfig
+from bridge.shared.telemetry import event
+
+
+def reachable_minimum(up: UplinkConfig) -> int:
+    """``breaker.min_requests``, lowered to what a stalled endpoint can reach.
+
+    Calls that time out end one deadline after they start: at most ``max_in_flight`` of them
+    per deadline, so a window holds at most this many. A larger minimum could never be
+    reached by a stalled endpoint, and its breaker would never open."""
+    b = up.breaker
+    reachable = max(1, int(up.max_in_flight * b.window_s / up.deadline_s))
+    if reachable >= b.min_requests:
+        return b.min_requests
+    event("uplink.breaker_minimum_lowered", configured=b.min_requests, effective=reachable,
+          reason=f"max_in_flight={up.max_in_flight} calls with a {up.deadline_s:g} s "
+                 f"deadline fill a {b.window_s:g} s window with at most {reachable}")
+    return reachable
 
 
 class BreakerState(enum.Enum):
@@ -102,3 +123,11 @@ class CircuitBreaker:
         self._outcomes.clear()
         self._failures = 0
 
+
+def for_uplink(up: UplinkConfig, *, min_requests: int) -> CircuitBreaker:
+    """One endpoint's breaker from the uplink's config (``min_requests``: once per agent,
+    from ``reachable_minimum``)."""
+    b = up.breaker
+    return CircuitBreaker(window_s=b.window_s, error_rate=b.error_rate,
+                          min_requests=min_requests, open_s=b.open_s,
+                          half_open_probes=b.half_open_probes)

@@ -105,3 +105,28 @@ def test_the_probe_deadline_follows_the_measured_round_trip_within_its_bounds():
     for _ in range(50):
         pool._observe_rtt(ep, 5.0)
     assert pool.probe_timeout(ep) == 2.0
+
+
+def _uplink(*, min_requests: int, max_in_flight: int = 4, deadline_s: float = 5.0):
+    from bridge.shared.config import BreakerConfig, UplinkConfig
+
+    return UplinkConfig(endpoints=(), batch_max_readings=10, batch_max_bytes=1 << 20,
+                        max_in_flight=max_in_flight, deadline_s=deadline_s,
+                        health_interval_s=0.25, health_timeout_s=2.0, health_timeout_min_s=0.3,
+                        failback_after_s=30.0, backoff_max_s=10.0,
+                        breaker=BreakerConfig(window_s=10.0, error_rate=0.15,
+                                              min_requests=min_requests, open_s=5.0,
+                                              half_open_probes=3))
+
+
+def test_the_breaker_minimum_is_lowered_to_what_a_stalled_endpoint_can_reach():
+    from bridge.edge.uplink.breaker import for_uplink, reachable_minimum
+
+    # 4 calls in flight, each ending one 5 s deadline after it started: 8 per 10 s window.
+    assert reachable_minimum(_uplink(min_requests=20)) == 8
+    assert reachable_minimum(_uplink(min_requests=5)) == 5, "a reachable minimum is kept"
+    assert reachable_minimum(_uplink(min_requests=20, max_in_flight=1, deadline_s=60)) == 1
+    b = for_uplink(_uplink(min_requests=20), min_requests=8)
+    for _ in range(8):
+        b.record(False)
+    assert b.state is BreakerState.OPEN, "eight stalled calls open it"
