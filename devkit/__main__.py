@@ -63,7 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m devkit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m devkit", description="The development "
+                                "harness (not shipped): the demo and the plant simulator.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="publish realistic SCADA readings over MQTT or AMQP")
