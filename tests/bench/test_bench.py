@@ -113,4 +113,4 @@ def test_the_fleet_bare_baseline_the_sparkplug_rate_and_decode_costs_run_on_thei
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [line.split()[0] for line in res.stdout.splitlines()] == [
-        "parse", "decode", "check_wire", "envelope", "seal"], res.stdout
+        "parse", "decode", "check_wire", "envelope", "seal", "envelope"], res.stdout
