@@ -25,7 +25,6 @@ from bridge.shared.kinds import Codec
 if TYPE_CHECKING:
     from bridge.edge.codecs.sparkplug import Notice
 
-CODECS = tuple(Codec)
 DECODERS: dict[Codec, Callable[[str, bytes], Decoded]] = {Codec.JSON: decode_json,
                                                          Codec.RAW: decode_raw}
 
@@ -51,5 +50,5 @@ def make_decoder(*, codec: Codec, mappings: list[JsonMapping] | None = None,
     return StatelessDecoder(codec=Codec.JSON if mappings else codec, fn=fn)
 
 
-__all__ = ["CODECS", "DECODERS", "DecodeError", "Decoded", "DecodedValue", "Decoder",
+__all__ = ["DECODERS", "DecodeError", "Decoded", "DecodedValue", "Decoder",
            "JsonMapping", "Publish", "make_decoder"]

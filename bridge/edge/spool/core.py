@@ -1,6 +1,7 @@
 """``Spool``: the durable bounded queue between the intake and the uplink (format, invariants
-and recovery: the package docstring). The append path and the redelivery ring live here; each
-other concern is a mixin in its own module."""
+and recovery: the package docstring). The append path lives here (the seal that gives each
+envelope its identity, and the redelivery ring's rows the intake hands in); each other concern
+is a mixin in its own module."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ decodes it.
 
 Written for this project from the specification's field tables; it is wire-compatible with
 the schema Eclipse Tahu publishes (same package, message and field numbers, same types).
-Only decoding is done with it; tests/codecs/test_sparkplug.py pins the wire format with
+Only decoding is done with it; tests/edge/codecs/test_sparkplug.py pins the wire format with
 hand-encoded bytes so a change here that breaks compatibility fails the tests.
 See docs/payloads.md ("Sparkplug B") for why this file is not a vendored copy.
 """

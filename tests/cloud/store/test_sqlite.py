@@ -145,3 +145,16 @@ def test_a_stream_keeps_at_most_max_gaps_intervals_and_refuses_the_rest_by_name(
     reopened = Store(path=tmp_path / "i.db", max_gaps_per_stream=3)
     assert known(reopened, 7) == (4, [(6, 6), (8, 8), (10, 10)], 7)
     assert reopened.commit(items("a", 7, [12])) == ["too_many_gaps"]
+
+
+def test_a_sqlite_node_loads_neither_nats_nor_the_jetstream_store():
+    """open_backend imports the store a config asks for, and only that one."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge.cloud.ingest.server, bridge.cli; "
+            "print(sorted(m for m in ('nats', 'bridge.cloud.store.jetstream') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "[]", out
