@@ -108,19 +108,32 @@ This happens at open or, when corruption shows up later, on the operation that h
 operation raises ``SpoolReset`` so callers drop positions (rids) that belonged to the old file.
 A spool of another ``site_id`` is a configuration mistake, not corruption: ``SpoolError``.
 
-The package: ``base`` (constants, errors, records, ``SpoolState`` and the one
-``transaction`` helper every write goes through), ``core`` (``Spool``: open, the append path,
-the redelivery ring's rows), ``schema`` (pragmas, tables, migrations), ``recovery``
-(quarantine and salvage), ``headroom`` (the reserve file and full-disk space), ``bounds``
-(expiry, drops, tombstones), ``send`` (reads after a position, holds, release), ``fresh`` (the
-newest rows in memory: live batches are not read back from the file; its own invariant),
-``deadletters`` (bounded dead letters and the CLI's offline reader), ``clock`` (the spool
-clock) and ``facade`` (``AsyncSpool``).
+The package
+===========
+``Spool`` (``core``) owns the open file and its parts, each an object it holds and hands the
+others it needs; no part calls back into the spool:
 
-All methods are synchronous and must be called from one thread (``AsyncSpool`` runs them on a
-dedicated thread so fsyncs never block the event loop), except ``take_fresh``: the event loop
-takes live batches from the fresh tail under its lock, never waiting for it
-(``bridge.edge.spool.fresh``).
+- ``file``: ``SpoolFile``, the connection and the meta row's figures, the state every part
+  works on; ``schema``: ``open_file`` (pragmas, tables, migrations, the meta row);
+- ``headroom``: ``Headroom`` (the reserve file, the space deletes need);
+- ``deadletters``: ``DeadLetters`` (the bounded table) and the CLI's offline reader;
+- ``send``: ``Holds`` (rows the uplink has in hand) and ``SendSide`` (reads after a position,
+  release);
+- ``bounds``: ``Bounds`` (expiry, drops, tombstones; never a held row);
+- ``recovery``: ``Recovery`` (quarantine and salvage);
+- ``fresh``: the newest rows in memory, so live batches are not read back from the file (its
+  own invariant); ``clock``: the spool clock; ``base``: constants, records, ``SpoolFigures``
+  and the one ``transaction`` helper every write goes through; ``facade``: ``AsyncSpool``.
+
+``core`` runs the append path itself (the seal gives each envelope its identity in the
+commit) and every cross-part step (a release on a full disk asks ``Headroom`` for space; a
+corrupt file is replaced by ``Recovery`` and the ``Holds`` cleared).
+
+Threads: every operation is synchronous and runs on one thread (``AsyncSpool`` gives the
+spool its own, so fsyncs never block the event loop). Three things are shared with the event
+loop, each made to be: the fresh tail (its lock; a take never waits for it), ``Holds`` (its
+lock) and ``Spool.published``, an immutable ``SpoolFigures`` swapped whole after every
+operation.
 """
 
 from __future__ import annotations
@@ -135,6 +148,7 @@ from bridge.edge.spool.base import (
     DeadRow,
     Pending,
     Quarantine,
+    SpoolFigures,
     transaction,
 )
 from bridge.edge.spool.core import Spool
@@ -155,6 +169,7 @@ __all__ = [
     "Quarantine",
     "Spool",
     "SpoolError",
+    "SpoolFigures",
     "SpoolFull",
     "SpoolReset",
     "read_dead_letters",

@@ -1,23 +1,18 @@
 """The spool's shared vocabulary: constants, errors, the records it stores, small helpers and
-the one transaction helper every write goes through."""
+the one transaction helper every write goes through. The state the parts share is
+``bridge.edge.spool.file.SpoolFile``."""
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import sqlite3
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
-from bridge.edge.spool.clock import SpoolClock
-from bridge.edge.spool.fresh import FreshTail
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.kinds import ReadingClass
 
-R = TypeVar("R")
 SCHEMA_VERSION = 2
 WAL_LIMIT = 4 << 20
 HEADROOM = 2 * WAL_LIMIT  # free disk kept for deletes: a whole WAL and its checkpoint
@@ -110,55 +105,25 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-class SpoolState:
-    """The attributes every part of ``Spool`` shares, declared once for the type checker; the
-    mixins (schema, recovery, headroom, bounds, send side, dead letters) inherit it and
-    ``Spool.__init__`` sets them. Methods one part calls on another are declared here too."""
+@dataclass(frozen=True, slots=True)
+class SpoolFigures:
+    """One instant of the spool's figures, as /status, the metrics, the readiness check and
+    the sender see them from the event loop: the spool publishes a new one after every
+    operation, on its own thread (``Spool.published``)."""
 
     path: Path
-    site_id: str
-    max_bytes: int
-    max_age_s: float
-    clock: SpoolClock
-    reserve: Path
-    reserve_bytes: int
-    generation: int
-    quarantines: list[Quarantine]
-    sent_through: int
-    dead_payload_bytes: int
-    dead_max: int
-    dead_max_bytes: int
-    dead_bytes: int
     epoch: int
-    next_seq: int
+    generation: int  # bumped when a corrupt file is replaced: positions (rids) are void
+    last_rid: int    # the newest row's rid (0 when none was ever written to this file)
     readings: int
     bytes: int
-    _db: sqlite3.Connection
-    _next_rid: int
-    _held: dict[int, int]
-    fresh: FreshTail
-    _tight: bool
-    _dead: deque[tuple[int, int]]
-    _drop_totals: Counter[str]
-    _on_evict: Callable[[int], None]
+    dead_bytes: int
+    max_bytes: int
+    next_seq: int
+    quarantines: tuple[Quarantine, ...]
+    reads_memory: int = 0  # batches the sender took from the fresh tail (the facade's count)
+    reads_file: int = 0    # ... and from the file (the backlog)
 
-    if TYPE_CHECKING:  # implemented by one part, called by another
-        def save_clock(self) -> None: ...
-        def _open(self) -> None: ...
-        def _recover(self, reason: str) -> None: ...
-        def _guard(self, fn: Callable[[], R]) -> R: ...
-        def _ensure_reserve(self) -> None: ...
-        def _keep_headroom(self, size: int) -> None: ...
-        def _give_up_reserve(self) -> None: ...
-        def _truncate_wal(self) -> None: ...
-        def _holds(self) -> list[tuple[int, int]]: ...
-        def _insert_dead(self, dead: Sequence[DeadLetter]
-                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
-        def _dead_committed(self, added: list[tuple[int, int]],
-                            evicted: list[tuple[int, int]]) -> None: ...
-        def _reload_dead(self) -> None: ...
-        def _commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter],
-                    state: Mapping[str, builtins.bytes | None],
-                    ring: Sequence[tuple[str, int, int, builtins.bytes]] = (),
-                    resolve: Callable[[sqlite3.Connection], None] | None = None
-                    ) -> list[int]: ...
+    @property
+    def fill(self) -> float:
+        return (self.bytes + self.dead_bytes) / self.max_bytes

@@ -9,10 +9,11 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bridge.edge.spool.base import DeadLetter, DeadRow, Pending, SpoolState, _text, transaction
+from bridge.edge.spool.base import DeadLetter, DeadRow, _text, transaction
+from bridge.edge.spool.file import SpoolFile
 from bridge.shared.errors import SpoolError
 from bridge.shared.telemetry import event
 
@@ -44,16 +45,25 @@ def read_dead_letters(path: Path, *, limit: int = 100) -> list[DeadRow]:
                                                       int(r[7])), int(r[8])) for r in rows]
 
 
-class DeadLetters(SpoolState):
-    """Mixed into ``Spool``; see the package docstring."""
+class DeadLetters:
+    """The ``dead_letters`` table and its bounds, kept in memory as (id, bytes), oldest first,
+    so a commit knows what to evict without a query."""
 
-    def _insert_dead(self, dead: Sequence[DeadLetter]
-                     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def __init__(self, *, file: SpoolFile, payload_bytes: int, max_count: int, max_bytes: int,
+                 on_evict: Callable[[int], None] | None = None) -> None:
+        self.file = file
+        self.payload_bytes, self.max_count, self.max_bytes = payload_bytes, max_count, max_bytes
+        self._on_evict = on_evict or (lambda n: None)
+        self._kept: deque[tuple[int, int]] = deque()
+        self.bytes = 0
+
+    def insert(self, dead: Sequence[DeadLetter]
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Insert (truncated) dead letters and evict the oldest past the bounds, inside the
-        caller's transaction; returns (added, evicted) as (id, bytes) for ``_dead_committed``."""
-        db = self._db
+        caller's transaction; returns (added, evicted) as (id, bytes) for ``committed``."""
+        db = self.file.db
         now = time.time_ns()
-        keep = self.dead_payload_bytes
+        keep = self.payload_bytes
         added: list[tuple[int, int]] = []
         for d in dead:
             topic, detail = _text(d.topic)[:1024], _text(d.detail)[:1024]
@@ -64,48 +74,48 @@ class DeadLetters(SpoolState):
                 (now, _text(d.source), topic, payload, _text(d.reason), detail, len(d.payload)))
             added.append((int(cur.lastrowid or 0),
                           len(payload) + len(topic.encode()) + len(detail.encode())))
-        return added, self._evict_dead(added)
+        return added, self._evict(added)
 
-    def _evict_dead(self, added: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        count = len(self._dead) + len(added)
-        size = self.dead_bytes + sum(n for _, n in added)
+    def _evict(self, added: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        count = len(self._kept) + len(added)
+        size = self.bytes + sum(n for _, n in added)
         evicted: list[tuple[int, int]] = []
-        for item in itertools.chain(self._dead, added):  # oldest first
-            if count <= self.dead_max and size <= self.dead_max_bytes:
+        for item in itertools.chain(self._kept, added):  # oldest first
+            if count <= self.max_count and size <= self.max_bytes:
                 break
             evicted.append(item)
             count -= 1
             size -= item[1]
         if evicted:
-            self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (evicted[-1][0],))
+            self.file.db.execute("DELETE FROM dead_letters WHERE id <= ?", (evicted[-1][0],))
         return evicted
 
-    def _dead_committed(self, added: list[tuple[int, int]],
-                        evicted: list[tuple[int, int]]) -> None:
-        self._dead.extend(added)
-        self.dead_bytes += sum(n for _, n in added)
+    def committed(self, added: list[tuple[int, int]], evicted: list[tuple[int, int]]) -> None:
+        """The transaction of an ``insert`` committed: the memory follows the table."""
+        self._kept.extend(added)
+        self.bytes += sum(n for _, n in added)
         for _ in evicted:
-            self.dead_bytes -= self._dead.popleft()[1]
+            self.bytes -= self._kept.popleft()[1]
         if evicted:
             self._on_evict(len(evicted))
             event("spool.dead_letters_evicted", level=logging.WARNING, evicted=len(evicted),
-                  kept=len(self._dead), bytes=self.dead_bytes, max=self.dead_max,
-                  max_bytes=self.dead_max_bytes)
+                  kept=len(self._kept), bytes=self.bytes, max=self.max_count,
+                  max_bytes=self.max_bytes)
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self._guard(lambda: self._db.execute(
+    def newest(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self.file.db.execute(
             "SELECT source, topic, payload, reason, detail FROM dead_letters ORDER BY id DESC "
-            "LIMIT ?", (limit,)).fetchall())
+            "LIMIT ?", (limit,)).fetchall()
         return [DeadLetter(*r) for r in rows]
 
-    def dead_rows(self, *, ids: Sequence[int] = (), reasons: Sequence[str] = (),
-                  before_ns: int | None = None) -> list[DeadRow]:
+    def rows(self, *, ids: Sequence[int] = (), reasons: Sequence[str] = (),
+             before_ns: int | None = None) -> list[DeadRow]:
         """Stored dead letters, oldest first (their arrival order), each selector narrowing
         the set (none: all). The table is bounded (``dead_letters_max``): read whole."""
-        rows = self._guard(lambda: self._db.execute(
+        rows = self.file.db.execute(
             "SELECT id, at_ns, source, topic, payload, reason, detail, "
             "coalesce(size, length(payload)), attempts FROM dead_letters ORDER BY id"
-        ).fetchall())
+        ).fetchall()
         want_ids, want_reasons = set(ids), set(reasons)
         return [DeadRow(int(r[0]), int(r[1]), DeadLetter(r[2], r[3], bytes(r[4]), r[5], r[6],
                                                           int(r[7])), int(r[8]))
@@ -114,43 +124,39 @@ class DeadLetters(SpoolState):
                 and (not want_reasons or r[5] in want_reasons)
                 and (before_ns is None or int(r[1]) < before_ns)]
 
-    def replay_dead(self, pending: Sequence[Pending], replayed: Sequence[int],
-                    failed: Sequence[tuple[int, str, str]], now_ns: int) -> list[int]:
-        """One durable transaction: append ``pending`` (fresh seqs, in order), delete the
-        ``replayed`` rows, and record an attempt on each ``failed`` (id, reason, detail)."""
+    def resolve_replay(self, replayed: Sequence[int], failed: Sequence[tuple[int, str, str]],
+                       now_ns: int) -> Callable[[sqlite3.Connection], None]:
+        """What a replay does to the table, run inside the transaction that appends the
+        replayed envelopes: delete the ``replayed`` rows, record an attempt on each
+        ``failed`` (id, reason, detail), count them."""
         def resolve(db: sqlite3.Connection) -> None:
             db.executemany("DELETE FROM dead_letters WHERE id=?", [(i,) for i in replayed])
             db.executemany("UPDATE dead_letters SET reason=?, detail=?, attempts=attempts+1, "
                            "last_attempt_ns=? WHERE id=?",
                            [(_text(r), _text(d)[:1024], now_ns, i) for i, r, d in failed])
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_replayed', ?)",
-                       (self.dead_counter("dead_replayed") + len(replayed),))
+                       (self.counter("dead_replayed") + len(replayed),))
+        return resolve
 
-        rids = self._guard(lambda: self._commit(pending, (), {}, resolve=resolve))
-        self._reload_dead()
-        return rids
-
-    def purge_dead(self, ids: Sequence[int]) -> int:
+    def purge(self, ids: Sequence[int]) -> int:
         """Delete these dead letters (one durable transaction); how many were deleted."""
-        def purge() -> int:
-            with transaction(self._db):
-                n = sum(self._db.execute("DELETE FROM dead_letters WHERE id=?", (i,)).rowcount
-                        for i in ids)
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_purged', ?)",
-                                 (self.dead_counter("dead_purged") + n,))
-            return n
-
-        n = self._guard(purge)
-        self._reload_dead()
+        db = self.file.db
+        with transaction(db):
+            n = sum(db.execute("DELETE FROM dead_letters WHERE id=?", (i,)).rowcount
+                    for i in ids)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dead_purged', ?)",
+                       (self.counter("dead_purged") + n,))
+        self.reload()
         return n
 
-    def dead_counter(self, key: str) -> int:
+    def counter(self, key: str) -> int:
         """``dead_replayed`` or ``dead_purged``: dead letters re-driven or purged, ever."""
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        row = self.file.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _reload_dead(self) -> None:
-        self._dead = deque((int(i), int(n)) for i, n in self._db.execute(
+    def reload(self) -> None:
+        """Read the table's (id, bytes) into memory: at open, and after a replay or purge."""
+        self._kept = deque((int(i), int(n)) for i, n in self.file.db.execute(
             "SELECT id, length(payload) + length(topic) + length(detail) FROM dead_letters"
             " ORDER BY id"))
-        self.dead_bytes = sum(n for _, n in self._dead)
+        self.bytes = sum(n for _, n in self._kept)

@@ -2,12 +2,13 @@
 way the intake, the sender and the agent reach the spool.
 
 Two kinds of call. Operations (commit, reads from the file, release, expiry, ...) run on the
-spool's thread, one at a time. Figures (``figures``, ``epoch``, ``generation``, ``last_rid``)
-and the sender's two marks (``mark_sent``, ``unhold``) are read or written on the caller's
-thread: each is one attribute the spool thread writes whole (an int, a reference), so a
-reader sees the old or the new value, never a torn one, and none of them is an invariant
-another read depends on (a figure set is a snapshot, not one instant). The fresh tail is
-the one structure both threads change; it has its own lock (``bridge.edge.spool.fresh``).
+spool's thread, one at a time. Everything else runs on the caller's thread (the event loop)
+and touches only what is made to be shared:
+
+- figures (``figures``, ``epoch``, ``generation``, ``last_rid``) come from the immutable
+  ``SpoolFigures`` the spool publishes after each operation: one instant, swapped whole;
+- the sender's ``unhold`` goes to the spool's ``Holds``, under its lock;
+- live batches come from the fresh tail, under its lock (``bridge.edge.spool.fresh``).
 """
 
 from __future__ import annotations
@@ -15,35 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 from typing import ParamSpec, TypeVar
 
-from bridge.edge.spool.base import DeadLetter, Pending, Quarantine
+from bridge.edge.spool.base import DeadLetter, Pending, SpoolFigures
 from bridge.edge.spool.core import Spool
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolFigures:
-    """What /status, the metrics and the readiness check show of the spool."""
-
-    path: Path
-    epoch: int
-    readings: int
-    bytes: int
-    dead_bytes: int
-    max_bytes: int
-    next_seq: int
-    reads_memory: int  # batches the sender took from the fresh tail
-    reads_file: int    # ... and from the file (the backlog)
-    quarantines: tuple[Quarantine, ...]
-
-    @property
-    def fill(self) -> float:
-        return (self.bytes + self.dead_bytes) / self.max_bytes
 
 
 class AsyncSpool:
@@ -61,32 +41,27 @@ class AsyncSpool:
 
     @property
     def epoch(self) -> int:
-        return self.spool.epoch
+        return self.spool.published.epoch
 
     @property
     def max_bytes(self) -> int:
-        return self.spool.max_bytes
+        return self.spool.published.max_bytes
 
     @property
     def generation(self) -> int:
         """Bumped when a corrupt file is replaced: positions (rids) of another are void."""
-        return self.spool.generation
+        return self.spool.published.generation
 
     @property
     def last_rid(self) -> int:
         """The rid of the newest row (0 when none was ever written to this file)."""
-        return self.spool.last_rid
-
-    def mark_sent(self, rid: int) -> None:
-        """Rows at or below ``rid`` were handed to the uplink: no bound drops them now."""
-        self.spool.sent_through = rid
+        return self.spool.published.last_rid
 
     def figures(self) -> SpoolFigures:
-        sp = self.spool
-        return SpoolFigures(path=sp.path, epoch=sp.epoch, readings=sp.readings, bytes=sp.bytes,
-                            dead_bytes=sp.dead_bytes, max_bytes=sp.max_bytes,
-                            next_seq=sp.next_seq, reads_memory=sp.fresh.hits,
-                            reads_file=sp.fresh.misses, quarantines=tuple(sp.quarantines))
+        """The figures after the spool's latest operation, with the fresh tail's counts
+        (kept on this thread: only the event loop takes from the tail)."""
+        fresh = self.spool.fresh
+        return replace(self.spool.published, reads_memory=fresh.hits, reads_file=fresh.misses)
 
     async def dead_counter(self, key: str) -> int:
         return await self.run(self.spool.dead_counter, key)
@@ -118,7 +93,7 @@ class AsyncSpool:
                               max_bytes=max_bytes, hold=hold)
 
     def unhold(self, first: int) -> None:
-        """Synchronous: a dict pop the spool thread's ``read_after`` never iterates over."""
+        """Synchronous: the spool's ``Holds`` has its own lock."""
         self.spool.unhold(first)
 
     async def release(self, first: int, last: int, rejected: Sequence[tuple[int, str]] = (),

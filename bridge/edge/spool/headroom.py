@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sqlite3
 
-from bridge.edge.spool.base import HEADROOM, SpoolState
+from bridge.edge.spool.base import HEADROOM
+from bridge.edge.spool.file import SpoolFile
 from bridge.shared.errors import SpoolFull
 from bridge.shared.telemetry import event
 
 
-class Headroom(SpoolState):
-    """Mixed into ``Spool``; see the package docstring."""
+class Headroom:
+    """Keeps the space deletes need: refuses appends that would take it, holds the reserve
+    file and gives it up when the disk is full anyway."""
 
-    def _ensure_reserve(self) -> None:
+    def __init__(self, *, file: SpoolFile, reserve_bytes: int) -> None:
+        self.file = file
+        self.reserve_bytes = reserve_bytes
+        self.reserve = file.path.with_name(file.path.name + ".reserve")
+
+    def ensure_reserve(self) -> None:
         """Preallocate the headroom file if it is missing and the disk has room for it."""
         if self.reserve_bytes <= 0 or self.reserve.exists():
             return
-        st = os.statvfs(self.path.parent)
+        st = os.statvfs(self.file.path.parent)
         if st.f_bavail * st.f_frsize < 2 * self.reserve_bytes:
             return
         try:
@@ -36,7 +41,7 @@ class Headroom(SpoolState):
             return
         event("spool.reserve_created", path=str(self.reserve), bytes=self.reserve_bytes)
 
-    def _keep_headroom(self, size: int) -> None:
+    def keep(self, size: int) -> None:
         """Refuse an append that would leave the filesystem less than ``HEADROOM`` free.
 
         Deletes of acknowledged rows need WAL space on the disk (see Headroom); pages freed
@@ -44,25 +49,28 @@ class Headroom(SpoolState):
         the disk stays full, the uplink can always release what the clouds acknowledged, and
         the freed space lets the intake move again: the spool cannot wedge itself.
         """
-        st = os.statvfs(self.path.parent)
+        st = os.statvfs(self.file.path.parent)
         free = st.f_bavail * st.f_frsize
         # A commit of ``size`` bytes writes them to the WAL and later into the file's pages.
         if free - 2 * size < HEADROOM:
-            self._tight = True
+            self.file.tight = True
             raise SpoolFull(f"disk: {free} bytes free; an append of {size} bytes would leave "
                             f"less than the {HEADROOM} that deletes need")
 
-    def _give_up_reserve(self) -> None:
+    def give_up_reserve(self) -> None:
         if self.reserve.exists():
             self.reserve.unlink()
             event("spool.reserve_used", level=logging.WARNING, path=str(self.reserve),
                   reason="disk full: headroom released so acknowledged rows can be deleted")
-        self._truncate_wal()
+        self.file.truncate_wal()
 
-    def _truncate_wal(self) -> None:
-        """Return free pages and the WAL's space to the filesystem (checkpoint, truncate)."""
-        with contextlib.suppress(sqlite3.Error):
-            # executescript steps it to completion; execute() frees a single page.
-            self._db.executescript("PRAGMA incremental_vacuum;")
-        with contextlib.suppress(sqlite3.Error):
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    def after_release(self) -> None:
+        """While space is tight, give pages back after each release; once the disk has room
+        for the reserve twice over, put the reserve back."""
+        if not self.file.tight:
+            return
+        self.file.truncate_wal()
+        st = os.statvfs(self.file.path.parent)
+        if st.f_bavail * st.f_frsize >= 2 * max(self.reserve_bytes, 1 << 20):
+            self.file.tight = False
+            self.ensure_reserve()

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from bridge.edge.spool.base import (
     TOMBSTONE,
     Quarantine,
-    SpoolState,
     _Corrupt,
-    _is_corruption,
     _is_tombstone,
     transaction,
 )
+from bridge.edge.spool.file import SpoolFile
 from bridge.shared._pb import bridge_pb2 as pb
-from bridge.shared.errors import SpoolError, SpoolReset
+from bridge.shared.errors import SpoolError
 from bridge.shared.telemetry import event
-
-R = TypeVar("R")
 
 
 def _salvage(path: Path, site_id: str) -> tuple[list[bytes], int]:
@@ -97,60 +92,57 @@ def _keep(blob: object, site_id: str, out: list[bytes]) -> bool:
     return True
 
 
-class Recovery(SpoolState):
-    """Mixed into ``Spool``; see the package docstring."""
+class Recovery:
+    """Replaces a corrupt file (see Recovery in the package docstring); keeps the record of
+    every replacement for /status."""
 
-    def _recover(self, reason: str) -> None:
-        """Move the file aside, start a fresh one, copy in what can be salvaged (see Recovery)."""
+    def __init__(self, *, file: SpoolFile, reopen: Callable[[], None]) -> None:
+        self.file = file
+        self._reopen = reopen  # the spool's open: the schema and the parts' loaders
+        self.quarantines: list[Quarantine] = []
+
+    def replace(self, reason: str) -> Quarantine:
+        """Move the file aside, start a fresh one, copy in what can be salvaged; the file's
+        generation moves on, so positions (rids) in the old one are void."""
+        f = self.file
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        moved = f.path.with_name(f"{f.path.name}.corrupt-{stamp}")
         for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
+            src = Path(f"{f.path}{suffix}")
             if src.exists():
                 src.rename(Path(f"{moved}{suffix}"))
-        salvage, unreadable = _salvage(moved, self.site_id)
+        salvage, unreadable = _salvage(moved, f.site_id)
         try:
-            self._open()
+            self._reopen()
         except _Corrupt as exc:  # a fresh file cannot be corrupt: the directory is unusable
-            raise SpoolError(f"{self.path}: cannot create a fresh spool: {exc}") from exc
+            raise SpoolError(f"{f.path}: cannot create a fresh spool: {exc}") from exc
         if salvage:
             self._append_salvaged(salvage)
         q = Quarantine(moved_to=moved, reason=reason, salvaged=len(salvage),
                        unreadable=unreadable)
         self.quarantines.append(q)
-        self.generation += 1
-        self._held = {}  # the old file's rids mean nothing now
-        with self.fresh.lock:
-            self.fresh.clear()
-        event("spool.quarantined", level=logging.ERROR, spool=str(self.path),
+        f.generation += 1
+        with f.fresh.lock:
+            f.fresh.clear()
+        event("spool.quarantined", level=logging.ERROR, spool=str(f.path),
               moved_to=str(moved), reason=reason, salvaged=q.salvaged, unreadable=unreadable,
-              new_epoch=f"{self.epoch:016x}")
+              new_epoch=f"{f.epoch:016x}")
+        return q
 
     def _append_salvaged(self, blobs: list[bytes]) -> None:
-        db = self._db
+        f = self.file
+        db = f.db
         size = sum(len(b) for b in blobs)
-        first = self._next_rid
+        first = f.next_rid
         with transaction(db):
-            now = self.clock.now()
+            now = f.clock.now()
             # A salvaged tombstone stays a tombstone (never dropped again, so its range
             # survives); readings start over in the lowest class.
             db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)",
                            [(first + i, b, TOMBSTONE if _is_tombstone(b) else 0, now)
                             for i, b in enumerate(blobs)])
             db.executemany("UPDATE meta SET value=? WHERE key=?", [
-                (self.readings + len(blobs), "readings"), (self.bytes + size, "bytes")])
-        self._next_rid += len(blobs)
-        self.readings += len(blobs)
-        self.bytes += size
-
-    def _guard(self, fn: Callable[[], R]) -> R:
-        """Run a database operation; corruption replaces the file and raises SpoolReset."""
-        try:
-            return fn()
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
-                raise
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-            self._recover(f"{type(exc).__name__}: {exc}")
-            raise SpoolReset(str(exc)) from exc
+                (f.readings + len(blobs), "readings"), (f.bytes + size, "bytes")])
+        f.next_rid += len(blobs)
+        f.readings += len(blobs)
+        f.bytes += size

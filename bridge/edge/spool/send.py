@@ -1,24 +1,57 @@
-"""The send side: batches after a position, holds on batches in flight, release."""
+"""The send side: batches after a position, the rows the uplink holds, release."""
 
 from __future__ import annotations
 
-import os
-import sqlite3
+import threading
 from collections.abc import Sequence
 
-from bridge.edge.spool.base import DeadLetter, SpoolState, _is_full, transaction
-from bridge.shared.errors import SpoolFull
+from bridge.edge.spool.base import DeadLetter, transaction
+from bridge.edge.spool.deadletters import DeadLetters
+from bridge.edge.spool.file import SpoolFile
 
 
-class SendSide(SpoolState):
-    """Mixed into ``Spool``; see the package docstring."""
+class Holds:
+    """The rows the uplink has in hand, which no bound may drop: every batch in flight (first
+    rid -> last rid), whichever lane (live or backlog) read it, from the moment it is read
+    until it is done. A batch is held by the read that takes it (under the fresh tail's lock,
+    or on the spool's thread: either way a bound cannot drop its rows between the read and the
+    hold) and unheld only after its release has deleted the rows, or when it is abandoned at
+    shutdown; so this is the one record of what is in flight.
 
-    def _holds(self) -> list[tuple[int, int]]:
-        return list(self._held.items())  # one C call: atomic against the loop's unhold
+    Written on the event loop (takes from the fresh tail, unholds) and on the spool's thread
+    (reads from the file), read by the bounds on the spool's thread: every access is under one
+    lock, so a bound sees one consistent set.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}
+
+    def hold(self, first: int, last: int) -> None:
+        with self._lock:
+            self._held[first] = last
 
     def unhold(self, first: int) -> None:
         """The batch starting at rid ``first`` is done (acked or abandoned at shutdown)."""
-        self._held.pop(first, None)
+        with self._lock:
+            self._held.pop(first, None)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The batches in flight, as (first, last) rids."""
+        with self._lock:
+            return list(self._held.items())
+
+    def clear(self) -> None:
+        """The file was replaced: its rids mean nothing now."""
+        with self._lock:
+            self._held.clear()
+
+
+class SendSide:
+    """Reads for the sender (from the fresh tail or the file) and deletes what was acked."""
+
+    def __init__(self, *, file: SpoolFile, holds: Holds, dead: DeadLetters) -> None:
+        self.file, self.holds, self.dead = file, holds, dead
 
     def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False
                    ) -> list[tuple[int, bytes]] | None:
@@ -26,15 +59,16 @@ class SendSide(SpoolState):
         hold what follows ``rid`` (then read the file). Never waits: while a bound holds the
         tail's lock to drop rows on the spool's thread, the caller (the event loop) reads
         the file on that thread instead, behind the drop."""
-        if not self.fresh.lock.acquire(blocking=False):
+        fresh = self.file.fresh
+        if not fresh.lock.acquire(blocking=False):
             return None
         try:
-            out = self.fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes)
+            out = fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes)
             if hold and out:
-                self._held[out[0][0]] = out[-1][0]
+                self.holds.hold(out[0][0], out[-1][0])
             return out
         finally:
-            self.fresh.lock.release()
+            fresh.lock.release()
 
     def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
                    hold: bool = False) -> list[tuple[int, bytes]]:
@@ -42,54 +76,27 @@ class SendSide(SpoolState):
 
         ``hold``: the rows go into a batch; no bound drops them until ``unhold``.
         """
-        def read() -> list[tuple[int, bytes]]:
-            cur = self._db.execute("SELECT rid, envelope FROM readings WHERE rid > ? "
+        cur = self.file.db.execute("SELECT rid, envelope FROM readings WHERE rid > ? "
                                    "ORDER BY rid LIMIT ?", (rid, max_rows))
-            out: list[tuple[int, bytes]] = []
-            total = 0
-            for r, blob in cur:
-                if out and total + len(blob) > max_bytes:
-                    break
-                out.append((r, blob))
-                total += len(blob)
-            cur.close()
-            if hold and out:
-                self._held[out[0][0]] = out[-1][0]
-            return out
-        return self._guard(read)
-
-    def release(self, first: int, last: int, rejected: Sequence[tuple[int, str]] = (), *,
-                generation: int | None = None) -> None:
-        """Forget rids ``first..last`` (acked); rejected ones are copied to dead letters first.
-
-        ``generation`` is the file generation the rids were read from: after a quarantine the
-        old rids mean nothing and the call does nothing.
-        """
-        if generation is not None and generation != self.generation:
-            return
-        with self.fresh.lock:  # before the delete: the tail never holds a deleted row
-            self.fresh.forget_through(last)
-        remedies = [self._truncate_wal, self._give_up_reserve]
-        while True:
-            try:
-                self._guard(lambda: self._release(first, last, rejected))
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for r, blob in cur:
+            if out and total + len(blob) > max_bytes:
                 break
-            except sqlite3.OperationalError as exc:
-                if not _is_full(exc):
-                    raise
-                self._tight = True
-                if not remedies:
-                    raise SpoolFull(f"cannot delete acknowledged rows: {exc}") from exc
-                remedies.pop(0)()
-        if self._tight:
-            self._truncate_wal()
-            st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize >= 2 * max(self.reserve_bytes, 1 << 20):
-                self._tight = False
-                self._ensure_reserve()
+            out.append((r, blob))
+            total += len(blob)
+        cur.close()
+        if hold and out:
+            self.holds.hold(out[0][0], out[-1][0])
+        return out
 
-    def _release(self, first: int, last: int, rejected: Sequence[tuple[int, str]]) -> None:
-        db = self._db
+    def release(self, first: int, last: int, rejected: Sequence[tuple[int, str]]) -> None:
+        """Delete rids ``first..last`` (acked), rejected ones copied to dead letters first, in
+        one transaction; deletes are not fsynced (invariant 3 of the package docstring)."""
+        f = self.file
+        with f.fresh.lock:  # before the delete: the tail never holds a deleted row
+            f.fresh.forget_through(last)
+        db = f.db
         db.execute("PRAGMA synchronous=NORMAL")
         try:
             with transaction(db):
@@ -98,7 +105,7 @@ class SendSide(SpoolState):
                     blobs = dict(db.execute(
                         "SELECT rid, envelope FROM readings WHERE rid BETWEEN ? AND ?",
                         (min(r for r, _ in rejected), max(r for r, _ in rejected))))
-                    dead_rows = self._insert_dead([
+                    dead_rows = self.dead.insert([
                         DeadLetter("uplink", "", bytes(blobs[r]), "rejected", reason)
                         for r, reason in rejected if r in blobs])
                 n, size = db.execute("SELECT count(*), coalesce(sum(length(envelope)), 0) "
@@ -106,10 +113,10 @@ class SendSide(SpoolState):
                                      (first, last)).fetchone()
                 db.execute("DELETE FROM readings WHERE rid BETWEEN ? AND ?", (first, last))
                 db.executemany("UPDATE meta SET value=? WHERE key=?", [
-                    (self.readings - n, "readings"), (self.bytes - size, "bytes")])
-            self.readings -= n
-            self.bytes -= size
+                    (f.readings - n, "readings"), (f.bytes - size, "bytes")])
+            f.readings -= n
+            f.bytes -= size
             if dead_rows is not None:
-                self._dead_committed(*dead_rows)
+                self.dead.committed(*dead_rows)
         finally:
             db.execute("PRAGMA synchronous=FULL")

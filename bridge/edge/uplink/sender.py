@@ -130,8 +130,7 @@ class Sender:
                     if backlog is None:
                         await self.spool.appended.wait()
                     continue
-                # Rows handed to the uplink are never dropped by a bound (they are in flight).
-                sp.mark_sent(backlog[0] if backlog is not None else live)
+                # The read held the rows (hold=True): no bound drops them while in flight.
                 self.in_flight += 1
                 tg.create_task(self._deliver(rows, generation), name=f"batch-{rows[0][0]}")
 

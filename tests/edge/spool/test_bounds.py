@@ -115,7 +115,7 @@ def test_rows_in_flight_are_never_dropped(tmp_path: Path):
     c = Clocks()
     sp = open_spool(tmp_path / "s.db", c, max_age_s=10)
     sp.commit(rows(6))
-    sp.sent_through = 4  # rids 1-4 are in a batch on the wire
+    sp.read_after(0, max_rows=4, max_bytes=1 << 30, hold=True)  # rids 1-4: a batch on the wire
     c.boottime += 11
     assert sp.expire() == 2
     assert [e.seq for e in envelopes(sp) if not e.HasField("dropped")] == [1, 2, 3, 4]
@@ -173,20 +173,20 @@ def test_a_failed_reject_new_commit_leaves_no_numbered_gap(tmp_path: Path):
     c = Clocks()
     sp = open_spool(tmp_path / "s.db", c)
     sp.commit(rows(3))
-    broken = sp._write_drop
+    broken = sp.bounds._write_drop
 
     def fail(*a, **kw):
         import sqlite3
         raise sqlite3.OperationalError("database or disk is full")
 
-    sp._write_drop = fail  # type: ignore[method-assign]
+    sp.bounds._write_drop = fail  # type: ignore[method-assign]
     import contextlib
 
     from bridge.shared.errors import SpoolFull
     with contextlib.suppress(SpoolFull):
         sp.commit_dropped(rows(4), "spool_full")
     assert sp.next_seq == 4, "nothing was recorded, so nothing was numbered"
-    sp._write_drop = broken  # type: ignore[method-assign]
+    sp.bounds._write_drop = broken  # type: ignore[method-assign]
     assert sp.commit_dropped(rows(4), "spool_full") == 4
     sp.commit(rows(1))
     seqs = [(e.seq, e.dropped.last_seq if e.HasField("dropped") else e.seq)
@@ -199,7 +199,6 @@ def test_rows_held_for_a_batch_in_flight_are_never_dropped_whatever_the_lane(tmp
     sp = open_spool(tmp_path / "s.db", c, max_age_s=3600)
     sp.commit(rows(30))
     # A drain: the backlog cursor is at 0, a live batch (rids 21..30) is in flight.
-    sp.sent_through = 0
     batch = sp.read_after(20, max_rows=10, max_bytes=1 << 30, hold=True)
     assert [r for r, _ in batch] == list(range(21, 31))
     c.boottime += 4000

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,43 @@ def test_a_spool_of_another_site_or_schema_is_refused_not_reused(tmp_path: Path)
         Spool(path=tmp_path / "s.db", site_id="other", max_bytes=1 << 20)
 
 
+
+
+def test_the_figures_other_threads_read_are_published_whole_after_each_operation(
+        tmp_path: Path):
+    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20)
+    before = sp.published
+    sp.commit(pending(3, size=10))
+    after = sp.published
+    assert (before.readings, before.last_rid, before.next_seq) == (0, 0, 1)
+    assert (after.readings, after.last_rid, after.next_seq) == (3, 3, 4)
+    assert after.bytes == sp.bytes > 0 and after.epoch == sp.epoch
+    sp.commit((), dead=[DeadLetter("s", "t", b"x" * 50, "decode", "bad")])
+    assert sp.published.dead_bytes == sp.dead_bytes > 0, "a dead letter's bytes are published"
+    sp.release(1, 3)
+    assert (sp.published.readings, sp.published.bytes) == (0, 0)
+    assert before.readings == 0, "a published set never changes: a new one replaces it"
+
+
+def test_a_reader_on_another_thread_never_sees_a_set_torn_between_two_commits(
+        tmp_path: Path):
+    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 30)
+    done = threading.Event()
+    torn: list[tuple[int, int, int]] = []
+
+    def read() -> None:
+        while not done.is_set():
+            f = sp.published
+            if not f.readings == f.last_rid == f.next_seq - 1:  # only commits in this file
+                torn.append((f.readings, f.last_rid, f.next_seq))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(300):
+            sp.commit(pending(2, size=5))
+    finally:
+        done.set()
+        reader.join()
+    assert torn == []
+    assert sp.published.readings == 600

@@ -100,7 +100,7 @@ def test_a_drop_waits_for_a_take_in_progress_on_another_thread(tmp_path: Path):
         t.start()
         t.join(timeout=0.5)
         assert t.is_alive() and dropped == [], "the drop went ahead during a take"
-        sp._held[1] = 10  # the take's hold, made before the lock is let go
+        sp.holds.hold(1, 10)  # the take's hold, made before the lock is let go
     t.join(timeout=10)
     assert dropped == [0]
     sp.close()
@@ -109,7 +109,7 @@ def test_a_drop_waits_for_a_take_in_progress_on_another_thread(tmp_path: Path):
 def test_a_quarantine_empties_the_tail(tmp_path: Path):
     sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=MB)
     sp.commit(pending(3))
-    sp._recover("a test")  # as on SQLITE_CORRUPT
+    sp._replace("a test")  # as on SQLITE_CORRUPT
     assert sp.take_fresh(0, max_rows=10, max_bytes=MB) is None
     sp.close()
 
