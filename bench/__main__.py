@@ -224,7 +224,8 @@ SCENARIOS = {
     "`idle_kb_per_site`: the replicas' VmRSS with every site's channel connected and idle "
     "minus before, over the sites. Afterwards every site's subject is counted with a plain "
     "client and must hold exactly its backlog. One load-generator process builds every batch "
-    "before the clock starts.",
+    "before the clock starts; its own CPU in each phase, in cores, is the `load_generator` "
+    "row (`cores_saturation`, `cores_recovery`): it shares the machine with the tier.",
     "hostile_site": "One SQLite ingest node with its default limits. 50 sites (10 in the quick "
     "run) push 100-reading batches back to back, one in flight each, for 15 s (3 s): alone, "
     "then beside a hostile site (its own process) that keeps 16 calls of 10,000 envelopes "

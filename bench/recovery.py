@@ -164,18 +164,22 @@ def _sites(names: list[str], targets: list[str], pkis: localrun.Pki) -> list[_Si
 
 async def _lane(s: _Site, todo: list[tuple[bytes, int]], stats: _Stats) -> None:
     """The agent's backlog lane for one site: a new batch only within its window and after
-    any retry-after; batches already sent retry on their own."""
+    any retry-after; batches already sent retry on their own. It wakes when a batch ends or
+    the retry-after runs out, as the agent's sender does (woken by an ack), never on a poll
+    (it woke every 50 ms: a thousand lanes polling take CPU from the tier under test, which
+    shares the machine with the load generator)."""
     sent: set[asyncio.Task[None]] = set()
     while todo or sent:
         now = time.monotonic()
         while todo and len(sent) < s.window and now >= s.busy_until:
             blob, n = todo.pop(0)
             sent.add(asyncio.ensure_future(s.push(blob, n, stats)))
+        # Held back only by the retry-after: wake when it runs out; by the window: at an end.
+        wait = s.busy_until - now if todo and len(sent) < s.window else None
         if not sent:
-            await asyncio.sleep(max(s.busy_until - now, 0.0))
+            await asyncio.sleep(max(wait or 0.0, 0.0))
             continue
-        done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED,
-                                     timeout=max(s.busy_until - now, 0.05) if todo else None)
+        done, _ = await asyncio.wait(sent, return_when=asyncio.FIRST_COMPLETED, timeout=wait)
         sent -= done
 
 
@@ -187,16 +191,19 @@ def _batches(s: _Site, epoch: int, readings: int) -> list[tuple[bytes, int]]:
              min(BATCH, readings - first + 1)) for first in range(1, readings + 1, BATCH)]
 
 
-async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000) -> float:
+async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000
+                    ) -> tuple[float, float]:
     """Readings/s acknowledged while ``sites`` keep ``SAT_CALLS`` calls each coming back to
     back, so the tier always has more work than it takes; counted for ``seconds`` from when
-    every call has been answered once (the queue is full and steady)."""
+    every call has been answered once (the queue is full and steady). Also the CPU the load
+    generator used meanwhile, in cores (it shares the machine with the tier)."""
     workers = len(sites) * SAT_CALLS
     stats = _Stats(full_at=workers)
     fill = workers * BATCH / rate_hint  # seconds until every call was answered once, about
     each = (int(rate_hint * (2 * fill + seconds + 2) / len(sites)) // BATCH + SAT_CALLS) * BATCH
     todo = {s.site: _batches(s, SAT_EPOCH, each) for s in sites}
     counted: list[int] = []
+    cpu: list[float] = []
 
     async def worker(s: _Site) -> None:
         batches = todo[s.site]
@@ -207,16 +214,19 @@ async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_00
     async def mark() -> None:
         await stats.full.wait()
         counted.append(stats.readings)
+        cpu.append(time.process_time())
         await asyncio.sleep(seconds)
         counted.append(stats.readings)
+        cpu.append(time.process_time())
 
     await asyncio.gather(mark(), *(worker(s) for s in sites for _ in range(SAT_CALLS)))
-    return (counted[1] - counted[0]) / seconds
+    return (counted[1] - counted[0]) / seconds, (cpu[1] - cpu[0]) / seconds
 
 
 async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.IngestProc]
-                   ) -> tuple[_Stats, float, float]:
-    """(stats, seconds from the first call to the last ack, idle MB of the connections)."""
+                   ) -> tuple[_Stats, float, float, float]:
+    """(stats, seconds from the first call to the last ack, idle MB of the connections, the
+    load generator's CPU meanwhile in cores)."""
     todo = {s.site: _batches(s, RECOVERY_EPOCH, backlog) for s in sites}
     base = sum(rss_mb(p.proc.pid) for p in procs)
     for s in sites:
@@ -225,8 +235,10 @@ async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.Ingest
     idle_mb = sum(rss_mb(p.proc.pid) for p in procs) - base
     stats = _Stats()
     t0 = stats.start = time.monotonic()
+    cpu0 = time.process_time()
     await asyncio.gather(*(_lane(s, todo[s.site], stats) for s in sites))
-    return stats, stats.last_ack - t0, idle_mb
+    cores = (time.process_time() - cpu0) / (time.monotonic() - t0)
+    return stats, stats.last_ack - t0, idle_mb, cores
 
 
 async def _subject_counts(servers: list[str], epoch: int) -> dict[str, int]:
@@ -260,7 +272,7 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
                 raise RuntimeError(f"{exc}; its log ends:\n{p.proc.tail(30)}") from exc
         return procs
 
-    async def saturate(targets: list[str]) -> float:
+    async def saturate(targets: list[str]) -> tuple[float, float]:
         sat = _sites(names[:sat_sites], targets, pkis)
         try:
             return await _saturate(sat, sat_seconds)
@@ -268,7 +280,7 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
             await asyncio.gather(*(s.close() for s in sat))
 
     async def recover(targets: list[str], procs: list[localrun.IngestProc]
-                      ) -> tuple[_Stats, float, float]:
+                      ) -> tuple[_Stats, float, float, float]:
         fleet = _sites(names, targets, pkis)
         try:
             return await _recover(fleet, backlog, procs)
@@ -278,13 +290,14 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
     try:
         procs = replicas("[limits]\nadmit_target_ms = 0\n")  # the raw tier
         try:
-            sat_phase = asyncio.run(saturate([p.target for p in procs]))
+            sat_phase, sat_cores = asyncio.run(saturate([p.target for p in procs]))
         finally:
             for p in procs:
                 p.proc.stop()
         procs = replicas(ingest_extra)
         try:
-            stats, elapsed, idle_mb = asyncio.run(recover([p.target for p in procs], procs))
+            stats, elapsed, idle_mb, rec_cores = asyncio.run(
+                recover([p.target for p in procs], procs))
         finally:
             for p in procs:
                 p.proc.stop()
@@ -308,7 +321,9 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
         f"sites x {backlog}: {rate:,.0f} readings/s ({rate / sat_rate:.2f}x) in {elapsed:.0f} s,"
         f" admitted p99 {p99:.0f} ms, {stats.refused} refused, {stats.deadlines} deadlines "
         f"exceeded, {stats.failovers} failovers, {stats.duplicates} re-sent; idle channels "
-        f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once")
+        f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once; the load "
+        f"generator used {sat_cores:.2f} cores in the saturation phase, {rec_cores:.2f} in "
+        f"the recovery")
     log("  readings/s in each 10 s of the recovery: " + ", ".join(
         f"{n / 10:,.0f}" for n in stats.timeline(stats.start, 10.0)))
     return [Row(SCENARIO, SYSTEM, "saturation_readings_per_s", round(sat_rate, 1), "readings/s"),
@@ -321,7 +336,9 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
             Row(SCENARIO, SYSTEM, "deadlines_exceeded", stats.deadlines, "calls"),
             Row(SCENARIO, SYSTEM, "failovers", stats.failovers, "calls"),
             Row(SCENARIO, SYSTEM, "resent_pct", round(resent, 3), "%"),
-            Row(SCENARIO, SYSTEM, "idle_kb_per_site", round(idle_mb * 1024 / sites, 1), "kB")]
+            Row(SCENARIO, SYSTEM, "idle_kb_per_site", round(idle_mb * 1024 / sites, 1), "kB"),
+            Row(SCENARIO, "load_generator", "cores_saturation", round(sat_cores, 2), "cores"),
+            Row(SCENARIO, "load_generator", "cores_recovery", round(rec_cores, 2), "cores")]
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "consumer_catchup": ("bridge", "load_generator"),
     "fleet": ("ingest_sqlite", "ingest_js_default_2"),
     "hostile_site": ("bridge",),
-    "fleet_recovery": ("bridge",),
+    "fleet_recovery": ("bridge", "load_generator"),
     "guarantees": PEERS,  # every system's verify() ran and found its files written
 }
 
