@@ -65,8 +65,6 @@ def test_a_spool_of_another_site_or_schema_is_refused_not_reused(tmp_path: Path)
         Spool(path=tmp_path / "s.db", site_id="other", max_bytes=1 << 20)
 
 
-
-
 def test_the_figures_other_threads_read_are_published_whole_after_each_operation(
         tmp_path: Path):
     sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20)
