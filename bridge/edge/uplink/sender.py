@@ -147,9 +147,13 @@ class Sender:
             wait = pace.take(want)
             if wait > 0:
                 return [], wait
-        rows = await self.spool.read_after(backlog[0], max_rows=want,
+        read = await self.spool.read_after(backlog[0], max_rows=want,
                                            max_bytes=self.config.batch_max_bytes, hold=True)
-        rows = [r for r in rows if r[0] <= backlog[1]]
+        rows = [r for r in read if r[0] <= backlog[1]]
+        if read and not rows:
+            # Nothing of it is the backlog's (a bound dropped the rest of the backlog, and
+            # its tombstones came after the boundary): the live lane sends these rows.
+            self.spool.unhold(read[0][0])
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
 

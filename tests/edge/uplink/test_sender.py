@@ -170,6 +170,7 @@ async def test_after_an_outage_live_readings_overtake_the_backlog_which_drains_p
     await rig.until(lambda: not rig.sender.draining)
     backlog_order = [s for s in a.committed if 10 < s <= 1010]
     assert backlog_order == sorted(backlog_order), "the backlog drains in order"
+    await rig.until(lambda: rig.spool.spool.holds.spans() == [])  # every batch let go
 
 
 def _answering(a: ScriptedTransport, rewrite) -> None:
