@@ -3,8 +3,9 @@ of state every part of the spool works on (the package docstring gives the forma
 
 ``Spool`` creates it and hands the same object to each part (schema, recovery, headroom,
 bounds, the send side, dead letters); a part changes the file and these figures only inside
-the transactions it runs, on the spool's thread. Other threads never read it: they see the
-``SpoolFigures`` the spool publishes after each operation (``bridge.edge.spool.core``).
+the transactions it runs, on the spool's thread. Other threads read only its fresh tail
+(under the tail's lock); the figures they see are the ``SpoolFigures`` the spool publishes
+after each operation (``bridge.edge.spool.core``).
 """
 
 from __future__ import annotations
