@@ -99,10 +99,6 @@ class Spool:
         return self.file.path
 
     @property
-    def site_id(self) -> str:
-        return self.file.site_id
-
-    @property
     def max_bytes(self) -> int:
         return self.file.max_bytes
 
@@ -125,10 +121,6 @@ class Spool:
     @property
     def generation(self) -> int:
         return self.file.generation
-
-    @property
-    def last_rid(self) -> int:
-        return self.file.last_rid
 
     @property
     def fresh(self) -> FreshTail:
@@ -178,10 +170,6 @@ class Spool:
             self.file.save_clock()
         self.file.db.close()
         self._owner.release()
-
-    def save_clock(self) -> None:
-        """Persist the spool clock (also done by every commit), so ages survive a restart."""
-        self.file.save_clock()
 
     # -- the append path ---------------------------------------------------------------------
     def commit(self, pending: Sequence[Pending], dead: Sequence[DeadLetter] = (),
@@ -291,19 +279,22 @@ class Spool:
         return self._op(self.bounds.oldest_age_s)
 
     # -- the send side ------------------------------------------------------------------------
-    def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False
-                   ) -> list[tuple[int, builtins.bytes]] | None:
+    def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False,
+                   through: int | None = None) -> list[tuple[int, builtins.bytes]] | None:
         """``read_after`` from the fresh tail on the calling thread, or None (read the file)."""
-        return self.send.take_fresh(rid, max_rows=max_rows, max_bytes=max_bytes, hold=hold)
+        return self.send.take_fresh(rid, max_rows=max_rows, max_bytes=max_bytes, hold=hold,
+                                    through=through)
 
-    def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
-                   hold: bool = False) -> list[tuple[int, builtins.bytes]]:
-        """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one).
+    def read_after(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False,
+                   through: int | None = None) -> list[tuple[int, builtins.bytes]]:
+        """The next rows with rid > ``rid`` (and at most ``through``), in order, at most
+        ``max_bytes`` (at least one).
 
         ``hold``: the rows go into a batch; no bound drops them until ``unhold``.
         """
         return self._op(lambda: self.send.read_after(rid, max_rows=max_rows,
-                                                     max_bytes=max_bytes, hold=hold))
+                                                     max_bytes=max_bytes, hold=hold,
+                                                     through=through))
 
     def unhold(self, first: int) -> None:
         """The batch starting at rid ``first`` is done (acked or abandoned at shutdown)."""

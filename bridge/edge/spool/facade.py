@@ -84,13 +84,15 @@ class AsyncSpool:
         return await self.run(self.spool.make_room, need_bytes)
 
     async def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
-                         hold: bool = False) -> list[tuple[int, bytes]]:
+                         hold: bool = False, through: int | None = None
+                         ) -> list[tuple[int, bytes]]:
         """From the fresh tail at once when it holds them, else from the file (thread)."""
-        rows = self.spool.take_fresh(rid, max_rows=max_rows, max_bytes=max_bytes, hold=hold)
+        rows = self.spool.take_fresh(rid, max_rows=max_rows, max_bytes=max_bytes, hold=hold,
+                                     through=through)
         if rows is not None:
             return rows
         return await self.run(self.spool.read_after, rid, max_rows=max_rows,
-                              max_bytes=max_bytes, hold=hold)
+                              max_bytes=max_bytes, hold=hold, through=through)
 
     def unhold(self, first: int) -> None:
         """Synchronous: the spool's ``Holds`` has its own lock."""

@@ -60,9 +60,11 @@ class FreshTail:
         self._rows.clear()
         self._bytes = 0
 
-    def take(self, rid: int, *, max_rows: int, max_bytes: int) -> list[tuple[int, bytes]] | None:
-        """The rows after ``rid`` as ``read_after`` gives them, or None when the tail does not
-        hold ``rid + 1`` (nor ends at ``rid``); caller holds ``lock``."""
+    def take(self, rid: int, *, max_rows: int, max_bytes: int, through: int | None = None
+             ) -> list[tuple[int, bytes]] | None:
+        """The rows after ``rid`` (and at most ``through``) as ``read_after`` gives them, or
+        None when the tail does not hold ``rid + 1`` (nor ends at ``rid``); caller holds
+        ``lock``."""
         rows = self._rows
         if not rows or not rows[0][0] <= rid + 1 <= rows[-1][0] + 1:
             self.misses += 1
@@ -72,7 +74,8 @@ class FreshTail:
         out: list[tuple[int, bytes]] = []
         total = 0
         for row in rows:
-            if len(out) >= max_rows or (out and total + len(row[1]) > max_bytes):
+            if len(out) >= max_rows or (out and total + len(row[1]) > max_bytes) or \
+                    (through is not None and row[0] > through):
                 break
             out.append(row)
             total += len(row[1])

@@ -9,6 +9,8 @@ from bridge.edge.spool.base import DeadLetter, transaction
 from bridge.edge.spool.deadletters import DeadLetters
 from bridge.edge.spool.file import SpoolFile
 
+_LAST_RID = (1 << 63) - 1  # the largest rid SQLite can store: no upper bound
+
 
 class Holds:
     """The rows the uplink has in hand, which no bound may drop: every batch in flight (first
@@ -53,8 +55,8 @@ class SendSide:
     def __init__(self, *, file: SpoolFile, holds: Holds, dead: DeadLetters) -> None:
         self.file, self.holds, self.dead = file, holds, dead
 
-    def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False
-                   ) -> list[tuple[int, bytes]] | None:
+    def take_fresh(self, rid: int, *, max_rows: int, max_bytes: int, hold: bool = False,
+                   through: int | None = None) -> list[tuple[int, bytes]] | None:
         """``read_after`` from the fresh tail, on any thread, or None when the tail does not
         hold what follows ``rid`` (then read the file). Never waits: while a bound holds the
         tail's lock to drop rows on the spool's thread, the caller (the event loop) reads
@@ -63,7 +65,7 @@ class SendSide:
         if not fresh.lock.acquire(blocking=False):
             return None
         try:
-            out = fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes)
+            out = fresh.take(rid, max_rows=max_rows, max_bytes=max_bytes, through=through)
             if hold and out:
                 self.holds.hold(out[0][0], out[-1][0])
             return out
@@ -71,13 +73,15 @@ class SendSide:
             fresh.lock.release()
 
     def read_after(self, rid: int, *, max_rows: int, max_bytes: int,
-                   hold: bool = False) -> list[tuple[int, bytes]]:
-        """The next rows with rid > ``rid``, in order, at most ``max_bytes`` (at least one).
+                   hold: bool = False, through: int | None = None) -> list[tuple[int, bytes]]:
+        """The next rows with rid > ``rid`` (and at most ``through``), in order, at most
+        ``max_bytes`` (at least one).
 
         ``hold``: the rows go into a batch; no bound drops them until ``unhold``.
         """
-        cur = self.file.db.execute("SELECT rid, envelope FROM readings WHERE rid > ? "
-                                   "ORDER BY rid LIMIT ?", (rid, max_rows))
+        cur = self.file.db.execute(
+            "SELECT rid, envelope FROM readings WHERE rid > ? AND rid <= ? ORDER BY rid "
+            "LIMIT ?", (rid, _LAST_RID if through is None else through, max_rows))
         out: list[tuple[int, bytes]] = []
         total = 0
         for r, blob in cur:

@@ -147,13 +147,10 @@ class Sender:
             wait = pace.take(want)
             if wait > 0:
                 return [], wait
-        read = await self.spool.read_after(backlog[0], max_rows=want,
+        # Never past the boundary: what follows it is the live lane's (and it holds only
+        # what it reads, so nothing past the boundary stays held by a backlog batch).
+        rows = await self.spool.read_after(backlog[0], max_rows=want, through=backlog[1],
                                            max_bytes=self.config.batch_max_bytes, hold=True)
-        rows = [r for r in read if r[0] <= backlog[1]]
-        if read and not rows:
-            # Nothing of it is the backlog's (a bound dropped the rest of the backlog, and
-            # its tombstones came after the boundary): the live lane sends these rows.
-            self.spool.unhold(read[0][0])
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
 

@@ -50,3 +50,17 @@ def test_a_row_read_for_a_batch_stays_until_the_batch_ends_then_a_bound_may_drop
     assert sp.make_room(1 << 20) == 2  # rids 3-4 only
     sp.unhold(rows[0][0])
     assert sp.make_room(1 << 20) == 2  # now rids 1-2
+
+
+def test_a_read_bounded_by_through_neither_returns_nor_holds_a_row_past_it(tmp_path: Path):
+    sp = Spool(path=tmp_path / "s.db", site_id="s", max_bytes=1 << 20)
+    sp.commit([Pending(envelope=pb.Envelope(site_id="s", raw=b"x" * 10)) for _ in range(6)])
+    # from the fresh tail (the newest rows, in memory) ...
+    fresh = sp.take_fresh(1, max_rows=10, max_bytes=1 << 20, hold=True, through=3)
+    assert fresh is not None and [r for r, _ in fresh] == [2, 3]
+    assert sp.take_fresh(3, max_rows=10, max_bytes=1 << 20, hold=True, through=3) == []
+    # ... and from the file, as the backlog reads it
+    assert [r for r, _ in sp.read_after(3, max_rows=10, max_bytes=1 << 20, hold=True,
+                                        through=5)] == [4, 5]
+    assert sp.read_after(5, max_rows=10, max_bytes=1 << 20, hold=True, through=5) == []
+    assert sorted(sp.holds.spans()) == [(2, 3), (4, 5)]
