@@ -46,12 +46,14 @@ class Bounds:
         def pick() -> list[tuple[int, bytes, int]]:
             out: list[tuple[int, bytes, int]] = []
             held = self.holds.spans()
-            cur = f.db.execute("SELECT rid, envelope, prio, at FROM readings"
-                               " ORDER BY rid LIMIT ?", (limit,))
+            # Tombstones are never dropped: left out before the limit, so however many an
+            # outage piles up at the front, the readings behind them still expire.
+            cur = f.db.execute("SELECT rid, envelope, prio, at FROM readings WHERE prio != ?"
+                               " ORDER BY rid LIMIT ?", (TOMBSTONE, limit))
             for rid, blob, prio, at in cur:
                 if at >= cutoff:  # rows are appended in clock order: the rest are younger
                     break
-                if prio != TOMBSTONE and not _within(rid, held):
+                if not _within(rid, held):
                     out.append((rid, blob, prio))
             cur.close()
             return out

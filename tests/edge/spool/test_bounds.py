@@ -208,3 +208,18 @@ def test_rows_held_for_a_batch_in_flight_are_never_dropped_whatever_the_lane(tmp
     assert kept == list(range(21, 31))
     sp.unhold(21)
     assert sp.expire() == 10
+
+
+def test_tombstones_piled_at_the_front_during_an_outage_never_hide_readings_from_expiry(
+        tmp_path: Path):
+    c = Clocks()
+    sp = open_spool(tmp_path / "s.db", c, max_age_s=10)
+    for _ in range(5):  # an uplink that never comes back: each pass leaves a tombstone
+        sp.commit(rows(1))
+        c.boottime += 11
+        assert sp.expire(limit=3) == 1
+    # five tombstones, older than max_age themselves, lie before the next reading
+    sp.commit(rows(1))
+    c.boottime += 11
+    assert sp.expire(limit=3) == 1
+    assert [e.seq for e in envelopes(sp) if not e.HasField("dropped")] == []
