@@ -420,7 +420,7 @@ class JetStreamStore:
             # Every message of the batch lies after the subject's previous last: a safe mark.
             sub.note(sub.last + 1, len(chunk), max(out.last for out in chunk))
             sub.last = int(ack["seq"])
-            self.keeper.advanced(sub)
+            self.keeper.advanced(key, sub)
         return None
 
     # -- status and reading ----------------------------------------------------------------

@@ -33,9 +33,9 @@ cannot write the bucket), after the ledger it copies was built from the subject 
    folds in what came after it. Replicas overwrite each other's checkpoints freely; any of
    them is true for its own ``last``.
 3. Checkpoints are written by a background task as the ledger advances (every
-   ``CHECKPOINT_EVERY`` messages, or ``CHECKPOINT_IDLE_S`` after the last change), and for
-   every changed subject when the replica closes: never on the ack path. The conditional
-   append stays the authority on what is stored.
+   ``CHECKPOINT_EVERY`` of the subject's own messages, or ``CHECKPOINT_IDLE_S`` after the
+   last change), and for every changed subject when the replica closes: never on the ack
+   path. The conditional append stays the authority on what is stored.
 
 Memory bound
 ============
@@ -45,7 +45,9 @@ locked and not in use are evicted; the next batch of that subject reloads the ch
 seek marks of a subject are thinned (every other one dropped, the spacing doubled) past
 ``MARKS_MAX``, and only the newest ``DROPPED_KEPT`` tombstones are kept for ``status``, so one
 state has a fixed bound beside its intervals, and intervals are capped by
-``limits.max_gaps_per_stream``.
+``limits.max_gaps_per_stream``. The cache keeps its byte total and its states with changes
+not yet checkpointed as they change, never summed over it: an append and a wake of the
+checkpoint task cost what one subject costs, however many sites the replica has met.
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ class SubjectState:
     every: int = MARK_EVERY
     since_mark: int = MARK_EVERY
     saved: int = 0         # ``last`` of the newest checkpoint written or read
+    unsaved: int = 0       # messages of the subject noted since that checkpoint
     changed_at: float = 0.0  # monotonic time of the first change not yet checkpointed
     users: int = 0         # callers between taking this state and releasing its lock
+    counted: int = 0       # this state's cost as its cache last counted it
 
     def note(self, first_stream_seq: int, count: int, highest: int) -> None:
         """``count`` messages from ``first_stream_seq`` on (or later) were added."""
@@ -127,6 +131,7 @@ class SubjectState:
                 self.every *= 2
         self.top = max(self.top, highest)
         self.since_mark += count
+        self.unsaved += count
         if not self.changed_at:
             self.changed_at = time.monotonic()
 
@@ -155,8 +160,9 @@ class SubjectState:
         its ledger is still exact for its ``last`` (an unknown outcome added nothing)."""
         if self.clean:
             return False
-        return self.last - self.saved >= CHECKPOINT_EVERY or \
-            now - self.changed_at >= CHECKPOINT_IDLE_S
+        # Counted in the subject's own messages: its stream sequence moves with every other
+        # subject's appends too, and would make every call of every site due at once.
+        return self.unsaved >= CHECKPOINT_EVERY or now - self.changed_at >= CHECKPOINT_IDLE_S
 
     def cost(self) -> int:
         """Bytes this state holds, estimated (CPython objects, not the wire size)."""
@@ -225,11 +231,18 @@ def checkpoint_key(key: Key, token: str) -> str:
 
 
 class SubjectCache:
-    """Subject states by least recent use, within ``budget`` bytes (see the memory bound)."""
+    """Subject states by least recent use, within ``budget`` bytes (see the memory bound).
+
+    Every figure a call or the checkpoint task reads is kept as states change, never summed
+    over the cache: the bytes held (each state's cost is re-counted when its holder lets it
+    go) and the states with changes not yet checkpointed. A replica serving a large fleet
+    then spends per call what one subject costs, not what all of them do."""
 
     def __init__(self, *, budget: int) -> None:
         self.budget = budget
         self._states: OrderedDict[Key, SubjectState] = OrderedDict()
+        self._unsaved: dict[Key, None] = {}  # states not clean, in the order they changed
+        self._total = 0
         self.evictions = 0
 
     @contextlib.asynccontextmanager
@@ -240,6 +253,8 @@ class SubjectCache:
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = SubjectState()
+            st.counted = st.cost()
+            self._total += st.counted
         else:
             self._states.move_to_end(key)
         st.users += 1
@@ -247,7 +262,20 @@ class SubjectCache:
             async with st.lock:
                 yield st
         finally:
+            self.recount(key, st)
             st.users -= 1
+
+    def recount(self, key: Key, st: SubjectState) -> None:
+        """``st`` may have changed: its cost and whether it waits for a checkpoint."""
+        if self._states.get(key) is not st:
+            return
+        cost = st.cost()
+        self._total += cost - st.counted
+        st.counted = cost
+        if st.clean:
+            self._unsaved.pop(key, None)
+        else:
+            self._unsaved[key] = None
 
     def __contains__(self, key: Key) -> bool:
         return key in self._states
@@ -261,21 +289,27 @@ class SubjectCache:
     def items(self) -> Iterator[tuple[Key, SubjectState]]:
         return iter(list(self._states.items()))
 
+    def unsaved(self) -> list[tuple[Key, SubjectState]]:
+        """The states with changes not yet checkpointed (as of their holders' release)."""
+        return [(key, self._states[key]) for key in list(self._unsaved)]
+
     def size(self) -> int:
-        return sum(st.cost() for st in self._states.values())
+        return self._total
 
     def evict(self) -> int:
         """Drop the least recently used states that can go, until within the budget; the
         number dropped. A state in use stays; so does one with a change not yet checkpointed
         (the checkpoint task writes it, and it can go next time) unless it is stale anyway."""
-        total = self.size()
+        if self._total <= self.budget:
+            return 0
         dropped = 0
         for key, st in list(self._states.items()):
-            if total <= self.budget:
+            if self._total <= self.budget:
                 break
             if not st.users and (st.clean or st.stale):
-                total -= st.cost()
+                self._total -= st.counted
                 del self._states[key]
+                self._unsaved.pop(key, None)
                 dropped += 1
         self.evictions += dropped
         return dropped
@@ -321,7 +355,7 @@ class Checkpoints:
         """Write ``st``'s checkpoint; the outcome: ``written``, ``too_large`` or ``failed``."""
         if self._kv is None:
             return "failed"
-        last = st.last
+        last, pending = st.last, st.unsaved
         blob = st.encode(self.stream_id)  # no await before this: one consistent state
         if len(blob) > MAX_CHECKPOINT_BYTES:
             event("jetstream.checkpoint_too_large", level=logging.WARNING, key=name,
@@ -334,6 +368,7 @@ class Checkpoints:
                   reason=f"{type(exc).__name__}: {exc}"[:200])
             return "failed"
         st.saved = max(st.saved, last)
+        st.unsaved = max(0, st.unsaved - pending)  # what came during the put stays counted
         st.changed_at = 0.0 if st.clean else time.monotonic()  # commits came meanwhile
         return "written"
 
@@ -357,9 +392,10 @@ async def flush(*, cache: SubjectCache, checkpoints: Checkpoints, name: Callable
                 on_outcome: Callable[[str], None], everything: bool = False) -> None:
     """Write the checkpoints that are due (with ``everything``: of every changed state)."""
     now = time.monotonic()
-    for key, st in cache.items():
+    for key, st in cache.items() if everything else cache.unsaved():
         if st.due(now) or (everything and not st.clean):
             on_outcome(await checkpoints.save(name(key), st))
+            cache.recount(key, st)
 
 
 class Keeper:
@@ -403,9 +439,11 @@ class Keeper:
         self.metrics.subject_states.set(len(self.cache))
         self.metrics.subject_bytes.set(self.cache.size())
 
-    def advanced(self, st: SubjectState) -> None:
-        """``st`` took an append: wake the task once a checkpoint is due by count."""
-        if st.last - st.saved >= CHECKPOINT_EVERY:
+    def advanced(self, key: Key, st: SubjectState) -> None:
+        """``st`` took an append: counted now (its holder may append more before it lets it
+        go), and the task woken once a checkpoint is due by count."""
+        self.cache.recount(key, st)
+        if st.unsaved >= CHECKPOINT_EVERY:
             self._wake.set()
 
     async def load(self, key: Key, st: SubjectState, upto: int, subject: str) -> None:

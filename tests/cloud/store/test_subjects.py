@@ -5,6 +5,7 @@ three-node cluster: a restart reads the tail, a stale or foreign checkpoint is o
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,13 @@ import pytest
 
 from bridge.cloud.store.jetstream import JetStreamStore
 from bridge.cloud.store.records import Incoming
-from bridge.cloud.store.subjects import SubjectState
+from bridge.cloud.store.subjects import (
+    CHECKPOINT_EVERY,
+    Checkpoints,
+    SubjectCache,
+    SubjectState,
+    flush,
+)
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared.config import JetStreamSettings
 from bridge.shared.telemetry import IngestMetrics
@@ -220,3 +227,52 @@ def test_seek_marks_and_kept_tombstones_are_bounded_however_long_the_subject():
         st.drop(i, i, "x")
     assert len(st.marks) <= MARKS_MAX and len(st.dropped) == DROPPED_KEPT
     assert st.start_for(1_999_950) >= 1_999_950 - 2 * st.every
+
+
+def test_a_checkpoint_is_due_after_a_thousand_of_the_subjects_own_messages_not_the_streams():
+    st = SubjectState(last=0)
+    st.note(50_001, 10, 10)  # ten messages, far into a stream other subjects fill
+    st.last = 50_010
+    assert not st.due(time.monotonic()), "the stream's sequence moved, not the subject"
+    st.note(60_001, CHECKPOINT_EVERY - 10, CHECKPOINT_EVERY)
+    st.last = 60_000 + CHECKPOINT_EVERY - 10
+    assert st.due(time.monotonic())
+
+
+class _CountingCheckpoints(Checkpoints):
+    """The bucket's seam: records what would be written, writes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(stream="BRIDGE", stream_id="t", replicas=1)
+        self.written: list[str] = []
+
+    async def save(self, name: str, st: SubjectState) -> str:
+        self.written.append(name)
+        st.saved, st.unsaved = st.last, 0
+        return "written"
+
+
+async def test_the_cache_keeps_its_bytes_and_unsaved_states_as_they_change_never_summing():
+    cache = SubjectCache(budget=1 << 30)
+    for i in range(500):
+        async with cache.hold((f"site-{i}", 1)) as st:
+            st.ledger.add_range(1, 10)
+            st.ledger.add_range(20 + i % 7, 30)  # an interval above the watermark
+            st.last = st.saved = 100 + i  # checkpointed
+    for i in (3, 7):
+        async with cache.hold((f"site-{i}", 1)) as st:
+            st.note(st.last + 1, CHECKPOINT_EVERY, 40)
+            st.last += CHECKPOINT_EVERY
+            st.ledger.add_range(50, 60)
+    assert cache.size() == sum(st.cost() for _, st in cache.items())
+    assert [k for k, _ in cache.unsaved()] == [("site-3", 1), ("site-7", 1)]
+    cp = _CountingCheckpoints()
+    await flush(cache=cache, checkpoints=cp, name=lambda k: k[0], on_outcome=lambda _: None)
+    assert cp.written == ["site-3", "site-7"] and cache.unsaved() == []
+    small = SubjectCache(budget=cache.size() // 2)
+    for i in range(50):
+        async with small.hold((f"site-{i}", 1)) as st:
+            st.ledger.add_range(1, 5)
+    small.budget = small.size() // 2
+    small.evict()
+    assert small.size() == sum(st.cost() for _, st in small.items()) <= small.budget
