@@ -7,6 +7,12 @@ answered), holds a call briefly when it will have room within ``max_wait_s``, an
 rest at once, before any per-envelope work, with RESOURCE_EXHAUSTED and a ``retry-after-ms``
 that spreads the waiting sites over the time the node needs to serve them.
 
+**Two bounds.** ``target_s`` (``limits.admit_target_ms``) sets how deep the node runs;
+``max_wait_s`` (``limits.admit_wait_ms``, 100 ms) bounds how long a call waits for room before
+its handler. An admitted call is answered in about the target plus at most the wait, so the
+depth (a deeper tier commits more per CPU second: docs/deployment.md) is bought with handler
+time, not with time spent waiting; a call that would wait longer takes its place in the line.
+
 **The limit** follows Little's law: readings in flight = commit rate x time in the handler. It
 is re-sized every ``WINDOW_S`` from what the node measured in that window: when the mean
 handler time of the calls it answered exceeded ``target_s`` the limit shrinks in proportion;
@@ -76,6 +82,7 @@ MIN_WAIT_S = 0.05    # a call may always have waited this long before its handle
 HOLD_EARLY_S = 1.0   # an early call waits at most this long for its site's time (module doc)
 MAX_EARLY_HOLDS = 256  # early calls waiting at once; past it they are refused at once
 EARLY_S = 0.05       # a site may come back this much before it was told (clocks, scheduling)
+INITIAL_RATE = 20_000.0  # readings/s assumed until the first pressed window measures it
 
 
 @dataclass(slots=True)
@@ -89,14 +96,20 @@ class Held:
 class Admission:
     """The admission decision of one node; not thread-safe (the event loop owns it)."""
 
-    def __init__(self, *, target_s: float = 0.3, initial: int = 5_000, floor: int = 500,
+    def __init__(self, *, target_s: float = 0.3, max_wait_s: float | None = None,
+                 initial: int = 5_000, initial_rate: float = INITIAL_RATE, floor: int = 500,
                  ceiling: int = 200_000, clock: Callable[[], float] = time.monotonic,
                  jitter: Callable[[float, float], float] = random.uniform,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.target_s, self.floor, self.ceiling = target_s, floor, ceiling
-        self.max_wait_s = max(target_s, MIN_WAIT_S)
+        # None: as long as the target (a held call is then answered in about twice it).
+        self.max_wait_s = max(target_s if max_wait_s is None else max_wait_s, MIN_WAIT_S)
         self.limit = float(max(floor, min(initial, ceiling)))
-        self.rate = self.limit / target_s  # readings/s; measured from the first window on
+        # Readings/s, measured from the first pressed window on. The first refusals are
+        # placed with this guess before any measurement, so it errs on the fast side and
+        # does not follow the target: a slow guess tells the first sites to come back late
+        # and leaves the node idle until they do (a target of 1 s made it 5,000/s).
+        self.rate = initial_rate
         self.in_flight = 0
         self.held_readings = 0
         self.refused: dict[str, int] = {"full": 0, "late": 0, "early": 0, "share": 0}

@@ -36,6 +36,7 @@ class Limits:
     max_batch_bytes: int = D.MAX_BATCH_BYTES
     max_in_flight_per_site: int = D.MAX_IN_FLIGHT_PER_SITE
     admit_target_ms: int = D.ADMIT_TARGET_MS  # 0: no admission control (ingest.admission)
+    admit_wait_ms: int = D.ADMIT_WAIT_MS  # the longest a call waits for room, queued or held
     max_in_flight_readings: int = D.MAX_IN_FLIGHT_READINGS  # the admission limit's ceiling
 
     def batch_problem(self, envelopes: int) -> str | None:

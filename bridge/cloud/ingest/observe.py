@@ -154,7 +154,7 @@ class AdmissionMetrics(Collector):
                 ("bridge_ingest_admission_in_flight_readings", "Readings admitted and not yet "
                  "answered", a.in_flight),
                 ("bridge_ingest_admission_held_readings", "Readings of calls held briefly for "
-                 "room (they are admitted within limits.admit_target_ms)", a.held_readings),
+                 "room (they are admitted within limits.admit_wait_ms)", a.held_readings),
                 ("bridge_ingest_admission_line_seconds", "How far ahead the calls refused as "
                  "node_busy were told to come back", a.line_s),
                 ("bridge_ingest_admission_early_waiting_calls", "Calls of sites that asked "

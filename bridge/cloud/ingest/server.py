@@ -317,6 +317,7 @@ class IngestNode:
         denied = DenyList(path=deny_list) if deny_list is not None else None
         lim = limits or Limits()
         admission = Admission(target_s=lim.admit_target_ms / 1000,
+                              max_wait_s=lim.admit_wait_ms / 1000,
                               ceiling=lim.max_in_flight_readings) \
             if lim.admit_target_ms > 0 else None
         self.service = IngestService(node=node, backend=self.backend, metrics=self.metrics,
@@ -439,6 +440,7 @@ async def run(config: IngestConfig) -> None:
                                     max_batch_bytes=config.max_batch_bytes,
                                     max_in_flight_per_site=config.max_in_flight_per_site,
                                     admit_target_ms=config.admit_target_ms,
+                                    admit_wait_ms=config.admit_wait_ms,
                                     max_in_flight_readings=config.max_in_flight_readings),
                       max_epochs_per_site=config.max_epochs_per_site,
                       max_gaps_per_stream=config.max_gaps_per_stream,

@@ -406,7 +406,7 @@ def load_ingest(path: Path) -> IngestConfig:
         max_gaps_per_stream=c.limits.max_gaps_per_stream,
         max_batch_bytes=c.limits.max_batch_bytes,
         max_in_flight_per_site=c.limits.max_in_flight_per_site,
-        admit_target_ms=c.limits.admit_target_ms,
+        admit_target_ms=c.limits.admit_target_ms, admit_wait_ms=c.limits.admit_wait_ms,
         max_in_flight_readings=c.limits.max_in_flight_readings, jetstream=jetstream,
         deny_list=deny_list)
 

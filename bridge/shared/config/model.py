@@ -388,6 +388,7 @@ class IngestConfig:
     max_batch_bytes: int = D.MAX_BATCH_BYTES
     max_in_flight_per_site: int = D.MAX_IN_FLIGHT_PER_SITE
     admit_target_ms: int = D.ADMIT_TARGET_MS
+    admit_wait_ms: int = D.ADMIT_WAIT_MS
     max_in_flight_readings: int = D.MAX_IN_FLIGHT_READINGS
     jetstream: JetStreamSettings | None = None
     health_listen: str | None = None  # plaintext grpc.health.v1 only (kubelet probes)

@@ -217,6 +217,7 @@ class LimitsFile(_Table, kw_only=True):
     max_batch_bytes: Annotated[int, Meta(ge=65_536, le=64 * 1024 * 1024)] = D.MAX_BATCH_BYTES
     max_in_flight_per_site: Annotated[int, Meta(ge=1, le=1024)] = D.MAX_IN_FLIGHT_PER_SITE
     admit_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = D.ADMIT_TARGET_MS
+    admit_wait_ms: Annotated[int, Meta(ge=50, le=60_000)] = D.ADMIT_WAIT_MS
     max_in_flight_readings: Annotated[int, Meta(ge=1_000, le=10_000_000)] = \
         D.MAX_IN_FLIGHT_READINGS
 

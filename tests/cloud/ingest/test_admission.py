@@ -7,6 +7,7 @@ import asyncio
 from bridge.cloud.ingest.admission import (
     EARLY_S,
     HOLD_EARLY_S,
+    INITIAL_RATE,
     MAX_EARLY_HOLDS,
     MAX_RETRY_S,
     MIN_RETRY_S,
@@ -39,8 +40,8 @@ def admit(a: Admission, n: int, waited: float = 0.0) -> float | Held | None:
 
 
 def node(clock: Clock, **kw: object) -> Admission:
-    args: dict[str, object] = {"target_s": 0.3, "initial": 1000, "floor": 500,
-                               "ceiling": 100_000}
+    args: dict[str, object] = {"target_s": 0.3, "initial": 1000, "initial_rate": 1000 / 0.3,
+                               "floor": 500, "ceiling": 100_000}
     args.update(kw)
     return Admission(clock=clock, jitter=low, **args)  # type: ignore[arg-type]
 
@@ -236,7 +237,7 @@ def told_to_wait(seconds: float) -> tuple[Clock, Sleeps, Admission]:
     clock = Clock()
     sleeps = Sleeps(clock)
     a = Admission(clock=clock, jitter=low, sleep=sleeps, target_s=0.3, initial=1000,
-                  floor=500, ceiling=100_000)
+                  initial_rate=1000 / 0.3, floor=500, ceiling=100_000)
     assert a.admit("busy", 2000) is None
     while a.line_s < seconds:
         assert isinstance(admit(a, 10_000), float)  # the line grows that far ahead
@@ -272,3 +273,26 @@ async def test_a_site_that_may_ask_never_waits_and_too_many_early_calls_are_refu
     a.early_holding = MAX_EARLY_HOLDS
     await a.wait_turn("hasty", None)
     assert sleeps.waits == [] and a.early_holds == 0
+
+
+async def test_the_first_sites_are_placed_at_the_same_pace_whatever_the_target() -> None:
+    # Before any window measured the rate, refusals are placed with a guess; a slow one
+    # (it was the initial limit over the target: 5,000/s at 1 s) told the first sites to
+    # come back late and left the node idle until they did.
+    waits = []
+    for target in (0.3, 1.0):
+        a = Admission(clock=Clock(), jitter=low, target_s=target, max_wait_s=0.1)
+        assert admit(a, 5_000) is None  # an idle node admits; the next ones wait or go
+        waits.append([admit(a, 1_250) for _ in range(40)][-1])
+    assert isinstance(waits[0], float) and waits[0] == waits[1]
+    assert waits[0] <= 40 * 1_250 / (INITIAL_RATE * OVERBOOK)
+
+
+async def test_a_call_waits_for_room_at_most_the_wait_bound_not_the_target() -> None:
+    a = Admission(clock=Clock(), jitter=low, target_s=1.0, max_wait_s=0.1, initial=1_000,
+                  initial_rate=10_000.0)
+    assert admit(a, 1_000) is None
+    assert isinstance(admit(a, 900), Held)  # 0.09 s of work ahead at the rate
+    assert isinstance(admit(a, 500), float)  # 0.14 s: past the wait bound, refused
+    assert isinstance(admit(a, 500, waited=0.11), float)  # queued past it before the handler
+    assert a.refused["late"] == 1
