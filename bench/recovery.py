@@ -255,6 +255,10 @@ async def _subject_counts(servers: list[str], epoch: int) -> dict[str, int]:
 
 def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: float,
         log: Callable[[str], None], ingest_extra: str = "") -> list[Row]:
+    if sites < 2 * sat_sites:
+        # The saturation phase runs before and after the recovery with other sites each time.
+        raise ValueError(f"--sites {sites} is fewer than twice --sat-sites {sat_sites}: the "
+                         "saturation phase runs twice, with different sites each time")
     names = [f"rec-site-{i}" for i in range(sites)]
     t0 = time.monotonic()
     pkis = localrun.Pki(work / "pki", names)
@@ -372,6 +376,9 @@ def main() -> None:
                     help="the replicas' limits.admit_wait_ms for the recovery (default: "
                     "their default)")
     args = ap.parse_args()
+    if args.sites < 2 * args.sat_sites:
+        ap.error(f"--sites {args.sites} must be at least twice --sat-sites {args.sat_sites}: "
+                 "the saturation phase runs before and after the recovery, with other sites")
     extra = ""
     if args.no_admission:
         extra = "[limits]\nadmit_target_ms = 0\n"
