@@ -73,6 +73,7 @@ from nats.js.kv import KeyValue
 
 from bridge.cloud.store.ledger import Key, StreamLedger
 from bridge.shared.config import site_id_problem
+from bridge.shared.pacing import Backoff
 from bridge.shared.telemetry import IngestMetrics, event
 
 VERSION = 1
@@ -82,6 +83,7 @@ DROPPED_KEPT = 256     # newest tombstones a state keeps for ``status``
 CHECKPOINT_EVERY = 1000  # messages of a subject between two checkpoints
 CHECKPOINT_IDLE_S = 5.0  # a changed subject is checkpointed this long after its last change
 MAX_CHECKPOINT_BYTES = 768 * 1024  # below the servers' default max_payload (1 MiB)
+OPEN_RETRY_CAP_S = 30.0  # at most this long between two tries to open the bucket
 MAX_INFLATED = 8 * 1024 * 1024     # a checkpoint's JSON is far smaller (20,000 gaps: ~0.8 MB)
 
 
@@ -410,29 +412,44 @@ class Keeper:
         self.checkpoints: Checkpoints | None = None
         self.write = True
         self._wake = asyncio.Event()  # a subject is CHECKPOINT_EVERY messages past its last
+        self.ready = asyncio.Event()  # the bucket is open
         self._task: asyncio.Task[None] | None = None
 
     async def open(self, js: JetStreamContext, *, stream: str, stream_id: str,
                    replicas: int, write: bool = True) -> None:
         """The bucket and the task that writes it (with ``write``; a reader only reads
-        checkpoints). Without it (an account that may not use it) every replica still works
-        exactly, reading whole subjects: said once, as a warning and in
-        ``bridge_ingest_checkpoints_total{outcome="disabled"}``."""
+        checkpoints). Until the bucket opens a replica is still exact, reading subjects
+        whole; each failed try is a warning and ``outcome="disabled"``. A replica retries
+        (a cluster may be slow to place an R3 bucket); a reader, short-lived, tries once."""
         cp = Checkpoints(stream=stream, stream_id=stream_id, replicas=replicas)
-        try:
-            await cp.open(js, create=write)
-        except (NatsError, TimeoutError) as exc:
-            self.metrics.checkpoints.labels("disabled").inc()
-            event("jetstream.checkpoints_disabled", level=logging.WARNING, bucket=cp.bucket,
-                  reason=f"{type(exc).__name__}: {exc}"[:200])
-            return
-        self.checkpoints = cp
+        opened = await self._bind(js, cp, create=write)
         if not write:
             self.write = False
             return
-        self._task = asyncio.create_task(run_checkpoints(
-            cache=self.cache, checkpoints=cp, name=self.name, on_outcome=self._outcome,
-            wake=self._wake), name="jetstream-checkpoints")
+        self._task = asyncio.create_task(self._run(js, cp, opened),
+                                         name="jetstream-checkpoints")
+
+    async def _bind(self, js: JetStreamContext, cp: Checkpoints, *, create: bool) -> bool:
+        try:
+            await cp.open(js, create=create)
+        except (NatsError, TimeoutError) as exc:
+            self.metrics.checkpoints.labels("disabled").inc()
+            event("jetstream.checkpoints_disabled", level=logging.WARNING, bucket=cp.bucket,
+                  retrying=create, reason=f"{type(exc).__name__}: {exc}"[:200])
+            return False
+        self.checkpoints = cp
+        self.ready.set()
+        return True
+
+    async def _run(self, js: JetStreamContext, cp: Checkpoints, opened: bool) -> None:
+        backoff = Backoff(base_s=1.0, cap_s=OPEN_RETRY_CAP_S)
+        while not opened:
+            await backoff.sleep()
+            if opened := await self._bind(js, cp, create=True):
+                event("jetstream.checkpoints_enabled", bucket=cp.bucket,
+                      tries=backoff.attempt + 1)
+        await run_checkpoints(cache=self.cache, checkpoints=cp, name=self.name,
+                              on_outcome=self._outcome, wake=self._wake)
 
     def _outcome(self, outcome: str) -> None:
         self.metrics.checkpoints.labels(outcome).inc()

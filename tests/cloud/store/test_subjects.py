@@ -9,16 +9,19 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import nats
 import orjson
 import pytest
+from nats.js.client import JetStreamContext
 
 from bridge.cloud.store.jetstream import JetStreamStore
 from bridge.cloud.store.records import Incoming
 from bridge.cloud.store.subjects import (
     CHECKPOINT_EVERY,
     Checkpoints,
+    Keeper,
     SubjectCache,
     SubjectState,
     flush,
@@ -44,6 +47,14 @@ def batch(site: str, epoch: int, seqs: range | list[int]) -> list[Incoming]:
 def replica(js: JetStreamCluster, **kw: float) -> JetStreamStore:
     return JetStreamStore(settings=JetStreamSettings(servers=tuple(js.servers), **kw),
                           metrics=IngestMetrics())
+
+
+async def up(store: JetStreamStore) -> None:
+    """Start ``store`` and wait for its checkpoint bucket: on a loaded machine creating the
+    R3 bucket can outlast the first try, which the replica then retries in the background."""
+    await store.start()
+    async with asyncio.timeout(60):
+        await store.keeper.ready.wait()
 
 
 def tail_read(store: JetStreamStore) -> float:
@@ -74,7 +85,7 @@ async def stored_seqs(js: JetStreamCluster, subject: str) -> list[int]:
 async def test_a_restarted_replica_reads_the_checkpoint_and_only_the_tail(
         js: JetStreamCluster):
     first = replica(js)
-    await first.start()
+    await up(first)
     for lo in range(1, 20_001, 1000):
         assert set(await first.commit(batch("site-a", 5, range(lo, lo + 1000)))) == \
             {"committed"}
@@ -82,7 +93,7 @@ async def test_a_restarted_replica_reads_the_checkpoint_and_only_the_tail(
     assert outcomes(first).get("written", 0) >= 1
 
     second = replica(js)
-    await second.start()
+    await up(second)
     try:
         assert await second.commit(batch("site-a", 5, [20_000, 20_001])) == \
             ["duplicate", "committed"]
@@ -95,17 +106,17 @@ async def test_a_restarted_replica_reads_the_checkpoint_and_only_the_tail(
 async def test_a_stale_checkpoint_is_only_slower_and_a_missing_one_reads_everything(
         js: JetStreamCluster):
     first = replica(js)
-    await first.start()
+    await up(first)
     await first.commit(batch("site-a", 5, range(1, 3001)))
     await first.close()  # checkpoint at 3,000 messages
     crashed = replica(js)
-    await crashed.start()
+    await up(crashed)
     await crashed.commit(batch("site-a", 5, range(3001, 3501)))
     crashed.keeper.abandon()  # a replica killed before it wrote its checkpoint
     await crashed.close()
 
     third = replica(js)
-    await third.start()
+    await up(third)
     try:
         out = await third.commit(batch("site-a", 5, range(2990, 3510)))
         assert out == ["duplicate"] * 511 + ["committed"] * 9
@@ -118,7 +129,7 @@ async def test_a_stale_checkpoint_is_only_slower_and_a_missing_one_reads_everyth
     await kv.purge("site-a.0000000000000005")
     await nc.close()
     fourth = replica(js)
-    await fourth.start()
+    await up(fourth)
     try:
         assert await fourth.commit(batch("site-a", 5, [3509, 3510])) == \
             ["duplicate", "committed"]
@@ -133,19 +144,19 @@ async def test_a_stale_checkpoint_is_only_slower_and_a_missing_one_reads_everyth
 async def test_a_checkpoint_of_a_deleted_stream_or_past_the_subject_is_ignored(
         js: JetStreamCluster):
     first = replica(js)
-    await first.start()
+    await up(first)
     await first.commit(batch("site-a", 5, range(1, 101)))
     await first.close()
     nc = await nats.connect(servers=js.servers)
     jsc = nc.jetstream()
     await jsc.delete_stream("BRIDGE")  # the stream is made anew; its bucket outlives it
     blind = replica(js)  # the new stream's subject gets more messages than the old one had
-    await blind.start()
+    await up(blind)
     blind.keeper.abandon()
     await blind.commit(batch("site-a", 5, range(1001, 1201)))
     await blind.close()
     second = replica(js)
-    await second.start()
+    await up(second)
     try:
         # Were the old checkpoint (seqs 1..100 at stream seq 100) believed, all of these
         # would be answered duplicate and never stored: they must be committed.
@@ -164,7 +175,7 @@ async def test_a_checkpoint_of_a_deleted_stream_or_past_the_subject_is_ignored(
     await kv.put("site-a.0000000000000006", b"not a checkpoint")
     await nc.close()
     third = replica(js)
-    await third.start()
+    await up(third)
     try:
         assert set(await third.commit(batch("site-a", 5, range(51, 101)))) == {"committed"}
         assert await third.commit(batch("site-a", 6, [1])) == ["committed"]
@@ -178,7 +189,7 @@ async def test_a_checkpoint_of_a_deleted_stream_or_past_the_subject_is_ignored(
 async def test_subject_states_stay_within_the_budget_and_come_back_from_checkpoints(
         js: JetStreamCluster):
     store = replica(js, cache_mb=0.02)  # about a dozen small states
-    await store.start()
+    await up(store)
     try:
         for site in range(60):
             await store.commit(batch(f"site-{site}", 1, range(1, 21)))
@@ -276,3 +287,48 @@ async def test_the_cache_keeps_its_bytes_and_unsaved_states_as_they_change_never
     small.budget = small.size() // 2
     small.evict()
     assert small.size() == sum(st.cost() for _, st in small.items()) <= small.budget
+
+
+class _SlowBucket:
+    """The real JetStream context, whose first ``fails`` bucket lookups time out, as a
+    cluster still forming or slow to place an R3 bucket does (a fault at the seam)."""
+
+    def __init__(self, js: JetStreamContext, fails: int) -> None:
+        self.js, self.fails = js, fails
+
+    async def key_value(self, bucket: str) -> Any:
+        if self.fails:
+            self.fails -= 1
+            raise TimeoutError
+        return await self.js.key_value(bucket)
+
+    async def create_key_value(self, config: Any) -> Any:
+        return await self.js.create_key_value(config)
+
+
+async def test_a_bucket_that_does_not_open_at_start_is_retried_and_then_written(
+        js: JetStreamCluster):
+    nc = await nats.connect(servers=js.servers)
+    metrics = IngestMetrics()
+    keeper = Keeper(budget=1 << 20, metrics=metrics, name=lambda k: f"{k[0]}.{k[1]:016x}")
+    try:
+        await keeper.open(cast(JetStreamContext, _SlowBucket(nc.jetstream(), fails=2)),
+                          stream="BRIDGE", stream_id="1", replicas=3)
+        assert keeper.checkpoints is None and not keeper.ready.is_set()
+        async with asyncio.timeout(30):
+            await keeper.ready.wait()
+        counted = {s.labels["outcome"]: s.value for m in metrics.checkpoints.collect()
+                   for s in m.samples if s.name.endswith("_total")}
+        assert counted["disabled"] == 2, "each failed try is counted"
+        async with keeper.cache.hold(("site-a", 5)) as st:
+            st.ledger.add_range(1, 10)
+            st.note(1, 10, 10)
+            st.last = 10
+        await keeper.close(timeout=10, connected=True)
+        entry = await (await nc.jetstream().key_value("BRIDGE_LEDGER")).get(
+            "site-a.0000000000000005")
+        written = SubjectState.decode(entry.value or b"", "1")
+        assert written is not None and written.last == 10
+    finally:
+        await keeper.close(timeout=1, connected=False)
+        await nc.close()
