@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import nats
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import client
 from bench.memory import rss_mb
@@ -65,6 +67,7 @@ class _Stats:
     latencies: list[float] = field(default_factory=list)
     readings: int = 0
     refused: int = 0
+    next_turns: int = 0  # OK answers that named the site's next turn
     deadlines: int = 0
     failovers: int = 0
     duplicates: int = 0
@@ -114,11 +117,12 @@ class _Site:
         return ch.unary_unary(PUSH, request_serializer=None,
                               response_deserializer=pb.Ack.FromString)
 
-    def batch(self, epoch: int, first: int, n: int) -> bytes:
+    def batch(self, epoch: int, first: int, n: int, more: int) -> bytes:
+        """``more``: readings behind this batch, said as the agent says its backlog."""
         return pb.Batch(batch_id=f"{self.site}-{epoch}-{first}", envelopes=[
             pb.Envelope(site_id=self.site, epoch=epoch, seq=first + k,
                         values=[pb.Value(signal="v", number=float(k))])
-            for k in range(n)]).SerializeToString()
+            for k in range(n)], backlog_readings=more).SerializeToString()
 
     async def push(self, blob: bytes, n: int, stats: _Stats,
                    deadline: float = DEADLINE_S) -> None:
@@ -141,6 +145,10 @@ class _Site:
                 self.current = (self.current + 1) % len(self.targets)
                 continue
             stats.latencies.append(time.perf_counter() - t0)
+            if ack.next_after_ms:  # as the agent's sender: the backlog waits for its turn
+                stats.next_turns += 1
+                self.busy_until = max(self.busy_until, time.monotonic() + hinted_wait(
+                    ack.next_after_ms / 1000))
             stats.readings += n
             stats.duplicates += sum(r.disposition == pb.DISPOSITION_DUPLICATE
                                     for r in ack.results)
@@ -189,8 +197,11 @@ def _batches(s: _Site, epoch: int, readings: int) -> list[tuple[bytes, int]]:
     """A site's backlog as the agent would send it, built before any clock starts (the load
     generator is one process: building 1,250 envelopes in Python costs it more than the
     ingest spends refusing them)."""
-    return [(s.batch(epoch, first, min(BATCH, readings - first + 1)),
-             min(BATCH, readings - first + 1)) for first in range(1, readings + 1, BATCH)]
+    out = []
+    for first in range(1, readings + 1, BATCH):
+        n = min(BATCH, readings - first + 1)
+        out.append((s.batch(epoch, first, n, readings - (first + n - 1)), n))
+    return out
 
 
 async def _saturate(sites: list[_Site], seconds: float, rate_hint: float = 60_000
@@ -243,6 +254,22 @@ async def _recover(sites: list[_Site], backlog: int, procs: list[localrun.Ingest
     return stats, stats.last_ack - t0, idle_mb, cores
 
 
+def _refusals(ports: list[int]) -> dict[str, float]:
+    """The replicas' admission refusals by why, and the next turns they named, summed
+    (from their ``/metrics`` on ``ports``)."""
+    out: dict[str, float] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "bridge_ingest_admission_refusals_total":
+                    out[s.labels["why"]] = out.get(s.labels["why"], 0.0) + s.value
+                elif s.name == "bridge_ingest_admission_next_turns_total":
+                    out["next_turns"] = out.get("next_turns", 0.0) + s.value
+    return out
+
+
 async def _subject_counts(servers: list[str], epoch: int) -> dict[str, int]:
     nc = await nats.connect(servers=servers)
     try:
@@ -265,10 +292,17 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
     log(f"  {sites} site certificates in {time.monotonic() - t0:.0f} s")
     cluster = JetStreamCluster(work / "js", sync="default").start()
 
+    scrape: dict[str, int] = {}  # replica's target -> its metrics port
+
     def replicas(extra: str) -> list[localrun.IngestProc]:
-        procs = [localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
-                                 extra='[log]\nlevel = "warning"\n' + extra).start()
-                 for i in range(2)]
+        procs = []
+        for i in range(2):
+            port = localrun.free_port()
+            p = localrun.ingest(work, pkis, "rec", name=f"rec-{i}", jetstream=cluster.servers,
+                                extra=f'[log]\nlevel = "warning"\n[metrics]\nlisten = '
+                                f'"127.0.0.1:{port}"\n' + extra)
+            scrape[p.target] = port
+            procs.append(p.start())
         for p in procs:
             try:
                 localrun.wait_healthy(p.target, pkis.consumer(), timeout=60)
@@ -307,6 +341,7 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
         try:
             stats, elapsed, idle_mb, rec_cores = asyncio.run(
                 recover([p.target for p in procs], procs))
+            why = _refusals([scrape[p.target] for p in procs])
         finally:
             for p in procs:
                 p.proc.stop()
@@ -337,6 +372,10 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
         f"{idle_mb * 1024 / sites:.0f} kB per site; every reading stored once; the load "
         f"generator used {sat_cores:.2f} cores in the saturation phase, {rec_cores:.2f} in "
         f"the recovery")
+    log("  refused by why: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(why.items())
+                                          if k != "next_turns")
+        + f"; OK answers naming the next turn: {stats.next_turns:,} seen by the sites, "
+        f"{why.get('next_turns', 0):,.0f} counted by the replicas")
     log("  readings/s in each 10 s of the recovery: " + ", ".join(
         f"{n / 10:,.0f}" for n in stats.timeline(stats.start, 10.0)))
     return [Row(SCENARIO, SYSTEM, "saturation_readings_per_s", round(sat_rate, 1), "readings/s"),
@@ -350,6 +389,7 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
             Row(SCENARIO, SYSTEM, "ratio_to_saturation", round(rate / sat_rate, 3), "x"),
             Row(SCENARIO, SYSTEM, "admitted_p99_ms", round(p99, 1), "ms"),
             Row(SCENARIO, SYSTEM, "calls_refused", stats.refused, "calls"),
+            Row(SCENARIO, SYSTEM, "next_turns_named", stats.next_turns, "calls"),
             Row(SCENARIO, SYSTEM, "deadlines_exceeded", stats.deadlines, "calls"),
             Row(SCENARIO, SYSTEM, "failovers", stats.failovers, "calls"),
             Row(SCENARIO, SYSTEM, "resent_pct", round(resent, 3), "%"),

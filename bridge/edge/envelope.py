@@ -172,11 +172,12 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_batch(batch_id: str, envelopes: list[bytes]) -> bytes:
+def encode_batch(batch_id: str, envelopes: list[bytes], backlog: int = 0) -> bytes:
     """Serialise a ``bridge.v1.Batch`` from already-serialised envelopes without re-parsing.
 
-    Field 1 (batch_id) and repeated field 2 (envelopes), both length-delimited: the same bytes
-    ``Batch(batch_id=..., envelopes=[...]).SerializeToString()`` produces.
+    Field 1 (batch_id) and repeated field 2 (envelopes), both length-delimited, then field 3
+    (``backlog_readings``, a varint) when not 0: the same bytes
+    ``Batch(batch_id=..., envelopes=[...], backlog_readings=...).SerializeToString()`` produces.
     """
     bid = batch_id.encode()
     parts = [b"\x0a", _varint(len(bid)), bid]
@@ -184,4 +185,6 @@ def encode_batch(batch_id: str, envelopes: list[bytes]) -> bytes:
         parts.append(b"\x12")
         parts.append(_varint(len(blob)))
         parts.append(blob)
+    if backlog > 0:
+        parts += [b"\x18", _varint(min(backlog, (1 << 64) - 1))]
     return b"".join(parts)

@@ -235,6 +235,13 @@ class AgentMetrics:
         self.throttle_wait = Counter(
             "bridge_uplink_throttle_wait_seconds", "Seconds batches waited on an ingest's "
             "retry-after (RESOURCE_EXHAUSTED: busy, not broken)", ["endpoint"], registry=r)
+        self.next_turns = Counter(
+            "bridge_uplink_next_turns", "OK answers of an ingest in demand that named the "
+            "backlog's next turn (it waits for it instead of being refused)", ["endpoint"],
+            registry=r)
+        self.next_turn_wait = Counter(
+            "bridge_uplink_next_turn_wait_seconds", "Seconds the backlog was told to wait by "
+            "OK answers (next_after_ms)", ["endpoint"], registry=r)
         self.batch_seconds = Histogram("bridge_uplink_batch_seconds", "PushBatch duration",
                                        ["endpoint"], registry=r)
         self.failovers = Counter("bridge_uplink_failovers", "Active endpoint changes on failure",

@@ -3,11 +3,12 @@ with exactly the optional fields it had, whatever the mix."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.edge.codecs import Decoded, DecodedValue
-from bridge.edge.envelope import SourceInfo, prepare_envelope
+from bridge.edge.envelope import SourceInfo, encode_batch, prepare_envelope
 from bridge.shared._pb import bridge_pb2 as pb
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
@@ -39,3 +40,14 @@ def test_every_value_keeps_its_type_and_exactly_its_optional_fields(
         assert v.HasField("source_time_ns") == (dv.source_time_ns is not None)
         if dv.source_time_ns is not None:
             assert v.source_time_ns == dv.source_time_ns
+
+
+@pytest.mark.parametrize("backlog", [0, 1, 1250, 2**63, 2**64 - 1])
+def test_a_batch_encoded_without_reparsing_is_the_bytes_protobuf_writes(backlog: int):
+    envs = [pb.Envelope(site_id="s", epoch=2**64 - 1, seq=k).SerializeToString()
+            for k in (1, 2**64 - 1)] + [b""]
+    blob = encode_batch("b-1", envs, backlog)
+    want = pb.Batch(batch_id="b-1", envelopes=[pb.Envelope.FromString(e) for e in envs],
+                    backlog_readings=backlog)
+    assert blob == want.SerializeToString()
+    assert pb.Batch.FromString(blob).backlog_readings == backlog

@@ -57,6 +57,14 @@ an admitted 1,250-reading call), one whose sites come back too late idles. For t
 the rate is measured only in windows where the handlers had more work than they ran (a call
 held, or refused as full), never from a window spent refusing late calls or waiting for sites
 that sleep.
+
+**The next turn.** An agent draining a backlog says how much is behind its batch
+(``backlog_readings``). Answering such a call while the node is in demand (a line, or calls
+held), the node gives the site's next call its place in the line at once and names it in the
+Ack (``next_after_ms``), as a refusal would have, or its share's time if the site ran ahead of
+it: the agent waits for it instead of sending a 1,250-reading call only to hear "later" (the
+refusal costs the node a thirtieth of the call, and the site's uplink the whole batch). An idle
+node, or one with room and no line, names no turn.
 """
 
 from __future__ import annotations
@@ -120,6 +128,7 @@ class Admission:
         self._held: deque[Held] = deque()
         self.early_holding = 0  # early calls waiting for their site's time (wait_turn)
         self.early_holds = 0    # how many have waited, ever
+        self.next_turns = 0     # OK answers that named their site's next turn, ever
         self._tail = 0.0  # when the readings of the sites told to come back are served
         self._window_at = clock()
         self._done_readings = 0
@@ -241,12 +250,29 @@ class Admission:
                 self.in_flight += h.n
                 h.ready.set_result(None)
 
+    def next_turn(self, site: str, n: int) -> float:
+        """Seconds until ``site``, answered now with ``n`` readings still to send, should
+        send its next call; 0 when the node is not in demand (module doc, "The next turn")."""
+        now = self._clock()
+        if not self._held and self._tail <= now:
+            return 0.0
+        self.next_turns += 1
+        ahead_of_share = self._share.get(site, now) - now - FAIR_SLACK_S
+        if ahead_of_share > 0:  # as a share refusal would say, and without a place
+            self._told[site] = now + ahead_of_share
+            return min(ahead_of_share, MAX_RETRY_S)
+        return self._place(site, n, now)
+
     def _refuse(self, why: str, site: str, n: int, now: float) -> float:
-        """A place at the end of the line: the wait until the node has served the readings
-        of every call refused before it."""
+        """A place at the end of the line, as a refusal."""
         self.refused[why] += 1
         if why == "full":
             self._pressed += 1
+        return self._place(site, n, now)
+
+    def _place(self, site: str, n: int, now: float) -> float:
+        """A place at the end of the line: the wait until the node has served the readings
+        of every call placed before it."""
         start = max(now, self._tail)
         spacing = n / (self.rate * OVERBOOK)
         self._tail = start + spacing

@@ -90,6 +90,15 @@ class Gate:
                                f"to come back over {a.line_s:.1f} s; retry in {retry_ms} ms",
                                t0, (("retry-after-ms", str(retry_ms)),))
 
+    def next_turn_ms(self, site: str, request: pb.Batch) -> int:
+        """The site's next turn to name in the Ack (ms; 0: none), for a batch that said more
+        is behind it (``bridge.cloud.ingest.admission``, "The next turn")."""
+        more = request.backlog_readings
+        if self.admission is None or not more:
+            return 0
+        n = min(more, len(request.envelopes) or 1)
+        return round(self.admission.next_turn(site, n) * 1000)
+
     def leave(self, site: str, n: int, seconds: float) -> None:
         """The call let through by ``enter`` was answered after ``seconds``."""
         if self.admission is not None:

@@ -178,3 +178,8 @@ class AdmissionMetrics(Collector):
                                     "node for their time (at most 1 s, inside their deadline)")
         early.add_metric([], float(a.early_holds))
         yield early
+        turns = CounterMetricFamily("bridge_ingest_admission_next_turns", "OK answers that "
+                                    "named their site's next turn (next_after_ms: the node "
+                                    "was in demand and the batch said more was behind it)")
+        turns.add_metric([], float(a.next_turns))
+        yield turns

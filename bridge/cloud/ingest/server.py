@@ -152,10 +152,13 @@ class IngestService(pb_grpc.IngestServicer):
         if duplicates:
             self.metrics.duplicates.labels(site).inc(duplicates)
         self.metrics.batches.labels("OK").inc()
+        if next_ms := self.gate.next_turn_ms(site, request):
+            ack.next_after_ms = min(next_ms, 0xFFFFFFFF)
         event("ingest.batch", site=site, batch_id=request.batch_id,
               readings=len(request.envelopes), committed=committed, duplicates=duplicates,
               rejected=rejected, status="OK", flag="-", peer=context.peer(),
-              duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+              duration_ms=round((time.perf_counter() - t0) * 1000, 3),
+              **({"next_after_ms": next_ms} if next_ms else {}))
         return ack
 
     def _validate(self, request: pb.Batch, site: str) -> _Prepared | str:

@@ -63,8 +63,9 @@ class Outgoing:
     ids: list[tuple[int, int]]  # (epoch, seq) each result must echo, read from the heads
 
     @classmethod
-    def of(cls, batch_id: str, envelopes: list[bytes]) -> Outgoing:
-        return cls(batch_id=batch_id, blob=encode_batch(batch_id, envelopes),
+    def of(cls, batch_id: str, envelopes: list[bytes], backlog: int = 0) -> Outgoing:
+        """``backlog``: readings still behind this batch (the node may name our next turn)."""
+        return cls(batch_id=batch_id, blob=encode_batch(batch_id, envelopes, backlog),
                    ids=[identity(b) for b in envelopes])
 
     @property

@@ -31,6 +31,7 @@ from bridge.edge.uplink.layers import (
     Recorded,
     Retry,
     StrictAcks,
+    hinted_wait,
 )
 from bridge.edge.uplink.pool import EndpointPool
 from bridge.shared._pb import bridge_pb2 as pb
@@ -63,6 +64,14 @@ class Sender:
         """An ingest is busy: the backlog waits ``wait_s`` and restarts at one batch."""
         self.busy_until = max(self.busy_until, time.monotonic() + wait_s)
         self.window = 1
+
+    def _next_turn(self, wait_s: float, endpoint: str) -> None:
+        """An ingest in demand named our next turn with its answer: the backlog's next batch
+        waits for it (jittered) instead of being refused; live does not wait, and the window
+        stays (this is a place in the node's line, not a throttle)."""
+        self.busy_until = max(self.busy_until, time.monotonic() + hinted_wait(wait_s))
+        self.metrics.next_turns.labels(endpoint).inc()
+        self.metrics.next_turn_wait.labels(endpoint).inc(wait_s)
 
     def _batch_rows(self) -> int:
         cap = self.batch_cap
@@ -132,7 +141,9 @@ class Sender:
                     continue
                 # The read held the rows (hold=True): no bound drops them while in flight.
                 self.in_flight += 1
-                tg.create_task(self._deliver(rows, generation), name=f"batch-{rows[0][0]}")
+                more = backlog[1] - backlog[0] if backlog is not None else 0
+                tg.create_task(self._deliver(rows, generation, more),
+                               name=f"batch-{rows[0][0]}")
 
     async def _backlog_rows(self, backlog: list[int], pace: TokenBucket | None,
                             ) -> tuple[list[tuple[int, bytes]], float]:
@@ -154,10 +165,12 @@ class Sender:
         backlog[0] = rows[-1][0] if rows else backlog[1]
         return rows, 0.0
 
-    async def _deliver(self, rows: list[tuple[int, bytes]], generation: int) -> None:
-        """One batch until acked and released; frees its slot however it ends."""
+    async def _deliver(self, rows: list[tuple[int, bytes]], generation: int,
+                       more: int) -> None:
+        """One batch until acked and released; frees its slot however it ends. ``more``:
+        backlog readings behind it, said to the node (which may name our next turn)."""
         try:
-            await self._deliver_until_acked(rows, generation)
+            await self._deliver_until_acked(rows, generation, more)
         finally:
             if generation == self.spool.generation:
                 self.spool.unhold(rows[0][0])
@@ -165,14 +178,16 @@ class Sender:
             self._freed.set()
 
     async def _deliver_until_acked(self, rows: list[tuple[int, bytes]],
-                                   generation: int) -> None:
-        batch = Outgoing.of(str(uuid.uuid4()), [b for _, b in rows])
+                                   generation: int, more: int = 0) -> None:
+        batch = Outgoing.of(str(uuid.uuid4()), [b for _, b in rows], more)
         first, last = rows[0][0], rows[-1][0]  # rids: positions in the spool file
         done = await self.send.send(batch)
         if isinstance(done, Oversized):
-            await self._split(rows, generation, done.most, done.endpoint.name)
+            await self._split(rows, generation, done.most, done.endpoint.name, more)
             return
         ack, ep = done.ack, done.endpoint
+        if ack.next_after_ms:
+            self._next_turn(ack.next_after_ms / 1000, ep.name)
         if self.window < self.config.max_in_flight:
             self.window = min(self.config.max_in_flight, 2 * self.window)
             self.spool.appended.set()  # wakes the dispatch loop for the wider window
@@ -197,10 +212,11 @@ class Sender:
         event("uplink.batch", endpoint=ep.name, leg=ep.leg, batch_id=batch.batch_id,
               first_seq=batch.ids[0][1], last_seq=batch.ids[-1][1], readings=len(rows),
               status="OK", flag="-", attempt=done.attempt,
-              duration_ms=round(done.elapsed_s * 1000, 3), **counts)
+              duration_ms=round(done.elapsed_s * 1000, 3),
+              **({"next_after_ms": ack.next_after_ms} if ack.next_after_ms else {}), **counts)
 
     async def _split(self, rows: list[tuple[int, bytes]], generation: int, most: int,
-                     endpoint: str) -> None:
+                     endpoint: str, more: int) -> None:
         """The ingest takes at most ``most`` envelopes per call: deliver the rows in batches
         of that size, one after the other, and build no larger batch from now on."""
         self.batch_cap = min(self.batch_cap or most, most)
@@ -209,7 +225,8 @@ class Sender:
               reason="the ingest refused a batch larger than its limits.max_batch_envelopes; "
                      "lower uplink.batch_max_readings to at most that")
         for start in range(0, len(rows), most):
-            await self._deliver_until_acked(rows[start:start + most], generation)
+            await self._deliver_until_acked(rows[start:start + most], generation,
+                                            more + max(0, len(rows) - start - most))
 
     async def _release(self, first: int, last: int, rejected: list[tuple[int, str]],
                        generation: int) -> None:

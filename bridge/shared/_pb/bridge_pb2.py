@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62ridge/v1/bridge.proto\x12\tbridge.v1\"\\\n\x06Source\x12%\n\x08protocol\x18\x01 \x01(\x0e\x32\x13.bridge.v1.Protocol\x12\x0e\n\x06\x62roker\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xef\x01\n\x05Value\x12\x0e\n\x06signal\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x03 \x01(\x12H\x00\x12\x11\n\x07\x62oolean\x18\x04 \x01(\x08H\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12#\n\x07quality\x18\x07 \x01(\x0e\x32\x12.bridge.v1.Quality\x12\x1b\n\x0esource_time_ns\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nhistorical\x18\t \x01(\x08\x12\x0f\n\x07is_null\x18\n \x01(\x08\x42\x06\n\x04kindB\x11\n\x0f_source_time_ns\"\xa7\x03\n\x08\x45nvelope\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12!\n\x06source\x18\x04 \x01(\x0b\x32\x11.bridge.v1.Source\x12\x1b\n\x0esource_time_ns\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0fgateway_time_ns\x18\x06 \x01(\x03\x12\x14\n\x0c\x63lock_synced\x18\x07 \x01(\x08\x12 \n\x06values\x18\x08 \x03(\x0b\x32\x10.bridge.v1.Value\x12\x0b\n\x03raw\x18\t \x01(\x0c\x12\x17\n\nsource_seq\x18\n \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x07\x64ropped\x18\x0c \x01(\x0b\x32\x15.bridge.v1.DropNotice\x12/\n\x06labels\x18\r \x03(\x0b\x32\x1f.bridge.v1.Envelope.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_source_time_nsB\r\n\x0b_source_seq\"=\n\nDropNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"A\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\tenvelopes\x18\x02 \x03(\x0b\x32\x13.bridge.v1.Envelope\"w\n\x0b\x45nvelopeAck\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12+\n\x0b\x64isposition\x18\x04 \x01(\x0e\x32\x16.bridge.v1.Disposition\x12\x0e\n\x06reason\x18\x05 \x01(\t\"F\n\tWatermark\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x19\n\x11\x63ommitted_through\x18\x03 \x01(\x04\"x\n\x03\x41\x63k\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.bridge.v1.EnvelopeAck\x12(\n\nwatermarks\x18\x03 \x03(\x0b\x32\x14.bridge.v1.Watermark\x12\x0c\n\x04node\x18\x04 \x01(\t\";\n\x06\x43ursor\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\"F\n\x10SubscribeRequest\x12\"\n\x07\x63ursors\x18\x01 \x03(\x0b\x32\x11.bridge.v1.Cursor\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"X\n\tCommitted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.bridge.v1.Envelope\x12\x16\n\x0e\x63ommit_time_ns\x18\x02 \x01(\x03\x12\x0c\n\x04node\x18\x03 \x01(\t\"5\n\x0e\x43ommittedBatch\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.bridge.v1.Committed\"\x0f\n\rStatusRequest\"*\n\x03Gap\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"\xb9\x01\n\x0cStreamStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x19\n\x11\x63ommitted_through\x18\x03 \x01(\x04\x12\x13\n\x0bhighest_seq\x18\x04 \x01(\x04\x12\x11\n\tcommitted\x18\x05 \x01(\x04\x12\x1c\n\x04gaps\x18\x06 \x03(\x0b\x32\x0e.bridge.v1.Gap\x12(\n\x07\x64ropped\x18\x07 \x03(\x0b\x32\x17.bridge.v1.DroppedRange\"C\n\x0c\x44roppedRange\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x0bStatusReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12(\n\x07streams\x18\x02 \x03(\x0b\x32\x17.bridge.v1.StreamStatus*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x11\n\rPROTOCOL_MQTT\x10\x01\x12\x11\n\rPROTOCOL_AMQP\x10\x02*\\\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUALITY_GOOD\x10\x01\x12\x15\n\x11QUALITY_UNCERTAIN\x10\x02\x12\x0f\n\x0bQUALITY_BAD\x10\x03*z\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISPOSITION_COMMITTED\x10\x01\x12\x19\n\x15\x44ISPOSITION_DUPLICATE\x10\x02\x12\x18\n\x14\x44ISPOSITION_REJECTED\x10\x03\x32\x83\x02\n\x06Ingest\x12-\n\tPushBatch\x12\x10.bridge.v1.Batch\x1a\x0e.bridge.v1.Ack\x12@\n\tSubscribe\x12\x1b.bridge.v1.SubscribeRequest\x1a\x14.bridge.v1.Committed0\x01\x12L\n\x10SubscribeBatches\x12\x1b.bridge.v1.SubscribeRequest\x1a\x19.bridge.v1.CommittedBatch0\x01\x12:\n\x06Status\x12\x18.bridge.v1.StatusRequest\x1a\x16.bridge.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62ridge/v1/bridge.proto\x12\tbridge.v1\"\\\n\x06Source\x12%\n\x08protocol\x18\x01 \x01(\x0e\x32\x13.bridge.v1.Protocol\x12\x0e\n\x06\x62roker\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xef\x01\n\x05Value\x12\x0e\n\x06signal\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x03 \x01(\x12H\x00\x12\x11\n\x07\x62oolean\x18\x04 \x01(\x08H\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12#\n\x07quality\x18\x07 \x01(\x0e\x32\x12.bridge.v1.Quality\x12\x1b\n\x0esource_time_ns\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nhistorical\x18\t \x01(\x08\x12\x0f\n\x07is_null\x18\n \x01(\x08\x42\x06\n\x04kindB\x11\n\x0f_source_time_ns\"\xa7\x03\n\x08\x45nvelope\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12!\n\x06source\x18\x04 \x01(\x0b\x32\x11.bridge.v1.Source\x12\x1b\n\x0esource_time_ns\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0fgateway_time_ns\x18\x06 \x01(\x03\x12\x14\n\x0c\x63lock_synced\x18\x07 \x01(\x08\x12 \n\x06values\x18\x08 \x03(\x0b\x32\x10.bridge.v1.Value\x12\x0b\n\x03raw\x18\t \x01(\x0c\x12\x17\n\nsource_seq\x18\n \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x07\x64ropped\x18\x0c \x01(\x0b\x32\x15.bridge.v1.DropNotice\x12/\n\x06labels\x18\r \x03(\x0b\x32\x1f.bridge.v1.Envelope.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_source_time_nsB\r\n\x0b_source_seq\"=\n\nDropNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"[\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\tenvelopes\x18\x02 \x03(\x0b\x32\x13.bridge.v1.Envelope\x12\x18\n\x10\x62\x61\x63klog_readings\x18\x03 \x01(\x04\"w\n\x0b\x45nvelopeAck\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12+\n\x0b\x64isposition\x18\x04 \x01(\x0e\x32\x16.bridge.v1.Disposition\x12\x0e\n\x06reason\x18\x05 \x01(\t\"F\n\tWatermark\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x19\n\x11\x63ommitted_through\x18\x03 \x01(\x04\"\x8f\x01\n\x03\x41\x63k\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.bridge.v1.EnvelopeAck\x12(\n\nwatermarks\x18\x03 \x03(\x0b\x32\x14.bridge.v1.Watermark\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x15\n\rnext_after_ms\x18\x05 \x01(\r\";\n\x06\x43ursor\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\"F\n\x10SubscribeRequest\x12\"\n\x07\x63ursors\x18\x01 \x03(\x0b\x32\x11.bridge.v1.Cursor\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"X\n\tCommitted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.bridge.v1.Envelope\x12\x16\n\x0e\x63ommit_time_ns\x18\x02 \x01(\x03\x12\x0c\n\x04node\x18\x03 \x01(\t\"5\n\x0e\x43ommittedBatch\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.bridge.v1.Committed\"\x0f\n\rStatusRequest\"*\n\x03Gap\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"\xb9\x01\n\x0cStreamStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x06\x12\x19\n\x11\x63ommitted_through\x18\x03 \x01(\x04\x12\x13\n\x0bhighest_seq\x18\x04 \x01(\x04\x12\x11\n\tcommitted\x18\x05 \x01(\x04\x12\x1c\n\x04gaps\x18\x06 \x03(\x0b\x32\x0e.bridge.v1.Gap\x12(\n\x07\x64ropped\x18\x07 \x03(\x0b\x32\x17.bridge.v1.DroppedRange\"C\n\x0c\x44roppedRange\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x0bStatusReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12(\n\x07streams\x18\x02 \x03(\x0b\x32\x17.bridge.v1.StreamStatus*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x11\n\rPROTOCOL_MQTT\x10\x01\x12\x11\n\rPROTOCOL_AMQP\x10\x02*\\\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUALITY_GOOD\x10\x01\x12\x15\n\x11QUALITY_UNCERTAIN\x10\x02\x12\x0f\n\x0bQUALITY_BAD\x10\x03*z\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISPOSITION_COMMITTED\x10\x01\x12\x19\n\x15\x44ISPOSITION_DUPLICATE\x10\x02\x12\x18\n\x14\x44ISPOSITION_REJECTED\x10\x03\x32\x83\x02\n\x06Ingest\x12-\n\tPushBatch\x12\x10.bridge.v1.Batch\x1a\x0e.bridge.v1.Ack\x12@\n\tSubscribe\x12\x1b.bridge.v1.SubscribeRequest\x1a\x14.bridge.v1.Committed0\x01\x12L\n\x10SubscribeBatches\x12\x1b.bridge.v1.SubscribeRequest\x1a\x19.bridge.v1.CommittedBatch0\x01\x12:\n\x06Status\x12\x18.bridge.v1.StatusRequest\x1a\x16.bridge.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE_LABELSENTRY']._loaded_options = None
   _globals['_ENVELOPE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PROTOCOL']._serialized_start=1911
-  _globals['_PROTOCOL']._serialized_end=1985
-  _globals['_QUALITY']._serialized_start=1987
-  _globals['_QUALITY']._serialized_end=2079
-  _globals['_DISPOSITION']._serialized_start=2081
-  _globals['_DISPOSITION']._serialized_end=2203
+  _globals['_PROTOCOL']._serialized_start=1961
+  _globals['_PROTOCOL']._serialized_end=2035
+  _globals['_QUALITY']._serialized_start=2037
+  _globals['_QUALITY']._serialized_end=2129
+  _globals['_DISPOSITION']._serialized_start=2131
+  _globals['_DISPOSITION']._serialized_end=2253
   _globals['_SOURCE']._serialized_start=37
   _globals['_SOURCE']._serialized_end=129
   _globals['_VALUE']._serialized_start=132
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPNOTICE']._serialized_start=799
   _globals['_DROPNOTICE']._serialized_end=860
   _globals['_BATCH']._serialized_start=862
-  _globals['_BATCH']._serialized_end=927
-  _globals['_ENVELOPEACK']._serialized_start=929
-  _globals['_ENVELOPEACK']._serialized_end=1048
-  _globals['_WATERMARK']._serialized_start=1050
-  _globals['_WATERMARK']._serialized_end=1120
-  _globals['_ACK']._serialized_start=1122
-  _globals['_ACK']._serialized_end=1242
-  _globals['_CURSOR']._serialized_start=1244
-  _globals['_CURSOR']._serialized_end=1303
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1305
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1375
-  _globals['_COMMITTED']._serialized_start=1377
-  _globals['_COMMITTED']._serialized_end=1465
-  _globals['_COMMITTEDBATCH']._serialized_start=1467
-  _globals['_COMMITTEDBATCH']._serialized_end=1520
-  _globals['_STATUSREQUEST']._serialized_start=1522
-  _globals['_STATUSREQUEST']._serialized_end=1537
-  _globals['_GAP']._serialized_start=1539
-  _globals['_GAP']._serialized_end=1581
-  _globals['_STREAMSTATUS']._serialized_start=1584
-  _globals['_STREAMSTATUS']._serialized_end=1769
-  _globals['_DROPPEDRANGE']._serialized_start=1771
-  _globals['_DROPPEDRANGE']._serialized_end=1838
-  _globals['_STATUSREPLY']._serialized_start=1840
-  _globals['_STATUSREPLY']._serialized_end=1909
-  _globals['_INGEST']._serialized_start=2206
-  _globals['_INGEST']._serialized_end=2465
+  _globals['_BATCH']._serialized_end=953
+  _globals['_ENVELOPEACK']._serialized_start=955
+  _globals['_ENVELOPEACK']._serialized_end=1074
+  _globals['_WATERMARK']._serialized_start=1076
+  _globals['_WATERMARK']._serialized_end=1146
+  _globals['_ACK']._serialized_start=1149
+  _globals['_ACK']._serialized_end=1292
+  _globals['_CURSOR']._serialized_start=1294
+  _globals['_CURSOR']._serialized_end=1353
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1355
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1425
+  _globals['_COMMITTED']._serialized_start=1427
+  _globals['_COMMITTED']._serialized_end=1515
+  _globals['_COMMITTEDBATCH']._serialized_start=1517
+  _globals['_COMMITTEDBATCH']._serialized_end=1570
+  _globals['_STATUSREQUEST']._serialized_start=1572
+  _globals['_STATUSREQUEST']._serialized_end=1587
+  _globals['_GAP']._serialized_start=1589
+  _globals['_GAP']._serialized_end=1631
+  _globals['_STREAMSTATUS']._serialized_start=1634
+  _globals['_STREAMSTATUS']._serialized_end=1819
+  _globals['_DROPPEDRANGE']._serialized_start=1821
+  _globals['_DROPPEDRANGE']._serialized_end=1888
+  _globals['_STATUSREPLY']._serialized_start=1890
+  _globals['_STATUSREPLY']._serialized_end=1959
+  _globals['_INGEST']._serialized_start=2256
+  _globals['_INGEST']._serialized_end=2515
 # @@protoc_insertion_point(module_scope)

@@ -313,8 +313,14 @@ class Batch(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ENVELOPES_FIELD_NUMBER: _builtins.int
+    BACKLOG_READINGS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """UUID, also sent as x-request-id metadata"""
+    backlog_readings: _builtins.int
+    """Readings the agent still holds behind this batch (0: none, or not said). A node in
+    demand then names the site's next turn in the Ack (next_after_ms) instead of refusing
+    its next call.
+    """
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
     def __init__(
@@ -322,10 +328,11 @@ class Batch(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        backlog_readings: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_readings", b"backlog_readings", "batch_id", b"batch_id", "envelopes", b"envelopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,9 +404,15 @@ class Ack(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     WATERMARKS_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_MS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     node: _builtins.str
     """the ingest node that committed"""
+    next_after_ms: _builtins.int
+    """Set when the node is in demand and the batch said more was behind it: the site's next
+    call has its place in the node's line this many ms from now; sending the backlog's next
+    batch sooner would be refused (RESOURCE_EXHAUSTED). Live readings need not wait.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvelopeAck]:
         """one per envelope, in batch order"""
@@ -413,10 +426,11 @@ class Ack(_message.Message):
         results: _abc.Iterable[Global___EnvelopeAck] | None = ...,
         watermarks: _abc.Iterable[Global___Watermark] | None = ...,
         node: _builtins.str = ...,
+        next_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "node", b"node", "results", b"results", "watermarks", b"watermarks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "next_after_ms", b"next_after_ms", "node", b"node", "results", b"results", "watermarks", b"watermarks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -296,3 +296,44 @@ async def test_a_call_waits_for_room_at_most_the_wait_bound_not_the_target() -> 
     assert isinstance(admit(a, 500), float)  # 0.14 s: past the wait bound, refused
     assert isinstance(admit(a, 500, waited=0.11), float)  # queued past it before the handler
     assert a.refused["late"] == 1
+
+
+def test_an_answer_names_no_next_turn_when_the_node_is_not_in_demand() -> None:
+    a = node(Clock())
+    assert admit(a, 1000) is None
+    assert a.next_turn("site-x", 1000) == 0.0
+    assert a.next_turns == 0 and a.line_s == 0.0
+
+
+async def test_an_answer_in_demand_gives_the_next_call_its_place_in_the_line_without_a_refusal(
+        ) -> None:
+    clock = Clock()
+    a = node(clock)
+    assert admit(a, 1000) is None
+    assert isinstance(admit(a, 900), Held)
+    [admit(a, 500) for _ in range(3)]  # three calls refused: a line of 3 places
+    spacing = 500 / (a.rate * OVERBOOK)
+    turn = a.next_turn("answered", 500)
+    assert abs(turn - 3 * spacing) < 1e-9, "after the calls refused before it"
+    assert abs(a.line_s - 4 * spacing) < 1e-9, "and later ones go after it"
+    assert a.refused["full"] == 3 and a.next_turns == 1
+    early = a.admit("answered", 500)
+    assert isinstance(early, float) and a.refused["early"] == 1, "not before its turn"
+    clock.now += turn
+    a.done(1000, 0.1)
+    assert not isinstance(a.admit("answered", 500), float), "at its turn it is taken"
+
+
+def test_an_answer_to_a_site_ahead_of_its_share_names_its_shares_time_without_a_place(
+        ) -> None:
+    clock = Clock()
+    a = node(clock)
+    a.rate = 1000.0
+    assert a.admit("big", 1000) is None  # an idle node: its share is 1 s ahead
+    a.done(1000, 0.1)
+    assert a.admit("big", 1000) is None  # idle again: 2 s ahead
+    admit(a, 500)  # another site refused: the node is in demand
+    line = a.line_s
+    turn = a.next_turn("big", 1000)
+    assert abs(turn - (2.0 - 1.0)) < 1e-9  # its share's time, less the slack
+    assert a.line_s == line, "no place taken in the line"

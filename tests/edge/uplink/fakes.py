@@ -14,6 +14,9 @@ class ScriptedTransport:
         self.up = True
         self.hung = False
         self.throttle_ms: int | None = None
+        self.next_after_ms = 0  # the next OK answer to a batch with a backlog behind it
+                                # names the site's next turn (once), as a node in demand does
+        self.turned: list[int] = []  # backlog_readings of the batch answered so
         self.committed: list[int] = []
         self.calls = 0
         self._hang = asyncio.Event()
@@ -34,7 +37,11 @@ class ScriptedTransport:
                                  detail="slow down", retry_after_s=ms / 1000)
         b = pb.Batch.FromString(batch)
         self.committed.extend(e.seq for e in b.envelopes)
-        return pb.Ack(batch_id=batch_id, results=[
+        turn = self.next_after_ms if b.backlog_readings else 0
+        if turn:
+            self.turned.append(b.backlog_readings)
+            self.next_after_ms = 0
+        return pb.Ack(batch_id=batch_id, next_after_ms=turn, results=[
             pb.EnvelopeAck(site_id=e.site_id, epoch=e.epoch, seq=e.seq,
                            disposition=pb.DISPOSITION_COMMITTED) for e in b.envelopes])
 

@@ -254,3 +254,25 @@ async def test_while_an_ingest_asks_to_wait_the_backlog_waits_and_live_readings_
     assert rig.fakes["b"].committed == []
     assert rig.pool.failovers == 0
     assert rig.metrics.throttle_wait.labels("a")._value.get() >= 3.0
+
+
+async def test_an_answer_naming_the_next_turn_holds_the_backlog_not_live_nor_the_window(
+        rig_factory):
+    rig: Rig = await rig_factory(["a", "b"], failback_after_s=30)
+    a = rig.fakes["a"]
+    a.next_after_ms = 3000  # the first batch with a backlog behind it: its next call in 3 s
+    await rig.append(200)  # past 2 x max_in_flight x batch: drained as a backlog
+    await rig.until(lambda: rig.sender.busy_until > 0)
+    assert len(a.turned) == 1 and 0 < a.turned[0] < 200, "the batch said what is behind it"
+    assert rig.sender.window >= 2, "a turn is not a throttle: the window still grows"
+    before = {s for s in a.committed if s <= 200}
+    await rig.append(10)  # live
+    await rig.until(lambda: set(range(201, 211)) <= set(a.committed), timeout=2)
+    backlog = {s for s in a.committed if s <= 200}
+    assert len(backlog) <= len(before) + 40 and len(backlog) < 200, \
+        "the backlog waits for its turn (only batches already in flight went on)"
+    await rig.until(lambda: rig.delivered() == set(range(1, 211)), timeout=15)
+    assert rig.fakes["b"].committed == [] and rig.pool.failovers == 0
+    assert rig.metrics.next_turns.labels("a")._value.get() == 1
+    assert rig.metrics.next_turn_wait.labels("a")._value.get() == 3.0
+    assert rig.metrics.throttled.labels("a")._value.get() == 0
