@@ -79,6 +79,7 @@ from typing import Any
 
 import grpc
 
+from bridge.shared import defaults as D
 from bridge.shared.grpcconn import DEADLINE_METADATA
 
 WINDOW_S = 0.5       # how often the limit and the rate are re-sized
@@ -104,7 +105,8 @@ class Held:
 class Admission:
     """The admission decision of one node; not thread-safe (the event loop owns it)."""
 
-    def __init__(self, *, target_s: float = 0.3, max_wait_s: float | None = None,
+    def __init__(self, *, target_s: float = D.ADMIT_TARGET_MS / 1000,
+                 max_wait_s: float | None = D.ADMIT_WAIT_MS / 1000,
                  initial: int = 5_000, initial_rate: float = INITIAL_RATE, floor: int = 500,
                  ceiling: int = 200_000, clock: Callable[[], float] = time.monotonic,
                  jitter: Callable[[float, float], float] = random.uniform,

@@ -342,9 +342,9 @@ class JetStreamStore:
             # What this batch adds, beside the ledger (never a copy of it per batch).
             plan = Overlay(sub.ledger, max_gaps=self.max_gaps_per_stream)
             msgs: list[_Out] = []
-            for i, item in enumerate(items):
-                last = item.seq if item.last_seq is None else item.last_seq
-                new = plan.take(item.seq, last)
+            spans = [(it.seq, it.seq if it.last_seq is None else it.last_seq) for it in items]
+            for i, (item, (_, last), new) in enumerate(zip(items, spans,
+                                                           plan.take_each(spans), strict=True)):
                 if new is None:
                     refused[i] = True
                     continue
@@ -412,8 +412,8 @@ class JetStreamStore:
                 sub.stale = True
                 raise StoreUnavailable(f"{subject}: JetStream refused the batch: "
                                        f"{err.get('description')} ({err.get('err_code')})")
+            sub.ledger.add_all((out.first, out.last) for out in chunk)
             for out in chunk:
-                sub.ledger.add_range(out.first, out.last)
                 ours[out.item] = True
                 if "Bridge-Last-Seq" in out.headers:
                     sub.drop(out.first, out.last, out.headers["Bridge-Reason"])

@@ -40,8 +40,8 @@ def admit(a: Admission, n: int, waited: float = 0.0) -> float | Held | None:
 
 
 def node(clock: Clock, **kw: object) -> Admission:
-    args: dict[str, object] = {"target_s": 0.3, "initial": 1000, "initial_rate": 1000 / 0.3,
-                               "floor": 500, "ceiling": 100_000}
+    args: dict[str, object] = {"target_s": 0.3, "max_wait_s": None, "initial": 1000,
+                               "initial_rate": 1000 / 0.3, "floor": 500, "ceiling": 100_000}
     args.update(kw)
     return Admission(clock=clock, jitter=low, **args)  # type: ignore[arg-type]
 
@@ -236,8 +236,8 @@ def told_to_wait(seconds: float) -> tuple[Clock, Sleeps, Admission]:
     """A node that told site "hasty" to come back in ``seconds``."""
     clock = Clock()
     sleeps = Sleeps(clock)
-    a = Admission(clock=clock, jitter=low, sleep=sleeps, target_s=0.3, initial=1000,
-                  initial_rate=1000 / 0.3, floor=500, ceiling=100_000)
+    a = Admission(clock=clock, jitter=low, sleep=sleeps, target_s=0.3, max_wait_s=None,
+                  initial=1000, initial_rate=1000 / 0.3, floor=500, ceiling=100_000)
     assert a.admit("busy", 2000) is None
     while a.line_s < seconds:
         assert isinstance(admit(a, 10_000), float)  # the line grows that far ahead

@@ -90,6 +90,43 @@ def test_an_overlay_never_leaves_more_gaps_than_its_cap(spans: list[tuple[int, i
         assert len(base.above) <= max(cap, before)
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 4)), max_size=10),
+       st.lists(st.one_of(st.tuples(st.integers(1, 80), st.integers(0, 40)),
+                          st.tuples(st.integers(1, 80), st.just(-1))), min_size=1,
+                max_size=10),
+       st.integers(1, 6))
+def test_taking_runs_at_once_decides_exactly_as_taking_each_reading_in_turn(
+        before: list[tuple[int, int]], parts: list[tuple[int, int]], cap: int):
+    # A batch of runs of consecutive single seqs (first, length) and ranges (first, -1: a
+    # tombstone of three seqs), against a stream with gaps, at a cap from tight to loose.
+    base = StreamLedger()
+    for first, width in before:
+        base.add_range(first, first + width)
+    spans = [(first, first + 2) if n < 0 else (s, s) for first, n in parts
+             for s in ([first] if n < 0 else range(first, first + n))]
+    one_by_one, at_once = Overlay(base.copy(), max_gaps=cap), Overlay(base.copy(),
+                                                                    max_gaps=cap)
+    assert at_once.take_each(spans) == [one_by_one.take(a, b) for a, b in spans]
+    assert at_once.after() == one_by_one.after() and at_once.gaps == one_by_one.gaps
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 4)), max_size=10),
+       st.lists(st.tuples(st.integers(0, 80), st.integers(0, 3)), max_size=30))
+def test_adding_adjacent_spans_as_runs_records_what_adding_each_does(
+        before: list[tuple[int, int]], spans: list[tuple[int, int]]):
+    each, runs = StreamLedger(), StreamLedger()
+    for first, width in before:
+        each.add_range(first, first + width)
+        runs.add_range(first, first + width)
+    for first, width in spans:
+        each.add_range(first, first + width)
+    runs.add_all((first, first + width) for first, width in spans)
+    assert (runs.watermark, runs.above, runs.committed) == \
+        (each.watermark, each.above, each.committed)
+
+
 def test_sparse_seqs_are_refused_by_name_past_the_cap_and_filling_a_gap_is_always_taken():
     base = StreamLedger()
     plan = Overlay(base, max_gaps=2)
