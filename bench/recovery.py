@@ -16,12 +16,15 @@ together. Each site behaves as the agent's uplink does with its
 defaults (bridge.edge.uplink.sender): 1,250-reading batches, up to 4 calls in flight (one at first
 and after a throttle, doubled per ack), a 5 s deadline stated in ``bridge-deadline-ms``;
 RESOURCE_EXHAUSTED waits the ingest's retry-after (with the agent's own jitter,
-``hinted_wait``) on the same replica and holds new batches back as long; a deadline exceeded or
+``hinted_wait``) on the same replica and holds new batches back as long; each batch says the
+readings behind it, and an OK answer naming the site's next turn holds its next batch until
+then; a deadline exceeded or
 an unavailable replica is what makes an agent fail over, so the call moves to the other replica
 with the same readings and is counted as a failover (and a deadline exceeded). Reported:
 readings/s from the first call to the last ack and its ratio to the saturation rate (the better
 of the saturation phase and the recovery's own best 10 s, so the ratio can only be harsh), p99
-of admitted calls (as the site saw them), calls refused, deadlines exceeded, failovers, the
+of admitted calls (as the site saw them), calls refused (and by why, from the replicas'
+``/metrics``), next turns named, deadlines exceeded, failovers, the
 share of readings re-sent that were already stored (acked DUPLICATE), and what an idle
 connected site costs the replicas (VmRSS with every channel connected minus before, over the
 sites). Afterwards every site's subject is counted with a plain client and must hold exactly
