@@ -411,7 +411,8 @@ class Ack(_message.Message):
     next_after_ms: _builtins.int
     """Set when the node is in demand and the batch said more was behind it: the site's next
     call has its place in the node's line this many ms from now; sending the backlog's next
-    batch sooner would be refused (RESOURCE_EXHAUSTED). Live readings need not wait.
+    batch sooner would be held by the node until then (at most 1 s) or refused
+    (RESOURCE_EXHAUSTED).
     """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvelopeAck]:
