@@ -274,10 +274,6 @@ def test_a_busy_ingest_paces_the_agent_which_waits_its_turn_without_failing_over
         ingest_metrics = resp.read().decode()
     assert metric_value(ingest_metrics,
                         'bridge_ingest_refused_batches_total{reason="node_busy"}') > 0
-    # Its backlog said what was behind each batch, and the node in demand named its turns.
-    turns = metric_value(metrics, 'bridge_uplink_next_turns_total{endpoint="aws"}')
-    assert turns > 0
-    assert metric_value(ingest_metrics, "bridge_ingest_admission_next_turns_total") >= turns
     stream, _ = cluster.consume()
     assert {c.node for c in stream if c.envelope.site_id == "site-a"} == {"aws"}
     assert cluster.account(published) == (published, 0, 0)
