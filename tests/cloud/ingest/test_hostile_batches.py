@@ -20,6 +20,7 @@ from bridge.cloud.store.sqlite import Store
 from bridge.shared._pb import bridge_pb2 as pb
 from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
 from bridge.shared.config import TlsConfig
+from bridge.shared.grpcconn import DEADLINE_METADATA
 from devkit import localrun
 from tests.conftest import metric_value, wait_for
 
@@ -304,3 +305,32 @@ def test_generated_batches_never_wedge_the_node_and_ledger_and_rows_always_agree
         assert (r.disposition == R) == bool(r.reason)
     shared.answers()
     shared.agrees_after_reopen()
+
+
+def test_a_node_in_demand_names_the_next_turn_of_a_site_that_says_it_has_a_backlog(
+        tmp_path: Path, pkis: localrun.Pki):
+    port = localrun.free_port()
+    n = Node(tmp_path, pkis, extra="[limits]\nmax_batch_envelopes = 150000\n"
+             f'[rate_limit]\nreadings_per_s = 0\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    try:
+        # Another site's call that says it waited a minute before its handler ran: refused
+        # late, and its 150,000 readings take a place in the line (5 s at the first guess of
+        # the node's rate): the node is in demand for the next few seconds.
+        late = pb.Batch(batch_id="late", envelopes=[
+            pb.Envelope(site_id="site-b", epoch=1, seq=s) for s in range(1, 150_001)])
+        with pytest.raises(grpc.RpcError) as err:
+            n.other.PushBatch(late, timeout=30, metadata=((DEADLINE_METADATA, "90000"),))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        live = n.site.PushBatch(pb.Batch(batch_id="l", envelopes=[reading(1)]), timeout=5)
+        assert live.results[0].disposition == C and live.next_after_ms == 0, \
+            "a batch with nothing behind it is given no turn"
+        draining = n.site.PushBatch(pb.Batch(batch_id="d", envelopes=[reading(2)],
+                                             backlog_readings=5_000), timeout=5)
+        assert draining.results[0].disposition == C
+        assert 1_000 < draining.next_after_ms <= 6_000, "its place behind the line"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert metric_value(text, "bridge_ingest_admission_next_turns_total") == 1
+        assert metric_value(text, 'bridge_ingest_admission_refusals_total{why="late"}') == 1
+    finally:
+        n.proc.proc.stop()
