@@ -21,8 +21,8 @@ readings behind it, and an OK answer naming the site's next turn holds its next 
 then; a deadline exceeded or
 an unavailable replica is what makes an agent fail over, so the call moves to the other replica
 with the same readings and is counted as a failover (and a deadline exceeded). Reported:
-readings/s from the first call to the last ack and its ratio to the saturation rate (the better
-of the saturation phase and the recovery's own best 10 s, so the ratio can only be harsh), p99
+readings/s from the first call to the last ack and its ratio to the saturation rate (the mean
+of the phases before and after, never below the recovery's own best 10 s), p99
 of admitted calls (as the site saw them), calls refused (and by why, from the replicas'
 ``/metrics``), next turns named, deadlines exceeded, failovers, the
 share of readings re-sent that were already stored (acked DUPLICATE), and what an idle

@@ -240,8 +240,8 @@ class AgentMetrics:
             "backlog's next turn (it waits for it instead of being refused)", ["endpoint"],
             registry=r)
         self.next_turn_wait = Counter(
-            "bridge_uplink_next_turn_wait_seconds", "Seconds the backlog was told to wait by "
-            "OK answers (next_after_ms)", ["endpoint"], registry=r)
+            "bridge_uplink_next_turn_wait_seconds", "Seconds the backlog waited for the turns "
+            "named by OK answers (next_after_ms)", ["endpoint"], registry=r)
         self.batch_seconds = Histogram("bridge_uplink_batch_seconds", "PushBatch duration",
                                        ["endpoint"], registry=r)
         self.failovers = Counter("bridge_uplink_failovers", "Active endpoint changes on failure",

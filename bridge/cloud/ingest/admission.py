@@ -63,8 +63,8 @@ that sleep.
 held), the node gives the site's next call its place in the line at once and names it in the
 Ack (``next_after_ms``), as a refusal would have, or its share's time if the site ran ahead of
 it: the agent waits for it instead of sending a 1,250-reading call only to hear "later" (the
-refusal costs the node a thirtieth of the call, and the site's uplink the whole batch). An idle
-node, or one with room and no line, names no turn.
+refusal costs the node a thirtieth of the call, and the site's uplink the whole batch). A node
+with no line and no call held names no turn.
 """
 
 from __future__ import annotations

@@ -47,10 +47,18 @@ DISPOSITIONS = {pb.DISPOSITION_COMMITTED: "committed", pb.DISPOSITION_DUPLICATE:
                 pb.DISPOSITION_REJECTED: "rejected"}
 
 
+MAX_HINT_S = 600.0  # no hint holds the backlog longer: a node names at most 60 s
+
+
 def hinted_wait(hint_s: float) -> float:
-    """How long to wait on an ingest's ``retry-after``: the hint, jittered up by at most 5 %
-    (and 20 ms), never less. The ingest already spreads the sites it refuses over the time it
+    """How long to wait on an ingest's ``retry-after`` or next turn: the hint, jittered up by
+    at most 5 % (and 20 ms), never less, and never past ``MAX_HINT_S`` (a garbage hint from a
+    faulty node must not stall the backlog for weeks; coming back early costs one refusal
+    with the time left). The ingest already spreads the sites it refuses over the time it
     needs for them (bridge.cloud.ingest.admission), and refuses a site that comes back early."""
+    if not 0.0 <= hint_s <= MAX_HINT_S:  # NaN, negative, or past the bound
+        event("uplink.hint_capped", level=logging.WARNING, hint_s=str(hint_s), max_s=MAX_HINT_S)
+        hint_s = MAX_HINT_S if hint_s > MAX_HINT_S else 0.0
     return hint_s + random.uniform(0.0, min(0.05 * hint_s, 0.02))
 
 

@@ -69,9 +69,10 @@ class Sender:
         """An ingest in demand named our next turn with its answer: the backlog's next batch
         waits for it (jittered) instead of being refused; live does not wait, and the window
         stays (this is a place in the node's line, not a throttle)."""
-        self.busy_until = max(self.busy_until, time.monotonic() + hinted_wait(wait_s))
+        wait = hinted_wait(wait_s)
+        self.busy_until = max(self.busy_until, time.monotonic() + wait)
         self.metrics.next_turns.labels(endpoint).inc()
-        self.metrics.next_turn_wait.labels(endpoint).inc(wait_s)
+        self.metrics.next_turn_wait.labels(endpoint).inc(wait)
 
     def _batch_rows(self) -> int:
         cap = self.batch_cap

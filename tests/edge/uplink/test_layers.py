@@ -20,6 +20,7 @@ from bridge.edge.uplink.layers import (
     Retry,
     StrictAcks,
     ack_problem,
+    hinted_wait,
 )
 from bridge.edge.uplink.pool import Endpoint, EndpointPool
 from bridge.shared._pb import bridge_pb2 as pb
@@ -208,3 +209,11 @@ async def test_retry_tries_again_at_once_until_every_endpoint_had_a_go_then_wait
     assert len(waited) == 2, "no wait after the first failure; one after each from the second"
     text = generate_latest(metrics.registry).decode()
     assert metric_value(text, 'bridge_uplink_retries_total{endpoint="a",flag="UF"}') == 3
+
+
+@pytest.mark.parametrize("hint, low, high", [
+    (0.0, 0.0, 0.0), (3.0, 3.0, 3.02), (1e12, 600.0, 600.02), (float("inf"), 600.0, 600.02),
+    (-5.0, 0.0, 0.0), (float("nan"), 0.0, 0.0)])
+def test_a_hint_is_waited_jittered_up_and_never_past_ten_minutes_or_below_zero(
+        hint: float, low: float, high: float):
+    assert low <= hinted_wait(hint) <= high
