@@ -10,7 +10,9 @@ catch.)
 
 ``CpuMeter`` reads utime + stime of each of a system's processes from ``/proc/PID/stat`` at
 the start and the end of a timed window: every thread of the process is included, children
-are not (no system here forks workers).
+are not (no system here forks workers). ``TierMeter`` adds the CPU the host took meanwhile
+(steal, from ``/proc/stat``): this machine's speed drifts, and steal says whether it was the
+host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -43,6 +46,35 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         return {role: cpu_seconds(pid) - self._start[role] for role, pid in self.pids.items()}
+
+
+def steal_seconds() -> float:
+    """CPU seconds the host has taken from this machine so far, all CPUs (/proc/stat)."""
+    return int(Path("/proc/stat").read_text().split()[8]) / _TICK
+
+
+@dataclass
+class TierMeter:
+    """A tier's processes metered over one window: their CPU, the share of it the ``part``
+    processes used, and the CPU the host took meanwhile (steal)."""
+
+    pids: dict[str, int]
+    part: set[str]
+    seconds: float = 0.0
+    part_s: float = 0.0
+    steal_s: float = 0.0
+    _meter: CpuMeter | None = None
+    _steal0: float = 0.0
+
+    def start(self) -> None:
+        self._meter, self._steal0 = CpuMeter(pids=self.pids), steal_seconds()
+
+    def stop(self) -> None:
+        assert self._meter is not None
+        used = self._meter.stop()
+        self.seconds = sum(used.values())
+        self.part_s = sum(v for k, v in used.items() if k in self.part)
+        self.steal_s = steal_seconds() - self._steal0
 
 
 def per_million(seconds: float, readings: int) -> float:

@@ -28,6 +28,28 @@ def wait_for(cond: Callable[[], bool], *, timeout: float = 30.0, what: str = "co
         time.sleep(interval)
 
 
+class LoopTurns:
+    """Counts the turns another task gets on the event loop while the block runs: a loop held
+    by one piece of work gives it none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _spin(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.create_task(self._spin())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 def metric_value(text: str, series: str) -> float:
     """The value of one series (name with its labels, as exposed) in Prometheus text; 0 if
     absent. Labelled series are created at 0, so tests compare values, never presence."""

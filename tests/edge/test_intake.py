@@ -13,6 +13,7 @@ from bridge.edge.intake import ClockSync, Intake, IntakePolicy
 from bridge.edge.sources.base import Message
 from bridge.edge.spool import AsyncSpool, Spool
 from bridge.shared.telemetry import AgentMetrics
+from tests.conftest import LoopTurns
 
 
 class Scripted:
@@ -96,28 +97,19 @@ async def test_a_message_larger_than_commit_max_bytes_is_a_group_of_its_own(tmp_
 async def test_the_event_loop_turns_while_a_large_group_is_decoded(tmp_path: Path):
     """A task counting loop turns advances during the decode of 1,000 messages (in slices),
     not only after it."""
-    turns = 0
-
-    async def count() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     source = Scripted(messages(1_000, 10))
-    counter = asyncio.create_task(count())
     decode = Intake._prepare
     during: list[int] = []
+    async with LoopTurns() as turns:
 
-    def spy(self: Intake, batch: list[Message], seen: object, digests: object) -> object:
-        during.append(turns)
-        return decode(self, batch, seen, digests)  # type: ignore[arg-type]
+        def spy(self: Intake, batch: list[Message], seen: object, digests: object) -> object:
+            during.append(turns.count)
+            return decode(self, batch, seen, digests)  # type: ignore[arg-type]
 
-    Intake._prepare = spy  # type: ignore[assignment,method-assign]
-    try:
-        spool, _ = await run_intake(tmp_path, source, IntakePolicy(commit_max=1_000))
-        await spool.close()
-    finally:
-        Intake._prepare = decode  # type: ignore[method-assign]
-        counter.cancel()
+        Intake._prepare = spy  # type: ignore[assignment,method-assign]
+        try:
+            spool, _ = await run_intake(tmp_path, source, IntakePolicy(commit_max=1_000))
+            await spool.close()
+        finally:
+            Intake._prepare = decode  # type: ignore[method-assign]
     assert len(during) > 10 and during[-1] > during[0], "decoded in one go, loop frozen"

@@ -77,6 +77,9 @@ from bridge.shared.pacing import Backoff
 from bridge.shared.telemetry import IngestMetrics, event
 
 ATOMIC_MAX = 1000  # messages per atomic batch (server limit)
+# Messages between two turns of the event loop (nats-py's publish never yields): a whole chunk
+# held it while other calls waited for their handler (late: ingest.admission), checks lagged.
+YIELD_EVERY = 100
 # Wrong last (subject) sequence: 10071 names the actual one, 10164 (atomic batches) does not.
 WRONG_LAST = (10071, 10164)
 # No meta leader or peers yet, or a new stream's interest not yet routed to our server. The
@@ -395,6 +398,8 @@ class JetStreamStore:
                         h["Nats-Expected-Last-Subject-Sequence"] = str(sub.last)
                     if n < len(chunk):
                         await nc.publish(subject, out.data, headers=h)
+                        if n % YIELD_EVERY == 0:
+                            await asyncio.sleep(0)
                         continue
                     h["Nats-Batch-Commit"] = "1"
                     resp = await nc.request(subject, out.data, headers=h,

@@ -26,7 +26,7 @@ from bridge.shared._pb import bridge_pb2_grpc as pb_grpc
 from bridge.shared.config import JetStreamSettings
 from devkit import localrun
 from devkit.jscluster import JetStreamCluster
-from tests.conftest import Cluster, Publisher, idle, wait_active, wait_for
+from tests.conftest import Cluster, LoopTurns, Publisher, idle, wait_active, wait_for
 
 
 @pytest.fixture
@@ -347,6 +347,35 @@ async def test_a_subscribe_cursor_seeks_into_a_subject_instead_of_reading_it_all
         assert len(everything) == 8000
     finally:
         await reader.close()
+
+
+async def test_a_large_append_gives_the_event_loop_turns_while_it_publishes(
+        js: JetStreamCluster) -> None:
+    """nats-py's publish never yields: a replica's other calls and its health checks would
+    wait for a whole 1,000-message chunk."""
+    from bridge.cloud.store.jetstream import ATOMIC_MAX, YIELD_EVERY
+
+    store = JetStreamStore(settings=JetStreamSettings(servers=tuple(js.servers)))
+    await store.start()
+    nc = store._client()
+    publish, seen = nc.publish, []
+    try:
+        async with LoopTurns() as turns:
+
+            async def counted(*args: object, **kwargs: object) -> None:  # nats-py's publish
+                seen.append(turns.count)
+                await publish(*args, **kwargs)  # type: ignore[arg-type]
+
+            nc.publish = counted  # type: ignore[method-assign]
+            got = await store.commit([Incoming("site-a", 1, s, pb.Envelope(
+                site_id="site-a", epoch=1, seq=s).SerializeToString()) for s in range(1, 1001)])
+        assert set(got) == {"committed"}
+        assert len(seen) >= ATOMIC_MAX - 1  # the last message of a chunk is its request
+        assert YIELD_EVERY <= 200
+        assert len(set(seen)) >= (ATOMIC_MAX - 1) // 200, \
+            "other tasks ran at least every 200 of the chunk's publishes"
+    finally:
+        await store.close()
 
 
 def test_the_store_and_bridge_consume_reach_a_cluster_that_requires_a_client_certificate(
