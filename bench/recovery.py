@@ -14,7 +14,8 @@ the stream as the recovery left it) and the reference is the mean of the two. Th
 the best of the phases and the recovery's own best 10 s is reported beside it (the best of a
 recovery's ten or so 10 s windows lies above their mean by the machine's noise alone). The
 tier's CPU (replicas and nats-servers, from /proc) per reading is reported for each phase, and
-the CPU the host took (steal): the host's speed drifts, the work per reading does not. Then the
+the CPU the host took (steal): whether the recovery costs more work per reading (the host's
+speed moves that figure too: docs/deployment.md). Then the
 replicas are restarted with their default admission control for the recovery: ``sites``
 sites, each with its own certificate and channel and a backlog of ``backlog`` readings, start
 together. Each site behaves as the agent's uplink does with its
@@ -411,8 +412,8 @@ def run(*, work: Path, sites: int, backlog: int, sat_sites: int, sat_seconds: fl
     rate = total / elapsed
     p99 = percentile(stats.latencies, 99) * 1000
     resent = stats.duplicates / total * 100
-    # CPU per reading of the tier (replicas and nats-servers) in each phase: the host's speed
-    # drifts within a run, its work per reading does not (docs/deployment.md).
+    # CPU per reading of the tier (replicas and nats-servers) in each phase: does the recovery
+    # cost more work per reading? (The host's speed moves this too: docs/deployment.md.)
     sats = [ph.tier for ph in phases]
     sat_cores = phases[0].gen_cores
     sat_us = sum(ph.tier.seconds / (ph.rate * sat_seconds) for ph in phases) / 2 * 1e6
